@@ -1,0 +1,159 @@
+"""Which backends exist on this machine, and which one "auto" means for a device.
+
+Backends:
+  "triton"  Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (how CI checks them)
+  "cuda"    the hand-written CUDA kernels in the compiled extension (built where nvcc was found)
+  "cpu"     the C++ kernel in the compiled extension (dwconv_layernorm; mlp_layerscale uses torch GEMMs)
+  "torch"   the same math in PyTorch ops, any device
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+# "auto" takes the first available entry. Triton leads on CUDA until the benchmarks in
+# benchmarks/results/ show the CUDA kernels ahead on every ConvNeXt-T stage shape.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+ENV_BACKEND = "CONVNEXT_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says what is missing."""
+
+
+@functools.lru_cache(maxsize=None)
+def _extension() -> tuple[Optional[ModuleType], str]:
+    """The compiled extension, or None and why it could not be imported."""
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as e:  # not built, or built for another Python
+        return None, f"the compiled extension convnext_kernels._C could not be imported ({e}); run `pip install .`"
+    return _C, ""
+
+
+def build_info() -> dict:
+    """What the compiled extension was built with (compiler, OpenMP, CUDA, archs)."""
+    ext, why = _extension()
+    if ext is None:
+        raise BackendUnavailableError(why)
+    return dict(ext.build_info())
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # a broken install must not break the package
+        return f"triton failed to import ({e})"
+    return ""
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str:
+    """Empty when `backend` can run on tensors of `device`, else what is missing."""
+    dev = device.type
+    if backend == "torch":
+        return ""
+    if backend == "triton":
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if dev == "cuda":
+            return "" if torch.cuda.is_available() else "torch was built without CUDA or no GPU is visible"
+        if dev == "cpu":
+            return "" if _triton_interpreted() else (
+                "backend 'triton' needs CUDA tensors (got CPU tensors); set TRITON_INTERPRET=1 before "
+                "importing triton to run the Triton kernels on the CPU"
+            )
+        return f"backend 'triton' does not support {dev} tensors"
+    if backend == "cuda":
+        if dev != "cuda":
+            return f"backend 'cuda' needs CUDA tensors (got {dev} tensors)"
+        ext, why = _extension()
+        if ext is None:
+            return why
+        if not ext.build_info().get("cuda", False):
+            return ("the compiled extension was built without CUDA (nvcc was not found at build time); "
+                    "reinstall with CONVNEXT_KERNELS_CUDA=1 where nvcc is on PATH")
+        return ""
+    if backend == "cpu":
+        if dev != "cpu":
+            return f"backend 'cpu' needs CPU tensors (got {dev} tensors)"
+        ext, why = _extension()
+        return "" if ext is not None else why
+    return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+
+
+def available_backends(device=None) -> list[str]:
+    """Backends that can run on `device` (default: CUDA if available, else CPU), fastest first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    names = list(order) + [b for b in BACKENDS if b not in order]
+    return [b for b in names if not unavailable_reason(b, device)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` ("auto" or a name) on `device`; raises if it cannot run."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if not unavailable_reason(name, device):
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'")
+    why = unavailable_reason(backend, device)
+    if why:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+def launchers(backend: str) -> ModuleType:
+    """The launcher module of a backend (see convnext_kernels.launchers)."""
+    if backend == "triton":
+        return _TritonLaunchers
+    return importlib.import_module(f"convnext_kernels.launchers.{'torch_ops' if backend == 'torch' else backend}")
+
+
+class _TritonLaunchers:
+    """The Triton launchers live in two modules; expose them under the common names."""
+
+    @staticmethod
+    def _mod(name):
+        return importlib.import_module(f"convnext_kernels.triton.{name}")
+
+    @classmethod
+    def dwconv_layernorm_fwd(cls, *args):
+        return cls._mod("dwconv_layernorm").dwconv_layernorm_fwd(*args)
+
+    @classmethod
+    def dwconv_layernorm_bwd(cls, *args):
+        return cls._mod("dwconv_layernorm").dwconv_layernorm_bwd(*args)
+
+    @classmethod
+    def mlp_layerscale_fwd(cls, *args):
+        return cls._mod("mlp_layerscale").mlp_layerscale_fwd(*args)
+
+    @classmethod
+    def mlp_layerscale_bwd(cls, *args):
+        return cls._mod("mlp_layerscale").mlp_layerscale_bwd(*args)

@@ -1,0 +1,59 @@
+"""Launchers: one module per backend, each exposing the same four functions.
+
+The op layer (``convnext_kernels.ops``) validates inputs, makes them contiguous,
+casts parameters and registers the torch.library ops; a launcher only allocates
+outputs with torch and runs its kernels. Every backend implements exactly:
+
+dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
+    -> (y, mean, rstd)
+    x            (N, H, W, C) contiguous, float32 / float16 / bfloat16
+    conv_weight  (C, 1, 7, 7) float32 contiguous
+    conv_bias    (C,) float32, or None (no bias)
+    norm_weight  (C,) float32;  norm_bias (C,) float32
+    y            (N, H, W, C) in x.dtype: LayerNorm_C(dwconv7x7(x) + conv_bias)
+    mean, rstd   (N, H, W) float32 statistics of the conv output (saved for backward)
+
+dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
+    -> (dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias)
+    dy           (N, H, W, C) contiguous, x.dtype
+    dx           (N, H, W, C) x.dtype
+    d weights    float32: (C, 1, 7, 7), (C,), (C,), (C,); dconv_bias is returned
+                 even when conv_bias is None (the caller drops it).
+    The conv output is recomputed from x, never stored. Weight gradients are
+    reduced deterministically (fp32 partial buffers, then a fixed-order sum).
+
+mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+    -> y
+    x, shortcut  (N, H, W, C) contiguous, same dtype
+    fc1_weight   (4C, C) x.dtype contiguous;  fc1_bias (4C,) float32
+    fc2_weight   (C, 4C) x.dtype contiguous;  fc2_bias (C,) float32
+    gamma        (C,) float32 or None (no layer scale)
+    drop_scale   (N,) float32 or None: per-sample factor, sample n = row // (H*W)
+    y = shortcut + drop_scale[n] * gamma * (gelu_erf(x @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)
+
+mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+    -> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma)
+    dx in x.dtype; weight/bias/gamma gradients float32 in the parameters' shapes;
+    dgamma is returned even when gamma is None (the caller drops it). The
+    gradient of the shortcut is dy itself and is handled by the caller. The
+    hidden activation is recomputed from x.
+
+All statistics and accumulations are float32; GELU is the exact erf form.
+"""
+
+import math
+import os
+
+import torch
+
+# Tests set this (or the env switch) so that every output starts as NaN: a kernel that
+# skips an element then fails loudly instead of passing on stale memory.
+POISON_OUTPUTS = os.environ.get("CONVNEXT_KERNELS_POISON_OUTPUTS", "0") == "1"
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for launcher outputs; NaN-filled when POISON_OUTPUTS is set."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(math.nan)
+    return out

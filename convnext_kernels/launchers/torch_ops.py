@@ -1,0 +1,109 @@
+"""The "torch" backend: the launcher contract written with PyTorch ops (any device).
+
+Numerics follow the package policy: the conv and all statistics in fp32, GEMMs in the input
+dtype with fp32 epilogues, weight gradients reduced in fp32. Backward is written out by hand
+(no autograd inside), the same algorithm the fused kernels run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import gelu_erf_grad
+
+_PAD = 3  # 7x7 kernel, "same" zero padding
+
+
+def _conv_out_fp32(x, conv_weight, conv_bias):
+    """fp32 depthwise conv of NHWC x, returned as an NHWC (channels_last) view."""
+    C = x.shape[-1]
+    z = F.conv2d(x.permute(0, 3, 1, 2).float(), conv_weight, conv_bias, padding=_PAD, groups=C)
+    return z.permute(0, 2, 3, 1)
+
+
+def _stats(z, eps):
+    var, mean = torch.var_mean(z, dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
+    z = _conv_out_fp32(x, conv_weight, conv_bias)
+    mean, rstd = _stats(z, eps)
+    xhat = (z - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    y = (xhat * norm_weight + norm_bias).to(x.dtype).contiguous()
+    return y, mean.contiguous(), rstd.contiguous()
+
+
+def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
+    C = x.shape[-1]
+    z = _conv_out_fp32(x, conv_weight, conv_bias)
+    xhat = (z - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dyf = dy.float()
+    dnorm_weight = (dyf * xhat).sum((0, 1, 2))
+    dnorm_bias = dyf.sum((0, 1, 2))
+    wdy = dyf * norm_weight
+    g = rstd.unsqueeze(-1) * (
+        wdy - wdy.mean(-1, keepdim=True) - xhat * (wdy * xhat).mean(-1, keepdim=True)
+    )
+    dconv_bias = g.sum((0, 1, 2))
+    g_nchw = g.permute(0, 3, 1, 2)
+    x_nchw = x.permute(0, 3, 1, 2).float()
+    dx = torch.nn.grad.conv2d_input(x_nchw.shape, conv_weight, g_nchw, padding=_PAD, groups=C)
+    dconv_weight = torch.nn.grad.conv2d_weight(x_nchw, conv_weight.shape, g_nchw, padding=_PAD, groups=C)
+    dx = dx.permute(0, 2, 3, 1).to(x.dtype).contiguous()
+    return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
+
+
+def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-row (M, 1) factor from the per-sample drop_scale (N,)."""
+    if drop_scale is None:
+        return None
+    N, H, W, _ = x.shape
+    return drop_scale.repeat_interleave(H * W).unsqueeze(1)
+
+
+def _hidden(x2, fc1_weight, fc1_bias):
+    """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear."""
+    a = F.linear(x2, fc1_weight).float() + fc1_bias
+    return a, F.gelu(a).to(x2.dtype)
+
+
+def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    _, h = _hidden(x2, fc1_weight, fc1_bias)
+    z = F.linear(h, fc2_weight).float() + fc2_bias
+    if gamma is not None:
+        z = z * gamma
+    s = _row_scale(drop_scale, x)
+    if s is not None:
+        z = z * s
+    y = shortcut.reshape(-1, C).float() + z
+    return y.to(x.dtype).view(x.shape)
+
+
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    dout = dy.reshape(-1, C).float()
+    s = _row_scale(drop_scale, x)
+    if s is not None:
+        dout = dout * s
+    a, h = _hidden(x2, fc1_weight, fc1_bias)
+    if gamma is not None:
+        z = F.linear(h, fc2_weight).float() + fc2_bias
+        dgamma = (dout * z).sum(0)
+        dz = dout * gamma
+    else:
+        dgamma = torch.zeros(C, dtype=torch.float32, device=x.device)
+        dz = dout
+    dfc2_bias = dz.sum(0)
+    dfc2_weight = dz.t() @ h.float()
+    da = (dz.to(x.dtype) @ fc2_weight).float() * gelu_erf_grad(a)
+    dfc1_bias = da.sum(0)
+    dfc1_weight = da.t() @ x2.float()
+    dx = (da.to(x.dtype) @ fc1_weight).view(x.shape)
+    return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

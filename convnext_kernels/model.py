@@ -1,0 +1,215 @@
+"""ConvNeXtFused: the official ConvNeXt with each block as two fused ops, NHWC end to end.
+
+Parameter names are the official ones (``downsample_layers``, ``stages.s.b.dwconv`` ...), so an
+official checkpoint loads as it is; ``load_state_dict`` also accepts timm, torchvision and
+Hugging Face layouts (see ``convert_state_dict``). Activations stay (N, H, W, C) contiguous from
+the stem to the head: the stem and downsampling convs run on the NCHW view of that memory
+(channels_last), so no permute copies anything.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .convert import convert_state_dict
+from .ops import dwconv_layernorm, mlp_layerscale
+from .reference import drop_path_rates, drop_path_scale, init_weights
+
+__all__ = [
+    "ConvNeXtFused",
+    "FusedBlock",
+    "convnext_atto",
+    "convnext_femto",
+    "convnext_pico",
+    "convnext_nano",
+    "convnext_tiny",
+    "convnext_small",
+    "convnext_base",
+    "convnext_large",
+    "convnext_xlarge",
+]
+
+
+def _nhwc(x_nchw: torch.Tensor) -> torch.Tensor:
+    return x_nchw.permute(0, 2, 3, 1)
+
+
+def _nchw(x_nhwc: torch.Tensor) -> torch.Tensor:
+    return x_nhwc.permute(0, 3, 1, 2)
+
+
+class FusedBlock(nn.Module):
+    """A ConvNeXt block as dwconv_layernorm + mlp_layerscale on (N, H, W, C) activations."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
+                 backend: str = "auto"):
+        super().__init__()
+        # Modules only hold the parameters, under the official names.
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = (
+            nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+        )
+        self.drop_prob = drop_path
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = dwconv_layernorm(x, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias,
+                             self.norm.eps, backend=self.backend)
+        scale = None
+        if self.training and self.drop_prob > 0.0:
+            scale = drop_path_scale(x.shape[0], self.drop_prob, x.device)
+        return mlp_layerscale(y, x, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight,
+                              self.pwconv2.bias, self.gamma, scale, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dwconv.in_channels}, drop_path={self.drop_prob}, backend={self.backend!r}"
+
+
+class _Stem(nn.Sequential):
+    """4x4 stride-4 patchify conv + LayerNorm; NCHW image in, NHWC activations out."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[0](x.contiguous(memory_format=torch.channels_last))
+        return self[1](_nhwc(x))
+
+
+class _Downsample(nn.Sequential):
+    """LayerNorm + 2x2 stride-2 conv, NHWC in and out (the conv runs on the channels_last view)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__(nn.LayerNorm(dim, eps=1e-6), nn.Conv2d(dim, out_dim, kernel_size=2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _nchw(self[0](x)).contiguous(memory_format=torch.channels_last)
+        return _nhwc(self[1](x))
+
+
+class ConvNeXtFused(nn.Module):
+    """Drop-in ConvNeXt (arXiv 2201.03545) running the fused kernels; see the module docstring."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        head_init_scale: float = 1.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"depths and dims need 4 entries each, got {tuple(depths)} and {tuple(dims)}")
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+        self.downsample_layers = nn.ModuleList(
+            [_Stem(in_chans, dims[0])] + [_Downsample(dims[i], dims[i + 1]) for i in range(3)]
+        )
+        rates = drop_path_rates(drop_path_rate, depths)
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[
+                FusedBlock(dims[i], rates[cur + j], layer_scale_init_value, backend) for j in range(depths[i])
+            ]))
+            cur += depths[i]
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+        self.apply(init_weights)
+        self.head.weight.data.mul_(head_init_scale)
+        self.head.bias.data.mul_(head_init_scale)
+
+    # --- configuration ----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.stages[0][0].backend
+
+    def set_backend(self, backend: str) -> "ConvNeXtFused":
+        """Switch every block to `backend` ("auto", "triton", "cuda", "cpu", "torch")."""
+        for m in self.modules():
+            if isinstance(m, FusedBlock):
+                m.backend = backend
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (saves memory)."""
+        self.grad_checkpointing = enable
+
+    # --- forward ----------------------------------------------------------------------------
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[i](x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.stages[i]:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.stages[i](x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs, each an (N, C, H, W) tensor in channels_last memory."""
+        outs = []
+        for i in range(4):
+            x = self._run_stage(i, x)
+            outs.append(_nchw(x))
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled and normalised features (N, dims[-1])."""
+        for i in range(4):
+            x = self._run_stage(i, x)
+        return self.norm(x.mean((1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load official, timm, torchvision or Hugging Face weights (converted to official names)."""
+        return super().load_state_dict(convert_state_dict(state_dict), strict=strict, assign=assign)
+
+
+_CONFIGS = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+
+
+def _factory(size: str):
+    depths, dims = _CONFIGS[size]
+
+    def make(**kwargs) -> ConvNeXtFused:
+        return ConvNeXtFused(depths=depths, dims=dims, **kwargs)
+
+    make.__name__ = f"convnext_{size}"
+    make.__doc__ = f"ConvNeXt-{size}: depths {depths}, dims {dims}."
+    return make
+
+
+convnext_atto = _factory("atto")
+convnext_femto = _factory("femto")
+convnext_pico = _factory("pico")
+convnext_nano = _factory("nano")
+convnext_tiny = _factory("tiny")
+convnext_small = _factory("small")
+convnext_base = _factory("base")
+convnext_large = _factory("large")
+convnext_xlarge = _factory("xlarge")

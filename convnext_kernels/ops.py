@@ -1,0 +1,271 @@
+"""The two fused ops: public functions, input checks, and their torch.library registration.
+
+Each backend gets a forward op and a backward op per fused op, named
+``convnext_kernels::{dwconv_layernorm,mlp_layerscale}_{fwd,bwd}_{backend}``. Triton ops are
+``torch.library.triton_op`` (torch.compile traces into the kernels); the others are
+``torch.library.custom_op`` with a fake impl. Autograd is registered on the forward op and calls
+the backward op, so compiled backward graphs see the kernels too.
+
+Inputs: activations are NHWC (N, H, W, C); non-contiguous inputs are copied to contiguous
+(documented, not an error). Parameters may be fp32, fp16 or bf16: the conv/norm parameters,
+biases and gamma go to the kernels in fp32, the Linear weights in the activation dtype (tensor
+cores); their gradients flow back in each parameter's own dtype. Under torch.autocast the
+activations are cast to the autocast dtype, as autocast would do for the Linear layers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import BACKENDS, launchers, resolve_backend
+
+__all__ = ["dwconv_layernorm", "mlp_layerscale"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_SIZE = 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks shared by both ops
+# ----------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+
+
+def _check_shape(name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape}")
+
+
+def _check_activation(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, H, W, C) channels-last activations, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); N must be at least 1")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; H, W and C must be at least 1")
+
+
+def _check_devices(named: dict) -> torch.device:
+    devices = {n: t.device for n, t in named.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    return first
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or the autocast dtype when autocast is on for x's device."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+def _define(name: str, backend: str, fn, fake):
+    """A custom op (triton_op for Triton) named convnext_kernels::{name}_{backend} running fn."""
+    qualname = f"convnext_kernels::{name}_{backend}"
+    if backend == "triton":
+        return torch.library.triton_op(qualname, mutates_args=())(fn)
+    op = torch.library.custom_op(qualname, mutates_args=())(fn)
+    op.register_fake(fake)
+    return op
+
+
+def _dwconv_layernorm_fake_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
+    stats = x.new_empty(x.shape[:3], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _dwconv_layernorm_fake_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
+    C = x.shape[-1]
+    vec = x.new_empty((C,), dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty_like(conv_weight), vec, torch.empty_like(vec),
+            torch.empty_like(vec))
+
+
+def _mlp_layerscale_fake_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    return torch.empty_like(x)
+
+
+def _mlp_layerscale_fake_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty_like(fc1_weight, **f32), torch.empty_like(fc1_bias, **f32),
+            torch.empty_like(fc2_weight, **f32), torch.empty_like(fc2_bias, **f32),
+            x.new_empty((x.shape[-1],), **f32))
+
+
+def _register_dwconv_layernorm(backend: str):
+    def fwd(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+            norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launchers(backend).dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
+
+    def bwd(dy: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+            norm_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launchers(backend).dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
+
+    fwd_op = _define("dwconv_layernorm_fwd", backend, fwd, _dwconv_layernorm_fake_fwd)
+    bwd_op = _define("dwconv_layernorm_bwd", backend, bwd, _dwconv_layernorm_fake_bwd)
+
+    def setup_context(ctx, inputs, output):
+        x, conv_weight, conv_bias, norm_weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, conv_weight, conv_bias, norm_weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, conv_weight, conv_bias, norm_weight, mean, rstd = ctx.saved_tensors
+        dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = bwd_op(
+            dy.to(x.dtype).contiguous(), x, conv_weight, conv_bias, norm_weight, mean, rstd
+        )
+        return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+def _register_mlp_layerscale(backend: str):
+    def fwd(x: torch.Tensor, shortcut: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+            fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
+            drop_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        return launchers(backend).mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+
+    def bwd(dy: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+            fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
+            drop_scale: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launchers(backend).mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+
+    fwd_op = _define("mlp_layerscale_fwd", backend, fwd, _mlp_layerscale_fake_fwd)
+    bwd_op = _define("mlp_layerscale_bwd", backend, bwd, _mlp_layerscale_fake_bwd)
+
+    def setup_context(ctx, inputs, output):
+        x, _, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale = inputs
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+
+    def backward(ctx, dy):
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale = ctx.saved_tensors
+        dy = dy.to(x.dtype).contiguous()
+        dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = bwd_op(
+            dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale
+        )
+        return (dx, dy, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias,
+                None if gamma is None else dgamma, None)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+# (fwd op, bwd op) per backend; Triton ops only where triton imports (triton_op needs it).
+DWCONV_LAYERNORM_OPS = {}
+MLP_LAYERSCALE_OPS = {}
+for _backend in BACKENDS:
+    if _backend == "triton" and not _triton_importable():
+        continue
+    DWCONV_LAYERNORM_OPS[_backend] = _register_dwconv_layernorm(_backend)
+    MLP_LAYERSCALE_OPS[_backend] = _register_mlp_layerscale(_backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6, *, backend="auto"):
+    """LayerNorm over C of the zero-padded 7x7 depthwise conv (+ bias) of x.
+
+    x: (N, H, W, C) float32/float16/bfloat16; conv_weight (C, 1, 7, 7); conv_bias (C,) or None;
+    norm_weight, norm_bias (C,). Returns (N, H, W, C) in x's dtype (the autocast dtype under
+    autocast). Differentiable in x and every parameter.
+    """
+    _check_tensor("x", x)
+    _check_tensor("conv_weight", conv_weight)
+    _check_tensor("conv_bias", conv_bias, optional=True)
+    _check_tensor("norm_weight", norm_weight)
+    _check_tensor("norm_bias", norm_bias)
+    _check_activation("x", x)
+    C = x.shape[-1]
+    if conv_weight.dim() != 4 or conv_weight.shape[0] != C:
+        raise ValueError(
+            f"conv_weight has shape {tuple(conv_weight.shape)} but x has C={C} channels in its last dim; "
+            f"expected ({C}, 1, {KERNEL_SIZE}, {KERNEL_SIZE}) (is x NCHW instead of NHWC?)"
+        )
+    _check_shape("conv_weight", conv_weight, (C, 1, KERNEL_SIZE, KERNEL_SIZE))
+    _check_shape("conv_bias", conv_bias, (C,))
+    _check_shape("norm_weight", norm_weight, (C,))
+    _check_shape("norm_bias", norm_bias, (C,))
+    if not isinstance(eps, (float, int)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    device = _check_devices(dict(x=x, conv_weight=conv_weight, conv_bias=conv_bias,
+                                 norm_weight=norm_weight, norm_bias=norm_bias))
+    fwd_op, _ = DWCONV_LAYERNORM_OPS[resolve_backend(backend, device)]
+    x = x.to(_compute_dtype(x)).contiguous()
+    y, _, _ = fwd_op(x, _fp32(conv_weight), _fp32(conv_bias), _fp32(norm_weight), _fp32(norm_bias), float(eps))
+    return y
+
+
+def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, drop_scale=None, *,
+                   backend="auto"):
+    """shortcut + drop_scale[n] * gamma * fc2(gelu(fc1(x))), exact-erf GELU, over the last dim.
+
+    x, shortcut: (N, H, W, C); fc1_weight (4C, C), fc1_bias (4C,) or None; fc2_weight (C, 4C),
+    fc2_bias (C,) or None; gamma (C,) or None (no layer scale); drop_scale (N,) per-sample
+    factors or None. Returns (N, H, W, C) in x's dtype (the autocast dtype under autocast);
+    shortcut is cast to it. Differentiable in x, shortcut and every parameter (not drop_scale).
+    """
+    _check_tensor("x", x)
+    _check_tensor("shortcut", shortcut)
+    _check_tensor("fc1_weight", fc1_weight)
+    _check_tensor("fc1_bias", fc1_bias, optional=True)
+    _check_tensor("fc2_weight", fc2_weight)
+    _check_tensor("fc2_bias", fc2_bias, optional=True)
+    _check_tensor("gamma", gamma, optional=True)
+    _check_tensor("drop_scale", drop_scale, optional=True)
+    _check_activation("x", x)
+    if tuple(shortcut.shape) != tuple(x.shape):
+        raise ValueError(f"shortcut has shape {tuple(shortcut.shape)}; expected x's shape {tuple(x.shape)}")
+    N, C = x.shape[0], x.shape[-1]
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C:
+        raise ValueError(f"fc1_weight has shape {tuple(fc1_weight.shape)} but x has C={C} channels in its "
+                         f"last dim; expected ({4 * C}, {C})")
+    _check_shape("fc1_weight", fc1_weight, (4 * C, C))
+    _check_shape("fc1_bias", fc1_bias, (4 * C,))
+    _check_shape("fc2_weight", fc2_weight, (C, 4 * C))
+    _check_shape("fc2_bias", fc2_bias, (C,))
+    _check_shape("gamma", gamma, (C,))
+    _check_shape("drop_scale", drop_scale, (N,))
+    device = _check_devices(dict(x=x, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                                 fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma, drop_scale=drop_scale))
+    fwd_op, _ = MLP_LAYERSCALE_OPS[resolve_backend(backend, device)]
+    dtype = _compute_dtype(x)
+    x = x.to(dtype).contiguous()
+    shortcut = shortcut.to(dtype).contiguous()
+    if fc1_bias is None:
+        fc1_bias = x.new_zeros((4 * C,), dtype=torch.float32)
+    if fc2_bias is None:
+        fc2_bias = x.new_zeros((C,), dtype=torch.float32)
+    drop_scale = None if drop_scale is None else _fp32(drop_scale.detach())
+    return fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
+                  fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale)

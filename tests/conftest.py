@@ -1,0 +1,53 @@
+"""Shared test set-up: Triton's interpreter on CPU-only machines, poisoned outputs, the pass rule."""
+
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set
+# before triton is first imported (convnext_kernels imports it lazily, pytest imports this first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every kernel output starts as NaN, so an element a kernel forgets to write cannot pass.
+os.environ.setdefault("CONVNEXT_KERNELS_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+
+import convnext_kernels  # noqa: E402,F401  (registers the ops once, under the settings above)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Absolute slack added to 2x eager's error, per dtype (flash-attention's rule).
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running (whole models, benchmarks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_pass_rule(name: str, fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor,
+                     dtype: torch.dtype) -> None:
+    """fp32: max|fused - ref64| <= 1e-5 * max|ref64|; else <= 2 * max|eager - ref64| + atol."""
+    assert fused.shape == ref64.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values (an element left unwritten?)"
+    err = max_err(fused, ref64)
+    scale = ref64.abs().max().item()
+    if dtype == torch.float32:
+        bound = 1e-5 * max(scale, 1e-3)
+    else:
+        bound = 2 * max_err(eager, ref64) + ATOL[dtype] * max(scale, 1.0)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (max|ref| {scale:.3e})"

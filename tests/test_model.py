@@ -1,0 +1,144 @@
+"""ConvNeXtFused against the reference model with the same weights: outputs and every gradient."""
+
+import pytest
+import torch
+
+import convnext_kernels as ck
+from convnext_kernels.reference import ConvNeXt
+
+from conftest import assert_pass_rule, max_err
+
+SMALL = dict(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320))  # atto dims, fewer blocks
+
+
+def _pair(backend, layer_scale=0.5, drop_path_rate=0.0, **cfg):
+    """A reference model and a ConvNeXtFused holding the same (randomised) weights."""
+    cfg = {**SMALL, **cfg}
+    torch.manual_seed(0)
+    ref = ConvNeXt(num_classes=10, drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale, **cfg)
+    with torch.no_grad():  # non-trivial LayerNorm affines, biases and layer scales
+        for name, p in ref.named_parameters():
+            if not name.endswith("weight") or p.dim() == 1:
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.2)
+    fused = ck.ConvNeXtFused(num_classes=10, drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale,
+                             backend=backend, **cfg)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _forward_backward(model, x, seed=0):
+    torch.manual_seed(seed)  # the same drop-path draws for both models
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), [p for _, p in model.named_parameters()])
+    return out, dict(zip([n for n, _ in model.named_parameters()], grads))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train_drop_path"])
+def test_fused_model_matches_reference(backend, train):
+    ref, fused = _pair(backend, drop_path_rate=0.4 if train else 0.0)
+    ref.train(train)
+    fused.train(train)
+    x = torch.randn(3, 3, 72, 100)  # odd sizes: 18x25 -> 9x12 -> 4x6 -> 2x3
+    ref64 = ConvNeXt(num_classes=10, drop_path_rate=0.4 if train else 0.0, **SMALL).double().train(train)
+    ref64.load_state_dict(ref.state_dict())
+    out64, grads64 = _forward_backward(ref64, x.double())
+    out32, grads32 = _forward_backward(ref, x)
+    out, grads = _forward_backward(fused, x)
+    assert_pass_rule("logits", out, out64, out32, torch.float32)
+    assert grads.keys() == grads64.keys()
+    for name in grads64:
+        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
+
+
+def test_triton_model_matches_reference_through_interpreter():
+    ref, fused = _pair("triton", depths=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 64, 64)
+    ref64 = ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=SMALL["dims"]).double()
+    ref64.load_state_dict(ref.state_dict())
+    out64, grads64 = _forward_backward(ref64, x.double())
+    out32, grads32 = _forward_backward(ref, x)
+    out, grads = _forward_backward(fused, x)
+    assert_pass_rule("logits", out, out64, out32, torch.float32)
+    for name in grads64:
+        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
+
+
+def test_forward_features_and_intermediates():
+    ref, fused = _pair("cpu")
+    ref.eval(), fused.eval()
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        feats = fused.forward_features(x)
+        inter = fused.forward_intermediates(x)
+        expected = []
+        h = x
+        for i in range(4):
+            h = ref.stages[i](ref.downsample_layers[i](h))
+            expected.append(h)
+        torch.testing.assert_close(feats, ref.forward_features(x), rtol=1e-4, atol=1e-4)
+    assert len(inter) == 4
+    for got, want in zip(inter, expected):
+        assert got.shape == want.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_no_layer_scale_and_grad_checkpointing():
+    ref, fused = _pair("cpu", layer_scale=0.0)
+    assert "stages.0.0.gamma" not in fused.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    out, grads = _forward_backward(fused, x)
+    fused.set_grad_checkpointing(True)
+    out_ckpt, grads_ckpt = _forward_backward(fused, x)
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,depths,dims", [
+    ("atto", (2, 2, 6, 2), (40, 80, 160, 320)),
+    ("femto", (2, 2, 6, 2), (48, 96, 192, 384)),
+    ("pico", (2, 2, 6, 2), (64, 128, 256, 512)),
+    ("nano", (2, 2, 8, 2), (80, 160, 320, 640)),
+    ("tiny", (3, 3, 9, 3), (96, 192, 384, 768)),
+    ("small", (3, 3, 27, 3), (96, 192, 384, 768)),
+    ("base", (3, 3, 27, 3), (128, 256, 512, 1024)),
+    ("large", (3, 3, 27, 3), (192, 384, 768, 1536)),
+    ("xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048)),
+])
+def test_factories(name, depths, dims):
+    with torch.device("meta"):  # shapes only: no memory for the big ones
+        m = getattr(ck, f"convnext_{name}")(num_classes=5)
+    assert tuple(len(s) for s in m.stages) == depths
+    assert tuple(s[0].dwconv.in_channels for s in m.stages) == dims
+    assert m.head.out_features == 5
+
+
+def test_model_backend_switch_and_errors():
+    m = ck.convnext_atto(backend="torch", num_classes=3)
+    assert m.backend == "torch"
+    m.set_backend("cuda")
+    with pytest.raises(ck.BackendUnavailableError, match="needs CUDA tensors"):
+        m(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="4 entries"):
+        ck.ConvNeXtFused(depths=(1, 1, 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_model_matches_reference_gpu(backend, dtype):
+    ref, fused = _pair(backend, depths=(2, 2, 2, 2), dims=(96, 192, 384, 768))
+    ref64 = ConvNeXt(num_classes=10, depths=(2, 2, 2, 2), dims=(96, 192, 384, 768)).double()
+    ref64.load_state_dict(ref.state_dict())
+    ref, fused, ref64 = ref.cuda().to(dtype), fused.cuda().to(dtype), ref64.cuda()
+    x = torch.randn(4, 3, 160, 224, device="cuda")
+    out64, grads64 = _forward_backward(ref64, x.double())
+    out_e, grads_e = _forward_backward(ref, x.to(dtype))
+    out, grads = _forward_backward(fused, x.to(dtype))
+    assert_pass_rule("logits", out, out64, out_e, dtype)
+    for name in grads64:
+        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
+    assert max_err(out, out64) < 1.0

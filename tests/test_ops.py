@@ -1,0 +1,349 @@
+"""Each fused op, each backend, against the fp64 reference: outputs and every gradient.
+
+CPU runs cover "torch", "cpu" and "triton" (through Triton's interpreter); GPU runs (marked
+`cuda`) cover "torch", "triton" and "cuda" at the ConvNeXt-T stage shapes.
+"""
+
+import pytest
+import torch
+
+import convnext_kernels as ck
+from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
+
+from conftest import DTYPES, assert_pass_rule
+
+CPU_BACKENDS = ("torch", "cpu", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
+ODD_SHAPES = [(3, 13, 17, 40), (1, 1, 1, 96), (2, 5, 7, 96)]
+STAGE_SHAPES_B32 = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]
+
+
+def _skip_interpreter_bf16(backend, device, dtype):
+    # Triton's interpreter computes garbage on bf16 (shared/README.md): bf16 is checked on the GPU.
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter cannot compute in bf16; covered by the GPU run")
+
+
+def _leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def _grads(out, leaves, dy):
+    live = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, live, dy.to(out.dtype)))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def _compare(name, fused_fn, ref_fn, inputs, dy, dtype):
+    """Run fused (dtype), eager (dtype) and reference (fp64); check outputs and all gradients."""
+    fused_in, eager_in, ref_in = _leaves(inputs, dtype), _leaves(inputs, dtype), _leaves(inputs, torch.float64)
+    fused = fused_fn(*fused_in)
+    eager = ref_fn(*eager_in, upcast=False)
+    ref = ref_fn(*ref_in, upcast=True)
+    assert fused.dtype == dtype
+    assert_pass_rule(f"{name} output", fused, ref, eager, dtype)
+    for i, (gf, ge, gr) in enumerate(zip(_grads(fused, fused_in, dy), _grads(eager, eager_in, dy),
+                                         _grads(ref, ref_in, dy))):
+        if gr is None:
+            continue
+        assert gf is not None and gf.dtype == dtype, f"{name}: gradient {i} missing or wrong dtype"
+        assert_pass_rule(f"{name} grad[{i}]", gf, gr, ge, dtype)
+
+
+def _dwconv_layernorm_inputs(shape, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, H, W, C = shape
+
+    def rand(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift).to(device)
+
+    inputs = [rand(N, H, W, C), rand(C, 1, 7, 7, scale=0.2), rand(C, scale=0.5) if bias else None,
+              rand(C, scale=0.5, shift=1.0), rand(C, scale=0.5)]
+    return inputs, rand(N, H, W, C)
+
+
+def _mlp_layerscale_inputs(shape, device, gamma=True, drop=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, H, W, C = shape
+
+    def rand(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device)
+
+    drop_scale = None
+    if drop:
+        drop_scale = torch.tensor([(0.0 if n % 3 == 1 else 1.25) for n in range(N)], dtype=torch.float64,
+                                  device=device)
+    inputs = [rand(N, H, W, C), rand(N, H, W, C), rand(4 * C, C, scale=C ** -0.5), rand(4 * C, scale=0.5),
+              rand(C, 4 * C, scale=(4 * C) ** -0.5), rand(C, scale=0.5),
+              rand(C, scale=0.5) if gamma else None, drop_scale]
+    return inputs, rand(N, H, W, C)
+
+
+def _run_dwconv_layernorm(backend, device, shape, dtype, bias=True):
+    _skip_interpreter_bf16(backend, device, dtype)
+    inputs, dy = _dwconv_layernorm_inputs(shape, device, bias)
+
+    def fused(x, w, b, nw, nb):
+        return ck.dwconv_layernorm(x, w, b, nw, nb, 1e-6, backend=backend)
+
+    def ref(x, w, b, nw, nb, upcast):
+        return dwconv_layernorm_ref(x, w, b, nw, nb, 1e-6, upcast=upcast)
+
+    _compare(f"dwconv_layernorm[{backend},{shape},{dtype}]", fused, ref, inputs, dy, dtype)
+
+
+def _run_mlp_layerscale(backend, device, shape, dtype, gamma=True, drop=True):
+    _skip_interpreter_bf16(backend, device, dtype)
+    inputs, dy = _mlp_layerscale_inputs(shape, device, gamma, drop)
+    drop_scale = inputs.pop()
+
+    def fused(x, s, w1, b1, w2, b2, gm):
+        return ck.mlp_layerscale(x, s, w1, b1, w2, b2, gm, None if drop_scale is None else drop_scale.float(),
+                                 backend=backend)
+
+    def ref(x, s, w1, b1, w2, b2, gm, upcast):
+        return mlp_layerscale_ref(x, s, w1, b1, w2, b2, gm, drop_scale, upcast=upcast)
+
+    _compare(f"mlp_layerscale[{backend},{shape},{dtype}]", fused, ref, inputs, dy, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU
+# ----------------------------------------------------------------------------------------------
+def test_expected_backends_are_available_here():
+    # A backend that silently went missing would make every test below skip it.
+    assert ck.available_backends("cpu")[:2] == ["cpu", "torch"]
+    assert "triton" in ck.available_backends("cpu"), "TRITON_INTERPRET=1 with triton installed"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_dwconv_layernorm_cpu(backend, dtype, shape):
+    _run_dwconv_layernorm(backend, "cpu", shape, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dwconv_layernorm_no_bias_cpu(backend):
+    _run_dwconv_layernorm(backend, "cpu", (2, 6, 5, 40), torch.float32, bias=False)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+def test_dwconv_layernorm_wide_channels_cpu(backend):
+    _run_dwconv_layernorm(backend, "cpu", (1, 3, 4, 768), torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_mlp_layerscale_cpu(backend, dtype, shape):
+    _run_mlp_layerscale(backend, "cpu", shape, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("gamma,drop", [(False, False), (True, False), (False, True)])
+def test_mlp_layerscale_optional_args_cpu(backend, gamma, drop):
+    _run_mlp_layerscale(backend, "cpu", (2, 3, 5, 40), torch.float32, gamma, drop)
+
+
+def test_drop_scale_zero_drops_the_branch():
+    inputs, _ = _mlp_layerscale_inputs((2, 3, 3, 40), "cpu")
+    x, s, w1, b1, w2, b2, gm, _ = [t.float() for t in inputs[:7]] + [None]
+    y = ck.mlp_layerscale(x, s, w1, b1, w2, b2, gm, torch.tensor([0.0, 2.0]), backend="torch")
+    assert torch.equal(y[0], s[0])
+    assert not torch.allclose(y[1], s[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_are_deterministic(backend):
+    inputs, dy = _dwconv_layernorm_inputs((2, 9, 11, 40), "cpu")
+    leaves = _leaves(inputs, torch.float32)
+    first = None
+    for _ in range(2):
+        y = ck.dwconv_layernorm(*leaves, backend=backend)
+        got = [y] + list(torch.autograd.grad(y, leaves, dy.float()))
+        if first is not None:
+            for a, b in zip(first, got):
+                assert torch.equal(a, b)
+        first = got
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    inputs, _ = _dwconv_layernorm_inputs((1, 4, 4, 40), "cpu")
+    x, w, b, nw, nb = [t.float() for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ck.dwconv_layernorm(x, w, b, nw, nb, backend=backend)
+    assert y.dtype == torch.bfloat16
+
+
+def test_non_contiguous_input_is_copied():
+    inputs, _ = _dwconv_layernorm_inputs((2, 5, 6, 40), "cpu")
+    x, w, b, nw, nb = [t.float() for t in inputs]
+    x_strided = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert not x_strided.is_contiguous()
+    torch.testing.assert_close(ck.dwconv_layernorm(x_strided, w, b, nw, nb, backend="cpu"),
+                               ck.dwconv_layernorm(x, w, b, nw, nb, backend="cpu"), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+def _op_args(op_name, shape, dtype=torch.float32):
+    if op_name == "dwconv_layernorm":
+        inputs, _ = _dwconv_layernorm_inputs(shape, "cpu")
+        x, w, b, nw, nb = inputs
+        return (x.to(dtype).requires_grad_(), w.float().requires_grad_(), b.float().requires_grad_(),
+                nw.float().requires_grad_(), nb.float().requires_grad_(), 1e-6)
+    inputs, _ = _mlp_layerscale_inputs(shape, "cpu")
+    x, s, w1, b1, w2, b2, gm, ds = inputs
+    return (x.to(dtype).requires_grad_(), s.to(dtype).requires_grad_(), w1.to(dtype).requires_grad_(),
+            b1.float().requires_grad_(), w2.to(dtype).requires_grad_(), b2.float().requires_grad_(),
+            gm.float().requires_grad_(), ds.float())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
+def test_opcheck(backend, op_name):
+    table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
+    fwd_op, _ = table[backend]
+    torch.library.opcheck(fwd_op, _op_args(op_name, (2, 3, 5, 40)))
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x, w, b, nw, nb, _ = _op_args("dwconv_layernorm", (2, 5, 6, 40))
+    _, s, w1, b1, w2, b2, gm, ds = _op_args("mlp_layerscale", (2, 5, 6, 40))
+
+    def block(x):
+        y = ck.dwconv_layernorm(x, w, b, nw, nb, backend=backend)
+        return ck.mlp_layerscale(y, x, w1, b1, w2, b2, gm, ds, backend=backend)
+
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    expected = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out.square().sum(), (x, w, w1, gm))
+    want = torch.autograd.grad(expected.square().sum(), (x, w, w1, gm))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear exception, never a crash or garbage
+# ----------------------------------------------------------------------------------------------
+def _good_dwconv_layernorm():
+    inputs, _ = _dwconv_layernorm_inputs((2, 5, 6, 40), "cpu")
+    return [t.float() for t in inputs]
+
+
+def _good_mlp_layerscale():
+    inputs, _ = _mlp_layerscale_inputs((2, 5, 6, 40), "cpu")
+    return [t.float() for t in inputs]
+
+
+def _replace(args, i, value):
+    args = list(args)
+    args[i] = value
+    return args
+
+
+BAD_DWCONV_LAYERNORM = [
+    ("x rank 3", lambda a: _replace(a, 0, a[0][0]), ValueError, "4-D"),
+    ("x NCHW", lambda a: _replace(a, 0, a[0].permute(0, 3, 1, 2)), ValueError, "channels"),
+    ("x int", lambda a: _replace(a, 0, a[0].long()), TypeError, "dtype"),
+    ("x float64", lambda a: _replace(a, 0, a[0].double()), TypeError, "float32, float16 or bfloat16"),
+    ("x not a tensor", lambda a: _replace(a, 0, a[0].tolist()), TypeError, "torch.Tensor"),
+    ("empty batch", lambda a: _replace(a, 0, a[0][:0]), ValueError, "empty batch"),
+    ("conv weight 3x3", lambda a: _replace(a, 1, a[1][..., :3, :3]), ValueError, "conv_weight"),
+    ("conv weight channels", lambda a: _replace(a, 1, a[1][:8]), ValueError, "conv_weight"),
+    ("conv bias channels", lambda a: _replace(a, 2, a[2][:8]), ValueError, "conv_bias"),
+    ("norm weight channels", lambda a: _replace(a, 3, a[3][:8]), ValueError, "norm_weight"),
+    ("norm bias 2-D", lambda a: _replace(a, 4, a[4][None]), ValueError, "norm_bias"),
+    ("mixed devices", lambda a: _replace(a, 3, a[3].to("meta")), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_DWCONV_LAYERNORM, ids=[c[0] for c in BAD_DWCONV_LAYERNORM])
+def test_dwconv_layernorm_bad_input(case):
+    _, mutate, exc, words = case
+    with pytest.raises(exc, match=words):
+        ck.dwconv_layernorm(*mutate(_good_dwconv_layernorm()), backend="cpu")
+
+
+BAD_MLP_LAYERSCALE = [
+    ("x rank 2", lambda a: _replace(a, 0, a[0].flatten(0, 2)), ValueError, "4-D"),
+    ("shortcut shape", lambda a: _replace(a, 1, a[1][:, :2]), ValueError, "shortcut"),
+    ("fc1 channels", lambda a: _replace(a, 2, a[2][:, :8]), ValueError, "fc1_weight"),
+    ("fc1 hidden", lambda a: _replace(a, 2, a[2][:100]), ValueError, "fc1_weight"),
+    ("fc2 shape", lambda a: _replace(a, 4, a[4].t()), ValueError, "fc2_weight"),
+    ("fc2 bias", lambda a: _replace(a, 5, a[5][:3]), ValueError, "fc2_bias"),
+    ("gamma", lambda a: _replace(a, 6, a[6][:3]), ValueError, "gamma"),
+    ("drop_scale", lambda a: _replace(a, 7, a[7][:1]), ValueError, "drop_scale"),
+    ("fc1 int", lambda a: _replace(a, 2, a[2].int()), TypeError, "dtype"),
+    ("empty batch", lambda a: _replace(_replace(a, 0, a[0][:0]), 1, a[1][:0]), ValueError, "empty batch"),
+    ("mixed devices", lambda a: _replace(a, 2, a[2].to("meta")), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_MLP_LAYERSCALE, ids=[c[0] for c in BAD_MLP_LAYERSCALE])
+def test_mlp_layerscale_bad_input(case):
+    _, mutate, exc, words = case
+    with pytest.raises(exc, match=words):
+        ck.mlp_layerscale(*mutate(_good_mlp_layerscale()), backend="cpu")
+
+
+def test_backend_errors_name_what_is_missing():
+    x, w, b, nw, nb = _good_dwconv_layernorm()
+    with pytest.raises(ValueError, match="unknown backend"):
+        ck.dwconv_layernorm(x, w, b, nw, nb, backend="cudnn")
+    with pytest.raises(ck.BackendUnavailableError, match="needs CUDA tensors"):
+        ck.dwconv_layernorm(x, w, b, nw, nb, backend="cuda")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        ck.dwconv_layernorm(x, w, b, nw, nb, backend=None)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b, nw, nb = _good_dwconv_layernorm()
+    with pytest.raises(ck.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ck.dwconv_layernorm(x, w, b, nw, nb, backend="triton")
+
+
+def test_env_overrides_auto(monkeypatch):
+    x, w, b, nw, nb = _good_dwconv_layernorm()
+    monkeypatch.setenv("CONVNEXT_KERNELS_BACKEND", "cuda")
+    with pytest.raises(ck.BackendUnavailableError):
+        ck.dwconv_layernorm(x, w, b, nw, nb)  # auto -> the env's "cuda", which needs CUDA tensors
+    monkeypatch.setenv("CONVNEXT_KERNELS_BACKEND", "torch")
+    ck.dwconv_layernorm(x, w, b, nw, nb)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES + STAGE_SHAPES_B32, ids=str)
+def test_dwconv_layernorm_gpu(backend, dtype, shape):
+    _run_dwconv_layernorm(backend, "cuda", shape, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES + STAGE_SHAPES_B32, ids=str)
+def test_mlp_layerscale_gpu(backend, dtype, shape):
+    _run_mlp_layerscale(backend, "cuda", shape, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
+def test_opcheck_gpu(backend, op_name):
+    table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
+    args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in _op_args(op_name, (2, 5, 6, 40))]
+    torch.library.opcheck(table[backend][0], args)

@@ -9,7 +9,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -31,14 +30,22 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says what is missing."""
 
 
-@functools.lru_cache(maxsize=None)
+# Import outcomes, memoised in plain dicts (not functools caches) so torch.compile traces the
+# lookups without warnings.
+_EXTENSION: dict = {}
+_TRITON: dict = {}
+
+
 def _extension() -> tuple[Optional[ModuleType], str]:
     """The compiled extension, or None and why it could not be imported."""
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError as e:  # not built, or built for another Python
-        return None, f"the compiled extension convnext_kernels._C could not be imported ({e}); run `pip install .`"
-    return _C, ""
+    if not _EXTENSION:
+        try:
+            from . import _C  # type: ignore[attr-defined]
+            _EXTENSION["result"] = (_C, "")
+        except ImportError as e:  # not built, or built for another Python
+            _EXTENSION["result"] = (None, f"the compiled extension convnext_kernels._C could not be imported ({e}); "
+                                          "run `pip install .`")
+    return _EXTENSION["result"]
 
 
 def build_info() -> dict:
@@ -53,15 +60,17 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_missing() -> str:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    try:
-        importlib.import_module("triton")
-    except Exception as e:  # a broken install must not break the package
-        return f"triton failed to import ({e})"
-    return ""
+    if not _TRITON:
+        if importlib.util.find_spec("triton") is None:
+            _TRITON["missing"] = "triton is not installed (pip install triton)"
+        else:
+            try:
+                importlib.import_module("triton")
+                _TRITON["missing"] = ""
+            except Exception as e:  # a broken install must not break the package
+                _TRITON["missing"] = f"triton failed to import ({e})"
+    return _TRITON["missing"]
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str:

@@ -1,0 +1,348 @@
+"""Triton kernels for the fused depthwise 7x7 conv + LayerNorm over C (NHWC).
+
+Forward: one program owns BLOCK_W consecutive pixels of one (n, h) row and all
+C channels (BLOCK_C = next_power_of_2(C), masked), so the LayerNorm statistics
+over C are computed from registers in a single pass. The tile is sized so that
+BLOCK_W * BLOCK_C stays at about _TILE_ELEMS fp32 values: large C simply gets
+fewer pixels per program (C = 2048 -> 2 pixels), no second pass is needed.
+
+Backward:
+  1. ``_dwconv_layernorm_bwd_norm_kernel`` (same tiling as the forward)
+     recomputes the conv output z and xhat, writes the gradient with respect to
+     z, g = rstd * (dy*nw - mean_C(dy*nw) - xhat * mean_C(dy*nw*xhat)), into an
+     fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
+     dnorm_bias and dconv_bias.
+  2. ``_dwconv_layernorm_bwd_conv_kernel`` is purely per channel, so it tiles C
+     too: dx = transposed depthwise conv of g, and per-program fp32 partials of
+     dconv_weight[c, tap] = sum_p g[p, c] * x[p + off(tap), c] over a chunk of
+     rows (the chunk keeps the (programs, 49, C) partial buffer small).
+  Partials are summed with torch in a fixed order: deterministic, no atomics.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..launchers import empty_output
+
+KERNEL_SIZE = 7
+TAPS = KERNEL_SIZE * KERNEL_SIZE
+
+# fp32 elements per program tile (pixels x channels) in the kernels that need
+# all of C; 4096 keeps the accumulator at 16 registers/thread with 8 warps.
+_TILE_ELEMS = 4096
+# Channel block of the per-channel backward conv kernel.
+_CONV_BWD_BLOCK_C = 128
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dwconv7x7_tile(
+    x_ptr,        # (N, H, W, C) input
+    taps_ptr,     # (49, C) fp32 conv weight, tap-major: each tap is a contiguous C vector
+    sample_row0,  # int64: n * H, the first image row of this sample
+    h,            # int64: output row
+    offs_w,       # (BLOCK_W,) output columns
+    offs_c,       # (BLOCK_C,) channels
+    mask_c,       # (BLOCK_C,) channel validity
+    H, W, C,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """fp32 depthwise 7x7 conv (zero padding 3) of one row segment, all channels."""
+    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    for kh in range(7):
+        ih = h + kh - 3
+        # A row outside the image has no valid column. (Folding the row test
+        # into the column bound avoids scalar-bool & vector-bool, which the
+        # triton interpreter mis-types.)
+        w_hi = tl.where((ih >= 0) & (ih < H), W, 0)
+        row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
+        for kw in tl.static_range(7):
+            iw = offs_w + (kw - 3)
+            m = (iw >= 0) & (iw < w_hi)
+            ptrs = x_ptr + (row_base + iw)[:, None] * C + offs_c[None, :]
+            # Convert right after the load: all arithmetic is fp32.
+            xv = tl.load(ptrs, mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(taps_ptr + (kh * 7 + kw) * C + offs_c, mask=mask_c, other=0.0)
+            acc += xv * wv[None, :]
+    return acc
+
+
+@triton.jit
+def _dwconv_layernorm_fwd_kernel(
+    x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
+    taps_ptr,       # (49, C) fp32 conv weight, tap-major
+    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
+    norm_w_ptr,     # (C,) fp32 LayerNorm weight
+    norm_b_ptr,     # (C,) fp32 LayerNorm bias
+    y_ptr,          # (N, H, W, C) output, x.dtype
+    mean_ptr,       # (N, H, W) fp32 mean over C of the conv output
+    rstd_ptr,       # (N, H, W) fp32 1/sqrt(var + eps)
+    H, W, C,        # sizes
+    eps,            # LayerNorm epsilon
+    HAS_BIAS: tl.constexpr,  # conv has a bias
+    BLOCK_W: tl.constexpr,   # pixels of one row per program
+    BLOCK_C: tl.constexpr,   # next_power_of_2(C): the whole channel vector
+):
+    pid_w = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)  # n * H + h; int64 so offsets never overflow
+    h = row % H
+    sample_row0 = row - h
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_w = offs_w < W
+    mask_c = offs_c < C
+
+    z = _dwconv7x7_tile(x_ptr, taps_ptr, sample_row0, h, offs_w, offs_c, mask_c,
+                        H, W, C, BLOCK_W, BLOCK_C)
+    if HAS_BIAS:
+        z += tl.load(conv_bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+
+    # Padded channels of z are exactly 0, so the plain sum gives the mean;
+    # they must be masked out of the centred values for the variance.
+    mean = tl.sum(z, axis=1) / C
+    zc = tl.where(mask_c[None, :], z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
+    nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0)
+    y = zc * rstd[:, None] * nw[None, :] + nb[None, :]
+
+    pix = row * W + offs_w  # int64 pixel index
+    mask = mask_w[:, None] & mask_c[None, :]
+    tl.store(y_ptr + pix[:, None] * C + offs_c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + pix, mean, mask=mask_w)
+    tl.store(rstd_ptr + pix, rstd, mask=mask_w)
+
+
+@triton.jit
+def _dwconv_layernorm_bwd_norm_kernel(
+    dy_ptr,         # (N, H, W, C) upstream gradient, x.dtype
+    x_ptr,          # (N, H, W, C) forward input (the conv output is recomputed)
+    taps_ptr,       # (49, C) fp32 conv weight, tap-major
+    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
+    norm_w_ptr,     # (C,) fp32 LayerNorm weight
+    mean_ptr,       # (N, H, W) fp32 saved mean
+    rstd_ptr,       # (N, H, W) fp32 saved rstd
+    g_ptr,          # (N, H, W, C) fp32 workspace: gradient w.r.t. the conv output
+    dnw_part_ptr,   # (programs, C) fp32 partial sums of dy * xhat
+    dnb_part_ptr,   # (programs, C) fp32 partial sums of dy
+    dcb_part_ptr,   # (programs, C) fp32 partial sums of g
+    H, W, C,        # sizes
+    HAS_BIAS: tl.constexpr,  # conv has a bias
+    BLOCK_W: tl.constexpr,   # pixels of one row per program
+    BLOCK_C: tl.constexpr,   # next_power_of_2(C)
+):
+    pid_w = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    h = row % H
+    sample_row0 = row - h
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_w = offs_w < W
+    mask_c = offs_c < C
+    mask = mask_w[:, None] & mask_c[None, :]
+
+    z = _dwconv7x7_tile(x_ptr, taps_ptr, sample_row0, h, offs_w, offs_c, mask_c,
+                        H, W, C, BLOCK_W, BLOCK_C)
+    if HAS_BIAS:
+        z += tl.load(conv_bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+
+    pix = row * W + offs_w
+    mean = tl.load(mean_ptr + pix, mask=mask_w, other=0.0)
+    rstd = tl.load(rstd_ptr + pix, mask=mask_w, other=0.0)
+    # Invalid pixels / channels get xhat = 0 and dy = 0, so they add nothing below.
+    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    offs = pix[:, None] * C + offs_c[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
+
+    dyw = dy * nw[None, :]
+    c1 = tl.sum(dyw * xhat, axis=1) / C
+    c2 = tl.sum(dyw, axis=1) / C
+    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+    tl.store(g_ptr + offs, g, mask=mask)
+
+    pid = row * tl.num_programs(0) + pid_w
+    tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dy * xhat, axis=0), mask=mask_c)
+    tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dy, axis=0), mask=mask_c)
+    tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _dwconv_layernorm_bwd_conv_kernel(
+    g_ptr,          # (N, H, W, C) fp32 gradient w.r.t. the conv output
+    x_ptr,          # (N, H, W, C) forward input
+    taps_ptr,       # (49, C) fp32 conv weight, tap-major
+    dx_ptr,         # (N, H, W, C) output gradient, x.dtype
+    dw_part_ptr,    # (row chunks * w tiles, 49, C) fp32 partials of dconv_weight (tap-major)
+    H, W, C,        # sizes
+    ROWS: tl.constexpr,      # image rows per program (bounds the partial buffer)
+    BLOCK_W: tl.constexpr,   # pixels of one row per program
+    BLOCK_C: tl.constexpr,   # channels per program (the conv is per channel)
+):
+    pid_wc = tl.program_id(0)         # (w tile, c tile), w fastest
+    pid_row = tl.program_id(1).to(tl.int64)  # (sample, row chunk)
+    num_w_tiles = tl.cdiv(W, BLOCK_W)
+    pid_w = pid_wc % num_w_tiles
+    pid_c = pid_wc // num_w_tiles
+    num_row_chunks = tl.cdiv(H, ROWS)
+    n = pid_row // num_row_chunks
+    h0 = (pid_row % num_row_chunks) * ROWS
+    sample_row0 = n * H
+
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C  # column validity is folded into per-row bounds below
+
+    # dx[p] = sum_tap g[p - off(tap)] * w[tap]  (transposed depthwise conv).
+    for r in range(ROWS):
+        h = h0 + r
+        row_valid = h < H
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for kh in range(7):
+            gh = h - (kh - 3)
+            w_hi = tl.where(row_valid & (gh >= 0) & (gh < H), W, 0)
+            row_base = (sample_row0 + gh) * W
+            for kw in tl.static_range(7):
+                gw = offs_w - (kw - 3)
+                m = (gw >= 0) & (gw < w_hi)
+                gv = tl.load(g_ptr + (row_base + gw)[:, None] * C + offs_c[None, :],
+                             mask=m[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(taps_ptr + (kh * 7 + kw) * C + offs_c, mask=mask_c, other=0.0)
+                acc += gv * wv[None, :]
+        pix = (sample_row0 + h) * W + offs_w
+        tl.store(dx_ptr + pix[:, None] * C + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=(offs_w < tl.where(row_valid, W, 0))[:, None] & mask_c[None, :])
+
+    # dw[c, tap] = sum_p g[p, c] * x[p + off(tap), c] over this program's pixels.
+    # One tap at a time so the accumulator is a single C vector; the g rows it
+    # re-reads per tap were just touched and come from cache.
+    # Partial row per (row chunk, w tile); its c tiles fill disjoint C slices.
+    pid = pid_row * num_w_tiles + pid_w
+    for kh in range(7):
+        for kw in tl.static_range(7):
+            dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for r in range(ROWS):
+                h = h0 + r
+                row_valid = h < H
+                g_base = (sample_row0 + h) * W
+                gv = tl.load(g_ptr + (g_base + offs_w)[:, None] * C + offs_c[None, :],
+                             mask=(offs_w < tl.where(row_valid, W, 0))[:, None] & mask_c[None, :],
+                             other=0.0)
+                ih = h + (kh - 3)
+                iw = offs_w + (kw - 3)
+                m = (iw >= 0) & (iw < tl.where(row_valid & (ih >= 0) & (ih < H), W, 0))
+                xv = tl.load(x_ptr + ((sample_row0 + ih) * W + iw)[:, None] * C + offs_c[None, :],
+                             mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                dw += tl.sum(gv * xv, axis=0)
+            tl.store(dw_part_ptr + (pid * 49 + kh * 7 + kw) * C + offs_c, dw, mask=mask_c)
+
+
+def _row_tiling(W, C):
+    """(BLOCK_W, BLOCK_C, num_warps) for the kernels that hold all of C."""
+    block_c = triton.next_power_of_2(C)
+    block_w = max(1, min(triton.next_power_of_2(W), _TILE_ELEMS // block_c))
+    num_warps = 4 if block_w * block_c <= 2048 else 8
+    return block_w, block_c, num_warps
+
+
+def _taps(conv_weight):
+    # (C, 1, 7, 7) -> (49, C): each tap's weights become one contiguous C vector.
+    C = conv_weight.shape[0]
+    return conv_weight.reshape(C, TAPS).t().contiguous()
+
+
+def dwconv_layernorm_fwd(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = LayerNorm_C(dwconv7x7(x) + conv_bias); returns (y, mean, rstd)."""
+    N, H, W, C = x.shape
+    y = empty_output(x.shape, x.dtype, x.device)
+    mean = empty_output((N, H, W), torch.float32, x.device)
+    rstd = empty_output((N, H, W), torch.float32, x.device)
+    taps = _taps(conv_weight)
+    has_bias = conv_bias is not None
+    block_w, block_c, num_warps = _row_tiling(W, C)
+    grid = (triton.cdiv(W, block_w), N * H)
+    wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
+        x, taps, conv_bias if has_bias else taps, norm_weight, norm_bias,
+        y, mean, rstd,
+        H, W, C, eps,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def _conv_bwd_tiling(N, H, W, C):
+    """(ROWS, BLOCK_W, BLOCK_C, num_warps) for the per-channel backward conv kernel."""
+    block_c = min(triton.next_power_of_2(C), _CONV_BWD_BLOCK_C)
+    block_w = max(1, min(triton.next_power_of_2(W), _TILE_ELEMS // block_c))
+    tiles = N * H * triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
+    # More rows per program -> fewer (programs, 49, C) partials; stop at ~512
+    # programs so an H100's 132 SMs still get a few waves.
+    rows = max(1, min(H, 16, tiles // 512))
+    num_warps = 4 if block_w * block_c <= 2048 else 8
+    return rows, block_w, block_c, num_warps
+
+
+def dwconv_layernorm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    norm_weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias)."""
+    N, H, W, C = x.shape
+    dev = x.device
+    taps = _taps(conv_weight)
+    has_bias = conv_bias is not None
+
+    # Kernel 1: gradient w.r.t. the conv output + LayerNorm / bias partials.
+    block_w, block_c, num_warps = _row_tiling(W, C)
+    grid1 = (triton.cdiv(W, block_w), N * H)
+    programs1 = grid1[0] * grid1[1]
+    g = empty_output((N, H, W, C), torch.float32, dev)
+    dnw_part = empty_output((programs1, C), torch.float32, dev)
+    dnb_part = empty_output((programs1, C), torch.float32, dev)
+    dcb_part = empty_output((programs1, C), torch.float32, dev)
+    wrap_triton(_dwconv_layernorm_bwd_norm_kernel)[grid1](
+        dy, x, taps, conv_bias if has_bias else taps, norm_weight, mean, rstd,
+        g, dnw_part, dnb_part, dcb_part,
+        H, W, C,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+    )
+
+    # Kernel 2: dx (transposed conv of g) + conv-weight partials.
+    rows, block_w2, block_c2, num_warps2 = _conv_bwd_tiling(N, H, W, C)
+    grid2 = (triton.cdiv(W, block_w2) * triton.cdiv(C, block_c2), N * triton.cdiv(H, rows))
+    dx = empty_output(x.shape, x.dtype, x.device)
+    dw_part = empty_output((grid2[1] * triton.cdiv(W, block_w2), TAPS, C), torch.float32, dev)
+    wrap_triton(_dwconv_layernorm_bwd_conv_kernel)[grid2](
+        g, x, taps, dx, dw_part,
+        H, W, C,
+        ROWS=rows, BLOCK_W=block_w2, BLOCK_C=block_c2, num_warps=num_warps2,
+    )
+    # Fixed-order reductions (deterministic).
+    dconv_weight = dw_part.sum(0).t().reshape(C, 1, KERNEL_SIZE, KERNEL_SIZE).contiguous()
+    dconv_bias = dcb_part.sum(0)
+    dnorm_weight = dnw_part.sum(0)
+    dnorm_bias = dnb_part.sum(0)
+    return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias

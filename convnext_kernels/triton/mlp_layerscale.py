@@ -1,0 +1,558 @@
+"""Triton kernels for the ConvNeXt MLP: Linear C->4C, exact GELU, Linear 4C->C,
+layer scale gamma, per-sample drop-path scale and the residual add (NHWC rows).
+
+Forward:
+  * C <= FUSED_MAX_C: ``_mlp_layerscale_fwd_kernel`` keeps the 4C hidden on
+    chip. A program owns BLOCK_M rows and the whole output width
+    (BLOCK_C = next_power_of_2(C) fp32 accumulator); it walks the hidden in
+    BLOCK_H chunks: h = gelu(x @ W1[chunk].T + b1[chunk]) -> x.dtype ->
+    acc += h @ W2[:, chunk].T, then the layer-scale / residual epilogue.
+  * larger C: two launches of the generic ``_matmul_kernel`` with fused
+    epilogues (GEMM1 + b1 + GELU -> hidden in x.dtype; GEMM2 + b2 + gamma +
+    drop scale + residual).
+
+Backward (nothing but x is saved; the hidden is recomputed):
+  1. ``_mlp_layerscale_bwd_hidden_kernel``: per (row tile, hidden tile) two
+     GEMMs over C share one loop: a = x @ W1.T + b1 and dh = dz @ W2 with
+     dz = dy * s[n] * gamma formed on the fly; writes h = gelu(a) and
+     da = dh * gelu'(a) (x.dtype workspaces) and fp32 partials of db1.
+  2. ``_mlp_layerscale_bwd_input_kernel``: per (row tile, channel tile) two
+     GEMMs over 4C share one loop: z = h @ W2.T (recomputed pre-scale output,
+     needed for dgamma) and dx = da @ W1; writes dx, dz (x.dtype workspace for
+     dW2) and fp32 partials of dgamma and db2.
+  3. ``_matmul_kernel`` in split-K mode for dW2 = dz.T @ h and dW1 = da.T @ x:
+     the row dimension M is cut into a fixed number of chunks (chosen from
+     the shapes only), each writes an fp32 partial, torch sums them.
+All reductions are fp32 partial buffers summed by torch: deterministic.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..launchers import empty_output
+
+# Largest C for which the forward keeps the hidden on chip (BLOCK_C <= 512).
+FUSED_MAX_C = 384
+
+# Epilogues of _matmul_kernel.
+EPILOGUE_PARTIAL = 0   # store fp32 split-K partials
+EPILOGUE_GELU = 1      # + bias, exact GELU, store in the output dtype
+EPILOGUE_RESIDUAL = 2  # + bias, * gamma, * drop scale, + residual
+
+# Rows per program of the backward row-tile kernels. Fixed (not autotuned)
+# because it sets the size of their partial buffers, allocated before launch.
+_BWD_BLOCK_M = 64
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU configs (untested on hardware; H100-oriented guesses). Under the
+# interpreter one small config each: autotuning there is slow and pointless.
+if _interpreting():
+    _FUSED_FWD_CONFIGS = {
+        c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 512)
+    }
+    _MATMUL_CONFIGS = [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
+    _BWD_HIDDEN_CONFIGS = [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)]
+    _BWD_INPUT_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32)]
+else:
+    _FUSED_FWD_CONFIGS = {
+        # BLOCK_C <= 128: a 128x128 fp32 accumulator is cheap.
+        128: [
+            _cfg(4, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_H=128, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_H=128, BLOCK_K=32),
+        ],
+        256: [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=64),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=128, BLOCK_K=64),
+        ],
+        # BLOCK_C = 512: the accumulator alone is 64x512 fp32, keep BLOCK_M small.
+        512: [
+            _cfg(8, 2, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+            _cfg(4, 2, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
+        ],
+    }
+    _MATMUL_CONFIGS = [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+    _BWD_HIDDEN_CONFIGS = [
+        _cfg(4, 3, BLOCK_H=64, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_H=128, BLOCK_K=64),
+        _cfg(4, 4, BLOCK_H=128, BLOCK_K=32),
+    ]
+    _BWD_INPUT_CONFIGS = [
+        _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_N=128, BLOCK_K=64),
+        _cfg(8, 4, BLOCK_N=128, BLOCK_K=32),
+    ]
+
+
+@triton.jit
+def _gelu(a):
+    # Exact GELU: a * Phi(a).
+    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(a):
+    # d/da [a * Phi(a)] = Phi(a) + a * phi(a).
+    cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327
+    return cdf + a * pdf
+
+
+@triton.jit
+def _layerscale_residual_store(
+    acc,             # (BLOCK_M, BLOCK_N) fp32 GEMM2 result for these rows/cols
+    offs_m,          # (BLOCK_M,) int64 rows
+    offs_n,          # (BLOCK_N,) int64 output channels
+    bias_ptr,        # (N,) fp32 fc2 bias
+    gamma_ptr,       # (N,) fp32 layer scale; read only when HAS_GAMMA
+    row_scale_ptr,   # (M // ROWS_PER_SAMPLE,) fp32 drop scale; only when HAS_ROW_SCALE
+    residual_ptr,    # (M, N) shortcut
+    out_ptr,         # (M, N) output
+    M, N, ROWS_PER_SAMPLE,
+    HAS_GAMMA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+):
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    z = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_GAMMA:
+        z = z * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_ROW_SCALE:
+        s = tl.load(row_scale_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0)
+        z = z * s[:, None]
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mlp_layerscale_fwd_kernel(
+    x_ptr,           # (M, C) input rows (NHWC flattened), fp32/fp16/bf16
+    w1_ptr,          # (HID, C) fc1 weight, x.dtype
+    b1_ptr,          # (HID,) fp32 fc1 bias
+    w2_ptr,          # (C, HID) fc2 weight, x.dtype
+    b2_ptr,          # (C,) fp32 fc2 bias
+    gamma_ptr,       # (C,) fp32 layer scale; read only when HAS_GAMMA
+    row_scale_ptr,   # (N,) fp32 per-sample drop scale; read only when HAS_ROW_SCALE
+    shortcut_ptr,    # (M, C) residual input, x.dtype
+    y_ptr,           # (M, C) output, x.dtype
+    M, C, HID,       # rows, channels, hidden width (4C)
+    ROWS_PER_SAMPLE,  # H * W: row m belongs to sample m // ROWS_PER_SAMPLE
+    HAS_GAMMA: tl.constexpr,        # apply layer scale
+    HAS_ROW_SCALE: tl.constexpr,    # apply drop-path scale
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee"/"tf32")
+    BLOCK_C: tl.constexpr,  # next_power_of_2(C): the whole output row
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_H: tl.constexpr,  # hidden chunk kept on chip
+    BLOCK_K: tl.constexpr,  # reduction chunk of GEMM1 (over C)
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+        mask_h = offs_h < HID
+        # GEMM1 chunk: a = x @ W1[chunk].T; x tiles are re-read per chunk
+        # (from cache) rather than held, which bounds register use.
+        a = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mask_k = offs_k < C
+            xk = tl.load(x_ptr + offs_m[:, None] * C + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w1k = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
+                          mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            a = tl.dot(xk, w1k, a, input_precision=INPUT_PRECISION)
+        a += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
+        # Round h to the input dtype, as a torch Linear would feed fc2.
+        h = _gelu(a).to(dtype)
+        # GEMM2 chunk: acc += h @ W2[:, chunk].T (padded hidden lanes hit zero weights).
+        w2c = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None],
+                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(h, w2c, acc, input_precision=INPUT_PRECISION)
+
+    _layerscale_residual_store(acc, offs_m, offs_c, b2_ptr, gamma_ptr, row_scale_ptr,
+                               shortcut_ptr, y_ptr, M, C, ROWS_PER_SAMPLE,
+                               HAS_GAMMA, HAS_ROW_SCALE)
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,           # A (M, K): element (m, k) at a_ptr + m*stride_am + k*stride_ak
+    b_ptr,           # B (K, N): element (k, n) at b_ptr + k*stride_bk + n*stride_bn
+    out_ptr,         # EPILOGUE_PARTIAL: (SPLIT_K, M, N) fp32; else (M, N) row-major
+    bias_ptr,        # (N,) fp32 bias (GELU / RESIDUAL epilogues)
+    gamma_ptr,       # (N,) fp32 layer scale (RESIDUAL, HAS_GAMMA)
+    row_scale_ptr,   # (M // ROWS_PER_SAMPLE,) fp32 drop scale (RESIDUAL, HAS_ROW_SCALE)
+    residual_ptr,    # (M, N) shortcut (RESIDUAL)
+    M, N, K,         # problem size
+    K_PER_SPLIT,     # reduction length per program_id(1); K when not split
+    ROWS_PER_SAMPLE,  # H * W for the drop scale
+    stride_am, stride_ak, stride_bk, stride_bn,  # element strides of A and B
+    EPILOGUE: tl.constexpr,         # EPILOGUE_PARTIAL / _GELU / _RESIDUAL
+    HAS_GAMMA: tl.constexpr,        # RESIDUAL: apply layer scale
+    HAS_ROW_SCALE: tl.constexpr,    # RESIDUAL: apply drop-path scale
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
+    BLOCK_M: tl.constexpr,  # output tile rows
+    BLOCK_N: tl.constexpr,  # output tile cols
+    BLOCK_K: tl.constexpr,  # reduction chunk
+    GROUP_M: tl.constexpr,  # tile-row grouping for L2 reuse
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M tile rows share B tiles while they sit in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < k_end
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if EPILOGUE == 0:  # EPILOGUE_PARTIAL
+        offs = split * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out_ptr + offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    elif EPILOGUE == 1:  # EPILOGUE_GELU
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        h = _gelu(acc)
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    else:  # EPILOGUE_RESIDUAL
+        _layerscale_residual_store(acc, offs_m, offs_n, bias_ptr, gamma_ptr, row_scale_ptr,
+                                   residual_ptr, out_ptr, M, N, ROWS_PER_SAMPLE,
+                                   HAS_GAMMA, HAS_ROW_SCALE)
+
+
+@triton.jit
+def _mlp_layerscale_bwd_hidden_kernel(
+    x_ptr,           # (M, C) forward input
+    dy_ptr,          # (M, C) upstream gradient, x.dtype
+    w1_ptr,          # (HID, C) fc1 weight
+    b1_ptr,          # (HID,) fp32 fc1 bias
+    w2_ptr,          # (C, HID) fc2 weight
+    gamma_ptr,       # (C,) fp32 layer scale; read only when HAS_GAMMA
+    row_scale_ptr,   # (N,) fp32 drop scale; read only when HAS_ROW_SCALE
+    h_ptr,           # (M, HID) out: gelu(a) in x.dtype (for dW2 and z)
+    da_ptr,          # (M, HID) out: gradient w.r.t. the pre-activation a, x.dtype
+    db1_part_ptr,    # (cdiv(M, BLOCK_M), HID) out: fp32 partial column sums of da
+    M, C, HID,       # rows, channels, hidden width
+    ROWS_PER_SAMPLE,  # H * W
+    HAS_GAMMA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (fixed by the launcher: partial layout)
+    BLOCK_H: tl.constexpr,  # hidden columns per program
+    BLOCK_K: tl.constexpr,  # reduction chunk over C
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_m = offs_m < M
+    mask_h = offs_h < HID
+    dtype = x_ptr.dtype.element_ty
+    if HAS_ROW_SCALE:
+        s = tl.load(row_scale_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0)
+
+    a = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < C
+        mk = mask_m[:, None] & mask_k[None, :]
+        kh = mask_k[:, None] & mask_h[None, :]
+        xk = tl.load(x_ptr + offs_m[:, None] * C + offs_k[None, :], mask=mk, other=0.0)
+        w1k = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None], mask=kh, other=0.0)
+        a = tl.dot(xk, w1k, a, input_precision=INPUT_PRECISION)
+        # dz = dy * s[n] * gamma, formed in fp32 and rounded to x.dtype (as the
+        # tensor core operand; kernel 2 rounds it the same way).
+        dz = tl.load(dy_ptr + offs_m[:, None] * C + offs_k[None, :], mask=mk, other=0.0)
+        dz = dz.to(tl.float32)
+        if HAS_GAMMA:
+            dz = dz * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        if HAS_ROW_SCALE:
+            dz = dz * s[:, None]
+        w2k = tl.load(w2_ptr + offs_k[:, None] * HID + offs_h[None, :], mask=kh, other=0.0)
+        dh = tl.dot(dz.to(dtype), w2k, dh, input_precision=INPUT_PRECISION)
+
+    a += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
+    h = _gelu(a)
+    # Padded rows have dy = 0, hence dh = da = 0: they add nothing to db1.
+    da = dh * _gelu_grad(a)
+    offs = offs_m[:, None] * HID + offs_h[None, :]
+    mask = mask_m[:, None] & mask_h[None, :]
+    tl.store(h_ptr + offs, h.to(dtype), mask=mask)
+    tl.store(da_ptr + offs, da.to(dtype), mask=mask)
+    tl.store(db1_part_ptr + pid_m.to(tl.int64) * HID + offs_h, tl.sum(da, axis=0), mask=mask_h)
+
+
+@triton.jit
+def _mlp_layerscale_bwd_input_kernel(
+    h_ptr,           # (M, HID) gelu(a) from the hidden kernel, x.dtype
+    da_ptr,          # (M, HID) gradient w.r.t. a, x.dtype
+    w1_ptr,          # (HID, C) fc1 weight
+    w2_ptr,          # (C, HID) fc2 weight
+    b2_ptr,          # (C,) fp32 fc2 bias
+    dy_ptr,          # (M, C) upstream gradient
+    gamma_ptr,       # (C,) fp32 layer scale; read only when HAS_GAMMA
+    row_scale_ptr,   # (N,) fp32 drop scale; read only when HAS_ROW_SCALE
+    dx_ptr,          # (M, C) out: gradient w.r.t. x, x.dtype
+    dz_ptr,          # (M, C) out: dy * s * gamma in x.dtype (operand of dW2)
+    dgamma_part_ptr,  # (cdiv(M, BLOCK_M), C) out: fp32 partials of sum(dy * s * z)
+    db2_part_ptr,    # (cdiv(M, BLOCK_M), C) out: fp32 partials of sum(dz)
+    M, C, HID,       # rows, channels, hidden width
+    ROWS_PER_SAMPLE,  # H * W
+    HAS_GAMMA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (fixed by the launcher: partial layout)
+    BLOCK_N: tl.constexpr,  # channels per program
+    BLOCK_K: tl.constexpr,  # reduction chunk over HID
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C
+
+    # z = h @ W2.T and dx = da @ W1 reduce over the same hidden index: one loop.
+    z = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HID, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < HID
+        mk = mask_m[:, None] & mask_k[None, :]
+        kn = mask_k[:, None] & mask_n[None, :]
+        hk = tl.load(h_ptr + offs_m[:, None] * HID + offs_k[None, :], mask=mk, other=0.0)
+        w2k = tl.load(w2_ptr + offs_n[None, :] * HID + offs_k[:, None], mask=kn, other=0.0)
+        z = tl.dot(hk, w2k, z, input_precision=INPUT_PRECISION)
+        dak = tl.load(da_ptr + offs_m[:, None] * HID + offs_k[None, :], mask=mk, other=0.0)
+        w1k = tl.load(w1_ptr + offs_k[:, None] * C + offs_n[None, :], mask=kn, other=0.0)
+        dx = tl.dot(dak, w1k, dx, input_precision=INPUT_PRECISION)
+
+    offs = offs_m[:, None] * C + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    z += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    dys = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 on padding
+    if HAS_ROW_SCALE:
+        s = tl.load(row_scale_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0)
+        dys = dys * s[:, None]
+    dz = dys
+    if HAS_GAMMA:
+        dz = dz * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    part = pid_m.to(tl.int64) * C + offs_n
+    tl.store(dgamma_part_ptr + part, tl.sum(dys * z, axis=0), mask=mask_n)
+    tl.store(db2_part_ptr + part, tl.sum(dz, axis=0), mask=mask_n)
+
+
+_fused_fwd_kernels = {
+    c: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
+    for c, cfgs in _FUSED_FWD_CONFIGS.items()
+}
+_matmul = triton.autotune(configs=_MATMUL_CONFIGS,
+                          key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
+_bwd_hidden = triton.autotune(configs=_BWD_HIDDEN_CONFIGS,
+                              key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
+_bwd_input = triton.autotune(configs=_BWD_INPUT_CONFIGS,
+                             key=["M", "C"])(_mlp_layerscale_bwd_input_kernel)
+
+
+def _input_precision(dtype):
+    # fp32 follows torch's TF32 switch; the interpreter is always exact.
+    if dtype == torch.float32 and not _interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   epilogue, precision, k_per_split=None, split=1, bias=None, gamma=None,
+                   row_scale=None, residual=None, rows_per_sample=1):
+    dummy = out
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), split)
+    wrap_triton(_matmul)[grid](
+        a, b, out,
+        bias if bias is not None else dummy,
+        gamma if gamma is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        residual if residual is not None else dummy,
+        M, N, K, K if k_per_split is None else k_per_split, rows_per_sample,
+        stride_am, stride_ak, stride_bk, stride_bn,
+        EPILOGUE=epilogue, HAS_GAMMA=gamma is not None, HAS_ROW_SCALE=row_scale is not None,
+        INPUT_PRECISION=precision,
+    )
+
+
+def mlp_layerscale_fwd(
+    x: Tensor,
+    shortcut: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    gamma: Optional[Tensor],
+    drop_scale: Optional[Tensor],
+) -> Tensor:
+    """y = shortcut + drop_scale[n] * gamma * (gelu(x @ W1.T + b1) @ W2.T + b2)."""
+    N, H, W, C = x.shape
+    M = N * H * W
+    HID = fc1_weight.shape[0]
+    y = empty_output(x.shape, x.dtype, x.device)
+    precision = _input_precision(x.dtype)
+    has_gamma = gamma is not None
+    has_row_scale = drop_scale is not None
+    if C <= FUSED_MAX_C:
+        block_c = max(16, triton.next_power_of_2(C))
+        kernel = _fused_fwd_kernels[min(c for c in _fused_fwd_kernels if c >= block_c)]
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
+        wrap_triton(kernel)[grid](
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+            gamma if has_gamma else fc2_bias,
+            drop_scale if has_row_scale else fc2_bias,
+            shortcut, y,
+            M, C, HID, H * W,
+            HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
+            INPUT_PRECISION=precision, BLOCK_C=block_c,
+        )
+    else:
+        hidden = empty_output((M, HID), x.dtype, x.device)
+        # hidden = gelu(x @ W1.T + b1): B(k, n) = W1[n, k].
+        _launch_matmul(x, fc1_weight, hidden, M, HID, C, C, 1, 1, C,
+                       EPILOGUE_GELU, precision, bias=fc1_bias)
+        # y = shortcut + s * gamma * (hidden @ W2.T + b2): B(k, n) = W2[n, k].
+        _launch_matmul(hidden, fc2_weight, y, M, C, HID, HID, 1, 1, HID,
+                       EPILOGUE_RESIDUAL, precision, bias=fc2_bias, gamma=gamma,
+                       row_scale=drop_scale, residual=shortcut, rows_per_sample=H * W)
+    return y
+
+
+def _split_k(rows, cols, K):
+    """(split, k_per_split) for a weight-gradient GEMM reducing over K = M rows.
+
+    Depends on the shapes only, so the summation order is fixed. Aims at a
+    couple of waves of ~128x128 tiles on a 132-SM GPU with >= 512 rows/split.
+    """
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, 128)
+    split = max(1, min(triton.cdiv(264, tiles), triton.cdiv(K, 512)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), 256) * 256
+    return triton.cdiv(K, k_per_split), k_per_split
+
+
+def mlp_layerscale_bwd(
+    dy: Tensor,
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    gamma: Optional[Tensor],
+    drop_scale: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma)."""
+    N, H, W, C = x.shape
+    M = N * H * W
+    HID = fc1_weight.shape[0]
+    dev = x.device
+    precision = _input_precision(x.dtype)
+    has_gamma = gamma is not None
+    has_row_scale = drop_scale is not None
+    gamma_arg = gamma if has_gamma else fc2_bias
+    row_scale_arg = drop_scale if has_row_scale else fc2_bias
+    block_m = _BWD_BLOCK_M
+    m_tiles = triton.cdiv(M, block_m)
+
+    # 1. h, da and db1 partials.
+    h = empty_output((M, HID), x.dtype, dev)
+    da = empty_output((M, HID), x.dtype, dev)
+    db1_part = empty_output((m_tiles, HID), torch.float32, dev)
+    grid1 = lambda META: (m_tiles, triton.cdiv(HID, META["BLOCK_H"]))
+    wrap_triton(_bwd_hidden)[grid1](
+        x, dy, fc1_weight, fc1_bias, fc2_weight, gamma_arg, row_scale_arg,
+        h, da, db1_part,
+        M, C, HID, H * W,
+        HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
+        INPUT_PRECISION=precision, BLOCK_M=block_m,
+    )
+
+    # 2. dx, dz and dgamma / db2 partials.
+    dx = empty_output(x.shape, x.dtype, x.device)
+    dz = empty_output((M, C), x.dtype, dev)
+    dgamma_part = empty_output((m_tiles, C), torch.float32, dev)
+    db2_part = empty_output((m_tiles, C), torch.float32, dev)
+    grid2 = lambda META: (m_tiles, triton.cdiv(C, META["BLOCK_N"]))
+    wrap_triton(_bwd_input)[grid2](
+        h, da, fc1_weight, fc2_weight, fc2_bias, dy, gamma_arg, row_scale_arg,
+        dx, dz, dgamma_part, db2_part,
+        M, C, HID, H * W,
+        HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
+        INPUT_PRECISION=precision, BLOCK_M=block_m,
+    )
+
+    # 3. Weight gradients: split-K GEMMs over the rows, fp32 partials.
+    split2, kps2 = _split_k(C, HID, M)
+    dw2_part = empty_output((split2, C, HID), torch.float32, dev)
+    # dW2 = dz.T @ h: A(i, m) = dz[m, i], B(m, j) = h[m, j].
+    _launch_matmul(dz, h, dw2_part, C, HID, M, 1, C, HID, 1,
+                   EPILOGUE_PARTIAL, precision, k_per_split=kps2, split=split2)
+    split1, kps1 = _split_k(HID, C, M)
+    dw1_part = empty_output((split1, HID, C), torch.float32, dev)
+    # dW1 = da.T @ x: A(j, m) = da[m, j], B(m, c) = x[m, c].
+    _launch_matmul(da, x, dw1_part, HID, C, M, 1, HID, C, 1,
+                   EPILOGUE_PARTIAL, precision, k_per_split=kps1, split=split1)
+
+    dfc1_weight = dw1_part.sum(0)
+    dfc1_bias = db1_part.sum(0)
+    dfc2_weight = dw2_part.sum(0)
+    dfc2_bias = db2_part.sum(0)
+    dgamma = dgamma_part.sum(0)
+    return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

@@ -1,0 +1,330 @@
+"""Kernel-level tests of the Triton launchers against float64 torch references.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported and the kernels run on CPU tensors in Triton's interpreter (slow:
+shapes are small and odd on purpose). bf16 is GPU-only: the interpreter keeps
+bf16 as raw 16-bit integers. Pass rule: fp32 max|fused - ref64| <= 1e-5 *
+max|ref64|; fp16/bf16 <= 2 * max|eager - ref64| + atol * max(max|ref64|, 1),
+where eager is the plain torch computation in that dtype.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from convnext_kernels.triton.dwconv_layernorm import (  # noqa: E402
+    dwconv_layernorm_bwd,
+    dwconv_layernorm_fwd,
+)
+from convnext_kernels.triton.mlp_layerscale import (  # noqa: E402
+    FUSED_MAX_C,
+    mlp_layerscale_bwd,
+    mlp_layerscale_fwd,
+)
+
+EPS = 1e-6
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FLOAT_DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=needs_cuda),
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _device() -> str:
+    # No torch.cuda call here: the interpreter flag already says where we run.
+    return "cpu" if _interpreting() else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Launcher outputs and partial buffers start as NaN: an unwritten element fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _fill(t):
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
+
+
+def _check(name, fused, ref64, eager, dtype):
+    assert fused.shape == ref64.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values (unwritten element?)"
+    err = (fused.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    if dtype == torch.float32:
+        bound = 1e-5 * max(scale, 1e-3) + 1e-7
+    else:
+        eager_err = (eager.double() - ref64).abs().max().item()
+        bound = 2 * eager_err + ATOL[dtype] * max(scale, 1.0)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (max|ref| {scale:.3e})"
+
+
+# --------------------------------------------------------------------------- dwconv + LayerNorm
+
+
+def _dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias):
+    z = F.conv2d(x.permute(0, 3, 1, 2), conv_weight, conv_bias, padding=3, groups=x.shape[-1])
+    return F.layer_norm(z.permute(0, 2, 3, 1), (x.shape[-1],), norm_weight, norm_bias, EPS)
+
+
+def _dwconv_layernorm_case(N, H, W, C, has_bias, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = _device()
+    x = torch.randn(N, H, W, C, generator=g).to(dev, dtype)
+    conv_weight = (0.2 * torch.randn(C, 1, 7, 7, generator=g)).to(dev)
+    conv_bias = (0.2 * torch.randn(C, generator=g)).to(dev) if has_bias else None
+    norm_weight = (1 + 0.3 * torch.randn(C, generator=g)).to(dev)
+    norm_bias = (0.3 * torch.randn(C, generator=g)).to(dev)
+    dy = torch.randn(N, H, W, C, generator=g).to(dev, dtype)
+    return x, conv_weight, conv_bias, norm_weight, norm_bias, dy
+
+
+def _autograd(fn, dy, *tensors):
+    """fn(*tensors) and the gradients w.r.t. the tensors (None stays None)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    inputs = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, inputs, dy.to(out.dtype)))
+    return out.detach(), [next(grads) if t is not None else None for t in leaves]
+
+
+DWCONV_SHAPES = [
+    # N, H, W, C, conv bias
+    (2, 5, 13, 40, True),
+    (1, 17, 5, 96, False),
+    (1, 1, 1, 40, True),
+    (1, 13, 1, 40, True),
+    (1, 3, 4, 768, True),
+]
+
+
+def _run_dwconv_layernorm(shape, dtype):
+    N, H, W, C, has_bias = shape
+    x, cw, cb, nw, nb, dy = _dwconv_layernorm_case(N, H, W, C, has_bias, dtype)
+
+    y, mean, rstd = dwconv_layernorm_fwd(x, cw, cb, nw, nb, EPS)
+    grads = dwconv_layernorm_bwd(dy, x, cw, cb, nw, mean, rstd)
+
+    params64 = [t.double() if t is not None else None for t in (x, cw, cb, nw, nb)]
+    y64, g64 = _autograd(_dwconv_layernorm_ref, dy.double(), *params64)
+    if dtype == torch.float32:
+        y_e, g_e = y64, g64  # unused by the fp32 rule
+    else:  # eager in the low dtype: parameters in that dtype too (model.to(dtype))
+        params_lo = [t.to(dtype) if t is not None else None for t in (x, cw, cb, nw, nb)]
+        y_e, g_e = _autograd(_dwconv_layernorm_ref, dy, *params_lo)
+
+    z64 = F.conv2d(x.double().permute(0, 3, 1, 2), cw.double(),
+                   cb.double() if cb is not None else None, padding=3, groups=C)
+    mean64 = z64.mean(1)
+    rstd64 = (z64.var(1, unbiased=False) + EPS).rsqrt()
+    assert y.dtype == dtype and mean.dtype == rstd.dtype == torch.float32
+    assert mean.shape == rstd.shape == (N, H, W)
+    _check("y", y, y64, y_e, dtype)
+    assert (mean.double() - mean64).abs().max().item() <= 1e-5 * max(mean64.abs().max().item(), 1)
+    assert ((rstd.double() - rstd64).abs() / rstd64).max().item() <= 1e-4
+
+    dx, dcw, dcb, dnw, dnb = grads
+    assert dx.dtype == dtype
+    assert all(t.dtype == torch.float32 for t in (dcw, dcb, dnw, dnb))
+    _check("dx", dx, g64[0], g_e[0], dtype)
+    _check("dconv_weight", dcw, g64[1], g_e[1], dtype)
+    if has_bias:
+        _check("dconv_bias", dcb, g64[2], g_e[2], dtype)
+    else:  # still returned: the bias gradient is the sum of dL/dz
+        assert dcb.shape == (C,) and torch.isfinite(dcb).all()
+    _check("dnorm_weight", dnw, g64[3], g_e[3], dtype)
+    _check("dnorm_bias", dnb, g64[4], g_e[4], dtype)
+
+
+@pytest.mark.parametrize("shape", DWCONV_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + ("b" if s[4] else ""))
+def test_dwconv_layernorm_fp32(shape):
+    _run_dwconv_layernorm(shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True), (1, 13, 5, 96, True)],
+                         ids=lambda s: "x".join(map(str, s[:4])))
+def test_dwconv_layernorm_low_precision(shape, dtype):
+    _run_dwconv_layernorm(shape, dtype)
+
+
+# --------------------------------------------------------------------------- MLP + layer scale
+
+
+def _mlp_layerscale_ref(x, shortcut, w1, b1, w2, b2, gamma, drop_scale):
+    z = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    if gamma is not None:
+        z = z * gamma
+    if drop_scale is not None:
+        z = z * drop_scale.view(-1, 1, 1, 1)
+    return shortcut + z
+
+
+def _mlp_layerscale_case(N, H, W, C, has_gamma, has_drop, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = _device()
+    x = torch.randn(N, H, W, C, generator=g).to(dev, dtype)
+    shortcut = torch.randn(N, H, W, C, generator=g).to(dev, dtype)
+    w1 = (0.1 * torch.randn(4 * C, C, generator=g)).to(dev, dtype)
+    b1 = (0.2 * torch.randn(4 * C, generator=g)).to(dev)
+    w2 = (0.1 * torch.randn(C, 4 * C, generator=g)).to(dev, dtype)
+    b2 = (0.2 * torch.randn(C, generator=g)).to(dev)
+    gamma = (0.5 * torch.randn(C, generator=g)).to(dev) if has_gamma else None
+    drop = (0.5 + 1.5 * torch.rand(N, generator=g)).to(dev) if has_drop else None
+    if drop is not None and N > 1:
+        drop[0] = 0.0  # a dropped sample (its branch gradient must vanish)
+    dy = torch.randn(N, H, W, C, generator=g).to(dev, dtype)
+    return x, shortcut, w1, b1, w2, b2, gamma, drop, dy
+
+
+MLP_SHAPES = [
+    # N, H, W, C, gamma, drop scale
+    (2, 5, 13, 40, True, True),
+    (1, 3, 5, 96, False, True),
+    (3, 1, 1, 40, True, False),
+    (1, 2, 5, 400, True, True),   # C > FUSED_MAX_C: two-GEMM forward
+    (1, 1, 3, 768, True, False),  # ConvNeXt-T stage-4 width
+]
+
+
+def _run_mlp_layerscale(shape, dtype):
+    N, H, W, C, has_gamma, has_drop = shape
+    x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(N, H, W, C, has_gamma, has_drop, dtype)
+
+    y = mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, drop)
+    grads = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop)
+
+    def ref(x_, w1_, b1_, w2_, b2_, gamma_, sc_, drop_):
+        return _mlp_layerscale_ref(x_, sc_, w1_, b1_, w2_, b2_, gamma_, drop_)
+
+    def as64(t):
+        return t.double() if t is not None else None
+
+    tensors = (x, w1, b1, w2, b2, gamma)
+    y64, g64 = _autograd(lambda *p: ref(*p, sc.double(), as64(drop)), dy.double(),
+                         *[as64(t) for t in tensors])
+    if dtype == torch.float32:
+        y_e, g_e = y64, g64
+    else:
+        lo = [t.to(dtype) if t is not None else None for t in tensors]
+        drop_lo = drop.to(dtype) if drop is not None else None
+        y_e, g_e = _autograd(lambda *p: ref(*p, sc, drop_lo), dy, *lo)
+
+    assert y.dtype == dtype
+    _check("y", y, y64, y_e, dtype)
+    dx, dw1, db1, dw2, db2, dgamma = grads
+    assert dx.dtype == dtype
+    assert all(t.dtype == torch.float32 for t in (dw1, db1, dw2, db2, dgamma))
+    for name, got, i in (("dx", dx, 0), ("dfc1_weight", dw1, 1), ("dfc1_bias", db1, 2),
+                         ("dfc2_weight", dw2, 3), ("dfc2_bias", db2, 4)):
+        _check(name, got, g64[i], g_e[i], dtype)
+    if has_gamma:
+        _check("dgamma", dgamma, g64[5], g_e[5], dtype)
+    else:
+        assert dgamma.shape == (C,) and torch.isfinite(dgamma).all()
+
+
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_mlp_layerscale_fp32(shape):
+    _run_mlp_layerscale(shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 5, 17, 96, True, True),
+                                   (1, 2, 5, 400, True, True)],
+                         ids=lambda s: "x".join(map(str, s[:4])))
+def test_mlp_layerscale_low_precision(shape, dtype):
+    _run_mlp_layerscale(shape, dtype)
+
+
+def test_mlp_paths_cover_both_sides_of_threshold():
+    assert any(s[3] <= FUSED_MAX_C for s in MLP_SHAPES)
+    assert any(s[3] > FUSED_MAX_C for s in MLP_SHAPES)
+
+
+def test_backward_is_deterministic():
+    x, cw, cb, nw, nb, dy = _dwconv_layernorm_case(2, 5, 6, 40, True, torch.float32, seed=1)
+    _, mean, rstd = dwconv_layernorm_fwd(x, cw, cb, nw, nb, EPS)
+    a = dwconv_layernorm_bwd(dy, x, cw, cb, nw, mean, rstd)
+    b = dwconv_layernorm_bwd(dy, x, cw, cb, nw, mean, rstd)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(2, 3, 5, 40, True, True,
+                                                                  torch.float32, seed=1)
+    a = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop)
+    b = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# --------------------------------------------------------------------------- torch.library.triton_op
+
+_TEST_OPS = {}
+
+
+def _test_ops():
+    """Register the launchers as triton_ops once (as the op layer does) under a test namespace."""
+    if not _TEST_OPS:
+        for name, fn in (("dwln_fwd", dwconv_layernorm_fwd), ("dwln_bwd", dwconv_layernorm_bwd),
+                         ("mlp_fwd", mlp_layerscale_fwd), ("mlp_bwd", mlp_layerscale_bwd)):
+            _TEST_OPS[name] = torch.library.triton_op(f"convnext_kernels_test::{name}",
+                                                      mutates_args=())(fn)
+    return _TEST_OPS
+
+
+def _opcheck(op, args):
+    # Under TRITON_INTERPRET=1, wrap_triton returns the interpreted kernel itself
+    # (no higher-order op), so the fake-tensor / AOT-dispatch checks would launch
+    # the interpreter on FakeTensors and fail; only the eager checks apply there.
+    if _interpreting():
+        result = torch.library.opcheck(op, args,
+                                       test_utils=("test_schema", "test_autograd_registration"))
+    else:
+        result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_launchers_as_triton_ops():
+    ops = _test_ops()
+    x, cw, cb, nw, nb, dy = _dwconv_layernorm_case(1, 5, 6, 40, True, torch.float32, seed=2)
+    y, mean, rstd = ops["dwln_fwd"](x, cw, cb, nw, nb, EPS)
+    y_direct, _, _ = dwconv_layernorm_fwd(x, cw, cb, nw, nb, EPS)
+    assert torch.equal(y, y_direct)
+    _opcheck(ops["dwln_fwd"], (x, cw, cb, nw, nb, EPS))
+    _opcheck(ops["dwln_fwd"], (x, cw, None, nw, nb, EPS))
+    _opcheck(ops["dwln_bwd"], (dy, x, cw, cb, nw, mean, rstd))
+
+    x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(1, 5, 6, 40, True, True,
+                                                                  torch.float32, seed=2)
+    y = ops["mlp_fwd"](x, sc, w1, b1, w2, b2, gamma, drop)
+    assert torch.equal(y, mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, drop))
+    _opcheck(ops["mlp_fwd"], (x, sc, w1, b1, w2, b2, gamma, drop))
+    _opcheck(ops["mlp_fwd"], (x, sc, w1, b1, w2, b2, None, None))
+    _opcheck(ops["mlp_bwd"], (dy, x, w1, b1, w2, b2, gamma, None))
+
+
+# --------------------------------------------------------------------------- GPU: ConvNeXt-T stages
+
+CONVNEXT_T_STAGES = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage", CONVNEXT_T_STAGES, ids=lambda s: "x".join(map(str, s)))
+def test_convnext_t_stage_shapes(stage, dtype):
+    N, H, W, C = stage
+    _run_dwconv_layernorm((N, H, W, C, True), dtype)
+    _run_mlp_layerscale((N, H, W, C, True, True), dtype)

@@ -96,7 +96,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
         ext, why = _extension()
         if ext is None:
             return why
-        if not ext.build_info().get("cuda", False):
+        if not ext.build_info().get("cuda_kernels", False):
             return ("the compiled extension was built without CUDA (nvcc was not found at build time); "
                     "reinstall with CONVNEXT_KERNELS_CUDA=1 where nvcc is on PATH")
         return ""

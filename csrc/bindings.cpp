@@ -1,0 +1,137 @@
+// pybind11 module convnext_kernels._C. Plain C++: no torch headers, tensors
+// arrive as raw data pointers (Python ints) plus sizes; Python owns all memory.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/dwconv_layernorm.h"
+
+namespace py = pybind11;
+
+#ifdef CONVNEXT_KERNELS_WITH_CUDA
+// Defined by the CUDA sources (csrc/cuda/bindings_cuda.cpp).
+void register_cuda_bindings(pybind11::module_& m);
+#endif
+
+#ifndef CONVNEXT_KERNELS_COMPILER
+#define CONVNEXT_KERNELS_COMPILER "unknown"
+#endif
+#ifndef CONVNEXT_KERNELS_OPENMP
+#define CONVNEXT_KERNELS_OPENMP 0
+#endif
+#ifndef CONVNEXT_KERNELS_CUDA_ENABLED
+#define CONVNEXT_KERNELS_CUDA_ENABLED 0
+#endif
+#ifndef CONVNEXT_KERNELS_CUDA_VERSION
+#define CONVNEXT_KERNELS_CUDA_VERSION ""
+#endif
+#ifndef CONVNEXT_KERNELS_CUDA_ARCHS
+#define CONVNEXT_KERNELS_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+template <typename T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  // CMake lists are passed comma-separated (a ';' would split the definition).
+  std::vector<std::string> out;
+  std::stringstream stream(s);
+  std::string item;
+  while (std::getline(stream, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["compiler"] = std::string(CONVNEXT_KERNELS_COMPILER);
+  info["openmp"] = bool(CONVNEXT_KERNELS_OPENMP);
+  info["cuda"] = bool(CONVNEXT_KERNELS_CUDA_ENABLED);
+  const std::string cuda_version = CONVNEXT_KERNELS_CUDA_VERSION;
+  info["cuda_version"] = cuda_version.empty() ? py::object(py::none()) : py::str(cuda_version);
+  info["cuda_archs"] = split_commas(CONVNEXT_KERNELS_CUDA_ARCHS);
+#ifdef CONVNEXT_KERNELS_WITH_CUDA
+  info["cuda_kernels"] = true;
+#else
+  info["cuda_kernels"] = false;  // CUDA enabled but no csrc/cuda sources were built
+#endif
+  info["cpu_isa"] = std::string(convnext_kernels::dwconv_layernorm_cpu_isa());
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "convnext_kernels compiled kernels (raw-pointer API; see convnext_kernels/launchers)";
+
+  m.attr("DTYPE_FLOAT32") = int(convnext_kernels::kFloat32);
+  m.attr("DTYPE_FLOAT16") = int(convnext_kernels::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = int(convnext_kernels::kBFloat16);
+
+  m.def("build_info", &build_info,
+        "Dict: compiler, openmp, cuda, cuda_version, cuda_archs, cuda_kernels, cpu_isa.");
+
+  // The kernels run with the GIL released: they only touch memory that the
+  // calling Python frame keeps alive.
+  m.def(
+      "dwconv_layernorm_fwd_cpu",
+      [](std::uintptr_t x, std::uintptr_t conv_weight, std::uintptr_t conv_bias,
+         std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y,
+         std::uintptr_t mean, std::uintptr_t rstd, int64_t N, int64_t H, int64_t W,
+         int64_t C, double eps, int dtype, int num_threads) {
+        convnext_kernels::dwconv_layernorm_fwd_cpu(
+            as_ptr<const void>(x), as_ptr<const float>(conv_weight),
+            as_ptr<const float>(conv_bias), as_ptr<const float>(norm_weight),
+            as_ptr<const float>(norm_bias), as_ptr<void>(y), as_ptr<float>(mean),
+            as_ptr<float>(rstd), N, H, W, C, float(eps), dtype, num_threads);
+      },
+      py::arg("x"), py::arg("conv_weight"), py::arg("conv_bias"), py::arg("norm_weight"),
+      py::arg("norm_bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("N"),
+      py::arg("H"), py::arg("W"), py::arg("C"), py::arg("eps"), py::arg("dtype"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Fused 7x7 depthwise conv + bias + LayerNorm forward (NHWC). Pointers are "
+      "data_ptr() ints; conv_bias may be 0. dtype: DTYPE_* code of x and y.");
+
+  m.def("dwconv_layernorm_bwd_cpu_workspace_size",
+        &convnext_kernels::dwconv_layernorm_bwd_cpu_workspace_size, py::arg("N"),
+        py::arg("H"), py::arg("W"), py::arg("C"),
+        "Float32 elements needed by dwconv_layernorm_bwd_cpu's workspace.");
+
+  m.def(
+      "dwconv_layernorm_bwd_cpu",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t conv_weight,
+         std::uintptr_t conv_bias, std::uintptr_t norm_weight, std::uintptr_t mean,
+         std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dconv_weight,
+         std::uintptr_t dconv_bias, std::uintptr_t dnorm_weight, std::uintptr_t dnorm_bias,
+         std::uintptr_t workspace, int64_t workspace_floats, int64_t N, int64_t H, int64_t W,
+         int64_t C, int dtype, int num_threads) {
+        convnext_kernels::dwconv_layernorm_bwd_cpu(
+            as_ptr<const void>(dy), as_ptr<const void>(x), as_ptr<const float>(conv_weight),
+            as_ptr<const float>(conv_bias), as_ptr<const float>(norm_weight),
+            as_ptr<const float>(mean), as_ptr<const float>(rstd), as_ptr<void>(dx),
+            as_ptr<float>(dconv_weight), as_ptr<float>(dconv_bias), as_ptr<float>(dnorm_weight),
+            as_ptr<float>(dnorm_bias), as_ptr<float>(workspace), workspace_floats, N, H, W, C,
+            dtype, num_threads);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("conv_weight"), py::arg("conv_bias"),
+      py::arg("norm_weight"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
+      py::arg("dconv_weight"), py::arg("dconv_bias"), py::arg("dnorm_weight"),
+      py::arg("dnorm_bias"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("N"),
+      py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("num_threads") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward of dwconv_layernorm_fwd_cpu: writes dx and the float32 parameter "
+      "gradients (overwritten). Deterministic for any num_threads.");
+
+#ifdef CONVNEXT_KERNELS_WITH_CUDA
+  register_cuda_bindings(m);
+#endif
+}

@@ -163,11 +163,13 @@ assert (y - ref).abs().max() < 1e-4 and (dx - x.grad).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_other_instruction_set_variants(isa):
+def test_other_instruction_set_variants(isa, tmp_path):
     """The runtime-dispatched variants this machine would not pick by itself (only downgrades)."""
     best = _C.build_info()["cpu_isa"]
     order = ["generic", "avx2", "avx512"]
     if order.index(isa) >= order.index(best):
         pytest.skip(f"{isa} is this machine's default ({best}) or not supported")
     env = dict(os.environ, CONVNEXT_KERNELS_CPU_ISA=isa)
-    subprocess.run([sys.executable, "-c", _ISA_CHECK.format(isa=isa)], env=env, check=True, timeout=120)
+    # Run outside the source tree, so the child imports the same (installed) package as this test.
+    subprocess.run([sys.executable, "-c", _ISA_CHECK.format(isa=isa)], env=env, check=True, timeout=120,
+                   cwd=tmp_path)

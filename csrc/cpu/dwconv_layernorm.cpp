@@ -739,6 +739,23 @@ struct PreparedParams {
   }
 };
 
+// The shape and parameter fields shared by forward and backward.
+Problem make_problem(int64_t N, int64_t H, int64_t W, int64_t C, int64_t Cp, const void* x,
+                     const PreparedParams& params) {
+  Problem p{};
+  p.N = N; p.H = H; p.W = W; p.C = C; p.Cp = Cp; p.NH = N * H;
+  p.padded_row = (W + 2 * kPad) * Cp;
+  p.block_stride = (W + 2 * kPad) * kBlock;
+  p.x = x;
+  p.weight_blk = params.weight_blk.data();
+  p.weight_flip_blk = params.weight_flip_blk.empty() ? nullptr : params.weight_flip_blk.data();
+  p.conv_bias = params.conv_bias.data();
+  p.norm_weight = params.norm_weight.data();
+  p.norm_bias = params.norm_bias.data();
+  p.channel_mask = params.channel_mask.data();
+  return p;
+}
+
 int resolve_threads(int num_threads, int64_t work_items) {
 #ifdef _OPENMP
   int t = num_threads > 0 ? num_threads : omp_get_max_threads();
@@ -862,16 +879,7 @@ void dwconv_layernorm_fwd_cpu(const void* x, const float* conv_weight,
 
   const int64_t Cp = padded_channels(C);
   const PreparedParams params(C, Cp, conv_weight, conv_bias, norm_weight, norm_bias, false);
-  Problem p{};
-  p.N = N; p.H = H; p.W = W; p.C = C; p.Cp = Cp; p.NH = N * H;
-  p.padded_row = (W + 2 * kPad) * Cp;
-  p.block_stride = (W + 2 * kPad) * kBlock;
-  p.x = x;
-  p.weight_blk = params.weight_blk.data();
-  p.conv_bias = params.conv_bias.data();
-  p.norm_weight = params.norm_weight.data();
-  p.norm_bias = params.norm_bias.data();
-  p.channel_mask = params.channel_mask.data();
+  Problem p = make_problem(N, H, W, C, Cp, x, params);
   p.y = y; p.mean_out = mean; p.rstd_out = rstd; p.eps = eps;
 
   const int nthreads = resolve_threads(num_threads, p.NH);
@@ -908,17 +916,7 @@ void dwconv_layernorm_bwd_cpu(const void* dy, const void* x,
 
   const int64_t Cp = padded_channels(C);
   const PreparedParams params(C, Cp, conv_weight, conv_bias, norm_weight, nullptr, true);
-  Problem p{};
-  p.N = N; p.H = H; p.W = W; p.C = C; p.Cp = Cp; p.NH = N * H;
-  p.padded_row = (W + 2 * kPad) * Cp;
-  p.block_stride = (W + 2 * kPad) * kBlock;
-  p.x = x;
-  p.weight_blk = params.weight_blk.data();
-  p.weight_flip_blk = params.weight_flip_blk.data();
-  p.conv_bias = params.conv_bias.data();
-  p.norm_weight = params.norm_weight.data();
-  p.norm_bias = params.norm_bias.data();
-  p.channel_mask = params.channel_mask.data();
+  Problem p = make_problem(N, H, W, C, Cp, x, params);
   p.dy = dy; p.dx = dx; p.mean_in = mean; p.rstd_in = rstd;
   p.g = workspace;
   p.partials = workspace + p.NH * p.padded_row;

@@ -1,0 +1,152 @@
+"""The "cuda" backend: the hand-written CUDA kernels of the compiled extension.
+
+Launchers follow the contract in convnext_kernels.launchers: inputs arrive validated and
+contiguous; outputs and scratch workspaces are allocated here with torch on x's device (so they
+come from torch's caching allocator and follow its stream semantics), and ``_C`` receives raw
+data pointers, a dtype code and the current torch stream of that device. Kernels are enqueued
+asynchronously on that stream; launch errors raise RuntimeError with the CUDA message.
+
+fp32 Linear layers use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32``
+is set (as torch's own matmuls do); otherwise an exact fp32 FFMA path runs.
+
+mlp_layerscale forward: fp16 / bf16 with C <= 384 (C % 8 == 0, 16-byte aligned tensors) runs a
+back-to-back fused kernel that keeps the (rows, 4C) hidden on chip. ``CONVNEXT_KERNELS_CUDA_MLP_FUSED=0``
+(read at every call) forces the two-GEMM path everywhere, to compare the two or bisect a bug.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from convnext_kernels import _C  # type: ignore[attr-defined]
+from convnext_kernels.launchers import empty_output
+
+__all__ = [
+    "dwconv_layernorm_fwd",
+    "dwconv_layernorm_bwd",
+    "mlp_layerscale_fwd",
+    "mlp_layerscale_bwd",
+]
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    codes = {
+        torch.float32: _C.CUDA_DTYPE_FLOAT32,
+        torch.float16: _C.CUDA_DTYPE_FLOAT16,
+        torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16,
+    }
+    try:
+        return codes[dtype]
+    except KeyError:
+        raise ValueError(f"backend 'cuda' supports float32, float16 and bfloat16 activations, got {dtype}") from None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _mlp_fused_allowed() -> bool:
+    """False when CONVNEXT_KERNELS_CUDA_MLP_FUSED=0: the mlp forward then always runs two GEMMs."""
+    return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1").strip() != "0"
+
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    # Scratch only: every byte the kernels read is written by them first.
+    return torch.empty((max(int(nbytes), 1),), dtype=torch.uint8, device=device)
+
+
+def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
+    N, H, W, C = x.shape
+    code = _dtype_code(x.dtype)
+    y = empty_output((N, H, W, C), x.dtype, x.device)
+    mean = empty_output((N, H, W), torch.float32, x.device)
+    rstd = empty_output((N, H, W), torch.float32, x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    with torch.cuda.device(x.device):
+        nbytes = _C.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
+        workspace = _workspace(nbytes, x.device)
+        _C.dwconv_layernorm_fwd_cuda(
+            x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias), norm_weight.data_ptr(),
+            norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
+        )
+    return y, mean, rstd
+
+
+def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
+    N, H, W, C = x.shape
+    code = _dtype_code(x.dtype)
+    dx = empty_output((N, H, W, C), x.dtype, x.device)
+    dconv_weight = empty_output((C, 1, 7, 7), torch.float32, x.device)
+    dconv_bias = empty_output((C,), torch.float32, x.device)
+    dnorm_weight = empty_output((C,), torch.float32, x.device)
+    dnorm_bias = empty_output((C,), torch.float32, x.device)
+    if x.numel() == 0:
+        for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):
+            t.zero_()
+        return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
+    with torch.cuda.device(x.device):
+        nbytes = _C.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
+        workspace = _workspace(nbytes, x.device)
+        _C.dwconv_layernorm_bwd_cuda(
+            dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias),
+            norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+            dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
+            dnorm_bias.data_ptr(), workspace.data_ptr(), workspace.numel(),
+            N, H, W, C, code, _stream(x.device),
+        )
+    return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
+
+
+def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    N, H, W, C = x.shape
+    code = _dtype_code(x.dtype)
+    y = empty_output((N, H, W, C), x.dtype, x.device)
+    if x.numel() == 0:
+        return y
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    with torch.cuda.device(x.device):
+        nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(N, H, W, C, code)
+        workspace = _workspace(nbytes, x.device)
+        _C.mlp_layerscale_fwd_cuda(
+            x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
+            fc2_weight.data_ptr(), fc2_bias.data_ptr(), _ptr(gamma), _ptr(drop_scale), y.data_ptr(),
+            workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, _mlp_fused_allowed(),
+            _stream(x.device),
+        )
+    return y
+
+
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+    N, H, W, C = x.shape
+    code = _dtype_code(x.dtype)
+    dx = empty_output((N, H, W, C), x.dtype, x.device)
+    dfc1_weight = empty_output(tuple(fc1_weight.shape), torch.float32, x.device)
+    dfc1_bias = empty_output(tuple(fc1_bias.shape), torch.float32, x.device)
+    dfc2_weight = empty_output(tuple(fc2_weight.shape), torch.float32, x.device)
+    dfc2_bias = empty_output(tuple(fc2_bias.shape), torch.float32, x.device)
+    dgamma = empty_output((C,), torch.float32, x.device)
+    if x.numel() == 0:
+        for t in (dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma):
+            t.zero_()
+        return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    with torch.cuda.device(x.device):
+        nbytes = _C.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)
+        workspace = _workspace(nbytes, x.device)
+        _C.mlp_layerscale_bwd_cuda(
+            dy.data_ptr(), x.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
+            fc2_weight.data_ptr(), fc2_bias.data_ptr(), _ptr(gamma), _ptr(drop_scale), dx.data_ptr(),
+            dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),
+            dgamma.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32,
+            _stream(x.device),
+        )
+    return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

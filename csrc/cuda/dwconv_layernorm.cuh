@@ -1,0 +1,616 @@
+// dwconv_layernorm: depthwise 7x7 convolution (+bias) followed by LayerNorm over C, NHWC.
+//
+// Tiling (forward, backward recompute and backward dx): a block owns `tile_w` consecutive output
+// pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC channels and
+// kSegment consecutive output pixels; it streams the 7 input rows through registers (sliding
+// window along W, 16-byte loads when VEC == 8), with the weights pre-transposed to [49][C] so a
+// tap's VEC channels are one vector load. Input re-reads across neighbouring threads / rows hit
+// L1/L2; DRAM traffic stays close to one read of x and one write of y. The conv output of the
+// tile goes to shared memory (fp32) and LayerNorm runs one warp per pixel (warp-shuffle sums,
+// two passes over shared memory: mean, then centred variance).
+//
+// Backward: recompute kernel -> g = dL/dz (fp32 workspace) + per-block partials of dnorm_weight,
+// dnorm_bias, dconv_bias; dx kernel = conv of g with the flipped taps (same tiling as forward);
+// dweight kernel -> per-block partials of dconv_weight; reduce kernel sums partials in fixed order.
+#pragma once
+
+#include "cuda_utils.cuh"
+
+namespace convnext_kernels {
+namespace cuda {
+namespace dwconv {
+
+constexpr int kKernelSize = 7;                      // 7x7 depthwise taps
+constexpr int kTaps = kKernelSize * kKernelSize;    // 49
+constexpr int kPad = kKernelSize / 2;               // 3: "same" padding
+// Output pixels per thread in the conv phase: more pixels = fewer redundant input loads, but more
+// registers (VEC * (segment + 7 weights) live values); 2 keeps the 16-byte path spill-free at the
+// 128-register cap (4 spilled ~40 bytes).
+constexpr int kSegmentVector = 2;
+constexpr int kSegmentScalar = 4;
+constexpr int segment_width(int vec) { return vec == 8 ? kSegmentVector : kSegmentScalar; }
+constexpr int kMaxSegmentsPerTile = 16;             // tile_w <= 16 * segment pixels
+constexpr int kMaxThreads = 256;                    // conv/LN kernels' block size cap
+constexpr int kMinBlocksPerSm = 2;                  // caps registers at 128/thread: >= 16 warps per SM
+constexpr int kDweightChannels = 32;                // dweight kernel: channels per block (one warp wide)
+constexpr int kDweightRowSlots = 4;                 // dweight kernel: rows processed concurrently per block
+constexpr int kDweightTargetBlocks = 1024;          // dweight kernel: enough blocks to fill the GPU
+constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
+
+struct ConvTile {
+  int64_t n;
+  int h;
+  int w_begin;
+  int n_valid;  // pixels of this tile inside the image (<= tile_w)
+};
+
+__device__ __forceinline__ ConvTile decode_tile(int64_t tile, int tiles_w, int tile_w, int H, int W) {
+  ConvTile t;
+  const int64_t nh = tile / tiles_w;
+  t.w_begin = static_cast<int>(tile - nh * tiles_w) * tile_w;
+  t.h = static_cast<int>(nh % H);
+  t.n = nh / H;
+  t.n_valid = min(tile_w, W - t.w_begin);
+  return t;
+}
+
+// acc[s][v] = sum_{r,k} in[h + r - 3][w0 + s + k - 3][c + v] * wt[r * 7 + k][c + v]  (zero padding).
+// `in_n` points at sample n; `wt` is [49][C] fp32.
+template <typename TIn, int VEC>
+__device__ __forceinline__ void dwconv7x7_segment(const TIn* __restrict__ in_n, const float* __restrict__ wt,
+                                                  int h, int w0, int c, int H, int W, int C,
+                                                  float (&acc)[segment_width(VEC)][VEC]) {
+  constexpr int kSegment = segment_width(VEC);
+#pragma unroll
+  for (int s = 0; s < kSegment; ++s)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[s][v] = 0.0f;
+
+#pragma unroll 1
+  for (int r = 0; r < kKernelSize; ++r) {
+    const int ih = h + r - kPad;
+    if (ih < 0 || ih >= H) continue;
+    float wr[kKernelSize][VEC];
+#pragma unroll
+    for (int k = 0; k < kKernelSize; ++k) load_f32<VEC>(wt + static_cast<int64_t>(r * kKernelSize + k) * C + c, wr[k]);
+    const TIn* row = in_n + static_cast<int64_t>(ih) * W * C + c;
+#pragma unroll
+    for (int j = 0; j < kSegment + kKernelSize - 1; ++j) {
+      const int iw = w0 + j - kPad;
+      float xv[VEC];
+      if (iw >= 0 && iw < W) {
+        load_as_float<TIn, VEC>(row + static_cast<int64_t>(iw) * C, xv);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) xv[v] = 0.0f;
+      }
+#pragma unroll
+      for (int s = 0; s < kSegment; ++s) {
+        const int k = j - s;  // compile-time after unrolling
+        if (k >= 0 && k < kKernelSize) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[s][v] = fmaf(xv[v], wr[k][v], acc[s][v]);
+        }
+      }
+    }
+  }
+}
+
+// Conv phase shared by the forward and the backward recompute: z (+bias) of one tile -> smem_z.
+template <typename T, int VEC>
+__device__ __forceinline__ void conv_tile_to_smem(const T* __restrict__ x, const float* __restrict__ wt,
+                                                  const float* __restrict__ conv_bias, const ConvTile& tile,
+                                                  int H, int W, int C, float* smem_z) {
+  constexpr int kSegment = segment_width(VEC);
+  const int cvecs = C / VEC;
+  const int segs = (tile.n_valid + kSegment - 1) / kSegment;
+  const T* x_n = x + tile.n * H * W * static_cast<int64_t>(C);
+  for (int item = threadIdx.x; item < cvecs * segs; item += blockDim.x) {
+    const int c = (item % cvecs) * VEC;
+    const int seg = item / cvecs;
+    float acc[kSegment][VEC];
+    dwconv7x7_segment<T, VEC>(x_n, wt, tile.h, tile.w_begin + seg * kSegment, c, H, W, C, acc);
+    float bias[VEC];
+    if (conv_bias != nullptr) {
+      load_f32<VEC>(conv_bias + c, bias);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) bias[v] = 0.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < kSegment; ++s) {
+      const int p = seg * kSegment + s;
+      if (p < tile.n_valid) {
+        float z[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) z[v] = acc[s][v] + bias[v];
+        store_f32<VEC>(smem_z + static_cast<int64_t>(p) * C + c, z);
+      }
+    }
+  }
+}
+
+struct FwdParams {
+  const void* x;
+  const float* wt;  // [49][C] transposed conv weight
+  const float* conv_bias;  // nullable
+  const float* norm_weight;
+  const float* norm_bias;
+  void* y;
+  float* mean;
+  float* rstd;
+  int H, W, C;
+  int tile_w, tiles_w;
+  int64_t num_tiles;
+  float eps;
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_fwd_kernel(FwdParams p) {
+  extern __shared__ float4 smem_raw[];  // float4: 16-byte aligned for vector access
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [tile_w][C]
+  const int C = p.C;
+  const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
+  conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, C, smem_z);
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int num_warps = blockDim.x / 32;
+  const float inv_c = 1.0f / static_cast<float>(C);
+  T* y = static_cast<T*>(p.y);
+  for (int pl = warp; pl < tile.n_valid; pl += num_warps) {
+    const float* z = smem_z + static_cast<int64_t>(pl) * C;
+    float sum = 0.0f;
+    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+      float v[VEC];
+      load_f32<VEC>(z + c, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum += v[i];
+    }
+    const float mean = warp_sum(sum) * inv_c;
+    float sq = 0.0f;  // second pass over shared memory: centred, no cancellation
+    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+      float v[VEC];
+      load_f32<VEC>(z + c, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float d = v[i] - mean;
+        sq = fmaf(d, d, sq);
+      }
+    }
+    const float rstd = 1.0f / sqrtf(warp_sum(sq) * inv_c + p.eps);
+    const int64_t pix = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin + pl;
+    T* y_pix = y + pix * C;
+    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+      float v[VEC], nw[VEC], nb[VEC], out[VEC];
+      load_f32<VEC>(z + c, v);
+      load_f32<VEC>(p.norm_weight + c, nw);
+      load_f32<VEC>(p.norm_bias + c, nb);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = fmaf((v[i] - mean) * rstd, nw[i], nb[i]);
+      store_from_float<T, VEC>(y_pix + c, out);
+    }
+    if (lane == 0) {
+      p.mean[pix] = mean;
+      p.rstd[pix] = rstd;
+    }
+  }
+}
+
+struct BwdStatsParams {
+  const void* x;
+  const void* dy;
+  const float* wt;  // [49][C]
+  const float* conv_bias;  // nullable
+  const float* norm_weight;
+  const float* mean;
+  const float* rstd;
+  float* g;         // [N*H*W][C] dL/dz
+  float* partials;  // [3][num_blocks][C]: dnorm_weight, dnorm_bias, dconv_bias
+  int H, W, C;
+  int tile_w, tiles_w;
+  int64_t num_tiles;
+};
+
+// Persistent blocks (grid-stride over tiles) so the number of partial rows stays bounded.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_bwd_stats_kernel(BwdStatsParams p) {
+  extern __shared__ float4 smem_raw[];
+  const int C = p.C;
+  float* smem_xhat = reinterpret_cast<float*>(smem_raw);                 // [tile_w][C] (z, then xhat)
+  float* smem_g = smem_xhat + static_cast<int64_t>(p.tile_w) * C;        // [tile_w][C]
+  float* smem_acc = smem_g + static_cast<int64_t>(p.tile_w) * C;         // [3][C], channel-owned
+  for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) smem_acc[c] = 0.0f;
+
+  const T* dy = static_cast<const T*>(p.dy);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int num_warps = blockDim.x / 32;
+  const float inv_c = 1.0f / static_cast<float>(C);
+
+  for (int64_t t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
+    const ConvTile tile = decode_tile(t, p.tiles_w, p.tile_w, p.H, p.W);
+    const int64_t pix0 = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin;
+    conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, C, smem_xhat);
+    __syncthreads();
+
+    // Per pixel: g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * norm_weight.
+    for (int pl = warp; pl < tile.n_valid; pl += num_warps) {
+      const int64_t pix = pix0 + pl;
+      const float mean = p.mean[pix];
+      const float rstd = p.rstd[pix];
+      float* xh = smem_xhat + static_cast<int64_t>(pl) * C;
+      const T* dy_pix = dy + pix * C;
+      float s1 = 0.0f, s2 = 0.0f;
+      for (int c = lane * VEC; c < C; c += 32 * VEC) {
+        float z[VEC], d[VEC], nw[VEC];
+        load_f32<VEC>(xh + c, z);
+        load_as_float<T, VEC>(dy_pix + c, d);
+        load_f32<VEC>(p.norm_weight + c, nw);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          z[i] = (z[i] - mean) * rstd;
+          const float dxh = d[i] * nw[i];
+          s1 += dxh;
+          s2 = fmaf(dxh, z[i], s2);
+        }
+        store_f32<VEC>(xh + c, z);  // same lane reads it back below
+      }
+      s1 = warp_sum(s1) * inv_c;
+      s2 = warp_sum(s2) * inv_c;
+      float* g_pix = p.g + pix * C;
+      for (int c = lane * VEC; c < C; c += 32 * VEC) {
+        float z[VEC], d[VEC], nw[VEC], g[VEC];
+        load_f32<VEC>(xh + c, z);
+        load_as_float<T, VEC>(dy_pix + c, d);
+        load_f32<VEC>(p.norm_weight + c, nw);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) g[i] = rstd * (d[i] * nw[i] - s1 - z[i] * s2);
+        store_f32<VEC>(smem_g + static_cast<int64_t>(pl) * C + c, g);
+        store_f32<VEC>(g_pix + c, g);
+      }
+    }
+    __syncthreads();
+
+    // Per channel, fixed pixel order: partial sums of dy * xhat, dy, g.
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      float a_nw = 0.0f, a_nb = 0.0f, a_cb = 0.0f;
+      for (int pl = 0; pl < tile.n_valid; ++pl) {
+        const float d = to_float(dy[(pix0 + pl) * C + c]);
+        a_nw = fmaf(d, smem_xhat[static_cast<int64_t>(pl) * C + c], a_nw);
+        a_nb += d;
+        a_cb += smem_g[static_cast<int64_t>(pl) * C + c];
+      }
+      smem_acc[c] += a_nw;
+      smem_acc[C + c] += a_nb;
+      smem_acc[2 * C + c] += a_cb;
+    }
+    __syncthreads();  // before the next tile overwrites shared memory
+  }
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      p.partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = smem_acc[k * C + c];
+  }
+}
+
+struct BwdDxParams {
+  const float* g;    // [N*H*W][C]
+  const float* wt_flipped;  // [49][C]: wt_flipped[t][c] = w[c][48 - t]
+  void* dx;
+  int H, W, C;
+  int tile_w, tiles_w;
+  int64_t num_tiles;
+};
+
+// dx = transposed conv of g = conv of g with the flipped taps (same tiling as the forward).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_bwd_dx_kernel(BwdDxParams p) {
+  const int C = p.C;
+  const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
+  constexpr int kSegment = segment_width(VEC);
+  const int cvecs = C / VEC;
+  const int segs = (tile.n_valid + kSegment - 1) / kSegment;
+  const float* g_n = p.g + tile.n * p.H * p.W * static_cast<int64_t>(C);
+  const int64_t pix0 = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin;
+  T* dx = static_cast<T*>(p.dx);
+  for (int item = threadIdx.x; item < cvecs * segs; item += blockDim.x) {
+    const int c = (item % cvecs) * VEC;
+    const int seg = item / cvecs;
+    float acc[kSegment][VEC];
+    dwconv7x7_segment<float, VEC>(g_n, p.wt_flipped, tile.h, tile.w_begin + seg * kSegment, c, p.H, p.W, C, acc);
+#pragma unroll
+    for (int s = 0; s < kSegment; ++s) {
+      const int pl = seg * kSegment + s;
+      if (pl < tile.n_valid) store_from_float<T, VEC>(dx + (pix0 + pl) * C + c, acc[s]);
+    }
+  }
+}
+
+struct BwdDweightParams {
+  const void* x;
+  const float* g;
+  float* partials;  // [row_groups][C][49]
+  int H, W, C;
+  int64_t rows;            // N * H image rows
+  int64_t rows_per_group;  // rows handled by one blockIdx.y
+};
+
+// dconv_weight[c][r][k] partial over a group of image rows: sum_p g[p][c] * x[p + (r-3, k-3)][c].
+// Thread = one channel and one row slot; 49 accumulators plus a 7x7 register window of x that
+// slides along W (7 new loads + 1 load of g per 49 FMAs).
+template <typename T>
+__global__ void __launch_bounds__(kDweightChannels* kDweightRowSlots) dwconv_layernorm_bwd_dweight_kernel(BwdDweightParams p) {
+  __shared__ float red[kDweightRowSlots][kDweightChannels][kTaps];  // odd stride 49: no bank conflicts
+  const int C = p.C, H = p.H, W = p.W;
+  const int lane = threadIdx.x;  // channel within the block
+  const int slot = threadIdx.y;
+  const int c0 = blockIdx.x * kDweightChannels;
+  const int c = c0 + lane;
+  const T* x = static_cast<const T*>(p.x);
+
+  float acc[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) acc[t] = 0.0f;
+
+  if (c < C) {
+    const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * p.rows_per_group;
+    const int64_t row_end = min(p.rows, row_begin + p.rows_per_group);
+    for (int64_t row = row_begin + slot; row < row_end; row += kDweightRowSlots) {
+      const int h = static_cast<int>(row % H);
+      const int64_t n = row / H;
+      const T* x_n = x + n * H * W * static_cast<int64_t>(C) + c;
+      const float* g_row = p.g + row * W * static_cast<int64_t>(C) + c;
+      const T* x_rows[kKernelSize];
+      bool row_ok[kKernelSize];
+#pragma unroll
+      for (int r = 0; r < kKernelSize; ++r) {
+        const int ih = h + r - kPad;
+        row_ok[r] = ih >= 0 && ih < H;
+        x_rows[r] = x_n + static_cast<int64_t>(row_ok[r] ? ih : 0) * W * C;
+      }
+      // win[r][k] = x[h + r - 3][w + k - 3]; preload columns -3..2 into k = 1..6.
+      float win[kKernelSize][kKernelSize];
+#pragma unroll
+      for (int r = 0; r < kKernelSize; ++r) {
+        win[r][0] = 0.0f;
+#pragma unroll
+        for (int k = 1; k < kKernelSize; ++k) {
+          const int iw = k - 1 - kPad;
+          win[r][k] = (row_ok[r] && iw >= 0 && iw < W) ? to_float(x_rows[r][static_cast<int64_t>(iw) * C]) : 0.0f;
+        }
+      }
+#pragma unroll 1
+      for (int w = 0; w < W; ++w) {
+        const int iw = w + kPad;
+#pragma unroll
+        for (int r = 0; r < kKernelSize; ++r) {
+#pragma unroll
+          for (int k = 0; k < kKernelSize - 1; ++k) win[r][k] = win[r][k + 1];
+          win[r][kKernelSize - 1] = (row_ok[r] && iw < W) ? to_float(x_rows[r][static_cast<int64_t>(iw) * C]) : 0.0f;
+        }
+        const float gv = g_row[static_cast<int64_t>(w) * C];
+#pragma unroll
+        for (int r = 0; r < kKernelSize; ++r)
+#pragma unroll
+          for (int k = 0; k < kKernelSize; ++k) acc[r * kKernelSize + k] = fmaf(gv, win[r][k], acc[r * kKernelSize + k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) red[slot][lane][t] = acc[t];
+  __syncthreads();
+  // Fixed-order sum over the row slots; partial layout [group][c][tap] = dconv_weight's layout.
+  const int tid = slot * kDweightChannels + lane;
+  const int valid_channels = min(kDweightChannels, C - c0);
+  for (int e = tid; e < valid_channels * kTaps; e += kDweightChannels * kDweightRowSlots) {
+    const int cl = e / kTaps;
+    const int t = e - cl * kTaps;
+    float s = 0.0f;
+#pragma unroll
+    for (int sl = 0; sl < kDweightRowSlots; ++sl) s += red[sl][cl][t];
+    p.partials[(static_cast<int64_t>(blockIdx.y) * C + c0) * kTaps + e] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+struct TileConfig {
+  int vec;
+  int tile_w;
+  int tiles_w;
+  int64_t num_tiles;
+  int threads;
+};
+
+// Tile width so that a block has ~128 (channel-vector, segment) work items.
+inline TileConfig make_tile_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized) {
+  TileConfig t;
+  t.vec = vectorized ? 8 : 1;
+  const int64_t cvecs = C / t.vec;
+  const int kSegment = segment_width(t.vec);
+  int64_t segs = ceil_div(128, cvecs);
+  segs = std::max<int64_t>(1, std::min<int64_t>({segs, kMaxSegmentsPerTile, ceil_div(W, kSegment)}));
+  t.tile_w = static_cast<int>(segs * kSegment);
+  t.tiles_w = static_cast<int>(ceil_div(W, t.tile_w));
+  t.num_tiles = N * H * t.tiles_w;
+  t.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(64, round_up(cvecs * segs, 32))));
+  return t;
+}
+
+struct DweightConfig {
+  int64_t channel_blocks;
+  int64_t row_groups;
+  int64_t rows_per_group;
+};
+
+inline DweightConfig make_dweight_config(int64_t N, int64_t H, int64_t C) {
+  DweightConfig d;
+  d.channel_blocks = ceil_div(C, kDweightChannels);
+  const int64_t rows = N * H;
+  int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ceil_div(kDweightTargetBlocks, d.channel_blocks),
+                                                          ceil_div(rows, kDweightRowSlots)));
+  d.rows_per_group = ceil_div(rows, groups);
+  d.row_groups = ceil_div(rows, d.rows_per_group);
+  return d;
+}
+
+// Persistent blocks of the recompute kernel, bounded both in count and in partial-buffer size
+// (3 * blocks * C floats). Depends on the shape only, so results are reproducible across GPUs.
+inline int64_t stats_blocks_cap(int64_t C) {
+  return std::max<int64_t>(64, std::min<int64_t>(kStatsMaxBlocks, 196608 / C));
+}
+inline int64_t stats_blocks(const TileConfig& t, int64_t C) { return std::min<int64_t>(t.num_tiles, stats_blocks_cap(C)); }
+
+struct FwdArgs {
+  const void* x;
+  const float* conv_weight;
+  const float* conv_bias;
+  const float* norm_weight;
+  const float* norm_bias;
+  void* y;
+  float* mean;
+  float* rstd;
+  void* workspace;
+  int64_t N, H, W, C;
+  float eps;
+  bool vectorized;
+};
+
+struct BwdArgs {
+  const void* dy;
+  const void* x;
+  const float* conv_weight;
+  const float* conv_bias;
+  const float* norm_weight;
+  const float* mean;
+  const float* rstd;
+  void* dx;
+  float* dconv_weight;
+  float* dconv_bias;
+  float* dnorm_weight;
+  float* dnorm_bias;
+  void* workspace;
+  int64_t N, H, W, C;
+  bool vectorized;
+};
+
+// Workspace layouts (sizes computed with a null base).
+struct FwdWorkspace {
+  float* wt;
+  int64_t bytes;
+  FwdWorkspace(void* base, int64_t C) {
+    WorkspaceCarver carve(base);
+    wt = carve.take<float>(kTaps * C);
+    bytes = carve.offset;
+  }
+};
+
+struct BwdWorkspace {
+  float* wt;
+  float* wt_flipped;
+  float* g;
+  float* stats_partials;
+  float* dweight_partials;
+  int64_t bytes;
+  BwdWorkspace(void* base, int64_t N, int64_t H, int64_t W, int64_t C) {
+    const DweightConfig d = make_dweight_config(N, H, C);
+    WorkspaceCarver carve(base);
+    wt = carve.take<float>(kTaps * C);
+    wt_flipped = carve.take<float>(kTaps * C);
+    g = carve.take<float>(N * H * W * C);
+    stats_partials = carve.take<float>(3 * stats_blocks_cap(C) * C);
+    dweight_partials = carve.take<float>(d.row_groups * C * kTaps);
+    bytes = carve.offset;
+  }
+};
+
+// Weight re-layout [C][49] -> [49][C] (and the flipped taps for the backward dx); in dwconv_layernorm_api.cu.
+void launch_transpose_weight(const float* w, float* wt, float* wt_flipped, int64_t C, cudaStream_t stream);
+
+template <typename Kernel>
+inline void check_smem_fits(Kernel kernel, std::size_t bytes, const char* name) {
+  int device = 0, max_optin = 0;
+  CNK_CUDA_CHECK(cudaGetDevice(&device));
+  CNK_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<std::size_t>(max_optin)) {
+    throw std::invalid_argument(std::string(name) + ": C is too large for this GPU (needs " + std::to_string(bytes) +
+                                " bytes of shared memory per block, the device allows " + std::to_string(max_optin) + ")");
+  }
+  set_dynamic_smem(kernel, bytes, name);
+}
+
+// Per-dtype entry points, explicitly instantiated in dwconv_layernorm_{fwd,bwd}_{dtype}.cu.
+template <typename T>
+void run_fwd(const FwdArgs& a, cudaStream_t stream) {
+  FwdWorkspace ws(a.workspace, a.C);
+  launch_transpose_weight(a.conv_weight, ws.wt, nullptr, a.C, stream);
+  const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
+  FwdParams p{a.x, ws.wt, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd,
+              static_cast<int>(a.H), static_cast<int>(a.W), static_cast<int>(a.C),
+              t.tile_w, t.tiles_w, t.num_tiles, a.eps};
+  const std::size_t smem = static_cast<std::size_t>(t.tile_w) * a.C * sizeof(float);
+  CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
+    constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte channel vectors, or any-C scalar path
+    auto kernel = dwconv_layernorm_fwd_kernel<T, kVec>;
+    check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_kernel");
+    kernel<<<static_cast<unsigned>(t.num_tiles), t.threads, smem, stream>>>(p);
+    CNK_CHECK_LAUNCH("dwconv_layernorm_fwd_kernel");
+  });
+}
+
+template <typename T>
+void run_bwd(const BwdArgs& a, cudaStream_t stream) {
+  BwdWorkspace ws(a.workspace, a.N, a.H, a.W, a.C);
+  launch_transpose_weight(a.conv_weight, ws.wt, ws.wt_flipped, a.C, stream);
+  const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
+  const int64_t blocks = stats_blocks(t, a.C);
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), C = static_cast<int>(a.C);
+
+  CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
+    constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte channel vectors, or any-C scalar path
+    // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias
+    BwdStatsParams sp{a.x, a.dy, ws.wt, a.conv_bias, a.norm_weight, a.mean, a.rstd, ws.g, ws.stats_partials,
+                      H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
+    const std::size_t smem = (2 * static_cast<std::size_t>(t.tile_w) + 3) * a.C * sizeof(float);
+    auto stats_kernel = dwconv_layernorm_bwd_stats_kernel<T, kVec>;
+    check_smem_fits(stats_kernel, smem, "dwconv_layernorm_bwd_stats_kernel");
+    stats_kernel<<<static_cast<unsigned>(blocks), t.threads, smem, stream>>>(sp);
+    CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_stats_kernel");
+
+    // 2) dx = conv(g, flipped taps)
+    BwdDxParams dp{ws.g, ws.wt_flipped, a.dx, H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
+    dwconv_layernorm_bwd_dx_kernel<T, kVec><<<static_cast<unsigned>(t.num_tiles), t.threads, 0, stream>>>(dp);
+    CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dx_kernel");
+  });
+
+  // 3) partials of dconv_weight
+  const DweightConfig d = make_dweight_config(a.N, a.H, a.C);
+  BwdDweightParams wp{a.x, ws.g, ws.dweight_partials, H, W, C, a.N * a.H, d.rows_per_group};
+  const dim3 wgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.row_groups));
+  const dim3 wblock(kDweightChannels, kDweightRowSlots);
+  dwconv_layernorm_bwd_dweight_kernel<T><<<wgrid, wblock, 0, stream>>>(wp);
+  CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dweight_kernel");
+
+  // 4) fixed-order sums of all partials into the fp32 gradients
+  PartialSumBatch batch;
+  batch.add(ws.dweight_partials, a.dconv_weight, a.C * kTaps, d.row_groups, a.C * kTaps);
+  batch.add(ws.stats_partials, a.dnorm_weight, a.C, blocks, a.C);
+  batch.add(ws.stats_partials + blocks * a.C, a.dnorm_bias, a.C, blocks, a.C);
+  batch.add(ws.stats_partials + 2 * blocks * a.C, a.dconv_bias, a.C, blocks, a.C);
+  launch_reduce_partials(batch, stream);
+}
+
+// Instantiated once each in the per-dtype translation units; everyone else links to those.
+extern template void run_fwd<float>(const FwdArgs&, cudaStream_t);
+extern template void run_fwd<__half>(const FwdArgs&, cudaStream_t);
+extern template void run_fwd<__nv_bfloat16>(const FwdArgs&, cudaStream_t);
+extern template void run_bwd<float>(const BwdArgs&, cudaStream_t);
+extern template void run_bwd<__half>(const BwdArgs&, cudaStream_t);
+extern template void run_bwd<__nv_bfloat16>(const BwdArgs&, cudaStream_t);
+
+}  // namespace dwconv
+}  // namespace cuda
+}  // namespace convnext_kernels

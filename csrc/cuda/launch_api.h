@@ -1,0 +1,63 @@
+// Host entry points of the CUDA kernels, as bound into convnext_kernels._C.
+//
+// Plain C++ (no CUDA headers): bindings_cuda.cpp is compiled by the host compiler. Tensors are
+// passed as raw device addresses (Python ints from tensor.data_ptr()), the stream as the integer
+// value of a cudaStream_t (torch.cuda.current_stream().cuda_stream). Optional tensors pass 0.
+// Activations are NHWC and contiguous; see convnext_kernels/launchers/__init__.py for the contract.
+#pragma once
+
+#include <cstdint>
+
+namespace convnext_kernels {
+namespace cuda {
+
+// Element type of the activations (and of the Linear weights for mlp_layerscale).
+enum DTypeCode : int { kDTypeFloat32 = 0, kDTypeFloat16 = 1, kDTypeBFloat16 = 2 };
+
+// ---- dwconv_layernorm --------------------------------------------------------------------------
+int64_t dwconv_layernorm_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C);
+
+void dwconv_layernorm_fwd(std::uintptr_t x, std::uintptr_t conv_weight, std::uintptr_t conv_bias,
+                          std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y,
+                          std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t workspace,
+                          int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, double eps,
+                          int dtype, std::uintptr_t stream);
+
+int64_t dwconv_layernorm_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C);
+
+void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t conv_weight,
+                          std::uintptr_t conv_bias, std::uintptr_t norm_weight, std::uintptr_t mean,
+                          std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dconv_weight,
+                          std::uintptr_t dconv_bias, std::uintptr_t dnorm_weight, std::uintptr_t dnorm_bias,
+                          std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
+                          int64_t C, int dtype, std::uintptr_t stream);
+
+// ---- mlp_layerscale ----------------------------------------------------------------------------
+// mlp_layerscale_fwd: allow_fused lets fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned
+// tensors run the back-to-back fused kernel (hidden kept on chip, the workspace is then unused);
+// false forces the two-GEMM path. The workspace must still be sized by the query below.
+int64_t mlp_layerscale_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype);
+
+void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
+                        std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
+                        std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t y,
+                        std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
+                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, std::uintptr_t stream);
+
+int64_t mlp_layerscale_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype);
+
+void mlp_layerscale_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t fc1_weight,
+                        std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
+                        std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t dx,
+                        std::uintptr_t dfc1_weight, std::uintptr_t dfc1_bias, std::uintptr_t dfc2_weight,
+                        std::uintptr_t dfc2_bias, std::uintptr_t dgamma, std::uintptr_t workspace,
+                        int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
+                        bool allow_tf32, std::uintptr_t stream);
+
+// ---- debugging ---------------------------------------------------------------------------------
+// Launches a trivial kernel with an invalid configuration (block_threads > 1024 fails) so tests
+// can check that CUDA errors reach Python as exceptions carrying the CUDA message.
+void debug_launch(int64_t block_threads, std::uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace convnext_kernels

@@ -1,0 +1,343 @@
+// mlp_layerscale: y = shortcut + s[n] * gamma * (gelu_erf(x W1^T + b1) W2^T + b2), NHWC rows.
+//
+// Forward: two GEMMs with fused epilogues (bias + GELU -> hidden in memory; bias + gamma + drop
+// scale + residual -> y). Backward (hidden recomputed from x):
+//   1. a = x W1^T + b1, h = gelu(a)                               (TN GEMM, stores a and h)
+//   2. z = h W2^T + b2; dz = dy s gamma; partial dgamma = sum dy s z, db2 = sum dz   (TN GEMM)
+//   3. dW2 = dz^T h                                               (split-K GEMM, fp32 partials)
+//   4. da = (dz W2) * gelu'(a), in place over a; partial db1 = sum da              (NN GEMM)
+//   5. dW1 = da^T x                                               (split-K GEMM, fp32 partials)
+//   6. dx = da W1                                                 (NN GEMM)
+//   7. fixed-order sums of all partials (deterministic, no atomics)
+#pragma once
+
+#include <type_traits>
+
+#include "mlp_gemm.cuh"
+
+namespace convnext_kernels {
+namespace cuda {
+namespace mlp {
+
+constexpr int kSplitTargetCtas = 264;    // weight-gradient GEMMs: ~2 CTAs per SM on an H100
+constexpr int kSplitMinKTiles = 8;       // ... but at least this many K tiles per split
+
+// ---- pair load / store (two consecutive columns; vectorised when aligned) ----------------------
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float v0, float v1, bool has1) {
+  if (has1 && reinterpret_cast<std::uintptr_t>(p) % (2 * sizeof(T)) == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    } else if constexpr (std::is_same_v<T, __half>) {
+      *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v0, v1);
+    } else {
+      *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+    }
+  } else {
+    p[0] = from_float<T>(v0);
+    if (has1) p[1] = from_float<T>(v1);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_pair(const T* p, bool has1, float& v0, float& v1) {
+  v0 = to_float(p[0]);
+  v1 = has1 ? to_float(p[1]) : 0.0f;
+}
+
+// ---- epilogues (see the interface note above mlp_layerscale_gemm_kernel) -----------------------
+
+// hidden = gelu(acc + b1); optionally also the pre-activation a = acc + b1 (backward).
+template <typename T, bool kStorePreact>
+struct EpilogueBiasGelu {
+  static constexpr int kColSums = 0;
+  T* hidden;
+  T* preact;
+  const float* bias;
+  int64_t ld;
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&)[2][2]) const {
+    const float a0 = v0 + bias[col];
+    const float a1 = has1 ? v1 + bias[col + 1] : 0.0f;
+    const int64_t off = row * ld + col;
+    store_pair(hidden + off, gelu_erf(a0), gelu_erf(a1), has1);
+    if constexpr (kStorePreact) store_pair(preact + off, a0, a1, has1);
+  }
+};
+
+// y = shortcut + s[n] * gamma * (acc + b2); gamma / drop_scale may be null (= 1).
+template <typename T>
+struct EpilogueResidualLayerScale {
+  static constexpr int kColSums = 0;
+  T* out;
+  const T* shortcut;
+  const float* bias;
+  const float* gamma;
+  const float* drop_scale;
+  int64_t ld;
+  int64_t rows_per_sample;
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&)[2][2]) const {
+    const float s = drop_scale ? drop_scale[row / rows_per_sample] : 1.0f;
+    const float g0 = gamma ? gamma[col] : 1.0f;
+    const float g1 = (gamma && has1) ? gamma[col + 1] : 1.0f;
+    const int64_t off = row * ld + col;
+    float r0, r1;
+    load_pair(shortcut + off, has1, r0, r1);
+    const float y0 = fmaf(s * g0, v0 + bias[col], r0);
+    const float y1 = has1 ? fmaf(s * g1, v1 + bias[col + 1], r1) : 0.0f;
+    store_pair(out + off, y0, y1, has1);
+  }
+};
+
+// z = acc + b2; dz = dy * s * gamma (stored); column sums: dgamma += dy * s * z, db2 += dz.
+template <typename T>
+struct EpilogueLayerScaleGrad {
+  static constexpr int kColSums = 2;
+  T* dz;
+  const T* dy;
+  const float* bias;
+  const float* gamma;
+  const float* drop_scale;
+  int64_t ld;
+  int64_t rows_per_sample;
+  float* colsum[2];  // [tiles_m][N] each: dgamma, db2
+  __device__ __forceinline__ float* colsum_out(int k) const { return k == 0 ? colsum[0] : colsum[1]; }  // no dynamic indexing: keeps the params out of local memory
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&sums)[2][2]) const {
+    const float s = drop_scale ? drop_scale[row / rows_per_sample] : 1.0f;
+    const float g0 = gamma ? gamma[col] : 1.0f;
+    const float g1 = (gamma && has1) ? gamma[col + 1] : 1.0f;
+    const int64_t off = row * ld + col;
+    float d0, d1;
+    load_pair(dy + off, has1, d0, d1);
+    const float ds0 = d0 * s, ds1 = d1 * s;
+    const float dz0 = ds0 * g0, dz1 = has1 ? ds1 * g1 : 0.0f;
+    sums[0][0] = ds0 * (v0 + bias[col]);
+    sums[0][1] = has1 ? ds1 * (v1 + bias[col + 1]) : 0.0f;
+    sums[1][0] = dz0;
+    sums[1][1] = dz1;
+    store_pair(dz + off, dz0, dz1, has1);
+  }
+};
+
+// da = acc * gelu'(a), written over a (same element, same thread: read before write); db1 += da.
+template <typename T>
+struct EpilogueGeluGrad {
+  static constexpr int kColSums = 1;
+  T* out;            // may alias preact
+  const T* preact;
+  int64_t ld;
+  float* colsum[2];  // [tiles_m][N]: db1
+  __device__ __forceinline__ float* colsum_out(int k) const { return k == 0 ? colsum[0] : colsum[1]; }  // no dynamic indexing: keeps the params out of local memory
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&sums)[2][2]) const {
+    const int64_t off = row * ld + col;
+    float a0, a1;
+    load_pair(preact + off, has1, a0, a1);
+    const float da0 = v0 * gelu_erf_grad(a0);
+    const float da1 = has1 ? v1 * gelu_erf_grad(a1) : 0.0f;
+    sums[0][0] = da0;
+    sums[0][1] = da1;
+    store_pair(out + off, da0, da1, has1);
+  }
+};
+
+// out = acc, in the activation dtype (dx).
+template <typename T>
+struct EpilogueStore {
+  static constexpr int kColSums = 0;
+  T* out;
+  int64_t ld;
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&)[2][2]) const {
+    store_pair(out + row * ld + col, v0, v1, has1);
+  }
+};
+
+// fp32 partial of one K split: out[blockIdx.z][row][col] = acc (weight gradients).
+struct EpilogueStoreSplitPartial {
+  static constexpr int kColSums = 0;
+  float* out;
+  int64_t ld;
+  int64_t split_stride;
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
+                                             float (&)[2][2]) const {
+    store_pair(out + static_cast<int64_t>(blockIdx.z) * split_stride + row * ld + col, v0, v1, has1);
+  }
+};
+
+// ---- host side ---------------------------------------------------------------------------------
+struct FwdArgs {
+  const void* x;
+  const void* shortcut;
+  const void* fc1_weight;
+  const float* fc1_bias;
+  const void* fc2_weight;
+  const float* fc2_bias;
+  const float* gamma;       // nullable
+  const float* drop_scale;  // nullable
+  void* y;
+  void* workspace;
+  int64_t rows;             // N * H * W
+  int64_t rows_per_sample;  // H * W
+  int64_t C;
+  bool vec_loads;
+};
+
+struct BwdArgs {
+  const void* dy;
+  const void* x;
+  const void* fc1_weight;
+  const float* fc1_bias;
+  const void* fc2_weight;
+  const float* fc2_bias;
+  const float* gamma;
+  const float* drop_scale;
+  void* dx;
+  float* dfc1_weight;
+  float* dfc1_bias;
+  float* dfc2_weight;
+  float* dfc2_bias;
+  float* dgamma;
+  void* workspace;
+  int64_t rows;
+  int64_t rows_per_sample;
+  int64_t C;
+  bool vec_loads;
+};
+
+inline int64_t tiles_m_of(int64_t rows) { return ceil_div(rows, GemmConfig<float>::kBlockM); }
+
+// K splits of the weight-gradient GEMMs (C x 4C and 4C x C outputs, K = rows). Shape-only.
+inline int64_t weight_grad_splits(int64_t rows, int64_t C, int64_t elem_bytes) {
+  const int64_t tiles = ceil_div(C, GemmConfig<float>::kBlockM) * ceil_div(4 * C, GemmConfig<float>::kBlockN);
+  const int64_t k_tile = 64 / elem_bytes;
+  const int64_t max_splits = std::max<int64_t>(1, rows / (kSplitMinKTiles * k_tile));
+  return std::max<int64_t>(1, std::min<int64_t>({ceil_div(kSplitTargetCtas, tiles), max_splits, 65535}));
+}
+
+struct FwdWorkspace {
+  void* hidden;
+  int64_t bytes;
+  FwdWorkspace(void* base, int64_t rows, int64_t C, int64_t elem_bytes) {
+    WorkspaceCarver carve(base);
+    hidden = carve.take<char>(rows * 4 * C * elem_bytes);
+    bytes = carve.offset;
+  }
+};
+
+struct BwdWorkspace {
+  void* preact;  // a, then da in place
+  void* hidden;  // h
+  void* dz;
+  float* ls_colsums;    // [2][tiles_m][C]: dgamma, db2
+  float* gelu_colsums;  // [tiles_m][4C]: db1
+  float* dw2_partials;  // [splits][C][4C]
+  float* dw1_partials;  // [splits][4C][C]
+  int64_t splits;
+  int64_t bytes;
+  BwdWorkspace(void* base, int64_t rows, int64_t C, int64_t elem_bytes) {
+    const int64_t tiles_m = tiles_m_of(rows);
+    splits = weight_grad_splits(rows, C, elem_bytes);
+    WorkspaceCarver carve(base);
+    preact = carve.take<char>(rows * 4 * C * elem_bytes);
+    hidden = carve.take<char>(rows * 4 * C * elem_bytes);
+    dz = carve.take<char>(rows * C * elem_bytes);
+    ls_colsums = carve.take<float>(2 * tiles_m * C);
+    gelu_colsums = carve.take<float>(tiles_m * 4 * C);
+    dw2_partials = carve.take<float>(splits * 4 * C * C);
+    dw1_partials = carve.take<float>(splits * 4 * C * C);
+    bytes = carve.offset;
+  }
+};
+
+// Calls f(std::integral_constant<MathMode, mode>) with the mode for T and allow_tf32.
+template <typename T, typename F>
+inline void with_math_mode(bool allow_tf32, F&& f) {
+  if constexpr (sizeof(T) == 2) {
+    f(std::integral_constant<MathMode, MathMode::kMma16>{});
+  } else if (allow_tf32) {
+    f(std::integral_constant<MathMode, MathMode::kMmaTf32>{});
+  } else {
+    f(std::integral_constant<MathMode, MathMode::kFfma>{});
+  }
+}
+
+constexpr bool kKMajor = true;    // operand layout tags for launch_gemm<..., A, B, ...>
+constexpr bool kMNMajor = false;
+
+template <typename T>
+void run_fwd(const FwdArgs& a, bool allow_tf32, cudaStream_t stream) {
+  const int64_t M = a.rows, C = a.C, C4 = 4 * C;
+  FwdWorkspace ws(a.workspace, M, C, sizeof(T));
+  T* hidden = static_cast<T*>(ws.hidden);
+  with_math_mode<T>(allow_tf32, [&](auto mode) {
+    constexpr MathMode kMode = decltype(mode)::value;
+    // hidden = gelu(x W1^T + b1)
+    GemmProblem p1{M, C4, C, a.x, C, a.fc1_weight, C, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kKMajor, kKMajor>(p1, 1, EpilogueBiasGelu<T, false>{hidden, nullptr, a.fc1_bias, C4},
+                                            stream);
+    // y = shortcut + s * gamma * (hidden W2^T + b2)
+    GemmProblem p2{M, C, C4, hidden, C4, a.fc2_weight, C4, 0, 0, a.vec_loads};
+    EpilogueResidualLayerScale<T> e2{static_cast<T*>(a.y), static_cast<const T*>(a.shortcut), a.fc2_bias, a.gamma,
+                                     a.drop_scale, C, a.rows_per_sample};
+    launch_gemm<T, kMode, kKMajor, kKMajor>(p2, 1, e2, stream);
+  });
+}
+
+template <typename T>
+void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
+  const int64_t M = a.rows, C = a.C, C4 = 4 * C;
+  const int64_t tiles_m = tiles_m_of(M);
+  BwdWorkspace ws(a.workspace, M, C, sizeof(T));
+  T* preact = static_cast<T*>(ws.preact);
+  T* hidden = static_cast<T*>(ws.hidden);
+  T* dz = static_cast<T*>(ws.dz);
+  with_math_mode<T>(allow_tf32, [&](auto mode) {
+    constexpr MathMode kMode = decltype(mode)::value;
+    // 1. a = x W1^T + b1, h = gelu(a)
+    GemmProblem p1{M, C4, C, a.x, C, a.fc1_weight, C, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kKMajor, kKMajor>(p1, 1, EpilogueBiasGelu<T, true>{hidden, preact, a.fc1_bias, C4},
+                                            stream);
+    // 2. z = h W2^T + b2 -> dz, dgamma / db2 column sums
+    GemmProblem p2{M, C, C4, hidden, C4, a.fc2_weight, C4, 0, 0, a.vec_loads};
+    EpilogueLayerScaleGrad<T> e2{dz, static_cast<const T*>(a.dy), a.fc2_bias, a.gamma, a.drop_scale, C,
+                                 a.rows_per_sample, {ws.ls_colsums, ws.ls_colsums + tiles_m * C}};
+    launch_gemm<T, kMode, kKMajor, kKMajor>(p2, 1, e2, stream);
+    // 3. dW2 partials = dz^T h   (C x 4C, K = rows)
+    GemmProblem p3{C, C4, M, dz, C, hidden, C4, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kMNMajor, kMNMajor>(p3, ws.splits, EpilogueStoreSplitPartial{ws.dw2_partials, C4, C * C4},
+                                              stream);
+    // 4. da = (dz W2) * gelu'(a), over a; db1 column sums
+    GemmProblem p4{M, C4, C, dz, C, a.fc2_weight, C4, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kKMajor, kMNMajor>(p4, 1, EpilogueGeluGrad<T>{preact, preact, C4, {ws.gelu_colsums, nullptr}},
+                                             stream);
+    // 5. dW1 partials = da^T x   (4C x C, K = rows)
+    GemmProblem p5{C4, C, M, preact, C4, a.x, C, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kMNMajor, kMNMajor>(p5, ws.splits, EpilogueStoreSplitPartial{ws.dw1_partials, C, C4 * C},
+                                              stream);
+    // 6. dx = da W1
+    GemmProblem p6{M, C, C4, preact, C4, a.fc1_weight, C, 0, 0, a.vec_loads};
+    launch_gemm<T, kMode, kKMajor, kMNMajor>(p6, 1, EpilogueStore<T>{static_cast<T*>(a.dx), C}, stream);
+  });
+  // 7. deterministic sums of the partials
+  PartialSumBatch batch;
+  batch.add(ws.dw1_partials, a.dfc1_weight, C4 * C, ws.splits, C4 * C);
+  batch.add(ws.dw2_partials, a.dfc2_weight, C * C4, ws.splits, C * C4);
+  batch.add(ws.gelu_colsums, a.dfc1_bias, C4, tiles_m, C4);
+  batch.add(ws.ls_colsums + tiles_m * C, a.dfc2_bias, C, tiles_m, C);
+  batch.add(ws.ls_colsums, a.dgamma, C, tiles_m, C);
+  launch_reduce_partials(batch, stream);
+}
+
+extern template void run_fwd<float>(const FwdArgs&, bool, cudaStream_t);
+extern template void run_fwd<__half>(const FwdArgs&, bool, cudaStream_t);
+extern template void run_fwd<__nv_bfloat16>(const FwdArgs&, bool, cudaStream_t);
+extern template void run_bwd<float>(const BwdArgs&, bool, cudaStream_t);
+extern template void run_bwd<__half>(const BwdArgs&, bool, cudaStream_t);
+extern template void run_bwd<__nv_bfloat16>(const BwdArgs&, bool, cudaStream_t);
+
+}  // namespace mlp
+}  // namespace cuda
+}  // namespace convnext_kernels

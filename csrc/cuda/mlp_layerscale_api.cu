@@ -1,0 +1,105 @@
+// Host entry points of mlp_layerscale: argument checks, dtype dispatch.
+#include <limits>
+
+#include "mlp_layerscale_fused_fwd.cuh"
+
+namespace convnext_kernels {
+namespace cuda {
+namespace mlp {
+namespace {
+
+void check_sizes(int64_t N, int64_t H, int64_t W, int64_t C) {
+  CNK_CHECK_ARG(N >= 1 && H >= 1 && W >= 1 && C >= 1, "N, H, W and C must be at least 1");
+  CNK_CHECK_ARG(C <= (int64_t{1} << 20), "C is too large");
+  CNK_CHECK_ARG(H <= std::numeric_limits<int64_t>::max() / W, "H * W overflows");
+  CNK_CHECK_ARG(N <= std::numeric_limits<int64_t>::max() / (H * W * 4 * C * 4), "N * H * W * 4C overflows");
+}
+
+int64_t elem_bytes(int dtype) {
+  switch (dtype) {
+    case kDTypeFloat32: return 4;
+    case kDTypeFloat16:
+    case kDTypeBFloat16: return 2;
+    default: throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
+  }
+}
+
+bool all_aligned16(std::initializer_list<std::uintptr_t> ptrs) {
+  for (std::uintptr_t p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
+}
+
+template <typename P>
+P* as_ptr(std::uintptr_t v) {
+  return reinterpret_cast<P*>(v);
+}
+
+}  // namespace
+}  // namespace mlp
+
+int64_t mlp_layerscale_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype) {
+  mlp::check_sizes(N, H, W, C);
+  return mlp::FwdWorkspace(nullptr, N * H * W, C, mlp::elem_bytes(dtype)).bytes;
+}
+
+int64_t mlp_layerscale_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype) {
+  mlp::check_sizes(N, H, W, C);
+  return mlp::BwdWorkspace(nullptr, N * H * W, C, mlp::elem_bytes(dtype)).bytes;
+}
+
+void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
+                        std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
+                        std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t y,
+                        std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
+                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, std::uintptr_t stream) {
+  using namespace mlp;
+  check_sizes(N, H, W, C);
+  CNK_CHECK_ARG(x && shortcut && fc1_weight && fc1_bias && fc2_weight && fc2_bias && y && workspace,
+                "null pointer for a required tensor");
+  const int64_t rows = N * H * W;
+  CNK_CHECK_ARG(workspace_bytes >= FwdWorkspace(nullptr, rows, C, elem_bytes(dtype)).bytes, "workspace too small");
+  FwdArgs a{as_ptr<const void>(x), as_ptr<const void>(shortcut), as_ptr<const void>(fc1_weight),
+            as_ptr<const float>(fc1_bias), as_ptr<const void>(fc2_weight), as_ptr<const float>(fc2_bias),
+            as_ptr<const float>(gamma), as_ptr<const float>(drop_scale), as_ptr<void>(y), as_ptr<void>(workspace),
+            rows, H * W, C, false};
+  // cp.async 16-byte chunks: every contiguous extent (C, 4C) a multiple of 8 elements, aligned bases.
+  a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  // Back-to-back fused kernel where it applies (shape, dtype, alignment, shared memory checked
+  // here, before any launch); the two-GEMM path otherwise.
+  const bool fused = allow_fused && fused_fwd_eligible(a, elem_bytes(dtype));
+  CNK_DTYPE_SWITCH(dtype, T, [&] {
+    if constexpr (sizeof(T) == 2) {
+      if (fused) return run_fused_fwd<T>(a, s);
+    }
+    run_fwd<T>(a, allow_tf32, s);
+  });
+}
+
+void mlp_layerscale_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t fc1_weight,
+                        std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
+                        std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t dx,
+                        std::uintptr_t dfc1_weight, std::uintptr_t dfc1_bias, std::uintptr_t dfc2_weight,
+                        std::uintptr_t dfc2_bias, std::uintptr_t dgamma, std::uintptr_t workspace,
+                        int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
+                        bool allow_tf32, std::uintptr_t stream) {
+  using namespace mlp;
+  check_sizes(N, H, W, C);
+  CNK_CHECK_ARG(dy && x && fc1_weight && fc1_bias && fc2_weight && fc2_bias && dx && dfc1_weight && dfc1_bias &&
+                    dfc2_weight && dfc2_bias && dgamma && workspace,
+                "null pointer for a required tensor");
+  const int64_t rows = N * H * W;
+  CNK_CHECK_ARG(workspace_bytes >= BwdWorkspace(nullptr, rows, C, elem_bytes(dtype)).bytes, "workspace too small");
+  BwdArgs a{as_ptr<const void>(dy), as_ptr<const void>(x), as_ptr<const void>(fc1_weight),
+            as_ptr<const float>(fc1_bias), as_ptr<const void>(fc2_weight), as_ptr<const float>(fc2_bias),
+            as_ptr<const float>(gamma), as_ptr<const float>(drop_scale), as_ptr<void>(dx),
+            as_ptr<float>(dfc1_weight), as_ptr<float>(dfc1_bias), as_ptr<float>(dfc2_weight),
+            as_ptr<float>(dfc2_bias), as_ptr<float>(dgamma), as_ptr<void>(workspace), rows, H * W, C, false};
+  a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  CNK_DTYPE_SWITCH(dtype, T, [&] { run_bwd<T>(a, allow_tf32, s); });
+}
+
+}  // namespace cuda
+}  // namespace convnext_kernels

@@ -1,0 +1,12 @@
+// mlp_layerscale bwd for __nv_bfloat16 activations (one translation unit per dtype: parallel builds).
+#include "mlp_layerscale.cuh"
+
+namespace convnext_kernels {
+namespace cuda {
+namespace mlp {
+
+template void run_bwd<__nv_bfloat16>(const BwdArgs& a, bool allow_tf32, cudaStream_t stream);
+
+}  // namespace mlp
+}  // namespace cuda
+}  // namespace convnext_kernels

@@ -1,0 +1,12 @@
+// mlp_layerscale fwd for float activations (one translation unit per dtype: parallel builds).
+#include "mlp_layerscale.cuh"
+
+namespace convnext_kernels {
+namespace cuda {
+namespace mlp {
+
+template void run_fwd<float>(const FwdArgs& a, bool allow_tf32, cudaStream_t stream);
+
+}  // namespace mlp
+}  // namespace cuda
+}  // namespace convnext_kernels

@@ -1,0 +1,449 @@
+"""GPU tests of the "cuda" backend launchers against a float64 torch reference.
+
+Pass rule (flash-attention style), for outputs and every gradient:
+  fp16 / bf16: max|fused - ref64| <= 2 * max|torch_same_dtype - ref64| + atol * max(max|ref64|, 1)
+  fp32:        max|fused - ref64| <= 1e-5 * max|ref64|
+Outputs are poisoned: the caching allocator is first filled with NaN, so an element a kernel
+forgets to write comes back as NaN and fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _cuda_backend_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from convnext_kernels import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return bool(_C.build_info().get("cuda", False)) and hasattr(_C, "dwconv_layernorm_fwd_cuda")
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not _cuda_backend_ready(), reason="needs a CUDA GPU and _C built with the CUDA kernels"),
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATOL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+FP32_RTOL = 1e-5
+
+# (N, H, W, C): odd sizes, 1x1 images, a scalar-path C (not a multiple of 8), ConvNeXt-T stages.
+SMALL_SHAPES = [
+    (3, 13, 17, 40),
+    (2, 1, 1, 96),
+    (2, 9, 11, 96),
+    (2, 5, 6, 13),
+    (2, 7, 7, 768),
+]
+STAGE_SHAPES = [
+    (32, 56, 56, 96),
+    (32, 28, 28, 192),
+    (32, 14, 14, 384),
+    (32, 7, 7, 768),
+]
+SHAPES = SMALL_SHAPES + STAGE_SHAPES
+
+
+def _launchers():
+    from convnext_kernels.launchers import cuda as launchers
+
+    return launchers
+
+
+def _shape_id(s):
+    return "x".join(map(str, s))
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocator():
+    """Fill the caching allocator with NaN so torch.empty hands back NaN garbage."""
+    big = torch.empty(512 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+    big.fill_(math.nan)
+    del big
+    yield
+    torch.cuda.synchronize()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check(name, fused, ref64, eager, dtype):
+    assert tuple(fused.shape) == tuple(ref64.shape), f"{name}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values (an element left unwritten?)"
+    err = _max_err(fused, ref64)
+    scale = ref64.abs().max().item()
+    if dtype == torch.float32:
+        bound = FP32_RTOL * max(scale, 1e-3)
+    else:
+        bound = 2 * _max_err(eager, ref64) + ATOL[dtype] * max(scale, 1.0)
+    assert err <= bound, f"{name} [{dtype}]: max error {err:.3e} > bound {bound:.3e} (max|ref| {scale:.3e})"
+
+
+# ------------------------------------------------------------------------------------------------
+# dwconv_layernorm
+# ------------------------------------------------------------------------------------------------
+def _dwconv_layernorm_torch(x, w, b, nw, nb, eps):
+    C = x.shape[-1]
+    z = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=3, groups=C).permute(0, 2, 3, 1)
+    return F.layer_norm(z, (C,), nw, nb, eps)
+
+
+def _dwconv_inputs(shape, dtype, with_bias=True, seed=0):
+    N, H, W, C = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
+    w = torch.randn(C, 1, 7, 7, device="cuda", generator=g) * 0.2
+    b = torch.randn(C, device="cuda", generator=g) * 0.1 if with_bias else None
+    nw = 1.0 + 0.1 * torch.randn(C, device="cuda", generator=g)
+    nb = 0.1 * torch.randn(C, device="cuda", generator=g)
+    dy = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
+    return x, w, b, nw, nb, dy
+
+
+def _run_dwconv_reference(x, w, b, nw, nb, dy, eps, to_dtype):
+    """Forward + backward of the torch composition with inputs cast to to_dtype."""
+    params = [t.detach().to(to_dtype).requires_grad_(True) if t is not None else None for t in (x, w, b, nw, nb)]
+    y = _dwconv_layernorm_torch(*params, eps)
+    y.backward(dy.to(to_dtype))
+    return y.detach(), [p.grad if p is not None else None for p in params]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_dwconv_layernorm(shape, dtype):
+    eps = 1e-6
+    L = _launchers()
+    x, w, b, nw, nb, dy = _dwconv_inputs(shape, dtype)
+    y, mean, rstd = L.dwconv_layernorm_fwd(x, w, b, nw, nb, eps)
+    dx, dw, db, dnw, dnb = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
+    torch.cuda.synchronize()
+
+    y64, g64 = _run_dwconv_reference(x, w, b, nw, nb, dy, eps, torch.float64)
+    ye, ge = _run_dwconv_reference(x, w, b, nw, nb, dy, eps, dtype)
+
+    _check("y", y, y64, ye, dtype)
+    z64 = F.conv2d(x.double().permute(0, 3, 1, 2), w.double(), b.double(), padding=3, groups=shape[-1])
+    z64 = z64.permute(0, 2, 3, 1)
+    mean64 = z64.mean(-1)
+    rstd64 = torch.rsqrt(z64.var(-1, unbiased=False) + eps)
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    # Statistics are fp32 in every dtype (of the conv of the same rounded x): fp32-tight.
+    assert _max_err(mean, mean64) <= 1e-5 * max(mean64.abs().max().item(), 1.0), "mean"
+    assert _max_err(rstd, rstd64) <= 1e-5 * rstd64.abs().max().item(), "rstd"
+    for name, got, r64, e in zip(("dx", "dconv_weight", "dconv_bias", "dnorm_weight", "dnorm_bias"),
+                                 (dx, dw, db, dnw, dnb), g64, ge):
+        assert got.dtype == (dtype if name == "dx" else torch.float32), name
+        _check(name, got, r64, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dwconv_layernorm_no_bias(dtype):
+    shape, eps = (3, 13, 17, 40), 1e-6
+    L = _launchers()
+    x, w, _, nw, nb, dy = _dwconv_inputs(shape, dtype, with_bias=False)
+    y, mean, rstd = L.dwconv_layernorm_fwd(x, w, None, nw, nb, eps)
+    dx, dw, db, dnw, dnb = L.dwconv_layernorm_bwd(dy, x, w, None, nw, mean, rstd)
+    y64, g64 = _run_dwconv_reference(x, w, None, nw, nb, dy, eps, torch.float64)
+    ye, ge = _run_dwconv_reference(x, w, None, nw, nb, dy, eps, dtype)
+    _check("y", y, y64, ye, dtype)
+    for name, got, i in (("dx", dx, 0), ("dconv_weight", dw, 1), ("dnorm_weight", dnw, 3), ("dnorm_bias", dnb, 4)):
+        _check(name, got, g64[i], ge[i], dtype)
+    # dconv_bias is still returned: the gradient a zero bias would get.
+    assert torch.isfinite(db).all()
+
+
+def test_dwconv_layernorm_bwd_deterministic():
+    L = _launchers()
+    x, w, b, nw, nb, dy = _dwconv_inputs((4, 28, 28, 192), torch.bfloat16)
+    _, mean, rstd = L.dwconv_layernorm_fwd(x, w, b, nw, nb, 1e-6)
+    first = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
+    second = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# mlp_layerscale
+# ------------------------------------------------------------------------------------------------
+def _mlp_torch(x, shortcut, w1, b1, w2, b2, gamma, s):
+    h = F.gelu(F.linear(x, w1, b1))  # exact erf GELU
+    z = F.linear(h, w2, b2)
+    if gamma is not None:
+        z = z * gamma
+    if s is not None:
+        z = z * s.view(-1, 1, 1, 1)
+    return shortcut + z
+
+
+def _mlp_inputs(shape, dtype, with_gamma=True, with_drop=True, seed=0):
+    N, H, W, C = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
+    sc = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
+    w1 = (torch.randn(4 * C, C, device="cuda", generator=g) / math.sqrt(C)).to(dtype)
+    b1 = 0.1 * torch.randn(4 * C, device="cuda", generator=g)
+    w2 = (torch.randn(C, 4 * C, device="cuda", generator=g) / math.sqrt(4 * C)).to(dtype)
+    b2 = 0.1 * torch.randn(C, device="cuda", generator=g)
+    gamma = 0.5 * torch.randn(C, device="cuda", generator=g) if with_gamma else None
+    if with_drop:
+        keep = torch.rand(N, device="cuda", generator=g) > 0.3
+        s = keep.float() / 0.7
+    else:
+        s = None
+    dy = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
+    return x, sc, w1, b1, w2, b2, gamma, s, dy
+
+
+def _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, to_dtype):
+    """Forward + backward with every input cast to to_dtype; grads of x, w1, b1, w2, b2, gamma."""
+    def prep(t, grad):
+        return None if t is None else t.detach().to(to_dtype).requires_grad_(grad)
+
+    xs, w1s, b1s, w2s, b2s, gs = (prep(t, True) for t in (x, w1, b1, w2, b2, gamma))
+    y = _mlp_torch(xs, prep(sc, False), w1s, b1s, w2s, b2s, gs, prep(s, False))
+    y.backward(dy.to(to_dtype))
+    return y.detach(), [None if t is None else t.grad for t in (xs, w1s, b1s, w2s, b2s, gs)]
+
+
+def _check_mlp(shape, dtype, with_gamma=True, with_drop=True):
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(shape, dtype, with_gamma, with_drop)
+    y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+    torch.cuda.synchronize()
+    y64, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float64)
+    ye, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, dtype)
+    _check("y", y, y64, ye, dtype)
+    names = ("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dgamma")
+    assert len(grads) == 6
+    for name, got, r64, e in zip(names, grads, g64, ge):
+        assert got.dtype == (dtype if name == "dx" else torch.float32), name
+        if r64 is None:  # gamma is None: dgamma is returned, the caller drops it
+            assert got.shape == (shape[-1],)
+            continue
+        _check(name, got, r64, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_mlp_layerscale(shape, dtype):
+    _check_mlp(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_gamma,with_drop", [(False, False), (True, False), (False, True)])
+def test_mlp_layerscale_optional_params(dtype, with_gamma, with_drop):
+    _check_mlp((3, 13, 17, 40), dtype, with_gamma, with_drop)
+
+
+def test_mlp_layerscale_tf32():
+    """With allow_tf32 the fp32 path uses TF32 tensor cores: compare to torch's own TF32 GEMMs."""
+    L = _launchers()
+    shape = (4, 14, 14, 96)
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(shape, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+    ye, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y64, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float64)
+    # TF32 has a 10-bit mantissa, like fp16: hold it to fp16's rule against torch's TF32.
+    _check("y", y, y64, ye, torch.float16)
+    for name, got, r64, e in zip(("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dgamma"),
+                                 grads, g64, ge):
+        _check(name, got, r64, e, torch.float16)
+
+
+def test_mlp_layerscale_bwd_deterministic():
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs((8, 14, 14, 96), torch.bfloat16)
+    first = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+    second = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# mlp_layerscale forward: back-to-back fused kernel vs two-GEMM path
+# ------------------------------------------------------------------------------------------------
+# The fused kernel runs fp16 / bf16 with C % 8 == 0, C <= 384 and 16-byte aligned tensors; the env
+# switch CONVNEXT_KERNELS_CUDA_MLP_FUSED=0 forces the two-GEMM path. C values cover every padded
+# channel tile of the fused kernel (40 -> 64, 96, 120 -> 128, 192, 200 -> 256, 384) and the
+# fallbacks (36: C % 8 != 0; 392: C > 384); row counts cover partial row tiles (663, 2, 105 rows).
+FUSED_FWD_SHAPES = [
+    (3, 13, 17, 40),
+    (2, 1, 1, 96),
+    (2, 9, 11, 96),
+    (3, 5, 7, 120),
+    (3, 13, 17, 192),
+    (3, 5, 7, 200),
+    (2, 7, 7, 384),
+    (3, 5, 7, 384),
+    (2, 5, 6, 36),
+    (2, 3, 5, 392),
+]
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MLP_FUSED_ENV = "CONVNEXT_KERNELS_CUDA_MLP_FUSED"
+
+
+def _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, to_dtype):
+    """Forward only (no autograd graph): the fp64 reference of the ConvNeXt-T stage shapes stays small."""
+    def cast(t):
+        return None if t is None else t.to(to_dtype)
+
+    with torch.no_grad():
+        return _mlp_torch(*(cast(t) for t in (x, sc, w1, b1, w2, b2, gamma, s)))
+
+
+def _check_mlp_fwd(shape, dtype, with_gamma=True, with_drop=True):
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype, with_gamma, with_drop)
+    y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    torch.cuda.synchronize()
+    y64 = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, torch.float64)
+    ye = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, dtype)
+    assert y.dtype == dtype
+    _check("y", y, y64, ye, dtype)
+    return y
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gemm"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FUSED_FWD_SHAPES + STAGE_SHAPES, ids=_shape_id)
+def test_mlp_layerscale_fwd_paths(shape, dtype, fused, monkeypatch):
+    monkeypatch.setenv(MLP_FUSED_ENV, "1" if fused else "0")
+    _check_mlp_fwd(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("with_gamma,with_drop", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(3, 13, 17, 96), (3, 5, 7, 384)], ids=_shape_id)
+def test_mlp_layerscale_fused_fwd_optional_params(shape, dtype, with_gamma, with_drop, monkeypatch):
+    monkeypatch.setenv(MLP_FUSED_ENV, "1")
+    _check_mlp_fwd(shape, dtype, with_gamma, with_drop)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 9, 11, 96), (3, 13, 17, 192), (3, 5, 7, 384)],
+                         ids=_shape_id)
+def test_mlp_layerscale_fused_matches_two_gemm(shape, dtype, monkeypatch):
+    """Both paths round the hidden to the activation dtype and accumulate in fp32 over the same
+    k16 order, so they should agree to about one output ulp (often bit for bit)."""
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    monkeypatch.setenv(MLP_FUSED_ENV, "1")
+    y_fused = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    monkeypatch.setenv(MLP_FUSED_ENV, "0")
+    y_two = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y_fused).all() and torch.isfinite(y_two).all()
+    ulp = torch.finfo(dtype).eps * max(y_two.abs().max().item(), 1.0)
+    err = _max_err(y_fused, y_two)
+    assert err <= 2 * ulp, f"fused vs two-GEMM [{dtype}]: max difference {err:.3e} > {2 * ulp:.3e}"
+
+
+def _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace_fill):
+    """Calls _C directly with a workspace filled with workspace_fill; returns (y, workspace)."""
+    from convnext_kernels import _C  # type: ignore[attr-defined]
+
+    N, H, W, C = x.shape
+    code = {torch.float32: _C.CUDA_DTYPE_FLOAT32, torch.float16: _C.CUDA_DTYPE_FLOAT16,
+            torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16}[x.dtype]
+    nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(N, H, W, C, code)
+    workspace = torch.full((nbytes,), workspace_fill, dtype=torch.uint8, device=x.device)
+    y = torch.full_like(x, math.nan)
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    _C.mlp_layerscale_fwd_cuda(
+        x.data_ptr(), sc.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), ptr(gamma),
+        ptr(s), y.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    torch.cuda.synchronize()
+    return y, workspace
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,expect_fused",
+    [
+        ((2, 9, 11, 96), torch.float16, True),
+        ((2, 9, 11, 384), torch.bfloat16, True),
+        ((2, 9, 11, 40), torch.bfloat16, True),   # 40 % 8 == 0: fused, 64-channel tile
+        ((2, 5, 6, 36), torch.float16, False),    # C % 8 != 0
+        ((2, 3, 5, 392), torch.float16, False),   # C > 384
+        ((2, 9, 11, 96), torch.float32, False),   # fp32: two GEMMs
+    ],
+    ids=lambda v: _shape_id(v) if isinstance(v, tuple) else str(v),
+)
+def test_mlp_layerscale_fwd_dispatch(shape, dtype, expect_fused):
+    """Which path ran: the two-GEMM path writes the hidden into the workspace, the fused one never
+    touches it. allow_fused=False must always take the two-GEMM path."""
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    y_on, ws_on = _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
+    y_off, ws_off = _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, False, 0xA5)
+    assert torch.isfinite(y_on).all() and torch.isfinite(y_off).all()
+    assert (ws_on == 0xA5).all().item() == expect_fused, "allow_fused=True took the unexpected path"
+    assert not (ws_off == 0xA5).all().item(), "allow_fused=False did not run the two-GEMM path"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mlp_layerscale_fwd_misaligned_falls_back(dtype, monkeypatch):
+    """x one element past a 16-byte boundary: the fused kernel must not run (cp.async needs
+    16-byte alignment); the result is still correct."""
+    monkeypatch.setenv(MLP_FUSED_ENV, "1")
+    shape = (2, 9, 11, 96)
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    xm = buf[1:].view(shape)
+    xm.copy_(x)
+    assert xm.data_ptr() % 16 != 0
+    y = L.mlp_layerscale_fwd(xm, sc, w1, b1, w2, b2, gamma, s)
+    torch.cuda.synchronize()
+    y64 = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, torch.float64)
+    ye = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, dtype)
+    _check("y", y, y64, ye, dtype)
+    _, ws = _raw_mlp_fwd(xm, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
+    assert not (ws == 0xA5).all().item(), "misaligned x must take the two-GEMM path"
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors reach Python
+# ------------------------------------------------------------------------------------------------
+def test_cuda_error_becomes_python_exception():
+    from convnext_kernels import _C  # type: ignore[attr-defined]
+
+    stream = torch.cuda.current_stream().cuda_stream
+    _C.cuda_debug_launch(128, stream)  # a valid launch
+    with pytest.raises(RuntimeError, match="invalid configuration"):
+        _C.cuda_debug_launch(4096, stream)  # > 1024 threads per block
+    _C.cuda_debug_launch(128, stream)  # the error was not sticky
+    torch.cuda.synchronize()
+
+
+def test_invalid_arguments_raise_value_error():
+    from convnext_kernels import _C  # type: ignore[attr-defined]
+
+    with pytest.raises(ValueError):
+        _C.dwconv_layernorm_fwd_cuda_workspace_bytes(0, 1, 1, 8)
+    with pytest.raises(ValueError):
+        _C.dwconv_layernorm_fwd_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 8, 1e-6, 0, 0)
+    with pytest.raises(ValueError):
+        _C.mlp_layerscale_fwd_cuda_workspace_bytes(1, 1, 1, 8, 7)  # unknown dtype code

@@ -19,6 +19,7 @@ from .model import (
     convnext_xlarge,
 )
 from .ops import dwconv_layernorm, mlp_layerscale
+from .patching import convert_model
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "FusedBlock",
     "available_backends",
     "build_info",
+    "convert_model",
     "convert_state_dict",
     "convnext_atto",
     "convnext_base",

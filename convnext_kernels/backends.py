@@ -30,22 +30,23 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says what is missing."""
 
 
-# Import outcomes, memoised in plain dicts (not functools caches) so torch.compile traces the
-# lookups without warnings.
-_EXTENSION: dict = {}
-_TRITON: dict = {}
+def _import_extension() -> tuple[Optional[ModuleType], str]:
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as e:  # not built, or built for another Python
+        return None, (f"the compiled extension convnext_kernels._C could not be imported ({e}); "
+                      "run `pip install .`")
+    return _C, ""
+
+
+# Resolved once at import (the extension here, triton below): a lookup filled lazily inside a
+# torch.compile trace would add a guard and a recompile on the next call.
+_EXTENSION = _import_extension()
 
 
 def _extension() -> tuple[Optional[ModuleType], str]:
     """The compiled extension, or None and why it could not be imported."""
-    if not _EXTENSION:
-        try:
-            from . import _C  # type: ignore[attr-defined]
-            _EXTENSION["result"] = (_C, "")
-        except ImportError as e:  # not built, or built for another Python
-            _EXTENSION["result"] = (None, f"the compiled extension convnext_kernels._C could not be imported ({e}); "
-                                          "run `pip install .`")
-    return _EXTENSION["result"]
+    return _EXTENSION
 
 
 def build_info() -> dict:
@@ -60,17 +61,18 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_missing() -> str:
-    if not _TRITON:
-        if importlib.util.find_spec("triton") is None:
-            _TRITON["missing"] = "triton is not installed (pip install triton)"
-        else:
-            try:
-                importlib.import_module("triton")
-                _TRITON["missing"] = ""
-            except Exception as e:  # a broken install must not break the package
-                _TRITON["missing"] = f"triton failed to import ({e})"
-    return _TRITON["missing"]
+def _find_triton() -> str:
+    """Empty when triton imports, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # a broken install must not break the package
+        return f"triton failed to import ({e})"
+    return ""
+
+
+_TRITON_MISSING = _find_triton()
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str:
@@ -79,7 +81,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return ""
     if backend == "triton":
-        missing = _triton_missing()
+        missing = _TRITON_MISSING
         if missing:
             return missing
         if dev == "cuda":

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends import BACKENDS, launchers, resolve_backend
+from .backends import _TRITON_MISSING, BACKENDS, launchers, resolve_backend
 
 __all__ = ["dwconv_layernorm", "mlp_layerscale"]
 
@@ -174,17 +174,11 @@ def _register_mlp_layerscale(backend: str):
     return fwd_op, bwd_op
 
 
-def _triton_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 # (fwd op, bwd op) per backend; Triton ops only where triton imports (triton_op needs it).
 DWCONV_LAYERNORM_OPS = {}
 MLP_LAYERSCALE_OPS = {}
 for _backend in BACKENDS:
-    if _backend == "triton" and not _triton_importable():
+    if _backend == "triton" and _TRITON_MISSING:
         continue
     DWCONV_LAYERNORM_OPS[_backend] = _register_dwconv_layernorm(_backend)
     MLP_LAYERSCALE_OPS[_backend] = _register_mlp_layerscale(_backend)

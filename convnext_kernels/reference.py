@@ -8,7 +8,6 @@ otherwise they compute in the input dtype exactly as eager PyTorch would.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -215,9 +214,3 @@ def init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.constant_(m.bias, 0)
 
-
-def gelu_erf_grad(a: torch.Tensor) -> torch.Tensor:
-    """d/da of the exact GELU a*Phi(a): Phi(a) + a*phi(a)."""
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + a * pdf

@@ -12,8 +12,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..reference import gelu_erf_grad
-
 _PAD = 3  # 7x7 kernel, "same" zero padding
 
 
@@ -67,7 +65,10 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
 
 def _hidden(x2, fc1_weight, fc1_bias):
     """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear."""
-    a = F.linear(x2, fc1_weight).float() + fc1_bias
+    if x2.dtype == torch.float32:  # one addmm; 16-bit inputs add the fp32 bias after the GEMM instead
+        a = F.linear(x2, fc1_weight, fc1_bias)
+    else:
+        a = F.linear(x2, fc1_weight).float() + fc1_bias
     return a, F.gelu(a).to(x2.dtype)
 
 
@@ -102,7 +103,8 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
         dz = dout
     dfc2_bias = dz.sum(0)
     dfc2_weight = dz.t() @ h.float()
-    da = (dz.to(x.dtype) @ fc2_weight).float() * gelu_erf_grad(a)
+    # aten's fused exact-erf GELU backward: dh * (Phi(a) + a * phi(a)) in one pass.
+    da = torch.ops.aten.gelu_backward((dz.to(x.dtype) @ fc2_weight).float(), a)
     dfc1_bias = da.sum(0)
     dfc1_weight = da.t() @ x2.float()
     dx = (da.to(x.dtype) @ fc1_weight).view(x.shape)

@@ -1,0 +1,372 @@
+"""Each fused op against eager PyTorch and torch.compile at the ConvNeXt-T stage shapes.
+
+    python benchmarks/kernels.py                 # GPU: batch 128, bf16; CPU: batch 8, fp32
+    python benchmarks/kernels.py --ops mlp_layerscale --passes fwd
+    python benchmarks/kernels.py --quick         # smoke run: batch 1, no compile provider
+
+Shapes (H = W, C): 56x96, 28x192, 14x384, 7x768 (the four stages of ConvNeXt-T at 224 px).
+Passes: "fwd" (no autograd) and "fwd+bwd" (forward, then backward of a fixed output gradient
+into the input and every parameter).
+
+Providers:
+  eager          dwconv: F.conv2d(groups=C) on the channels_last view + F.layer_norm;
+                 mlp: Linear + GELU + Linear + mul(gamma) + add(shortcut); all tensors in --dtype
+  compile        torch.compile of the eager function (fresh, static shapes, per case)
+  fused_<b>      convnext_kernels.<op>(..., backend=b) for each fused backend that runs here
+                 (triton and cuda on GPU, cpu on CPU); parameters in the dtypes the kernels take
+                 (Linear weights in --dtype, the rest fp32), so no provider pays a cast
+
+Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
+read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:
+  bytes   the minimum traffic: every activation tensor read or written once (dwconv fwd: x, y;
+          bwd: dy, x, dx. mlp fwd: x, shortcut, out and the Linear weights; bwd: dy, x, dx, the
+          Linear weights and their gradients; the 4C hidden never leaves the chip)
+  flops   dwconv 2*49*NHWC, mlp 16*NHWC*C (two GEMMs); fwd+bwd counts 3x the forward
+  bound   max(bytes / copy bandwidth, flops / matmul peak): the fastest a kernel could be, as far as the
+          measured ceilings are the true ones
+The depthwise conv runs on CUDA cores, not tensor cores, so the matmul peak overstates its
+compute ceiling; its bound is set by bytes anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+ck = common.import_package()
+
+STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))  # (H = W, C) of ConvNeXt-T at 224 px
+OPS = ("dwconv_layernorm", "mlp_layerscale")
+PASSES = ("fwd", "fwd+bwd")
+EPS = 1e-6
+KERNEL_TAPS = 49
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROFILES = {
+    "gpu": dict(batch_size=128, dtype="bfloat16", cpu_iters=10),  # GPU timing: do_bench
+    "cpu": dict(batch_size=8, dtype="float32", cpu_iters=10),
+    "quick": dict(batch_size=1, dtype="float32", cpu_iters=3),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, help="N (default 128 on GPU, 8 on CPU, 1 under --quick)")
+    p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
+    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of " + ",".join(PASSES))
+    p.add_argument("--stages", default="1,2,3,4", help="comma-separated ConvNeXt-T stages (1-4)")
+    p.add_argument("--providers", help="comma-separated subset of eager,compile,fused_<backend> "
+                   "(default: eager, compile and every fused backend that runs here)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR, help="results directory")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 1, few iterations, no compile")
+    args = p.parse_args(argv)
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = PROFILES["quick" if args.quick else ("gpu" if args.device.type == "cuda" else "cpu")]
+    args.batch_size = args.batch_size or profile["batch_size"]
+    args.dtype = args.dtype or profile["dtype"]
+    args.cpu_iters = profile["cpu_iters"]
+    args.ops = _subset(p, args.ops, OPS, "--ops")
+    args.passes = _subset(p, args.passes, PASSES, "--passes")
+    args.stages = [int(s) for s in _subset(p, args.stages, ("1", "2", "3", "4"), "--stages")]
+    fused = [f"fused_{b}" for b in common.fused_backends(ck, args.device)]
+    if args.providers:
+        args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
+        known = ["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS]
+        unknown = [s for s in args.providers if s not in known]
+        if unknown:
+            p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
+    else:
+        args.providers = ["eager"] + ([] if args.quick else ["compile"]) + fused
+    return args
+
+
+def _subset(parser, text: str, allowed, flag: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        parser.error(f"{flag}: {bad or 'empty'}; choose from {', '.join(allowed)}")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Ceilings
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy of a buffer far larger than any cache: (read + write) bytes / time."""
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = common.kernel_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of three square matmul sizes (the largest is not always the fastest)."""
+    sizes = (4096, 8192, 16384) if device.type == "cuda" else (512, 1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = common.kernel_ms(lambda: torch.mm(a, b), device, cpu_iters=5)
+        best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
+        del a, b
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops, per provider
+# ----------------------------------------------------------------------------------------------
+def dwconv_layernorm_eager(x, conv_weight, conv_bias, norm_weight, norm_bias):
+    C = x.shape[-1]
+    # x is NHWC contiguous, so its NCHW permute is a channels_last view: no copy either way.
+    z = F.conv2d(x.permute(0, 3, 1, 2), conv_weight, conv_bias, padding=3, groups=C)
+    return F.layer_norm(z.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, EPS)
+
+
+def mlp_layerscale_eager(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma):
+    h = F.gelu(F.linear(x, fc1_weight, fc1_bias))
+    return shortcut + F.linear(h, fc2_weight, fc2_bias) * gamma
+
+
+def make_inputs(op: str, N: int, H: int, C: int, dtype: torch.dtype, fused: bool, device) -> dict:
+    """Named inputs of one case, seeded so every provider sees the same values."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0, offset=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale + offset).to(device=device, dtype=dt)
+
+    # The fused kernels take conv/norm parameters, biases and gamma in fp32 (see ops.py).
+    small = torch.float32 if fused else dtype
+    x = randn(N, H, H, C)
+    if op == "dwconv_layernorm":
+        return dict(x=x, conv_weight=randn(C, 1, 7, 7, scale=0.1, dt=small),
+                    conv_bias=randn(C, scale=0.1, dt=small), norm_weight=randn(C, scale=0.1, offset=1.0, dt=small),
+                    norm_bias=randn(C, scale=0.1, dt=small))
+    return dict(x=x, shortcut=randn(N, H, H, C), fc1_weight=randn(4 * C, C, scale=C ** -0.5),
+                fc1_bias=randn(4 * C, scale=0.1, dt=small), fc2_weight=randn(C, 4 * C, scale=(4 * C) ** -0.5),
+                fc2_bias=randn(C, scale=0.1, dt=small), gamma=randn(C, scale=0.1, offset=1.0, dt=small))
+
+
+def op_function(op: str, provider: str):
+    eager = dwconv_layernorm_eager if op == "dwconv_layernorm" else mlp_layerscale_eager
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager, dynamic=False)
+    if provider.startswith("fused_"):
+        backend = provider[len("fused_"):]
+        fused_op = getattr(ck, op)
+        if op == "dwconv_layernorm":
+            return lambda **t: fused_op(**t, eps=EPS, backend=backend)
+        return lambda **t: fused_op(**t, backend=backend)
+    raise ValueError(f"unknown provider {provider!r}; expected eager, compile or fused_<backend>")
+
+
+def model_cost(op: str, pass_: str, N: int, H: int, C: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(minimum bytes moved, FLOPs) of one case; see the module docstring."""
+    act = N * H * H * C * dtype.itemsize
+    if op == "dwconv_layernorm":
+        fwd_bytes, bwd_bytes = 2 * act, 3 * act
+        fwd_flops = 2 * KERNEL_TAPS * N * H * H * C
+    else:
+        weights = 8 * C * C * dtype.itemsize
+        fwd_bytes, bwd_bytes = 3 * act + weights, 3 * act + 2 * weights
+        fwd_flops = 16 * N * H * H * C * C
+    if pass_ == "fwd":
+        return fwd_bytes, fwd_flops
+    return fwd_bytes + bwd_bytes, 3 * fwd_flops
+
+
+def new_record(op: str, pass_: str, stage: int, provider: str, args, ceilings: dict) -> dict:
+    H, C = STAGES[stage - 1]
+    N = args.batch_size
+    nbytes, flops = model_cost(op, pass_, N, H, C, DTYPES[args.dtype])
+    bound_ms = 1e3 * max(nbytes / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
+    return {"op": op, "pass": pass_, "stage": stage, "shape": [N, H, H, C], "provider": provider,
+            "backend": provider[len("fused_"):] if provider.startswith("fused_") else
+            ("inductor" if provider == "compile" else "torch"),
+            "dtype": args.dtype, "ms": None, "gb_per_s": None, "pct_copy_bw": None, "tflop_per_s": None,
+            "pct_matmul_peak": None, "bound_ms": bound_ms, "pct_roofline": None,
+            "model_bytes": nbytes, "model_flops": flops, "error": None}
+
+
+def prepare(record: dict, args):
+    """(step, tensors whose .grad to reset) for a record, after one untimed call (compilation,
+    autotuning); None with record["error"] set when the provider cannot run."""
+    provider = record["provider"]
+    if provider.startswith("fused_"):
+        from convnext_kernels.backends import unavailable_reason
+
+        why = unavailable_reason(provider[len("fused_"):], args.device)
+        if why:
+            record["error"] = f"unavailable: {why}"
+            return None
+    N, H, _, C = record["shape"]
+    try:
+        fn = op_function(record["op"], provider)
+        inputs = make_inputs(record["op"], N, H, C, DTYPES[args.dtype], provider.startswith("fused_"), args.device)
+        if record["pass"] == "fwd":
+            def step():
+                with torch.no_grad():
+                    fn(**inputs)
+            leaves = []
+        else:
+            leaves = [t.requires_grad_() for t in inputs.values()]
+            dy = torch.randn_like(fn(**inputs))
+
+            def step():
+                fn(**inputs).backward(dy)
+        step()
+        common.synchronize(args.device)
+        return step, leaves
+    except Exception as e:  # recorded, and the other providers run
+        record["error"] = common.short_error(e)
+        return None
+
+
+def finish(record: dict, ms: float, ceilings: dict) -> None:
+    gbps = record["model_bytes"] / (ms * 1e-3) / 1e9
+    tflops = record["model_flops"] / (ms * 1e-3) / 1e12
+    record.update(ms=ms, gb_per_s=gbps, pct_copy_bw=100 * gbps / ceilings["copy_gbps"], tflop_per_s=tflops,
+                  pct_matmul_peak=100 * tflops / ceilings["matmul_tflops"],
+                  pct_roofline=100 * record["bound_ms"] / ms)
+
+
+def run_case(op: str, pass_: str, stage: int, args, ceilings: dict) -> list[dict]:
+    """Every provider on one (op, pass, shape): on GPU one after the other with do_bench; on CPU
+    taking turns call by call (common.time_interleaved), as the load of a shared machine drifts."""
+    records = [new_record(op, pass_, stage, p, args, ceilings) for p in args.providers]
+    by_provider = {r["provider"]: r for r in records}
+    prepared = {}
+    for record in records:
+        step_and_leaves = prepare(record, args)
+        if step_and_leaves is not None:
+            prepared[record["provider"]] = step_and_leaves
+    if args.device.type == "cuda":
+        for provider, (step, leaves) in prepared.items():
+            try:
+                finish(by_provider[provider], common.kernel_ms(step, args.device, grad_to_none=leaves), ceilings)
+            except Exception as e:
+                by_provider[provider]["error"] = common.short_error(e)
+    else:
+        def reset_grads(leaves):
+            return lambda: [setattr(t, "grad", None) for t in leaves]
+
+        times, errors = common.time_interleaved(
+            {p: step for p, (step, _) in prepared.items()}, warmup=2, iters=args.cpu_iters,
+            between={p: reset_grads(leaves) for p, (_, leaves) in prepared.items()})
+        for provider, e in errors.items():
+            by_provider[provider]["error"] = common.short_error(e)
+        for provider, t in times.items():
+            finish(by_provider[provider], 1e3 * common.median(t), ceilings)
+    prepared.clear()
+    torch._dynamo.reset()  # this case's compiled graphs are not needed again
+    return records
+
+
+def add_speedups(records: list[dict]) -> None:
+    eager = {(r["op"], r["pass"], r["stage"]): r["ms"] for r in records if r["provider"] == "eager" and r["ms"]}
+    for r in records:
+        base = eager.get((r["op"], r["pass"], r["stage"]))
+        r["speedup_vs_eager"] = base / r["ms"] if base and r["ms"] else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+TABLE_HEADERS = ("op", "pass", "shape NHWC", "provider", "ms", "GB/s", "% copy BW", "TFLOP/s",
+                 "% matmul", "bound ms", "% roofline", "x eager", "error")
+
+
+def case_label(r: dict) -> str:
+    short = "dwconv_ln" if r["op"] == "dwconv_layernorm" else "mlp"
+    return f"{short} {r['pass']} {r['shape'][1]}x{r['shape'][2]}x{r['shape'][3]}"
+
+
+def table_rows(records: list[dict]) -> list[list[str]]:
+    f = common.fmt
+    return [[r["op"], r["pass"], "x".join(map(str, r["shape"])), r["provider"], f(r["ms"], ".4g"),
+             f(r["gb_per_s"], ".1f"), f(r["pct_copy_bw"], ".1f"), f(r["tflop_per_s"], ".2f"),
+             f(r["pct_matmul_peak"], ".1f"), f(r["bound_ms"], ".4g"), f(r["pct_roofline"], ".1f"),
+             f(r["speedup_vs_eager"], ".2f"), r["error"] or ""] for r in records]
+
+
+def markdown(payload: dict, records: list[dict], chart_name: str) -> str:
+    c = payload["ceilings"]
+    cfg = payload["config"]
+    return "\n".join([
+        common.markdown_header(f"Fused ops at the ConvNeXt-T stage shapes: batch {cfg['batch_size']}, "
+                               f"{cfg['dtype']}", payload),
+        f"Ceilings measured in this run: copy {c['copy_gbps']:.1f} GB/s, {cfg['dtype']} matmul "
+        f"{c['matmul_tflops']:.2f} TFLOP/s. Bound = max(minimum bytes / copy bandwidth, model FLOPs / "
+        f"matmul peak); % roofline = bound / measured time. Times: median, "
+        f"{'triton.testing.do_bench' if payload['device_type'] == 'cuda' else 'time.perf_counter'}.",
+        "",
+        common.markdown_table(TABLE_HEADERS, table_rows(records)),
+        "",
+        f"![% of roofline by case]({chart_name})",
+    ])
+
+
+def chart(path: Path, records: list[dict], title: str):
+    cases = list(dict.fromkeys(case_label(r) for r in records))
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    value = {(case_label(r), r["provider"]): r["pct_roofline"] for r in records}
+    series = {p: [value.get((c, p)) for c in cases] for p in providers}
+    return common.bar_chart(path, title, "% of roofline bound (higher is better)", cases, series)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = {"batch_size": args.batch_size, "dtype": args.dtype, "ops": args.ops, "passes": args.passes,
+              "stages": args.stages, "providers": args.providers, "quick": args.quick}
+    payload = common.environment(args.device, "kernels", config)
+    where = "GPU" if args.device.type == "cuda" else "CPU run (no GPU used)"
+    print(f"fused ops, batch {args.batch_size}, {args.dtype}; {where}: {payload['device']}", flush=True)
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the eager conv gets cuDNN's fastest algorithm
+
+    ceilings = {"copy_gbps": copy_bandwidth_gbps(args.device),
+                "matmul_tflops": matmul_tflops(args.device, DTYPES[args.dtype]), "matmul_dtype": args.dtype}
+    payload["ceilings"] = ceilings
+    print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s")
+
+    cases = [(op, pass_, stage) for op in args.ops for pass_ in args.passes for stage in args.stages]
+    records = []
+    with common.Progress(len(cases), "kernels") as bar:
+        for op, pass_, stage in cases:
+            bar.set(f"{op} {pass_} stage {stage}")
+            records += run_case(op, pass_, stage, args, ceilings)
+            bar.advance()
+    add_speedups(records)
+    common.finish_environment(payload)
+    payload["results"] = records
+
+    print(common.text_table(TABLE_HEADERS, table_rows(records)))
+    # A run over a subset (to split a long GPU run) gets its own file; the README merges them.
+    subset = [("-".join(args.ops) if len(args.ops) < len(OPS) else None),
+              ("-".join(args.passes) if len(args.passes) < len(PASSES) else None),
+              ("stages" + "".join(map(str, args.stages)) if len(args.stages) < len(STAGES) else None)]
+    stem = common.result_stem("kernels", args.device, [f"b{args.batch_size}", args.dtype, *filter(None, subset)],
+                              args.quick)
+    title = (f"fused ops, ConvNeXt-T stage shapes, batch {args.batch_size} {args.dtype}, "
+             f"{common.device_slug(args.device)}")
+    written = common.write_results(args.out, stem, payload, markdown(payload, records, f"{stem}.png"),
+                                   lambda path: chart(path, records, title))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,40 +72,59 @@ def _hidden(x2, fc1_weight, fc1_bias):
     return a, F.gelu(a).to(x2.dtype)
 
 
+# On the CPU the rows go through the MLP in chunks, so the (rows, 4C) hidden stays in cache and
+# no tensor of the full hidden size is allocated (fresh large allocations cost page faults on
+# every call). On a GPU one chunk of all rows keeps the launch count down.
+CPU_ROWS_PER_CHUNK = 2048
+
+
+def _row_chunks(M: int, device: torch.device):
+    step = CPU_ROWS_PER_CHUNK if device.type == "cpu" else max(M, 1)
+    return [slice(i, min(i + step, M)) for i in range(0, M, step)]
+
+
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
     C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    _, h = _hidden(x2, fc1_weight, fc1_bias)
-    z = F.linear(h, fc2_weight).float() + fc2_bias
-    if gamma is not None:
-        z = z * gamma
+    x2, shortcut2 = x.reshape(-1, C), shortcut.reshape(-1, C)
     s = _row_scale(drop_scale, x)
-    if s is not None:
-        z = z * s
-    y = shortcut.reshape(-1, C).float() + z
-    return y.to(x.dtype).view(x.shape)
+    y = torch.empty_like(x2)
+    for rows in _row_chunks(x2.shape[0], x.device):
+        _, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        z = F.linear(h, fc2_weight).float().add_(fc2_bias)
+        if gamma is not None:
+            z.mul_(gamma)
+        if s is not None:
+            z.mul_(s[rows])
+        y[rows] = z.add_(shortcut2[rows])
+    return y.view(x.shape)
 
 
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
     C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    dout = dy.reshape(-1, C).float()
+    x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
     s = _row_scale(drop_scale, x)
-    if s is not None:
-        dout = dout * s
-    a, h = _hidden(x2, fc1_weight, fc1_bias)
-    if gamma is not None:
-        z = F.linear(h, fc2_weight).float() + fc2_bias
-        dgamma = (dout * z).sum(0)
-        dz = dout * gamma
-    else:
-        dgamma = torch.zeros(C, dtype=torch.float32, device=x.device)
-        dz = dout
-    dfc2_bias = dz.sum(0)
-    dfc2_weight = dz.t() @ h.float()
-    # aten's fused exact-erf GELU backward: dh * (Phi(a) + a * phi(a)) in one pass.
-    da = torch.ops.aten.gelu_backward((dz.to(x.dtype) @ fc2_weight).float(), a)
-    dfc1_bias = da.sum(0)
-    dfc1_weight = da.t() @ x2.float()
-    dx = (da.to(x.dtype) @ fc1_weight).view(x.shape)
-    return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dfc1_weight, dfc1_bias = torch.zeros(fc1_weight.shape, **f32), torch.zeros(fc1_bias.shape, **f32)
+    dfc2_weight, dfc2_bias = torch.zeros(fc2_weight.shape, **f32), torch.zeros(C, **f32)
+    dgamma = torch.zeros(C, **f32)
+    dx = torch.empty_like(x2)
+    # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
+    for rows in _row_chunks(x2.shape[0], x.device):
+        dout = dy2[rows].to(torch.float32, copy=True)  # scaled in place below; dy is also dshortcut
+        if s is not None:
+            dout.mul_(s[rows])
+        a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        if gamma is not None:
+            z = F.linear(h, fc2_weight).float().add_(fc2_bias)
+            dgamma += (dout * z).sum(0)
+            dz = dout.mul_(gamma)
+        else:
+            dz = dout
+        dfc2_bias += dz.sum(0)
+        dfc2_weight.addmm_(dz.t(), h.float())
+        # aten's fused exact-erf GELU backward: dh * (Phi(a) + a * phi(a)) in one pass.
+        da = torch.ops.aten.gelu_backward((dz.to(x.dtype) @ fc2_weight).float(), a)
+        dfc1_bias += da.sum(0)
+        dfc1_weight.addmm_(da.t(), x2[rows].float())
+        dx[rows] = da.to(x.dtype) @ fc1_weight
+    return dx.view(x.shape), dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

@@ -248,11 +248,18 @@ def _dwconv_layernorm_bwd_conv_kernel(
             tl.store(dw_part_ptr + (pid * 49 + kh * 7 + kw) * C + offs_c, dw, mask=mask_c)
 
 
+def _tile_elems(C):
+    # With C % 16 != 0 the channel rows are not 16-byte aligned, so loads are not
+    # vectorised and every element needs its own 64-bit address: a 4096 tile
+    # spilled (AOT-compiled for sm_80 / sm_90, C = 40). Halve it; keep 8 warps.
+    return _TILE_ELEMS if C % 16 == 0 else _TILE_ELEMS // 2
+
+
 def _row_tiling(W, C):
     """(BLOCK_W, BLOCK_C, num_warps) for the kernels that hold all of C."""
     block_c = triton.next_power_of_2(C)
-    block_w = max(1, min(triton.next_power_of_2(W), _TILE_ELEMS // block_c))
-    num_warps = 4 if block_w * block_c <= 2048 else 8
+    block_w = max(1, min(triton.next_power_of_2(W), _tile_elems(C) // block_c))
+    num_warps = 4 if block_w * block_c <= 2048 and C % 16 == 0 else 8
     return block_w, block_c, num_warps
 
 
@@ -291,12 +298,12 @@ def dwconv_layernorm_fwd(
 def _conv_bwd_tiling(N, H, W, C):
     """(ROWS, BLOCK_W, BLOCK_C, num_warps) for the per-channel backward conv kernel."""
     block_c = min(triton.next_power_of_2(C), _CONV_BWD_BLOCK_C)
-    block_w = max(1, min(triton.next_power_of_2(W), _TILE_ELEMS // block_c))
+    block_w = max(1, min(triton.next_power_of_2(W), _tile_elems(C) // block_c))
     tiles = N * H * triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
     # More rows per program -> fewer (programs, 49, C) partials; stop at ~512
     # programs so an H100's 132 SMs still get a few waves.
     rows = max(1, min(H, 16, tiles // 512))
-    num_warps = 4 if block_w * block_c <= 2048 else 8
+    num_warps = 4 if block_w * block_c <= 2048 and C % 16 == 0 else 8
     return rows, block_w, block_c, num_warps
 
 

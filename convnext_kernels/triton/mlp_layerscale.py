@@ -2,7 +2,7 @@
 layer scale gamma, per-sample drop-path scale and the residual add (NHWC rows).
 
 Forward:
-  * C <= FUSED_MAX_C: ``_mlp_layerscale_fwd_kernel`` keeps the 4C hidden on
+  * C <= FUSED_MAX_C (256 for fp32): ``_mlp_layerscale_fwd_kernel`` keeps the 4C hidden on
     chip. A program owns BLOCK_M rows and the whole output width
     (BLOCK_C = next_power_of_2(C) fp32 accumulator); it walks the hidden in
     BLOCK_H chunks: h = gelu(x @ W1[chunk].T + b1[chunk]) -> x.dtype ->
@@ -36,7 +36,8 @@ from torch.library import wrap_triton
 
 from ..launchers import empty_output
 
-# Largest C for which the forward keeps the hidden on chip (BLOCK_C <= 512).
+# Largest C for which the forward keeps the hidden on chip (BLOCK_C <= 512);
+# fp32 inputs stop at 256 (see _fused_max_c).
 FUSED_MAX_C = 384
 
 # Epilogues of _matmul_kernel.
@@ -57,53 +58,124 @@ def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-# GPU configs (untested on hardware; H100-oriented guesses). Under the
+# Config lists per tl.dot mode (see _dot_mode): "mma" = fp16/bf16 tensor cores,
+# "tf32" = fp32 on tensor cores (operands twice the bytes: smaller K tiles),
+# "fma" = fp32 with input_precision "ieee", which Triton lowers to CUDA-core FMAs
+# with each thread holding whole BLOCK_K slices of both operands in registers:
+# small BLOCK_K / hidden chunks or it spills by tens of KB.
+# GPU lists were checked by AOT compilation for sm_90 / sm_80 (triton 3.9,
+# scratch/aot_compile_triton.py): none spills at ConvNeXt widths or exceeds the
+# A100's 163 KB of shared memory; not yet tuned on hardware. Under the
 # interpreter one small config each: autotuning there is slow and pointless.
+_DOT_MODES = ("mma", "tf32", "fma")
 if _interpreting():
     _FUSED_FWD_CONFIGS = {
-        c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 512)
+        mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 512)}
+        for mode in _DOT_MODES
     }
-    _MATMUL_CONFIGS = [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
-    _BWD_HIDDEN_CONFIGS = [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)]
-    _BWD_INPUT_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32)]
+    _MATMUL_CONFIGS = {mode: [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
+                       for mode in _DOT_MODES}
+    _BWD_HIDDEN_CONFIGS = {mode: [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)] for mode in _DOT_MODES}
+    _BWD_INPUT_CONFIGS = {mode: [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32)] for mode in _DOT_MODES}
 else:
     _FUSED_FWD_CONFIGS = {
-        # BLOCK_C <= 128: a 128x128 fp32 accumulator is cheap.
-        128: [
-            _cfg(4, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=64),
-            _cfg(8, 3, BLOCK_M=128, BLOCK_H=128, BLOCK_K=64),
-            _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-            _cfg(4, 3, BLOCK_M=64, BLOCK_H=128, BLOCK_K=32),
+        # The whole BLOCK_M x BLOCK_C fp32 accumulator lives in registers next to
+        # the BLOCK_M x BLOCK_H GEMM1 chunk: BLOCK_M = 128 only with 8 warps.
+        "mma": {
+            128: [
+                _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
+                _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+                _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+            ],
+            256: [
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+            ],
+            # BLOCK_C = 512: the accumulator alone is 64x512 fp32 = 128 regs/thread.
+            512: [
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=16, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
+            ],
+        },
+        # fp32 fuses only up to BLOCK_C = 256 (_fused_max_c): at 512 every
+        # tf32 tile spilled.
+        "tf32": {
+            128: [
+                _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+                _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+            ],
+            256: [
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+            ],
+        },
+        "fma": {
+            128: [
+                _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
+                _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
+                _cfg(4, 2, BLOCK_M=32, BLOCK_H=16, BLOCK_K=16),
+            ],
+            256: [
+                _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
+                _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
+            ],
+        },
+    }
+    _MATMUL_CONFIGS = {
+        # (128x256 tiles spilled in the GELU / residual epilogues: dropped.)
+        "mma": [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         ],
-        256: [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=64),
-            _cfg(4, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-            _cfg(8, 3, BLOCK_M=64, BLOCK_H=128, BLOCK_K=64),
+        "tf32": [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         ],
-        # BLOCK_C = 512: the accumulator alone is 64x512 fp32, keep BLOCK_M small.
-        512: [
-            _cfg(8, 2, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
-            _cfg(4, 2, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
+        "fma": [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
         ],
     }
-    _MATMUL_CONFIGS = [
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    ]
-    _BWD_HIDDEN_CONFIGS = [
-        _cfg(4, 3, BLOCK_H=64, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_H=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_H=128, BLOCK_K=32),
-    ]
-    _BWD_INPUT_CONFIGS = [
-        _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_K=64),
-        _cfg(8, 4, BLOCK_N=128, BLOCK_K=32),
-    ]
+    _BWD_HIDDEN_CONFIGS = {
+        "mma": [
+            _cfg(4, 3, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_H=128, BLOCK_K=64),
+            _cfg(8, 4, BLOCK_H=128, BLOCK_K=32),
+        ],
+        "tf32": [
+            _cfg(4, 3, BLOCK_H=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_H=128, BLOCK_K=32),
+        ],
+        "fma": [
+            _cfg(4, 3, BLOCK_H=64, BLOCK_K=16),
+            _cfg(8, 3, BLOCK_H=128, BLOCK_K=16),
+        ],
+    }
+    _BWD_INPUT_CONFIGS = {
+        "mma": [
+            _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_N=128, BLOCK_K=64),
+            _cfg(8, 4, BLOCK_N=128, BLOCK_K=32),
+        ],
+        "tf32": [
+            _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_N=128, BLOCK_K=32),
+        ],
+        "fma": [
+            _cfg(8, 3, BLOCK_N=128, BLOCK_K=16),
+            _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
+        ],
+    }
 
 
 @triton.jit
@@ -397,15 +469,24 @@ def _mlp_layerscale_bwd_input_kernel(
 
 
 _fused_fwd_kernels = {
-    c: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
-    for c, cfgs in _FUSED_FWD_CONFIGS.items()
+    mode: {
+        c: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
+        for c, cfgs in per_c.items()
+    }
+    for mode, per_c in _FUSED_FWD_CONFIGS.items()
 }
-_matmul = triton.autotune(configs=_MATMUL_CONFIGS,
-                          key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
-_bwd_hidden = triton.autotune(configs=_BWD_HIDDEN_CONFIGS,
-                              key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
-_bwd_input = triton.autotune(configs=_BWD_INPUT_CONFIGS,
-                             key=["M", "C"])(_mlp_layerscale_bwd_input_kernel)
+_matmul = {
+    mode: triton.autotune(configs=cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
+    for mode, cfgs in _MATMUL_CONFIGS.items()
+}
+_bwd_hidden = {
+    mode: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
+    for mode, cfgs in _BWD_HIDDEN_CONFIGS.items()
+}
+_bwd_input = {
+    mode: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_bwd_input_kernel)
+    for mode, cfgs in _BWD_INPUT_CONFIGS.items()
+}
 
 
 def _input_precision(dtype):
@@ -415,12 +496,25 @@ def _input_precision(dtype):
     return "ieee"
 
 
+def _dot_mode(dtype, precision):
+    """Which config lists apply: "mma" (fp16/bf16), "tf32" or "fma" (fp32 "ieee")."""
+    if dtype != torch.float32:
+        return "mma"
+    return "tf32" if precision == "tf32" else "fma"
+
+
+def _fused_max_c(dtype):
+    # fp32 operands need twice the registers / shared memory: fuse up to BLOCK_C = 256.
+    return FUSED_MAX_C if dtype != torch.float32 else min(FUSED_MAX_C, 256)
+
+
 def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    epilogue, precision, k_per_split=None, split=1, bias=None, gamma=None,
                    row_scale=None, residual=None, rows_per_sample=1):
     dummy = out
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), split)
-    wrap_triton(_matmul)[grid](
+    kernel = _matmul[_dot_mode(a.dtype, precision)]
+    wrap_triton(kernel)[grid](
         a, b, out,
         bias if bias is not None else dummy,
         gamma if gamma is not None else dummy,
@@ -451,9 +545,11 @@ def mlp_layerscale_fwd(
     precision = _input_precision(x.dtype)
     has_gamma = gamma is not None
     has_row_scale = drop_scale is not None
-    if C <= FUSED_MAX_C:
+    mode = _dot_mode(x.dtype, precision)
+    if C <= _fused_max_c(x.dtype):
         block_c = max(16, triton.next_power_of_2(C))
-        kernel = _fused_fwd_kernels[min(c for c in _fused_fwd_kernels if c >= block_c)]
+        kernels = _fused_fwd_kernels[mode]
+        kernel = kernels[min(c for c in kernels if c >= block_c)]
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
         wrap_triton(kernel)[grid](
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -516,7 +612,8 @@ def mlp_layerscale_bwd(
     da = empty_output((M, HID), x.dtype, dev)
     db1_part = empty_output((m_tiles, HID), torch.float32, dev)
     grid1 = lambda META: (m_tiles, triton.cdiv(HID, META["BLOCK_H"]))
-    wrap_triton(_bwd_hidden)[grid1](
+    mode = _dot_mode(x.dtype, precision)
+    wrap_triton(_bwd_hidden[mode])[grid1](
         x, dy, fc1_weight, fc1_bias, fc2_weight, gamma_arg, row_scale_arg,
         h, da, db1_part,
         M, C, HID, H * W,
@@ -530,7 +627,7 @@ def mlp_layerscale_bwd(
     dgamma_part = empty_output((m_tiles, C), torch.float32, dev)
     db2_part = empty_output((m_tiles, C), torch.float32, dev)
     grid2 = lambda META: (m_tiles, triton.cdiv(C, META["BLOCK_N"]))
-    wrap_triton(_bwd_input)[grid2](
+    wrap_triton(_bwd_input[mode])[grid2](
         h, da, fc1_weight, fc2_weight, fc2_bias, dy, gamma_arg, row_scale_arg,
         dx, dz, dgamma_part, db2_part,
         M, C, HID, H * W,

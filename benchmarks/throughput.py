@@ -54,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROFILES = {
     "gpu": dict(model="tiny", img_size=224, dtype="bfloat16", bench="both", infer_batch=256,
                 train_batch=128, warmup=5, iters=30),
-    "cpu": dict(model="tiny", img_size=224, dtype="float32", bench="infer", infer_batch=8,
+    "cpu": dict(model="tiny", img_size=224, dtype="float32", bench="both", infer_batch=8,
                 train_batch=8, warmup=1, iters=5),
     "quick": dict(model="atto", img_size=64, dtype="float32", bench="both", infer_batch=2,
                   train_batch=2, warmup=1, iters=3),
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype; float32 = no autocast "
                    "(default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--bench", choices=("infer", "train", "both"),
-                   help="default both on GPU, infer on CPU")
+                   help="default: both")
     p.add_argument("--providers", help=f"comma-separated subset of {','.join(ALL_PROVIDERS)} "
                    "(default: all that run here)")
     p.add_argument("--compile-mode", default=None,

@@ -63,8 +63,8 @@ def _cfg(num_warps, num_stages, **blocks):
 # "fma" = fp32 with input_precision "ieee", which Triton lowers to CUDA-core FMAs
 # with each thread holding whole BLOCK_K slices of both operands in registers:
 # small BLOCK_K / hidden chunks or it spills by tens of KB.
-# GPU lists were checked by AOT compilation for sm_90 / sm_80 (triton 3.9,
-# scratch/aot_compile_triton.py): none spills at ConvNeXt widths or exceeds the
+# GPU lists were checked by ahead-of-time compilation for sm_90 / sm_80 (triton
+# 3.9, no GPU, 2026-11-24): none spills at ConvNeXt widths or exceeds the
 # A100's 163 KB of shared memory; not yet tuned on hardware. Under the
 # interpreter one small config each: autotuning there is slow and pointless.
 _DOT_MODES = ("mma", "tf32", "fma")

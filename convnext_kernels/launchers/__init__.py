@@ -57,3 +57,23 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if POISON_OUTPUTS:
         out.fill_(math.nan)
     return out
+
+
+def data_ptr(t) -> int:
+    """The address of t's data, or 0 for an absent optional tensor (what the C++ side expects)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def dwconv_layernorm_fwd_outputs(x: torch.Tensor):
+    """Uninitialised (y, mean, rstd) for dwconv_layernorm_fwd on x (N, H, W, C)."""
+    y = empty_output(x.shape, x.dtype, x.device)
+    mean = empty_output(x.shape[:3], torch.float32, x.device)
+    return y, mean, empty_output(x.shape[:3], torch.float32, x.device)
+
+
+def dwconv_layernorm_bwd_outputs(x: torch.Tensor):
+    """Uninitialised (dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias) for x (N, H, W, C)."""
+    C = x.shape[-1]
+    vectors = [empty_output((C,), torch.float32, x.device) for _ in range(3)]
+    return (empty_output(x.shape, x.dtype, x.device),
+            empty_output((C, 1, 7, 7), torch.float32, x.device), *vectors)

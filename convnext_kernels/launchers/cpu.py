@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
-from convnext_kernels.launchers import empty_output
+from convnext_kernels.launchers import (
+    data_ptr,
+    dwconv_layernorm_bwd_outputs,
+    dwconv_layernorm_fwd_outputs,
+    empty_output,
+)
 from convnext_kernels.launchers.torch_ops import mlp_layerscale_bwd, mlp_layerscale_fwd
 
 __all__ = [
@@ -37,20 +42,14 @@ def _dtype_code(dtype: torch.dtype) -> int:
         raise ValueError(f"backend 'cpu' supports float32, float16 and bfloat16 activations, got {dtype}") from None
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     N, H, W, C = x.shape
     code = _dtype_code(x.dtype)
-    y = empty_output((N, H, W, C), x.dtype, x.device)
-    mean = empty_output((N, H, W), torch.float32, x.device)
-    rstd = empty_output((N, H, W), torch.float32, x.device)
+    y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     if x.numel() == 0:
         return y, mean, rstd
     _C.dwconv_layernorm_fwd_cpu(
-        x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias), norm_weight.data_ptr(),
+        x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
         norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         N, H, W, C, float(eps), code, torch.get_num_threads(),
     )
@@ -60,20 +59,17 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     N, H, W, C = x.shape
     code = _dtype_code(x.dtype)
-    dx = empty_output((N, H, W, C), x.dtype, x.device)
+    dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = dwconv_layernorm_bwd_outputs(x)
     if x.numel() == 0:
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=x.device)  # noqa: E731
-        return dx, zeros(C, 1, 7, 7), zeros(C), zeros(C), zeros(C)
-    dconv_weight = empty_output((C, 1, 7, 7), torch.float32, x.device)
-    dconv_bias = empty_output((C,), torch.float32, x.device)
-    dnorm_weight = empty_output((C,), torch.float32, x.device)
-    dnorm_bias = empty_output((C,), torch.float32, x.device)
+        for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):
+            t.zero_()
+        return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
     # Scratch (the conv-output gradient and per-row-block weight-gradient partials); fully
     # written by the kernel before it is read, so poisoning it is a valid check.
     workspace_floats = _C.dwconv_layernorm_bwd_cpu_workspace_size(N, H, W, C)
     workspace = empty_output((workspace_floats,), torch.float32, x.device)
     _C.dwconv_layernorm_bwd_cpu(
-        dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias),
+        dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias),
         norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
         dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
         dnorm_bias.data_ptr(), workspace.data_ptr(), workspace_floats,

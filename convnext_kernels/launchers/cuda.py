@@ -17,12 +17,16 @@ back-to-back fused kernel that keeps the (rows, 4C) hidden on chip. ``CONVNEXT_K
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
-from convnext_kernels.launchers import empty_output
+from convnext_kernels.launchers import (
+    data_ptr,
+    dwconv_layernorm_bwd_outputs,
+    dwconv_layernorm_fwd_outputs,
+    empty_output,
+)
 
 __all__ = [
     "dwconv_layernorm_fwd",
@@ -44,10 +48,6 @@ def _dtype_code(dtype: torch.dtype) -> int:
         raise ValueError(f"backend 'cuda' supports float32, float16 and bfloat16 activations, got {dtype}") from None
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -65,16 +65,14 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     N, H, W, C = x.shape
     code = _dtype_code(x.dtype)
-    y = empty_output((N, H, W, C), x.dtype, x.device)
-    mean = empty_output((N, H, W), torch.float32, x.device)
-    rstd = empty_output((N, H, W), torch.float32, x.device)
+    y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     if x.numel() == 0:
         return y, mean, rstd
     with torch.cuda.device(x.device):
         nbytes = _C.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
         workspace = _workspace(nbytes, x.device)
         _C.dwconv_layernorm_fwd_cuda(
-            x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias), norm_weight.data_ptr(),
+            x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
             norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
         )
@@ -84,11 +82,7 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     N, H, W, C = x.shape
     code = _dtype_code(x.dtype)
-    dx = empty_output((N, H, W, C), x.dtype, x.device)
-    dconv_weight = empty_output((C, 1, 7, 7), torch.float32, x.device)
-    dconv_bias = empty_output((C,), torch.float32, x.device)
-    dnorm_weight = empty_output((C,), torch.float32, x.device)
-    dnorm_bias = empty_output((C,), torch.float32, x.device)
+    dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = dwconv_layernorm_bwd_outputs(x)
     if x.numel() == 0:
         for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):
             t.zero_()
@@ -97,7 +91,7 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
         nbytes = _C.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
         workspace = _workspace(nbytes, x.device)
         _C.dwconv_layernorm_bwd_cuda(
-            dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), _ptr(conv_bias),
+            dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias),
             norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
             dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
             dnorm_bias.data_ptr(), workspace.data_ptr(), workspace.numel(),
@@ -118,7 +112,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
         workspace = _workspace(nbytes, x.device)
         _C.mlp_layerscale_fwd_cuda(
             x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
-            fc2_weight.data_ptr(), fc2_bias.data_ptr(), _ptr(gamma), _ptr(drop_scale), y.data_ptr(),
+            fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), y.data_ptr(),
             workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, _mlp_fused_allowed(),
             _stream(x.device),
         )
@@ -144,7 +138,7 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
         workspace = _workspace(nbytes, x.device)
         _C.mlp_layerscale_bwd_cuda(
             dy.data_ptr(), x.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
-            fc2_weight.data_ptr(), fc2_bias.data_ptr(), _ptr(gamma), _ptr(drop_scale), dx.data_ptr(),
+            fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), dx.data_ptr(),
             dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),
             dgamma.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32,
             _stream(x.device),

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..launchers import empty_output
+from ..launchers import dwconv_layernorm_fwd_outputs, empty_output
 
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -279,9 +279,7 @@ def dwconv_layernorm_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """y = LayerNorm_C(dwconv7x7(x) + conv_bias); returns (y, mean, rstd)."""
     N, H, W, C = x.shape
-    y = empty_output(x.shape, x.dtype, x.device)
-    mean = empty_output((N, H, W), torch.float32, x.device)
-    rstd = empty_output((N, H, W), torch.float32, x.device)
+    y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     taps = _taps(conv_weight)
     has_bias = conv_bias is not None
     block_w, block_c, num_warps = _row_tiling(W, C)

@@ -367,31 +367,39 @@ def _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace_fill):
     N, H, W, C = x.shape
     code = {torch.float32: _C.CUDA_DTYPE_FLOAT32, torch.float16: _C.CUDA_DTYPE_FLOAT16,
             torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16}[x.dtype]
-    nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(N, H, W, C, code)
-    workspace = torch.full((nbytes,), workspace_fill, dtype=torch.uint8, device=x.device)
     y = torch.full_like(x, math.nan)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    ptrs = (x.data_ptr(), sc.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), ptr(gamma),
+            ptr(s), y.data_ptr())
+    # Sized for the two-GEMM path (allow_fused=False), enough for either path: which one ran shows
+    # in whether the workspace was written.
+    nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, False)
+    assert nbytes == N * H * W * 4 * C * x.element_size()
+    workspace = torch.full((nbytes,), workspace_fill, dtype=torch.uint8, device=x.device)
     _C.mlp_layerscale_fwd_cuda(
-        x.data_ptr(), sc.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), ptr(gamma),
-        ptr(s), y.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused,
+        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused,
         torch.cuda.current_stream().cuda_stream,
     )
     torch.cuda.synchronize()
     return y, workspace
 
 
-@pytest.mark.parametrize(
-    "shape,dtype,expect_fused",
-    [
-        ((2, 9, 11, 96), torch.float16, True),
-        ((2, 9, 11, 384), torch.bfloat16, True),
-        ((2, 9, 11, 40), torch.bfloat16, True),   # 40 % 8 == 0: fused, 64-channel tile
-        ((2, 5, 6, 36), torch.float16, False),    # C % 8 != 0
-        ((2, 3, 5, 392), torch.float16, False),   # C > 384
-        ((2, 9, 11, 96), torch.float32, False),   # fp32: two GEMMs
-    ],
-    ids=lambda v: _shape_id(v) if isinstance(v, tuple) else str(v),
-)
+# (shape, dtype, fused kernel expected with allow_fused) on a device with >= 161 KB opt-in shared memory.
+MLP_FWD_DISPATCH_CASES = [
+    ((2, 9, 11, 96), torch.float16, True),
+    ((2, 9, 11, 384), torch.bfloat16, True),
+    ((2, 9, 11, 40), torch.bfloat16, True),   # 40 % 8 == 0: fused, 64-channel tile
+    ((2, 5, 6, 36), torch.float16, False),    # C % 8 != 0
+    ((2, 3, 5, 392), torch.float16, False),   # C > 384
+    ((2, 9, 11, 96), torch.float32, False),   # fp32: two GEMMs
+]
+
+
+def _dispatch_id(v):
+    return _shape_id(v) if isinstance(v, tuple) else str(v)
+
+
+@pytest.mark.parametrize("shape,dtype,expect_fused", MLP_FWD_DISPATCH_CASES, ids=_dispatch_id)
 def test_mlp_layerscale_fwd_dispatch(shape, dtype, expect_fused):
     """Which path ran: the two-GEMM path writes the hidden into the workspace, the fused one never
     touches it. allow_fused=False must always take the two-GEMM path."""
@@ -401,6 +409,57 @@ def test_mlp_layerscale_fwd_dispatch(shape, dtype, expect_fused):
     assert torch.isfinite(y_on).all() and torch.isfinite(y_off).all()
     assert (ws_on == 0xA5).all().item() == expect_fused, "allow_fused=True took the unexpected path"
     assert not (ws_off == 0xA5).all().item(), "allow_fused=False did not run the two-GEMM path"
+
+
+@pytest.mark.parametrize("shape,dtype,expect_fused", MLP_FWD_DISPATCH_CASES, ids=_dispatch_id)
+def test_mlp_layerscale_fwd_workspace_size(shape, dtype, expect_fused, monkeypatch):
+    """The forward workspace is only the two-GEMM hidden: the query (same tensors, allow_fused and
+    device as the forward) returns 0 where the fused kernel will run, and the launcher then
+    allocates a token byte instead of rows x 4C; the full size otherwise and with the env switch
+    off. The forward rejects a workspace smaller than its path needs."""
+    from convnext_kernels import _C  # type: ignore[attr-defined]
+
+    L = _launchers()
+    N, H, W, C = shape
+    full = N * H * W * 4 * C * torch.finfo(dtype).bits // 8
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    y = torch.empty_like(x)
+    code = {torch.float32: _C.CUDA_DTYPE_FLOAT32, torch.float16: _C.CUDA_DTYPE_FLOAT16,
+            torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16}[dtype]
+    ptrs = (x.data_ptr(), sc.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+            gamma.data_ptr(), s.data_ptr(), y.data_ptr())
+    on = _C.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, True)
+    off = _C.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, False)
+    assert on == (0 if expect_fused else full)
+    assert off == full
+
+    allocated = []
+    real_workspace = L._workspace
+
+    def recording_workspace(nbytes, device):
+        ws = real_workspace(nbytes, device)
+        allocated.append(ws.numel())
+        return ws
+
+    monkeypatch.setattr(L, "_workspace", recording_workspace)
+    for env, expect in (("1", on), ("0", full)):
+        monkeypatch.setenv(MLP_FUSED_ENV, env)
+        allocated.clear()
+        L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+        assert allocated == [max(expect, 1)], f"{MLP_FUSED_ENV}={env}: allocated {allocated}, expected {expect}"
+        if expect_fused and env == "1":
+            assert allocated[0] <= 16
+
+    stream = torch.cuda.current_stream().cuda_stream
+    if expect_fused:  # the fused kernel needs no workspace at all
+        _C.mlp_layerscale_fwd_cuda(*ptrs, 0, 0, N, H, W, C, code, False, True, stream)
+    ws = torch.empty((full,), dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="workspace too small"):  # two-GEMM path, one byte short
+        _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), full - 1, N, H, W, C, code, False, False, stream)
+    if not expect_fused:  # a fused-sized (empty) workspace on an ineligible case is rejected, not overrun
+        with pytest.raises(ValueError, match="workspace too small"):
+            _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), 0, N, H, W, C, code, False, True, stream)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -445,5 +504,7 @@ def test_invalid_arguments_raise_value_error():
         _C.dwconv_layernorm_fwd_cuda_workspace_bytes(0, 1, 1, 8)
     with pytest.raises(ValueError):
         _C.dwconv_layernorm_fwd_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 8, 1e-6, 0, 0)
-    with pytest.raises(ValueError):
-        _C.mlp_layerscale_fwd_cuda_workspace_bytes(1, 1, 1, 8, 7)  # unknown dtype code
+    with pytest.raises(ValueError):  # unknown dtype code
+        _C.mlp_layerscale_fwd_cuda_workspace_bytes(16, 16, 16, 16, 16, 16, 0, 0, 16, 1, 1, 1, 8, 7, True)
+    with pytest.raises(ValueError):  # null x
+        _C.mlp_layerscale_fwd_cuda_workspace_bytes(0, 16, 16, 16, 16, 16, 0, 0, 16, 1, 1, 1, 8, 1, True)

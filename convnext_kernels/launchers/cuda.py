@@ -11,7 +11,8 @@ is set (as torch's own matmuls do); otherwise an exact fp32 FFMA path runs.
 
 mlp_layerscale forward: fp16 / bf16 with C <= 384 (C % 8 == 0, 16-byte aligned tensors) runs a
 back-to-back fused kernel that keeps the (rows, 4C) hidden on chip. ``CONVNEXT_KERNELS_CUDA_MLP_FUSED=0``
-(read at every call) forces the two-GEMM path everywhere, to compare the two or bisect a bug.
+(read at every call) forces the two-GEMM path everywhere, to compare the two or bisect a bug. The
+forward's workspace (the two-GEMM hidden) is only allocated when the two-GEMM path will run.
 """
 
 from __future__ import annotations
@@ -107,13 +108,18 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     if x.numel() == 0:
         return y
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    allow_fused = _mlp_fused_allowed()  # read once: the query and the forward must agree
+    ptrs = (
+        x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(), fc2_weight.data_ptr(),
+        fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), y.data_ptr(),
+    )
     with torch.cuda.device(x.device):
-        nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(N, H, W, C, code)
+        # Same tensors, allow_fused and device as the forward: 0 bytes when the fused kernel runs
+        # (no rows x 4C hidden is allocated), the two-GEMM hidden otherwise.
+        nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, allow_fused)
         workspace = _workspace(nbytes, x.device)
         _C.mlp_layerscale_fwd_cuda(
-            x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
-            fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), y.data_ptr(),
-            workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, _mlp_fused_allowed(),
+            *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, allow_fused,
             _stream(x.device),
         )
     return y

@@ -34,9 +34,12 @@ void register_cuda_bindings(pybind11::module_& m) {
         py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Backward of dwconv_layernorm_fwd_cuda; fp32 parameter gradients are overwritten (deterministic).");
 
-  m.def("mlp_layerscale_fwd_cuda_workspace_bytes", &ck::mlp_layerscale_fwd_workspace_bytes, py::arg("N"),
-        py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"),
-        "Bytes of scratch memory mlp_layerscale_fwd_cuda needs.");
+  m.def("mlp_layerscale_fwd_cuda_workspace_bytes", &ck::mlp_layerscale_fwd_workspace_bytes, py::arg("x"),
+        py::arg("shortcut"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"),
+        py::arg("fc2_bias"), py::arg("gamma"), py::arg("drop_scale"), py::arg("y"), py::arg("N"), py::arg("H"),
+        py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("allow_fused"),
+        "Bytes of scratch memory mlp_layerscale_fwd_cuda needs for these tensors and allow_fused on the "
+        "current device: 0 when the fused kernel will run, rows * 4C elements for the two-GEMM path.");
   m.def("mlp_layerscale_fwd_cuda", &ck::mlp_layerscale_fwd, py::arg("x"), py::arg("shortcut"), py::arg("fc1_weight"),
         py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("gamma"), py::arg("drop_scale"),
         py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("N"), py::arg("H"), py::arg("W"),
@@ -44,7 +47,8 @@ void register_cuda_bindings(pybind11::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "y = shortcut + drop_scale[n] * gamma * (gelu(x W1^T + b1) W2^T + b2). gamma / drop_scale may be 0. "
         "allow_fused: fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned tensors run the "
-        "back-to-back fused kernel (hidden kept on chip); False forces the two-GEMM path.");
+        "back-to-back fused kernel (hidden kept on chip); False forces the two-GEMM path. ValueError if "
+        "workspace_bytes is below what the path taken needs (see mlp_layerscale_fwd_cuda_workspace_bytes).");
 
   m.def("mlp_layerscale_bwd_cuda_workspace_bytes", &ck::mlp_layerscale_bwd_workspace_bytes, py::arg("N"),
         py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"),

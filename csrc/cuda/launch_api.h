@@ -34,9 +34,17 @@ void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t co
 
 // ---- mlp_layerscale ----------------------------------------------------------------------------
 // mlp_layerscale_fwd: allow_fused lets fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned
-// tensors run the back-to-back fused kernel (hidden kept on chip, the workspace is then unused);
-// false forces the two-GEMM path. The workspace must still be sized by the query below.
-int64_t mlp_layerscale_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype);
+// tensors run the back-to-back fused kernel (hidden kept on chip) where the current device's opt-in
+// shared memory fits it; false forces the two-GEMM path. The workspace query takes the same tensors,
+// sizes and allow_fused as the forward and makes the same decision (one function, on the current
+// device): 0 bytes when the fused kernel will run (workspace may then be 0), rows * 4C elements
+// otherwise. The forward throws std::invalid_argument if workspace_bytes is below what the path it
+// takes needs, so a query made with other arguments (or on another device) cannot be overrun.
+int64_t mlp_layerscale_fwd_workspace_bytes(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
+                                           std::uintptr_t fc1_bias, std::uintptr_t fc2_weight,
+                                           std::uintptr_t fc2_bias, std::uintptr_t gamma,
+                                           std::uintptr_t drop_scale, std::uintptr_t y, int64_t N, int64_t H,
+                                           int64_t W, int64_t C, int dtype, bool allow_fused);
 
 void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
                         std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,

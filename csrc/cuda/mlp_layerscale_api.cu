@@ -35,12 +35,45 @@ P* as_ptr(std::uintptr_t v) {
   return reinterpret_cast<P*>(v);
 }
 
+FwdArgs make_fwd_args(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
+                      std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
+                      std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t y, std::uintptr_t workspace,
+                      int64_t N, int64_t H, int64_t W, int64_t C) {
+  return FwdArgs{as_ptr<const void>(x), as_ptr<const void>(shortcut), as_ptr<const void>(fc1_weight),
+                 as_ptr<const float>(fc1_bias), as_ptr<const void>(fc2_weight), as_ptr<const float>(fc2_bias),
+                 as_ptr<const float>(gamma), as_ptr<const float>(drop_scale), as_ptr<void>(y),
+                 as_ptr<void>(workspace), N * H * W, H * W, C, false};
+}
+
+// The forward's path and the workspace it needs. The one place the decision is made: both the
+// workspace query and the forward call it (on the current device: fused_fwd_eligible reads its
+// opt-in shared memory), so the size the query returns is what the forward then checks against.
+struct FwdPlan {
+  bool fused;
+  int64_t workspace_bytes;  // 0 for the fused kernel (hidden kept on chip)
+};
+
+FwdPlan plan_fwd(const FwdArgs& a, int dtype, bool allow_fused) {
+  const int64_t eb = elem_bytes(dtype);
+  if (allow_fused && fused_fwd_eligible(a, eb)) return {true, 0};
+  return {false, FwdWorkspace(nullptr, a.rows, a.C, eb).bytes};
+}
+
 }  // namespace
 }  // namespace mlp
 
-int64_t mlp_layerscale_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype) {
-  mlp::check_sizes(N, H, W, C);
-  return mlp::FwdWorkspace(nullptr, N * H * W, C, mlp::elem_bytes(dtype)).bytes;
+int64_t mlp_layerscale_fwd_workspace_bytes(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
+                                           std::uintptr_t fc1_bias, std::uintptr_t fc2_weight,
+                                           std::uintptr_t fc2_bias, std::uintptr_t gamma,
+                                           std::uintptr_t drop_scale, std::uintptr_t y, int64_t N, int64_t H,
+                                           int64_t W, int64_t C, int dtype, bool allow_fused) {
+  using namespace mlp;
+  check_sizes(N, H, W, C);
+  CNK_CHECK_ARG(x && shortcut && fc1_weight && fc1_bias && fc2_weight && fc2_bias && y,
+                "null pointer for a required tensor");
+  const FwdArgs a = make_fwd_args(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, y,
+                                  0, N, H, W, C);
+  return plan_fwd(a, dtype, allow_fused).workspace_bytes;
 }
 
 int64_t mlp_layerscale_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype) {
@@ -55,20 +88,24 @@ void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_
                         int64_t C, int dtype, bool allow_tf32, bool allow_fused, std::uintptr_t stream) {
   using namespace mlp;
   check_sizes(N, H, W, C);
-  CNK_CHECK_ARG(x && shortcut && fc1_weight && fc1_bias && fc2_weight && fc2_bias && y && workspace,
+  CNK_CHECK_ARG(x && shortcut && fc1_weight && fc1_bias && fc2_weight && fc2_bias && y,
                 "null pointer for a required tensor");
-  const int64_t rows = N * H * W;
-  CNK_CHECK_ARG(workspace_bytes >= FwdWorkspace(nullptr, rows, C, elem_bytes(dtype)).bytes, "workspace too small");
-  FwdArgs a{as_ptr<const void>(x), as_ptr<const void>(shortcut), as_ptr<const void>(fc1_weight),
-            as_ptr<const float>(fc1_bias), as_ptr<const void>(fc2_weight), as_ptr<const float>(fc2_bias),
-            as_ptr<const float>(gamma), as_ptr<const float>(drop_scale), as_ptr<void>(y), as_ptr<void>(workspace),
-            rows, H * W, C, false};
+  FwdArgs a = make_fwd_args(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, y,
+                            workspace, N, H, W, C);
+  // Back-to-back fused kernel where it applies (shape, dtype, alignment, shared memory checked
+  // here, before any launch); the two-GEMM path otherwise. The workspace is checked against what
+  // the chosen path needs (none for the fused kernel), so a workspace sized for another path, or
+  // on another device, raises instead of being overrun.
+  const FwdPlan plan = plan_fwd(a, dtype, allow_fused);
+  CNK_CHECK_ARG(plan.workspace_bytes == 0 || workspace, "null pointer for a required tensor (workspace)");
+  CNK_CHECK_ARG(workspace_bytes >= plan.workspace_bytes,
+                "workspace too small: " + std::to_string(workspace_bytes) + " bytes, the " +
+                    (plan.fused ? "fused" : "two-GEMM") + " path needs " + std::to_string(plan.workspace_bytes) +
+                    " (size it with mlp_layerscale_fwd_cuda_workspace_bytes, same tensors and allow_fused)");
   // cp.async 16-byte chunks: every contiguous extent (C, 4C) a multiple of 8 elements, aligned bases.
   a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Back-to-back fused kernel where it applies (shape, dtype, alignment, shared memory checked
-  // here, before any launch); the two-GEMM path otherwise.
-  const bool fused = allow_fused && fused_fwd_eligible(a, elem_bytes(dtype));
+  const bool fused = plan.fused;
   CNK_DTYPE_SWITCH(dtype, T, [&] {
     if constexpr (sizeof(T) == 2) {
       if (fused) return run_fused_fwd<T>(a, s);

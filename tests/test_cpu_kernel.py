@@ -61,6 +61,13 @@ def test_build_info():
     assert info["cuda"] == (info["cuda_version"] is not None)
 
 
+def test_cpu_and_cuda_kernels_share_dtype_codes():
+    # The launchers pass one code table (convnext_kernels.launchers.dtype_code) to both.
+    assert (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16) == (0, 1, 2)
+    if _C.build_info()["cuda_kernels"]:  # compiled here whenever nvcc is found, as in CI
+        assert (_C.CUDA_DTYPE_FLOAT32, _C.CUDA_DTYPE_FLOAT16, _C.CUDA_DTYPE_BFLOAT16) == (0, 1, 2)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_matches_torch(shape, bias):

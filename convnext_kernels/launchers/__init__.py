@@ -77,3 +77,14 @@ def dwconv_layernorm_bwd_outputs(x: torch.Tensor):
     vectors = [empty_output((C,), torch.float32, x.device) for _ in range(3)]
     return (empty_output(x.shape, x.dtype, x.device),
             empty_output((C, 1, 7, 7), torch.float32, x.device), *vectors)
+
+
+def dtype_code(dtype: torch.dtype, backend: str) -> int:
+    """The compiled extension's code for an activation dtype (shared by its CPU and CUDA kernels)."""
+    from convnext_kernels import _C  # type: ignore[attr-defined]  (only the cpu/cuda launchers call this)
+
+    codes = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16,
+             torch.bfloat16: _C.DTYPE_BFLOAT16}
+    if dtype not in codes:
+        raise ValueError(f"backend {backend!r} supports float32, float16 and bfloat16 activations, got {dtype}")
+    return codes[dtype]

@@ -15,6 +15,7 @@ import torch
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
     data_ptr,
+    dtype_code,
     dwconv_layernorm_bwd_outputs,
     dwconv_layernorm_fwd_outputs,
     empty_output,
@@ -28,23 +29,9 @@ __all__ = [
     "mlp_layerscale_bwd",
 ]
 
-_DTYPE_CODES = {
-    torch.float32: _C.DTYPE_FLOAT32,
-    torch.float16: _C.DTYPE_FLOAT16,
-    torch.bfloat16: _C.DTYPE_BFLOAT16,
-}
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    try:
-        return _DTYPE_CODES[dtype]
-    except KeyError:
-        raise ValueError(f"backend 'cpu' supports float32, float16 and bfloat16 activations, got {dtype}") from None
-
-
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cpu")
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     if x.numel() == 0:
         return y, mean, rstd
@@ -58,7 +45,7 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
 
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cpu")
     dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = dwconv_layernorm_bwd_outputs(x)
     if x.numel() == 0:
         for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):

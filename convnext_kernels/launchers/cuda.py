@@ -24,6 +24,7 @@ import torch
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
     data_ptr,
+    dtype_code,
     dwconv_layernorm_bwd_outputs,
     dwconv_layernorm_fwd_outputs,
     empty_output,
@@ -35,18 +36,6 @@ __all__ = [
     "mlp_layerscale_fwd",
     "mlp_layerscale_bwd",
 ]
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    codes = {
-        torch.float32: _C.CUDA_DTYPE_FLOAT32,
-        torch.float16: _C.CUDA_DTYPE_FLOAT16,
-        torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16,
-    }
-    try:
-        return codes[dtype]
-    except KeyError:
-        raise ValueError(f"backend 'cuda' supports float32, float16 and bfloat16 activations, got {dtype}") from None
 
 
 def _stream(device: torch.device) -> int:
@@ -65,7 +54,7 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cuda")
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     if x.numel() == 0:
         return y, mean, rstd
@@ -82,7 +71,7 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
 
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cuda")
     dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = dwconv_layernorm_bwd_outputs(x)
     if x.numel() == 0:
         for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):
@@ -103,7 +92,7 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
 
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cuda")
     y = empty_output((N, H, W, C), x.dtype, x.device)
     if x.numel() == 0:
         return y
@@ -127,7 +116,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
 
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
     N, H, W, C = x.shape
-    code = _dtype_code(x.dtype)
+    code = dtype_code(x.dtype, "cuda")
     dx = empty_output((N, H, W, C), x.dtype, x.device)
     dfc1_weight = empty_output(tuple(fc1_weight.shape), torch.float32, x.device)
     dfc1_bias = empty_output(tuple(fc1_bias.shape), torch.float32, x.device)

@@ -3,6 +3,8 @@
 # every step installs first: about a minute with 16 cores).
 #
 #   bash benchmarks/gpu_pass.sh tests      # build + the whole suite (GPU tests included)
+#   bash benchmarks/gpu_pass.sh tests tests/test_ops.py -k cuda   # or a part of it, if the whole
+#                                          # suite outgrows one call (extra arguments go to pytest)
 #   bash benchmarks/gpu_pass.sh bench      # ConvNeXt-T infer/train + kernels.py
 #   bash benchmarks/gpu_pass.sh bench-sb   # ConvNeXt-S and -B, infer and train
 #   bash benchmarks/gpu_pass.sh sanitize   # compute-sanitizer memcheck + racecheck on the CUDA tests
@@ -33,7 +35,9 @@ rc=0
 case "$step" in
   tests)
     # Plain pytest: the installed package, not the source tree. Slowest tests listed for tuning.
-    pytest -q -p no:cacheprovider tests --durations=25 > "$work/logs/tests.log" 2>&1 || rc=$?
+    targets=("${@:2}")
+    [ ${#targets[@]} -gt 0 ] || targets=(tests)
+    pytest -q -p no:cacheprovider --durations=25 "${targets[@]}" > "$work/logs/tests.log" 2>&1 || rc=$?
     tail -40 "$work/logs/tests.log" ;;
   bench)
     python benchmarks/throughput.py --model tiny --out "$results" > "$work/logs/throughput_tiny.log" 2>&1 || rc=$?

@@ -139,32 +139,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# The module holding each backend's launchers, imported on first use (triton's only then).
+_LAUNCHER_MODULES = {
+    "triton": "convnext_kernels.triton",
+    "cuda": "convnext_kernels.launchers.cuda",
+    "cpu": "convnext_kernels.launchers.cpu",
+    "torch": "convnext_kernels.launchers.torch_ops",
+}
+
+
 def launchers(backend: str) -> ModuleType:
     """The launcher module of a backend (see convnext_kernels.launchers)."""
-    if backend == "triton":
-        return _TritonLaunchers
-    return importlib.import_module(f"convnext_kernels.launchers.{'torch_ops' if backend == 'torch' else backend}")
-
-
-class _TritonLaunchers:
-    """The Triton launchers live in two modules; expose them under the common names."""
-
-    @staticmethod
-    def _mod(name):
-        return importlib.import_module(f"convnext_kernels.triton.{name}")
-
-    @classmethod
-    def dwconv_layernorm_fwd(cls, *args):
-        return cls._mod("dwconv_layernorm").dwconv_layernorm_fwd(*args)
-
-    @classmethod
-    def dwconv_layernorm_bwd(cls, *args):
-        return cls._mod("dwconv_layernorm").dwconv_layernorm_bwd(*args)
-
-    @classmethod
-    def mlp_layerscale_fwd(cls, *args):
-        return cls._mod("mlp_layerscale").mlp_layerscale_fwd(*args)
-
-    @classmethod
-    def mlp_layerscale_bwd(cls, *args):
-        return cls._mod("mlp_layerscale").mlp_layerscale_bwd(*args)
+    return importlib.import_module(_LAUNCHER_MODULES[backend])

@@ -15,6 +15,12 @@ Providers:
   fused_<b>      convnext_kernels.<op>(..., backend=b) for each fused backend that runs here
                  (triton and cuda on GPU, cpu on CPU); parameters in the dtypes the kernels take
                  (Linear weights in --dtype, the rest fp32), so no provider pays a cast
+  triton_recompute, triton_stored
+                 mlp_layerscale fwd+bwd only, GPU with Triton: the Triton launchers called
+                 directly (no autograd), backward recomputing the pre-activation x @ W1.T + b1
+                 (what the ops do) or reading it from a buffer the forward wrote (the
+                 stored-activation variant). Same harness for both, so the pair answers which
+                 is faster at each shape.
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
 read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:
@@ -82,13 +88,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     fused = [f"fused_{b}" for b in common.fused_backends(ck, args.device)]
     if args.providers:
         args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
-        known = ["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS]
+        known = ["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
         unknown = [s for s in args.providers if s not in known]
         if unknown:
             p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
     else:
         args.providers = ["eager"] + ([] if args.quick else ["compile"]) + fused
+        if "fused_triton" in fused and not args.quick:
+            args.providers += list(PREACT_PROVIDERS)
     return args
+
+
+# Launcher-level providers comparing the two backward forms of mlp_layerscale (see above).
+PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
+
+
+def providers_for(op: str, pass_: str, providers: list[str]) -> list[str]:
+    """The providers that apply to one case (the preact pair: mlp_layerscale fwd+bwd only)."""
+    return [p for p in providers
+            if p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd")]
 
 
 def _subset(parser, text: str, allowed, flag: str) -> list[str]:
@@ -173,6 +191,23 @@ def op_function(op: str, provider: str):
     raise ValueError(f"unknown provider {provider!r}; expected eager, compile or fused_<backend>")
 
 
+def preact_launcher_step(provider: str, inputs: dict, dy: torch.Tensor):
+    """One fwd+bwd of the Triton mlp_layerscale launchers, pre-activation recomputed or stored."""
+    from convnext_kernels.triton import mlp_layerscale_bwd, mlp_layerscale_fwd
+
+    x = inputs["x"]
+    params = (inputs["fc1_weight"], inputs["fc1_bias"], inputs["fc2_weight"], inputs["fc2_bias"],
+              inputs["gamma"], None)
+    stored = provider == "triton_stored"
+    rows, hidden = x.numel() // x.shape[-1], inputs["fc1_weight"].shape[0]
+
+    def step():
+        preact = torch.empty((rows, hidden), dtype=x.dtype, device=x.device) if stored else None
+        mlp_layerscale_fwd(x, inputs["shortcut"], *params, preact_out=preact)
+        mlp_layerscale_bwd(dy, x, *params, preact=preact)
+    return step
+
+
 def model_cost(op: str, pass_: str, N: int, H: int, C: int, dtype: torch.dtype) -> tuple[float, float]:
     """(minimum bytes moved, FLOPs) of one case; see the module docstring."""
     act = N * H * H * C * dtype.itemsize
@@ -195,7 +230,7 @@ def new_record(op: str, pass_: str, stage: int, provider: str, args, ceilings: d
     bound_ms = 1e3 * max(nbytes / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
     return {"op": op, "pass": pass_, "stage": stage, "shape": [N, H, H, C], "provider": provider,
             "backend": provider[len("fused_"):] if provider.startswith("fused_") else
-            ("inductor" if provider == "compile" else "torch"),
+            ("triton" if provider in PREACT_PROVIDERS else "inductor" if provider == "compile" else "torch"),
             "dtype": args.dtype, "ms": None, "gb_per_s": None, "pct_copy_bw": None, "tflop_per_s": None,
             "pct_matmul_peak": None, "bound_ms": bound_ms, "pct_roofline": None,
             "model_bytes": nbytes, "model_flops": flops, "error": None}
@@ -214,8 +249,20 @@ def prepare(record: dict, args):
             return None
     N, H, _, C = record["shape"]
     try:
+        kernel_dtypes = provider.startswith("fused_") or provider in PREACT_PROVIDERS
+        inputs = make_inputs(record["op"], N, H, C, DTYPES[args.dtype], kernel_dtypes, args.device)
+        if provider in PREACT_PROVIDERS:
+            from convnext_kernels.backends import unavailable_reason
+
+            why = unavailable_reason("triton", args.device)
+            if why:
+                record["error"] = f"unavailable: {why}"
+                return None
+            step, leaves = preact_launcher_step(provider, inputs, torch.randn_like(inputs["x"])), []
+            step()
+            common.synchronize(args.device)
+            return step, leaves
         fn = op_function(record["op"], provider)
-        inputs = make_inputs(record["op"], N, H, C, DTYPES[args.dtype], provider.startswith("fused_"), args.device)
         if record["pass"] == "fwd":
             def step():
                 with torch.no_grad():
@@ -246,7 +293,7 @@ def finish(record: dict, ms: float, ceilings: dict) -> None:
 def run_case(op: str, pass_: str, stage: int, args, ceilings: dict) -> list[dict]:
     """Every provider on one (op, pass, shape): on GPU one after the other with do_bench; on CPU
     taking turns call by call (common.time_interleaved), as the load of a shared machine drifts."""
-    records = [new_record(op, pass_, stage, p, args, ceilings) for p in args.providers]
+    records = [new_record(op, pass_, stage, p, args, ceilings) for p in providers_for(op, pass_, args.providers)]
     by_provider = {r["provider"]: r for r in records}
     prepared = {}
     for record in records:

@@ -88,6 +88,16 @@ def test_kernels_quick_cpu(tmp_path):
             assert r["error"] is None and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0
 
 
+def test_kernels_preact_pair_only_times_mlp_training(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    everyone = ["eager", "fused_triton", "triton_recompute", "triton_stored"]
+    assert kernels.providers_for("mlp_layerscale", "fwd+bwd", everyone) == everyone
+    for op, pass_ in (("mlp_layerscale", "fwd"), ("dwconv_layernorm", "fwd+bwd")):
+        assert kernels.providers_for(op, pass_, everyone) == ["eager", "fused_triton"]
+
+
 @pytest.mark.cuda
 def test_throughput_quick_gpu(tmp_path):
     run_script("throughput.py", "--quick", "--device", "cuda", "--providers", "eager_channels_last,fused_triton",

@@ -21,7 +21,7 @@ H100_SMEM_OPTIN = 232448  # bytes of shared memory per block (cudaFuncAttributeM
 KERNELS = {
     "_dwconv_layernorm_fwd_kernel", "_dwconv_layernorm_bwd_norm_kernel",
     "_dwconv_layernorm_bwd_conv_kernel", "_mlp_layerscale_fwd_kernel", "_matmul_kernel",
-    "_mlp_layerscale_bwd_hidden_kernel", "_mlp_layerscale_bwd_input_kernel",
+    "_mlp_layerscale_bwd_hidden_kernel",
 }
 
 # Spill bytes (max of ptxas's spill stores / loads) allowed per compile. 16-bit at ConvNeXt

@@ -201,12 +201,17 @@ MLP_SHAPES = [
 ]
 
 
-def _run_mlp_layerscale(shape, dtype):
+def _run_mlp_layerscale(shape, dtype, stored_preact=False):
     N, H, W, C, has_gamma, has_drop = shape
     x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(N, H, W, C, has_gamma, has_drop, dtype)
 
-    y = mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, drop)
-    grads = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop)
+    preact = torch.empty((N * H * W, 4 * C), dtype=dtype, device=x.device) if stored_preact else None
+    y = mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, drop, preact_out=preact)
+    grads = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop, preact=preact)
+    if stored_preact:
+        a64 = x.double().reshape(-1, C) @ w1.double().T + b1.double()
+        a_e = (x.reshape(-1, C) @ w1.T + b1.to(dtype)) if dtype != torch.float32 else a64
+        _check("preact", preact, a64, a_e, dtype)
 
     def ref(x_, w1_, b1_, w2_, b2_, gamma_, sc_, drop_):
         return _mlp_layerscale_ref(x_, sc_, w1_, b1_, w2_, b2_, gamma_, drop_)
@@ -249,6 +254,23 @@ def test_mlp_layerscale_fp32(shape):
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_mlp_layerscale_low_precision(shape, dtype):
     _run_mlp_layerscale(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 2, 5, 400, True, False)],
+                         ids=lambda s: "x".join(map(str, s[:4])))
+def test_mlp_layerscale_stored_preact(shape, dtype):
+    """The variant whose forward stores x @ W1.T + b1 and whose backward reads it."""
+    _run_mlp_layerscale(shape, dtype, stored_preact=True)
+
+
+def test_mlp_layerscale_bwd_reads_stored_preact():
+    # A backward that ignored preact would pass the test above: feed it a different one.
+    x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(1, 3, 5, 40, True, True, torch.float32)
+    recomputed = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop)
+    shifted = (x.reshape(-1, 40) @ w1.T + b1 + 0.5).contiguous()
+    from_stored = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop, preact=shifted)
+    assert not torch.allclose(recomputed[2], from_stored[2])  # db1 = sum(dh * gelu'(a))
 
 
 def test_mlp_paths_cover_both_sides_of_threshold():

@@ -15,15 +15,28 @@ Backward (nothing but x is saved; the hidden is recomputed):
   1. ``_mlp_layerscale_bwd_hidden_kernel``: per (row tile, hidden tile) two
      GEMMs over C share one loop: a = x @ W1.T + b1 and dh = dz @ W2 with
      dz = dy * s[n] * gamma formed on the fly; writes h = gelu(a) and
-     da = dh * gelu'(a) (x.dtype workspaces) and fp32 partials of db1.
-  2. ``_mlp_layerscale_bwd_input_kernel``: per (row tile, channel tile) two
-     GEMMs over 4C share one loop: z = h @ W2.T (recomputed pre-scale output,
-     needed for dgamma) and dx = da @ W1; writes dx, dz (x.dtype workspace for
-     dW2) and fp32 partials of dgamma and db2.
-  3. ``_matmul_kernel`` in split-K mode for dW2 = dz.T @ h and dW1 = da.T @ x:
+     da = dh * gelu'(a) (x.dtype workspaces) and fp32 partials of db1. The
+     programs of the first hidden tile also write dys = dy * s[n] (x.dtype,
+     only when there is a drop scale; else dys is dy) and fp32 partials of
+     its column sums.
+  2. ``_matmul_kernel``: dx = da @ W1 (plain store epilogue).
+  3. ``_matmul_kernel`` in split-K mode for G = dys.T @ h and dW1 = da.T @ x:
      the row dimension M is cut into a fixed number of chunks (chosen from
      the shapes only), each writes an fp32 partial, torch sums them.
+  4. Layer scale without recomputing z = h @ W2.T + b2 (a GEMM and a pass
+     over the 4C hidden): with G[c, j] = sum_m dys[m, c] h[m, j],
+       dW2 = gamma[:, None] * G,  db2 = gamma * colsum(dys),
+       dgamma[c] = sum_m dys[m, c] z[m, c] = sum_j W2[c, j] G[c, j] + b2[c] colsum(dys)[c],
+     small (C, 4C) elementwise work done by torch.
 All reductions are fp32 partial buffers summed by torch: deterministic.
+
+Stored-activation variant (launcher level, for measurement): the forward can also
+write the pre-activation a = x @ W1.T + b1 (``preact_out``) and the backward then
+reads it instead of recomputing it (``preact``): one GEMM less in backward, for
+4C more values per pixel stored and read. The ops use the recompute form: at the
+ConvNeXt widths the MLP GEMMs are near the memory-bound side of the roofline,
+where the extra traffic costs about what the GEMM saves (benchmarks/kernels.py
+times both).
 """
 import os
 from typing import Optional, Tuple
@@ -44,6 +57,7 @@ FUSED_MAX_C = 384
 EPILOGUE_PARTIAL = 0   # store fp32 split-K partials
 EPILOGUE_GELU = 1      # + bias, exact GELU, store in the output dtype
 EPILOGUE_RESIDUAL = 2  # + bias, * gamma, * drop scale, + residual
+EPILOGUE_STORE = 3     # store in the output dtype
 
 # Rows per program of the backward row-tile kernels. Fixed (not autotuned)
 # because it sets the size of their partial buffers, allocated before launch.
@@ -76,7 +90,6 @@ if _interpreting():
     _MATMUL_CONFIGS = {mode: [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
                        for mode in _DOT_MODES}
     _BWD_HIDDEN_CONFIGS = {mode: [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)] for mode in _DOT_MODES}
-    _BWD_INPUT_CONFIGS = {mode: [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32)] for mode in _DOT_MODES}
 else:
     _FUSED_FWD_CONFIGS = {
         # The whole BLOCK_M x BLOCK_C fp32 accumulator lives in registers next to
@@ -161,21 +174,7 @@ else:
             _cfg(8, 3, BLOCK_H=128, BLOCK_K=16),
         ],
     }
-    _BWD_INPUT_CONFIGS = {
-        "mma": [
-            _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
-            _cfg(8, 3, BLOCK_N=128, BLOCK_K=64),
-            _cfg(8, 4, BLOCK_N=128, BLOCK_K=32),
-        ],
-        "tf32": [
-            _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
-            _cfg(8, 3, BLOCK_N=128, BLOCK_K=32),
-        ],
-        "fma": [
-            _cfg(8, 3, BLOCK_N=128, BLOCK_K=16),
-            _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
-        ],
-    }
+
 
 
 @triton.jit
@@ -231,10 +230,12 @@ def _mlp_layerscale_fwd_kernel(
     row_scale_ptr,   # (N,) fp32 per-sample drop scale; read only when HAS_ROW_SCALE
     shortcut_ptr,    # (M, C) residual input, x.dtype
     y_ptr,           # (M, C) output, x.dtype
+    preact_ptr,      # (M, HID) out, only when STORE_PREACT: x @ W1.T + b1 in x.dtype
     M, C, HID,       # rows, channels, hidden width (4C)
     ROWS_PER_SAMPLE,  # H * W: row m belongs to sample m // ROWS_PER_SAMPLE
     HAS_GAMMA: tl.constexpr,        # apply layer scale
     HAS_ROW_SCALE: tl.constexpr,    # apply drop-path scale
+    STORE_PREACT: tl.constexpr,     # save the pre-activation for a backward that reads it
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee"/"tf32")
     BLOCK_C: tl.constexpr,  # next_power_of_2(C): the whole output row
     BLOCK_M: tl.constexpr,  # rows per program
@@ -264,6 +265,9 @@ def _mlp_layerscale_fwd_kernel(
                           mask=mask_k[:, None] & mask_h[None, :], other=0.0)
             a = tl.dot(xk, w1k, a, input_precision=INPUT_PRECISION)
         a += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
+        if STORE_PREACT:
+            tl.store(preact_ptr + offs_m[:, None] * HID + offs_h[None, :], a.to(dtype),
+                     mask=mask_m[:, None] & mask_h[None, :])
         # Round h to the input dtype, as a torch Linear would feed fc2.
         h = _gelu(a).to(dtype)
         # GEMM2 chunk: acc += h @ W2[:, chunk].T (padded hidden lanes hit zero weights).
@@ -285,13 +289,15 @@ def _matmul_kernel(
     gamma_ptr,       # (N,) fp32 layer scale (RESIDUAL, HAS_GAMMA)
     row_scale_ptr,   # (M // ROWS_PER_SAMPLE,) fp32 drop scale (RESIDUAL, HAS_ROW_SCALE)
     residual_ptr,    # (M, N) shortcut (RESIDUAL)
+    preact_ptr,      # (M, N) out (GELU, STORE_PREACT): the pre-activation in out's dtype
     M, N, K,         # problem size
     K_PER_SPLIT,     # reduction length per program_id(1); K when not split
     ROWS_PER_SAMPLE,  # H * W for the drop scale
     stride_am, stride_ak, stride_bk, stride_bn,  # element strides of A and B
-    EPILOGUE: tl.constexpr,         # EPILOGUE_PARTIAL / _GELU / _RESIDUAL
+    EPILOGUE: tl.constexpr,         # EPILOGUE_PARTIAL / _GELU / _RESIDUAL / _STORE
     HAS_GAMMA: tl.constexpr,        # RESIDUAL: apply layer scale
     HAS_ROW_SCALE: tl.constexpr,    # RESIDUAL: apply drop-path scale
+    STORE_PREACT: tl.constexpr,     # GELU: also store acc + bias
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
     BLOCK_M: tl.constexpr,  # output tile rows
     BLOCK_N: tl.constexpr,  # output tile cols
@@ -334,12 +340,18 @@ def _matmul_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         h = _gelu(acc)
         offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-    else:  # EPILOGUE_RESIDUAL
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+        if STORE_PREACT:
+            tl.store(preact_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 2:  # EPILOGUE_RESIDUAL
         _layerscale_residual_store(acc, offs_m, offs_n, bias_ptr, gamma_ptr, row_scale_ptr,
                                    residual_ptr, out_ptr, M, N, ROWS_PER_SAMPLE,
                                    HAS_GAMMA, HAS_ROW_SCALE)
+    else:  # EPILOGUE_STORE
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -351,14 +363,18 @@ def _mlp_layerscale_bwd_hidden_kernel(
     w2_ptr,          # (C, HID) fc2 weight
     gamma_ptr,       # (C,) fp32 layer scale; read only when HAS_GAMMA
     row_scale_ptr,   # (N,) fp32 drop scale; read only when HAS_ROW_SCALE
-    h_ptr,           # (M, HID) out: gelu(a) in x.dtype (for dW2 and z)
+    h_ptr,           # (M, HID) out: gelu(a) in x.dtype (operand of G = dys.T @ h)
     da_ptr,          # (M, HID) out: gradient w.r.t. the pre-activation a, x.dtype
     db1_part_ptr,    # (cdiv(M, BLOCK_M), HID) out: fp32 partial column sums of da
+    dys_ptr,         # (M, C) out, when HAS_ROW_SCALE: dy * s[n] in x.dtype (first hidden tile)
+    dys_part_ptr,    # (cdiv(M, BLOCK_M), C) out: fp32 partial column sums of dy * s[n]
+    preact_ptr,      # (M, HID) saved pre-activation a, x.dtype; read only when PREACT_STORED
     M, C, HID,       # rows, channels, hidden width
     ROWS_PER_SAMPLE,  # H * W
-    HAS_GAMMA: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,        # apply layer scale to dz
+    HAS_ROW_SCALE: tl.constexpr,    # apply the drop scale (and write dys)
+    PREACT_STORED: tl.constexpr,    # load a from preact_ptr instead of recomputing x @ W1.T + b1
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
     BLOCK_M: tl.constexpr,  # rows per program (fixed by the launcher: partial layout)
     BLOCK_H: tl.constexpr,  # hidden columns per program
     BLOCK_K: tl.constexpr,  # reduction chunk over C
@@ -373,6 +389,9 @@ def _mlp_layerscale_bwd_hidden_kernel(
     if HAS_ROW_SCALE:
         s = tl.load(row_scale_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0)
 
+    # dy * s[n] and its column sums are per (row, channel): only the first hidden
+    # tile's programs store them.
+    first_tile = pid_h == 0
     a = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
@@ -380,92 +399,38 @@ def _mlp_layerscale_bwd_hidden_kernel(
         mask_k = offs_k < C
         mk = mask_m[:, None] & mask_k[None, :]
         kh = mask_k[:, None] & mask_h[None, :]
-        xk = tl.load(x_ptr + offs_m[:, None] * C + offs_k[None, :], mask=mk, other=0.0)
-        w1k = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None], mask=kh, other=0.0)
-        a = tl.dot(xk, w1k, a, input_precision=INPUT_PRECISION)
-        # dz = dy * s[n] * gamma, formed in fp32 and rounded to x.dtype (as the
-        # tensor core operand; kernel 2 rounds it the same way).
+        if not PREACT_STORED:
+            xk = tl.load(x_ptr + offs_m[:, None] * C + offs_k[None, :], mask=mk, other=0.0)
+            w1k = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None], mask=kh, other=0.0)
+            a = tl.dot(xk, w1k, a, input_precision=INPUT_PRECISION)
         dz = tl.load(dy_ptr + offs_m[:, None] * C + offs_k[None, :], mask=mk, other=0.0)
         dz = dz.to(tl.float32)
-        if HAS_GAMMA:
-            dz = dz * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         if HAS_ROW_SCALE:
             dz = dz * s[:, None]
+        if first_tile:
+            if HAS_ROW_SCALE:
+                tl.store(dys_ptr + offs_m[:, None] * C + offs_k[None, :], dz.to(dtype), mask=mk)
+            tl.store(dys_part_ptr + pid_m.to(tl.int64) * C + offs_k, tl.sum(dz, axis=0),
+                     mask=mask_k)
+        # dz = dy * s[n] * gamma, formed in fp32 and rounded to x.dtype (the
+        # tensor core operand).
+        if HAS_GAMMA:
+            dz = dz * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         w2k = tl.load(w2_ptr + offs_k[:, None] * HID + offs_h[None, :], mask=kh, other=0.0)
         dh = tl.dot(dz.to(dtype), w2k, dh, input_precision=INPUT_PRECISION)
 
-    a += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
+    offs = offs_m[:, None] * HID + offs_h[None, :]
+    mask = mask_m[:, None] & mask_h[None, :]
+    if PREACT_STORED:
+        a = tl.load(preact_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        a += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
     h = _gelu(a)
     # Padded rows have dy = 0, hence dh = da = 0: they add nothing to db1.
     da = dh * _gelu_grad(a)
-    offs = offs_m[:, None] * HID + offs_h[None, :]
-    mask = mask_m[:, None] & mask_h[None, :]
     tl.store(h_ptr + offs, h.to(dtype), mask=mask)
     tl.store(da_ptr + offs, da.to(dtype), mask=mask)
     tl.store(db1_part_ptr + pid_m.to(tl.int64) * HID + offs_h, tl.sum(da, axis=0), mask=mask_h)
-
-
-@triton.jit
-def _mlp_layerscale_bwd_input_kernel(
-    h_ptr,           # (M, HID) gelu(a) from the hidden kernel, x.dtype
-    da_ptr,          # (M, HID) gradient w.r.t. a, x.dtype
-    w1_ptr,          # (HID, C) fc1 weight
-    w2_ptr,          # (C, HID) fc2 weight
-    b2_ptr,          # (C,) fp32 fc2 bias
-    dy_ptr,          # (M, C) upstream gradient
-    gamma_ptr,       # (C,) fp32 layer scale; read only when HAS_GAMMA
-    row_scale_ptr,   # (N,) fp32 drop scale; read only when HAS_ROW_SCALE
-    dx_ptr,          # (M, C) out: gradient w.r.t. x, x.dtype
-    dz_ptr,          # (M, C) out: dy * s * gamma in x.dtype (operand of dW2)
-    dgamma_part_ptr,  # (cdiv(M, BLOCK_M), C) out: fp32 partials of sum(dy * s * z)
-    db2_part_ptr,    # (cdiv(M, BLOCK_M), C) out: fp32 partials of sum(dz)
-    M, C, HID,       # rows, channels, hidden width
-    ROWS_PER_SAMPLE,  # H * W
-    HAS_GAMMA: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # rows per program (fixed by the launcher: partial layout)
-    BLOCK_N: tl.constexpr,  # channels per program
-    BLOCK_K: tl.constexpr,  # reduction chunk over HID
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < C
-
-    # z = h @ W2.T and dx = da @ W1 reduce over the same hidden index: one loop.
-    z = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, HID, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < HID
-        mk = mask_m[:, None] & mask_k[None, :]
-        kn = mask_k[:, None] & mask_n[None, :]
-        hk = tl.load(h_ptr + offs_m[:, None] * HID + offs_k[None, :], mask=mk, other=0.0)
-        w2k = tl.load(w2_ptr + offs_n[None, :] * HID + offs_k[:, None], mask=kn, other=0.0)
-        z = tl.dot(hk, w2k, z, input_precision=INPUT_PRECISION)
-        dak = tl.load(da_ptr + offs_m[:, None] * HID + offs_k[None, :], mask=mk, other=0.0)
-        w1k = tl.load(w1_ptr + offs_k[:, None] * C + offs_n[None, :], mask=kn, other=0.0)
-        dx = tl.dot(dak, w1k, dx, input_precision=INPUT_PRECISION)
-
-    offs = offs_m[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-    z += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    dys = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 on padding
-    if HAS_ROW_SCALE:
-        s = tl.load(row_scale_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0)
-        dys = dys * s[:, None]
-    dz = dys
-    if HAS_GAMMA:
-        dz = dz * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    part = pid_m.to(tl.int64) * C + offs_n
-    tl.store(dgamma_part_ptr + part, tl.sum(dys * z, axis=0), mask=mask_n)
-    tl.store(db2_part_ptr + part, tl.sum(dz, axis=0), mask=mask_n)
 
 
 _fused_fwd_kernels = {
@@ -482,10 +447,6 @@ _matmul = {
 _bwd_hidden = {
     mode: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
     for mode, cfgs in _BWD_HIDDEN_CONFIGS.items()
-}
-_bwd_input = {
-    mode: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_bwd_input_kernel)
-    for mode, cfgs in _BWD_INPUT_CONFIGS.items()
 }
 
 
@@ -510,7 +471,7 @@ def _fused_max_c(dtype):
 
 def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    epilogue, precision, k_per_split=None, split=1, bias=None, gamma=None,
-                   row_scale=None, residual=None, rows_per_sample=1):
+                   row_scale=None, residual=None, rows_per_sample=1, preact=None):
     dummy = out
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), split)
     kernel = _matmul[_dot_mode(a.dtype, precision)]
@@ -520,10 +481,11 @@ def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_b
         gamma if gamma is not None else dummy,
         row_scale if row_scale is not None else dummy,
         residual if residual is not None else dummy,
+        preact if preact is not None else dummy,
         M, N, K, K if k_per_split is None else k_per_split, rows_per_sample,
         stride_am, stride_ak, stride_bk, stride_bn,
         EPILOGUE=epilogue, HAS_GAMMA=gamma is not None, HAS_ROW_SCALE=row_scale is not None,
-        INPUT_PRECISION=precision,
+        STORE_PREACT=preact is not None, INPUT_PRECISION=precision,
     )
 
 
@@ -536,8 +498,14 @@ def mlp_layerscale_fwd(
     fc2_bias: Tensor,
     gamma: Optional[Tensor],
     drop_scale: Optional[Tensor],
+    preact_out: Optional[Tensor] = None,
 ) -> Tensor:
-    """y = shortcut + drop_scale[n] * gamma * (gelu(x @ W1.T + b1) @ W2.T + b2)."""
+    """y = shortcut + drop_scale[n] * gamma * (gelu(x @ W1.T + b1) @ W2.T + b2).
+
+    preact_out: optional (N*H*W, 4C) x.dtype buffer that receives the pre-activation
+    x @ W1.T + b1, for ``mlp_layerscale_bwd(..., preact=...)`` (the stored-activation variant;
+    the ops recompute it instead, see the module docstring).
+    """
     N, H, W, C = x.shape
     M = N * H * W
     HID = fc1_weight.shape[0]
@@ -556,15 +524,16 @@ def mlp_layerscale_fwd(
             gamma if has_gamma else fc2_bias,
             drop_scale if has_row_scale else fc2_bias,
             shortcut, y,
+            preact_out if preact_out is not None else y,
             M, C, HID, H * W,
-            HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
+            HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale, STORE_PREACT=preact_out is not None,
             INPUT_PRECISION=precision, BLOCK_C=block_c,
         )
     else:
         hidden = empty_output((M, HID), x.dtype, x.device)
         # hidden = gelu(x @ W1.T + b1): B(k, n) = W1[n, k].
         _launch_matmul(x, fc1_weight, hidden, M, HID, C, C, 1, 1, C,
-                       EPILOGUE_GELU, precision, bias=fc1_bias)
+                       EPILOGUE_GELU, precision, bias=fc1_bias, preact=preact_out)
         # y = shortcut + s * gamma * (hidden @ W2.T + b2): B(k, n) = W2[n, k].
         _launch_matmul(hidden, fc2_weight, y, M, C, HID, HID, 1, 1, HID,
                        EPILOGUE_RESIDUAL, precision, bias=fc2_bias, gamma=gamma,
@@ -593,8 +562,12 @@ def mlp_layerscale_bwd(
     fc2_bias: Tensor,
     gamma: Optional[Tensor],
     drop_scale: Optional[Tensor],
+    preact: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma)."""
+    """Returns (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma).
+
+    preact: the forward's ``preact_out``, or None to recompute it from x.
+    """
     N, H, W, C = x.shape
     M = N * H * W
     HID = fc1_weight.shape[0]
@@ -607,39 +580,32 @@ def mlp_layerscale_bwd(
     block_m = _BWD_BLOCK_M
     m_tiles = triton.cdiv(M, block_m)
 
-    # 1. h, da and db1 partials.
+    # 1. h, da, db1 partials; dys = dy * s and its column-sum partials.
     h = empty_output((M, HID), x.dtype, dev)
     da = empty_output((M, HID), x.dtype, dev)
     db1_part = empty_output((m_tiles, HID), torch.float32, dev)
+    dys = empty_output((M, C), x.dtype, dev) if has_row_scale else dy
+    dys_part = empty_output((m_tiles, C), torch.float32, dev)
     grid1 = lambda META: (m_tiles, triton.cdiv(HID, META["BLOCK_H"]))
     mode = _dot_mode(x.dtype, precision)
     wrap_triton(_bwd_hidden[mode])[grid1](
         x, dy, fc1_weight, fc1_bias, fc2_weight, gamma_arg, row_scale_arg,
-        h, da, db1_part,
+        h, da, db1_part, dys, dys_part,
+        preact if preact is not None else h,
         M, C, HID, H * W,
-        HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
+        HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale, PREACT_STORED=preact is not None,
         INPUT_PRECISION=precision, BLOCK_M=block_m,
     )
 
-    # 2. dx, dz and dgamma / db2 partials.
-    dx = empty_output(x.shape, x.dtype, x.device)
-    dz = empty_output((M, C), x.dtype, dev)
-    dgamma_part = empty_output((m_tiles, C), torch.float32, dev)
-    db2_part = empty_output((m_tiles, C), torch.float32, dev)
-    grid2 = lambda META: (m_tiles, triton.cdiv(C, META["BLOCK_N"]))
-    wrap_triton(_bwd_input[mode])[grid2](
-        h, da, fc1_weight, fc2_weight, fc2_bias, dy, gamma_arg, row_scale_arg,
-        dx, dz, dgamma_part, db2_part,
-        M, C, HID, H * W,
-        HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale,
-        INPUT_PRECISION=precision, BLOCK_M=block_m,
-    )
+    # 2. dx = da @ W1: A(m, j) = da[m, j], B(j, c) = W1[j, c].
+    dx = empty_output(x.shape, x.dtype, dev)
+    _launch_matmul(da, fc1_weight, dx, M, C, HID, HID, 1, C, 1, EPILOGUE_STORE, precision)
 
     # 3. Weight gradients: split-K GEMMs over the rows, fp32 partials.
     split2, kps2 = _split_k(C, HID, M)
-    dw2_part = empty_output((split2, C, HID), torch.float32, dev)
-    # dW2 = dz.T @ h: A(i, m) = dz[m, i], B(m, j) = h[m, j].
-    _launch_matmul(dz, h, dw2_part, C, HID, M, 1, C, HID, 1,
+    g_part = empty_output((split2, C, HID), torch.float32, dev)
+    # G = dys.T @ h: A(i, m) = dys[m, i], B(m, j) = h[m, j].
+    _launch_matmul(dys, h, g_part, C, HID, M, 1, C, HID, 1,
                    EPILOGUE_PARTIAL, precision, k_per_split=kps2, split=split2)
     split1, kps1 = _split_k(HID, C, M)
     dw1_part = empty_output((split1, HID, C), torch.float32, dev)
@@ -647,9 +613,13 @@ def mlp_layerscale_bwd(
     _launch_matmul(da, x, dw1_part, HID, C, M, 1, HID, C, 1,
                    EPILOGUE_PARTIAL, precision, k_per_split=kps1, split=split1)
 
-    dfc1_weight = dw1_part.sum(0)
-    dfc1_bias = db1_part.sum(0)
-    dfc2_weight = dw2_part.sum(0)
-    dfc2_bias = db2_part.sum(0)
-    dgamma = dgamma_part.sum(0)
-    return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
+    # 4. Fixed-order sums, then the layer-scale identities (module docstring).
+    g = g_part.sum(0)
+    dys_sum = dys_part.sum(0)
+    dgamma = (g * fc2_weight.float()).sum(1) + fc2_bias * dys_sum
+    if has_gamma:
+        dfc2_weight = g * gamma[:, None]
+        dfc2_bias = dys_sum * gamma
+    else:
+        dfc2_weight, dfc2_bias = g, dys_sum
+    return dx, dw1_part.sum(0), db1_part.sum(0), dfc2_weight, dfc2_bias, dgamma

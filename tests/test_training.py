@@ -704,18 +704,18 @@ def test_compile_fullgraph_training_gpu(backend):
     torch.testing.assert_close(steps(compiled_model, "inductor"), steps(eager_model, None), rtol=1e-3, atol=0)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_convergence_bf16_within_reference_spread_gpu(backend):
+def _check_bf16_within_reference_spread(backend, device):
     """bf16 autocast: |fused_bf16 - ref_fp32| stays within the reference's own |ref_bf16 - ref_fp32|."""
     x, y = _digits(1024, size=64)
     cfg = dict(depths=(2, 2, 2, 2), dims=(40, 80, 160, 320))
     steps = 40
     ref, fused = _convergence_pair(backend, cfg)
     ref_bf16 = copy.deepcopy(ref)
-    ref32 = _convergence_losses(ref.cuda(), x, y, steps, batch=32, device="cuda")
-    ref16 = _convergence_losses(ref_bf16.cuda(), x, y, steps, batch=32, device="cuda", autocast_dtype=torch.bfloat16)
-    fused16 = _convergence_losses(fused.cuda(), x, y, steps, batch=32, device="cuda", autocast_dtype=torch.bfloat16)
+    ref32 = _convergence_losses(ref.to(device), x, y, steps, batch=32, device=device)
+    ref16 = _convergence_losses(ref_bf16.to(device), x, y, steps, batch=32, device=device,
+                                autocast_dtype=torch.bfloat16)
+    fused16 = _convergence_losses(fused.to(device), x, y, steps, batch=32, device=device,
+                                  autocast_dtype=torch.bfloat16)
     spread = (ref16 - ref32).abs()
     diff = (fused16 - ref32).abs()
     report = f"|fused bf16 - ref fp32| {diff.tolist()}\n|ref bf16 - ref fp32| {spread.tolist()}"
@@ -723,3 +723,14 @@ def test_convergence_bf16_within_reference_spread_gpu(backend):
     # and on average within twice the average spread.
     assert bool((diff <= 2 * spread.max() + 1e-3 * ref32.abs()).all()), report
     assert diff.mean() <= 2 * spread.mean() + 1e-3, report
+
+
+def test_convergence_bf16_within_reference_spread_cpu():
+    # CPU autocast runs the convs and Linears in bf16 too; the fused cpu backend in bf16.
+    _check_bf16_within_reference_spread("cpu", "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_convergence_bf16_within_reference_spread_gpu(backend):
+    _check_bf16_within_reference_spread(backend, "cuda")

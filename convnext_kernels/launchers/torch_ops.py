@@ -105,26 +105,25 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
     s = _row_scale(drop_scale, x)
     f32 = dict(dtype=torch.float32, device=x.device)
     dfc1_weight, dfc1_bias = torch.zeros(fc1_weight.shape, **f32), torch.zeros(fc1_bias.shape, **f32)
-    dfc2_weight, dfc2_bias = torch.zeros(fc2_weight.shape, **f32), torch.zeros(C, **f32)
-    dgamma = torch.zeros(C, **f32)
+    # With dys = dy * s: G = dys.T @ h gives dW2 = gamma * G and, since z = h @ W2.T + b2,
+    # dgamma = sum(dys * z) = rowsum(W2 * G) + b2 * colsum(dys): no second pass through fc2.
+    g, dys_sum = torch.zeros(fc2_weight.shape, **f32), torch.zeros(C, **f32)
     dx = torch.empty_like(x2)
     # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
     for rows in _row_chunks(x2.shape[0], x.device):
-        dout = dy2[rows].to(torch.float32, copy=True)  # scaled in place below; dy is also dshortcut
+        dys = dy2[rows].to(torch.float32, copy=True)  # scaled in place below; dy is also dshortcut
         if s is not None:
-            dout.mul_(s[rows])
+            dys.mul_(s[rows])
         a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
-        if gamma is not None:
-            z = F.linear(h, fc2_weight).float().add_(fc2_bias)
-            dgamma += (dout * z).sum(0)
-            dz = dout.mul_(gamma)
-        else:
-            dz = dout
-        dfc2_bias += dz.sum(0)
-        dfc2_weight.addmm_(dz.t(), h.float())
+        dys_sum += dys.sum(0)
+        g.addmm_(dys.t(), h.float())
+        dz = dys.mul_(gamma) if gamma is not None else dys
         # aten's fused exact-erf GELU backward: dh * (Phi(a) + a * phi(a)) in one pass.
         da = torch.ops.aten.gelu_backward((dz.to(x.dtype) @ fc2_weight).float(), a)
         dfc1_bias += da.sum(0)
         dfc1_weight.addmm_(da.t(), x2[rows].float())
         dx[rows] = da.to(x.dtype) @ fc1_weight
-    return dx.view(x.shape), dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
+    dgamma = (g * fc2_weight.float()).sum(1) + fc2_bias * dys_sum
+    if gamma is None:
+        return dx.view(x.shape), dfc1_weight, dfc1_bias, g, dys_sum, dgamma
+    return dx.view(x.shape), dfc1_weight, dfc1_bias, g * gamma[:, None], dys_sum * gamma, dgamma

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -75,6 +76,20 @@ inline void throw_on_cuda_error(cudaError_t err, const char* what, const char* f
 
 inline bool is_aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+// A pointer argument, as Python passes it (an integer), typed.
+template <typename P>
+P* as_ptr(std::uintptr_t v) {
+  return reinterpret_cast<P*>(v);
+}
+
+// Whether every pointer (given as the integers Python passes; null counts as aligned) is
+// 16-byte aligned: the condition of the vectorised paths.
+inline bool all_aligned16(std::initializer_list<std::uintptr_t> ptrs) {
+  for (std::uintptr_t p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -32,19 +32,10 @@ void check_sizes(int64_t N, int64_t H, int64_t W, int64_t C) {
   CNK_CHECK_ARG(N >= 1 && H >= 1 && W >= 1 && C >= 1, "N, H, W and C must be at least 1");
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   CNK_CHECK_ARG(H <= kIntMax / 8 && W <= kIntMax / 8 && C <= kIntMax / 64, "H, W or C is too large");
-  CNK_CHECK_ARG(N <= std::numeric_limits<int64_t>::max() / (H * W * C), "N * H * W * C overflows int64");
+  // Divide step by step: H * W * C itself may overflow within the caps above.
+  constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+  CNK_CHECK_ARG(H * W <= kInt64Max / C && N <= kInt64Max / (H * W * C), "N * H * W * C overflows int64");
   CNK_CHECK_ARG(N * H <= std::numeric_limits<unsigned>::max() / 2, "N * H is too large for the launch grid");
-}
-
-template <typename P>
-P* as_ptr(std::uintptr_t v) {
-  return reinterpret_cast<P*>(v);
-}
-
-bool all_aligned16(std::initializer_list<std::uintptr_t> ptrs) {
-  for (std::uintptr_t p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
 }
 
 }  // namespace
@@ -76,7 +67,8 @@ void dwconv_layernorm_fwd(std::uintptr_t x, std::uintptr_t conv_weight, std::uin
             as_ptr<float>(mean), as_ptr<float>(rstd), as_ptr<void>(workspace), N, H, W, C,
             static_cast<float>(eps), false};
   // 16-byte vector path: whole channel vectors and aligned rows (conv_bias may be null).
-  a.vectorized = C % 8 == 0 && all_aligned16({x, norm_weight, norm_bias, y, conv_bias});
+  // The workspace holds the transposed conv weights, read as float4.
+  a.vectorized = C % 8 == 0 && all_aligned16({x, norm_weight, norm_bias, y, conv_bias, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   CNK_DTYPE_SWITCH(dtype, T, [&] { run_fwd<T>(a, s); });
 }

@@ -3,14 +3,18 @@
 // Forward: two GEMMs with fused epilogues (bias + GELU -> hidden in memory; bias + gamma + drop
 // scale + residual -> y). Backward (hidden recomputed from x):
 //   1. a = x W1^T + b1, h = gelu(a)                               (TN GEMM, stores a and h)
-//   2. z = h W2^T + b2; dz = dy s gamma; partial dgamma = sum dy s z, db2 = sum dz   (TN GEMM)
-//   3. dW2 = dz^T h                                               (split-K GEMM, fp32 partials)
+//   2. dys = dy s, dz = dys gamma; per-row-tile column sums of dys        (elementwise)
+//   3. G = dys^T h                                                (split-K GEMM, fp32 partials)
 //   4. da = (dz W2) * gelu'(a), in place over a; partial db1 = sum da              (NN GEMM)
 //   5. dW1 = da^T x                                               (split-K GEMM, fp32 partials)
 //   6. dx = da W1                                                 (NN GEMM)
-//   7. fixed-order sums of all partials (deterministic, no atomics)
+//   7. fixed-order sums of all partials (deterministic, no atomics): G, S = sum dys, db1, dW1
+//   8. layer scale, per channel c: dgamma = sum_j W2[c][j] G[c][j] + b2[c] S[c]
+//      (= sum_m dys z, since z = h W2^T + b2), dW2 = gamma G, db2 = gamma S
+// Step 8 replaces recomputing z = h W2^T (a GEMM and a pass over the 4C hidden) for dgamma.
 #pragma once
 
+#include <limits>
 #include <type_traits>
 
 #include "mlp_gemm.cuh"
@@ -90,37 +94,6 @@ struct EpilogueResidualLayerScale {
   }
 };
 
-// z = acc + b2; dz = dy * s * gamma (stored); column sums: dgamma += dy * s * z, db2 += dz.
-template <typename T>
-struct EpilogueLayerScaleGrad {
-  static constexpr int kColSums = 2;
-  T* dz;
-  const T* dy;
-  const float* bias;
-  const float* gamma;
-  const float* drop_scale;
-  int64_t ld;
-  int64_t rows_per_sample;
-  float* colsum[2];  // [tiles_m][N] each: dgamma, db2
-  __device__ __forceinline__ float* colsum_out(int k) const { return k == 0 ? colsum[0] : colsum[1]; }  // no dynamic indexing: keeps the params out of local memory
-  __device__ __forceinline__ void operator()(int64_t row, int64_t col, float v0, float v1, bool has1,
-                                             float (&sums)[2][2]) const {
-    const float s = drop_scale ? drop_scale[row / rows_per_sample] : 1.0f;
-    const float g0 = gamma ? gamma[col] : 1.0f;
-    const float g1 = (gamma && has1) ? gamma[col + 1] : 1.0f;
-    const int64_t off = row * ld + col;
-    float d0, d1;
-    load_pair(dy + off, has1, d0, d1);
-    const float ds0 = d0 * s, ds1 = d1 * s;
-    const float dz0 = ds0 * g0, dz1 = has1 ? ds1 * g1 : 0.0f;
-    sums[0][0] = ds0 * (v0 + bias[col]);
-    sums[0][1] = has1 ? ds1 * (v1 + bias[col + 1]) : 0.0f;
-    sums[1][0] = dz0;
-    sums[1][1] = dz1;
-    store_pair(dz + off, dz0, dz1, has1);
-  }
-};
-
 // da = acc * gelu'(a), written over a (same element, same thread: read before write); db1 += da.
 template <typename T>
 struct EpilogueGeluGrad {
@@ -166,6 +139,62 @@ struct EpilogueStoreSplitPartial {
     store_pair(out + static_cast<int64_t>(blockIdx.z) * split_stride + row * ld + col, v0, v1, has1);
   }
 };
+
+// ---- backward elementwise steps ----------------------------------------------------------------
+constexpr int kDysRowsPerTile = 64;   // rows per column-sum partial of step 2
+constexpr int kDysThreads = 128;      // channels per block of step 2
+
+// Step 2: dys = dy * s[n] (written only with a drop scale; else dys is dy), dz = dys * gamma
+// (written only with gamma; else dz is dys), colsum[tile][c] = sum of dys over the tile's rows in
+// row order. Block (tile, channel block); each thread owns one channel of the tile.
+template <typename T, bool kHasGamma, bool kHasDropScale>
+__global__ void __launch_bounds__(kDysThreads) mlp_layerscale_dys_kernel(
+    const T* __restrict__ dy, const float* __restrict__ gamma, const float* __restrict__ drop_scale,
+    T* __restrict__ dys, T* __restrict__ dz, float* __restrict__ colsum, int64_t rows, int64_t C,
+    int64_t rows_per_sample) {
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kDysThreads + threadIdx.x;
+  if (c >= C) return;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kDysRowsPerTile;
+  const int64_t row_end = min(rows, row0 + kDysRowsPerTile);
+  const float g = kHasGamma ? gamma[c] : 1.0f;
+  float sum = 0.0f;
+  for (int64_t row = row0; row < row_end; ++row) {
+    const int64_t off = row * C + c;
+    float v = to_float(dy[off]);
+    if constexpr (kHasDropScale) {
+      v *= drop_scale[row / rows_per_sample];
+      dys[off] = from_float<T>(v);
+    }
+    sum += v;
+    if constexpr (kHasGamma) dz[off] = from_float<T>(v * g);
+  }
+  colsum[static_cast<int64_t>(blockIdx.x) * C + c] = sum;
+}
+
+// Step 8, one warp per channel c: on entry dw2[c][:] holds G[c][:] and db2[c] holds S[c].
+// dgamma[c] = sum_j W2[c][j] G[c][j] + b2[c] S[c] (fixed-order lane sums, then a fixed xor
+// tree); then dw2[c][:] *= gamma[c] and db2[c] *= gamma[c] when there is a gamma. Each lane
+// rescales exactly the elements it read.
+constexpr int kLayerScaleWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kLayerScaleWarps * 32) mlp_layerscale_gamma_grad_kernel(
+    const T* __restrict__ w2, const float* __restrict__ b2, const float* __restrict__ gamma, float* dw2,
+    float* db2, float* __restrict__ dgamma, int64_t C, int64_t hidden) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kLayerScaleWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= C) return;
+  float* grow = dw2 + c * hidden;
+  const T* wrow = w2 + c * hidden;
+  float dot = 0.0f;
+  for (int64_t j = lane; j < hidden; j += 32) dot = fmaf(to_float(wrow[j]), grow[j], dot);
+  dot = warp_sum(dot);
+  if (lane == 0) dgamma[c] = fmaf(b2[c], db2[c], dot);
+  if (gamma == nullptr) return;  // uniform per launch
+  const float g = gamma[c];
+  for (int64_t j = lane; j < hidden; j += 32) grow[j] *= g;
+  if (lane == 0) db2[c] *= g;
+}
 
 // ---- host side ---------------------------------------------------------------------------------
 struct FwdArgs {
@@ -227,13 +256,16 @@ struct FwdWorkspace {
   }
 };
 
+inline int64_t dys_tiles_of(int64_t rows) { return ceil_div(rows, kDysRowsPerTile); }
+
 struct BwdWorkspace {
   void* preact;  // a, then da in place
   void* hidden;  // h
-  void* dz;
-  float* ls_colsums;    // [2][tiles_m][C]: dgamma, db2
+  void* dys;     // dy * s (used with a drop scale)
+  void* dz;      // dys * gamma (used with gamma)
+  float* dys_colsums;   // [dys_tiles][C]: S
   float* gelu_colsums;  // [tiles_m][4C]: db1
-  float* dw2_partials;  // [splits][C][4C]
+  float* dw2_partials;  // [splits][C][4C]: G
   float* dw1_partials;  // [splits][4C][C]
   int64_t splits;
   int64_t bytes;
@@ -243,8 +275,9 @@ struct BwdWorkspace {
     WorkspaceCarver carve(base);
     preact = carve.take<char>(rows * 4 * C * elem_bytes);
     hidden = carve.take<char>(rows * 4 * C * elem_bytes);
+    dys = carve.take<char>(rows * C * elem_bytes);
     dz = carve.take<char>(rows * C * elem_bytes);
-    ls_colsums = carve.take<float>(2 * tiles_m * C);
+    dys_colsums = carve.take<float>(dys_tiles_of(rows) * C);
     gelu_colsums = carve.take<float>(tiles_m * 4 * C);
     dw2_partials = carve.take<float>(splits * 4 * C * C);
     dw1_partials = carve.take<float>(splits * 4 * C * C);
@@ -293,24 +326,38 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
   BwdWorkspace ws(a.workspace, M, C, sizeof(T));
   T* preact = static_cast<T*>(ws.preact);
   T* hidden = static_cast<T*>(ws.hidden);
-  T* dz = static_cast<T*>(ws.dz);
+  const T* dy = static_cast<const T*>(a.dy);
+  const bool has_gamma = a.gamma != nullptr, has_drop = a.drop_scale != nullptr;
+  // dys is dy itself without a drop scale; dz is dys itself without gamma.
+  const T* dys = has_drop ? static_cast<const T*>(ws.dys) : dy;
+  const T* dz = has_gamma ? static_cast<const T*>(ws.dz) : dys;
   with_math_mode<T>(allow_tf32, [&](auto mode) {
     constexpr MathMode kMode = decltype(mode)::value;
     // 1. a = x W1^T + b1, h = gelu(a)
     GemmProblem p1{M, C4, C, a.x, C, a.fc1_weight, C, 0, 0, a.vec_loads};
     launch_gemm<T, kMode, kKMajor, kKMajor>(p1, 1, EpilogueBiasGelu<T, true>{hidden, preact, a.fc1_bias, C4},
                                             stream);
-    // 2. z = h W2^T + b2 -> dz, dgamma / db2 column sums
-    GemmProblem p2{M, C, C4, hidden, C4, a.fc2_weight, C4, 0, 0, a.vec_loads};
-    EpilogueLayerScaleGrad<T> e2{dz, static_cast<const T*>(a.dy), a.fc2_bias, a.gamma, a.drop_scale, C,
-                                 a.rows_per_sample, {ws.ls_colsums, ws.ls_colsums + tiles_m * C}};
-    launch_gemm<T, kMode, kKMajor, kKMajor>(p2, 1, e2, stream);
-    // 3. dW2 partials = dz^T h   (C x 4C, K = rows)
-    GemmProblem p3{C, C4, M, dz, C, hidden, C4, 0, 0, a.vec_loads};
+    // 2. dys, dz and the column sums of dys
+    const int64_t dys_tiles = dys_tiles_of(M);
+    const int64_t channel_blocks = ceil_div(C, kDysThreads);
+    if (dys_tiles > std::numeric_limits<int>::max() || channel_blocks > 65535) {
+      throw std::invalid_argument("mlp_layerscale: problem too large for the launch grid");
+    }
+    CNK_BOOL_SWITCH(has_gamma, kHasGamma, [&] {
+      CNK_BOOL_SWITCH(has_drop, kHasDropScale, [&] {
+        mlp_layerscale_dys_kernel<T, kHasGamma, kHasDropScale>
+            <<<dim3(static_cast<unsigned>(dys_tiles), static_cast<unsigned>(channel_blocks)), kDysThreads, 0,
+               stream>>>(dy, a.gamma, a.drop_scale, static_cast<T*>(ws.dys), static_cast<T*>(ws.dz),
+                         ws.dys_colsums, M, C, a.rows_per_sample);
+        CNK_CHECK_LAUNCH("mlp_layerscale_dys_kernel");
+      });
+    });
+    // 3. G partials = dys^T h   (C x 4C, K = rows)
+    GemmProblem p3{C, C4, M, dys, C, hidden, C4, 0, 0, a.vec_loads && is_aligned(dys, 16)};
     launch_gemm<T, kMode, kMNMajor, kMNMajor>(p3, ws.splits, EpilogueStoreSplitPartial{ws.dw2_partials, C4, C * C4},
                                               stream);
     // 4. da = (dz W2) * gelu'(a), over a; db1 column sums
-    GemmProblem p4{M, C4, C, dz, C, a.fc2_weight, C4, 0, 0, a.vec_loads};
+    GemmProblem p4{M, C4, C, dz, C, a.fc2_weight, C4, 0, 0, a.vec_loads && is_aligned(dz, 16)};
     launch_gemm<T, kMode, kKMajor, kMNMajor>(p4, 1, EpilogueGeluGrad<T>{preact, preact, C4, {ws.gelu_colsums, nullptr}},
                                              stream);
     // 5. dW1 partials = da^T x   (4C x C, K = rows)
@@ -321,14 +368,18 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
     GemmProblem p6{M, C, C4, preact, C4, a.fc1_weight, C, 0, 0, a.vec_loads};
     launch_gemm<T, kMode, kKMajor, kMNMajor>(p6, 1, EpilogueStore<T>{static_cast<T*>(a.dx), C}, stream);
   });
-  // 7. deterministic sums of the partials
+  // 7. deterministic sums of the partials: dW1, G (into dfc2_weight), db1, S (into dfc2_bias)
   PartialSumBatch batch;
   batch.add(ws.dw1_partials, a.dfc1_weight, C4 * C, ws.splits, C4 * C);
   batch.add(ws.dw2_partials, a.dfc2_weight, C * C4, ws.splits, C * C4);
   batch.add(ws.gelu_colsums, a.dfc1_bias, C4, tiles_m, C4);
-  batch.add(ws.ls_colsums + tiles_m * C, a.dfc2_bias, C, tiles_m, C);
-  batch.add(ws.ls_colsums, a.dgamma, C, tiles_m, C);
+  batch.add(ws.dys_colsums, a.dfc2_bias, C, dys_tiles_of(M), C);
   launch_reduce_partials(batch, stream);
+  // 8. dgamma; G -> dW2 and S -> db2
+  mlp_layerscale_gamma_grad_kernel<T><<<static_cast<unsigned>(ceil_div(C, kLayerScaleWarps)), kLayerScaleWarps * 32, 0,
+                                         stream>>>(static_cast<const T*>(a.fc2_weight), a.fc2_bias, a.gamma,
+                                                   a.dfc2_weight, a.dfc2_bias, a.dgamma, C, C4);
+  CNK_CHECK_LAUNCH("mlp_layerscale_gamma_grad_kernel");
 }
 
 extern template void run_fwd<float>(const FwdArgs&, bool, cudaStream_t);

@@ -11,8 +11,11 @@ namespace {
 void check_sizes(int64_t N, int64_t H, int64_t W, int64_t C) {
   CNK_CHECK_ARG(N >= 1 && H >= 1 && W >= 1 && C >= 1, "N, H, W and C must be at least 1");
   CNK_CHECK_ARG(C <= (int64_t{1} << 20), "C is too large");
-  CNK_CHECK_ARG(H <= std::numeric_limits<int64_t>::max() / W, "H * W overflows");
-  CNK_CHECK_ARG(N <= std::numeric_limits<int64_t>::max() / (H * W * 4 * C * 4), "N * H * W * 4C overflows");
+  // Divide step by step, so no intermediate product overflows: the largest buffer is
+  // N * H * W * 4C elements of up to 4 bytes.
+  constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+  CNK_CHECK_ARG(H <= kInt64Max / W && H * W <= kInt64Max / (16 * C) && N <= kInt64Max / (H * W * 16 * C),
+                "N * H * W * 4C overflows");
 }
 
 int64_t elem_bytes(int dtype) {
@@ -22,17 +25,6 @@ int64_t elem_bytes(int dtype) {
     case kDTypeBFloat16: return 2;
     default: throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
   }
-}
-
-bool all_aligned16(std::initializer_list<std::uintptr_t> ptrs) {
-  for (std::uintptr_t p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
-}
-
-template <typename P>
-P* as_ptr(std::uintptr_t v) {
-  return reinterpret_cast<P*>(v);
 }
 
 FwdArgs make_fwd_args(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,

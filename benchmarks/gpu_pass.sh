@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_pass.sh tests      # build + the whole suite (GPU tests included)
 #   bash benchmarks/gpu_pass.sh tests tests/test_ops.py -k cuda   # or a part of it, if the whole
 #                                          # suite outgrows one call (extra arguments go to pytest)
-#   bash benchmarks/gpu_pass.sh bench      # ConvNeXt-T infer/train + kernels.py
+#   bash benchmarks/gpu_pass.sh bench      # ConvNeXt-T infer/train, every provider
+#   bash benchmarks/gpu_pass.sh kernels    # kernels.py: each op vs eager / compile, stage shapes
 #   bash benchmarks/gpu_pass.sh bench-sb   # ConvNeXt-S and -B, infer and train
 #   bash benchmarks/gpu_pass.sh sanitize   # compute-sanitizer memcheck + racecheck on the CUDA tests
 #   bash benchmarks/gpu_pass.sh train      # examples/train.py parity with the triton and cuda backends
@@ -14,7 +15,7 @@
 # at most 8 files); unpack its benchmarks/results/ into the repo and run
 # `python benchmarks/readme_performance.py`.
 set -uo pipefail
-step=${1:?usage: gpu_pass.sh tests|bench|bench-sb|sanitize|train}
+step=${1:?usage: gpu_pass.sh tests|bench|kernels|bench-sb|sanitize|train}
 out=${OUT:-/tmp/gpu_pass_out}
 work=$(mktemp -d)
 mkdir -p "$out" "$work/logs"
@@ -40,9 +41,12 @@ case "$step" in
     pytest -q -p no:cacheprovider --durations=25 "${targets[@]}" > "$work/logs/tests.log" 2>&1 || rc=$?
     tail -40 "$work/logs/tests.log" ;;
   bench)
+    # Separate from kernels: the compile providers (max-autotune) make each step minutes long.
     python benchmarks/throughput.py --model tiny --out "$results" > "$work/logs/throughput_tiny.log" 2>&1 || rc=$?
-    python benchmarks/kernels.py --out "$results" > "$work/logs/kernels.log" 2>&1 || rc=$?
-    tail -30 "$work/logs/throughput_tiny.log" "$work/logs/kernels.log" ;;
+    tail -30 "$work/logs/throughput_tiny.log" ;;
+  kernels)
+    python benchmarks/kernels.py --out "$results" "${@:2}" > "$work/logs/kernels.log" 2>&1 || rc=$?
+    tail -40 "$work/logs/kernels.log" ;;
   bench-sb)
     for model in small base; do
       python benchmarks/throughput.py --model "$model" --out "$results" > "$work/logs/throughput_$model.log" 2>&1 || rc=$?

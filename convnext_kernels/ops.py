@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .backends import _TRITON_MISSING, BACKENDS, launchers, resolve_backend
+from .backends import _TRITON_MISSING, BACKENDS, MLP_LAYERSCALE_STORE_PREACT_MIN_C, launchers, resolve_backend
+from .launchers import empty_output
 
 __all__ = ["dwconv_layernorm", "mlp_layerscale"]
 
@@ -100,11 +101,17 @@ def _dwconv_layernorm_fake_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean,
             torch.empty_like(vec))
 
 
-def _mlp_layerscale_fake_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
-    return torch.empty_like(x)
+def _preact_shape(x: torch.Tensor, store_preact: bool) -> tuple:
+    """Shape of the forward's saved pre-activation: (rows, 4C), or (0,) when it is recomputed."""
+    return (x.numel() // x.shape[-1], 4 * x.shape[-1]) if store_preact else (0,)
 
 
-def _mlp_layerscale_fake_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+def _mlp_layerscale_fake_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
+                             store_preact):
+    return torch.empty_like(x), x.new_empty(_preact_shape(x, store_preact))
+
+
+def _mlp_layerscale_fake_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact):
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(x), torch.empty_like(fc1_weight, **f32), torch.empty_like(fc1_bias, **f32),
             torch.empty_like(fc2_weight, **f32), torch.empty_like(fc2_bias, **f32),
@@ -143,32 +150,40 @@ def _register_dwconv_layernorm(backend: str):
 
 
 def _register_mlp_layerscale(backend: str):
+    # The forward op also returns the pre-activation x @ fc1_weight.T + fc1_bias when store_preact
+    # is set (an empty tensor otherwise); the backward op reads it, or recomputes it when empty.
     def fwd(x: torch.Tensor, shortcut: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
-            drop_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        return launchers(backend).mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+            drop_scale: Optional[torch.Tensor], store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        preact = empty_output(_preact_shape(x, store_preact), x.dtype, x.device)
+        y = launchers(backend).mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                                  drop_scale, preact_out=preact if store_preact else None)
+        return y, preact
 
     def bwd(dy: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
-            drop_scale: Optional[torch.Tensor]
+            drop_scale: Optional[torch.Tensor], preact: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launchers(backend).mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+        return launchers(backend).mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                                     drop_scale, preact=preact if preact.numel() else None)
 
     fwd_op = _define("mlp_layerscale_fwd", backend, fwd, _mlp_layerscale_fake_fwd)
     bwd_op = _define("mlp_layerscale_bwd", backend, bwd, _mlp_layerscale_fake_bwd)
 
     def setup_context(ctx, inputs, output):
-        x, _, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale = inputs
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+        x, _, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, _ = inputs
+        _, preact = output
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact)
+        ctx.mark_non_differentiable(preact)
 
-    def backward(ctx, dy):
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale = ctx.saved_tensors
+    def backward(ctx, dy, _dpreact):
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous()
         dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = bwd_op(
-            dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale
+            dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact
         )
         return (dx, dy, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias,
-                None if gamma is None else dgamma, None)
+                None if gamma is None else dgamma, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op, bwd_op
@@ -252,7 +267,8 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     _check_shape("drop_scale", drop_scale, (N,))
     device = _check_devices(dict(x=x, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                                  fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma, drop_scale=drop_scale))
-    fwd_op, _ = MLP_LAYERSCALE_OPS[resolve_backend(backend, device)]
+    resolved = resolve_backend(backend, device)
+    fwd_op, _ = MLP_LAYERSCALE_OPS[resolved]
     dtype = _compute_dtype(x)
     x = x.to(dtype).contiguous()
     shortcut = shortcut.to(dtype).contiguous()
@@ -261,5 +277,11 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     if fc2_bias is None:
         fc2_bias = x.new_zeros((C,), dtype=torch.float32)
     drop_scale = None if drop_scale is None else _fp32(drop_scale.detach())
-    return fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
-                  fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale)
+    # Store the pre-activation for backward only where the backend prefers that (see
+    # MLP_LAYERSCALE_STORE_PREACT_MIN_C in convnext_kernels.backends) and a backward can follow.
+    min_c = MLP_LAYERSCALE_STORE_PREACT_MIN_C[resolved]
+    store_preact = bool(min_c is not None and C >= min_c and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)))
+    y, _ = fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
+                  fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
+    return y

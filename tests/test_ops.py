@@ -141,6 +141,16 @@ def test_mlp_layerscale_cpu(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
+def test_mlp_layerscale_both_backward_forms_cpu(backend, dtype, store, monkeypatch):
+    # Each backend through the op with the pre-activation stored for backward and recomputed,
+    # whatever its entry in the table says (C = 96: below the cpu backend's threshold).
+    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, backend, 1 if store else None)
+    _run_mlp_layerscale(backend, "cpu", (2, 5, 7, 96), dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("gamma,drop", [(False, False), (True, False), (False, True)])
 def test_mlp_layerscale_optional_args_cpu(backend, gamma, drop):
     _run_mlp_layerscale(backend, "cpu", (2, 3, 5, 40), torch.float32, gamma, drop)
@@ -202,16 +212,43 @@ def _op_args(op_name, shape, dtype=torch.float32):
             gm.float().requires_grad_(), ds.float())
 
 
+# The mlp_layerscale forward op's last argument: store the pre-activation for backward (the
+# op returns it) or return an empty tensor and recompute it there.
+OPCHECK_CASES = [("dwconv_layernorm", ()), ("mlp_layerscale", (False,)), ("mlp_layerscale", (True,))]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
-def test_opcheck(backend, op_name):
+@pytest.mark.parametrize("op_name, extra", OPCHECK_CASES, ids=["dwconv_layernorm", "mlp", "mlp_store_preact"])
+def test_opcheck(backend, op_name, extra):
     table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
     fwd_op, _ = table[backend]
     # Under Triton's interpreter wrap_triton hands back the interpreted kernel itself, so the fake
     # and AOT checks would launch it on FakeTensors; those two run in the GPU test below.
     utils = ("test_schema", "test_autograd_registration") if backend == "triton" else None
     kwargs = {} if utils is None else {"test_utils": utils}
-    torch.library.opcheck(fwd_op, _op_args(op_name, (2, 3, 5, 40)), **kwargs)
+    torch.library.opcheck(fwd_op, _op_args(op_name, (2, 3, 5, 40)) + extra, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("grad", (True, False))
+@pytest.mark.parametrize("C", (40, 192))
+def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad, C):
+    """The forward saves the (rows, 4C) pre-activation only for a backend and C the table names,
+    and only when a backward can follow; otherwise backward recomputes it (saves an empty one)."""
+    N, H, W = 2, 3, 5
+    inputs, _ = _mlp_layerscale_inputs((N, H, W, C), "cpu")
+    inputs = [t.float().requires_grad_(grad and i < 7) if t is not None else None for i, t in enumerate(inputs)]
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ck.mlp_layerscale(*inputs, backend=backend)
+    min_c = ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C[backend]
+    stores = min_c is not None and C >= min_c and grad
+    assert ((N * H * W, 4 * C) in saved) == stores, saved
 
 
 @pytest.mark.parametrize("backend", ("torch", "cpu"))
@@ -345,9 +382,11 @@ def test_mlp_layerscale_gpu(backend, dtype, shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ("triton", "cuda"))
-@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
-def test_opcheck_gpu(backend, op_name):
+@pytest.mark.parametrize("op_name, extra", OPCHECK_CASES, ids=["dwconv_layernorm", "mlp", "mlp_store_preact"])
+def test_opcheck_gpu(backend, op_name, extra):
+    if backend == "cuda" and extra == (True,):
+        pytest.skip("the cuda backend has no stored-pre-activation variant")
     table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
     args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in _op_args(op_name, (2, 5, 6, 40))]
+            for a in _op_args(op_name, (2, 5, 6, 40)) + extra]
     torch.library.opcheck(table[backend][0], args)

@@ -22,7 +22,8 @@ dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
     The conv output is recomputed from x, never stored. Weight gradients are
     reduced deterministically (fp32 partial buffers, then a fixed-order sum).
 
-mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
+                   preact_out=None)
     -> y
     x, shortcut  (N, H, W, C) contiguous, same dtype
     fc1_weight   (4C, C) x.dtype contiguous;  fc1_bias (4C,) float32
@@ -30,13 +31,18 @@ mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     gamma        (C,) float32 or None (no layer scale)
     drop_scale   (N,) float32 or None: per-sample factor, sample n = row // (H*W)
     y = shortcut + drop_scale[n] * gamma * (gelu_erf(x @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)
+    preact_out   None, or a (N*H*W, 4C) x.dtype tensor that receives the pre-activation
+                 x @ fc1_weight.T + fc1_bias (asked for where
+                 convnext_kernels.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C says so; the cuda
+                 backend has no such variant and raises)
 
-mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale)
+mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None)
     -> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma)
     dx in x.dtype; weight/bias/gamma gradients float32 in the parameters' shapes;
     dgamma is returned even when gamma is None (the caller drops it). The
     gradient of the shortcut is dy itself and is handled by the caller. The
-    hidden activation is recomputed from x.
+    hidden activation is recomputed from x, or from the forward's preact_out
+    when that is passed as preact.
 
 All statistics and accumulations are float32; GELU is the exact erf form.
 """

@@ -90,7 +90,15 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
     return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
 
 
-def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+def _no_preact(preact):
+    if preact is not None:
+        raise ValueError("the cuda backend's mlp_layerscale recomputes the pre-activation; "
+                         "it takes no preact_out / preact tensor")
+
+
+def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
+                       preact_out=None):
+    _no_preact(preact_out)
     N, H, W, C = x.shape
     code = dtype_code(x.dtype, "cuda")
     y = empty_output((N, H, W, C), x.dtype, x.device)
@@ -114,7 +122,8 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     return y
 
 
-def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
+    _no_preact(preact)
     N, H, W, C = x.shape
     code = dtype_code(x.dtype, "cuda")
     dx = empty_output((N, H, W, C), x.dtype, x.device)

@@ -83,13 +83,16 @@ def _row_chunks(M: int, device: torch.device):
     return [slice(i, min(i + step, M)) for i in range(0, M, step)]
 
 
-def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
+                       preact_out=None):
     C = x.shape[-1]
     x2, shortcut2 = x.reshape(-1, C), shortcut.reshape(-1, C)
     s = _row_scale(drop_scale, x)
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
-        _, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        if preact_out is not None:
+            preact_out[rows] = a
         z = F.linear(h, fc2_weight).float().add_(fc2_bias)
         if gamma is not None:
             z.mul_(gamma)
@@ -99,7 +102,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     return y.view(x.shape)
 
 
-def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale):
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
     C = x.shape[-1]
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
     s = _row_scale(drop_scale, x)
@@ -114,7 +117,11 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
         dys = dy2[rows].to(torch.float32, copy=True)  # scaled in place below; dy is also dshortcut
         if s is not None:
             dys.mul_(s[rows])
-        a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        if preact is None:
+            a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
+        else:  # stored by the forward: GELU again, no GEMM
+            a = preact[rows].float()
+            h = F.gelu(a).to(x.dtype)
         dys_sum += dys.sum(0)
         g.addmm_(dys.t(), h.float())
         dz = dys.mul_(gamma) if gamma is not None else dys

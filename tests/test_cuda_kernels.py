@@ -483,6 +483,25 @@ def test_mlp_layerscale_fwd_misaligned_falls_back(dtype, monkeypatch):
     assert not (ws == 0xA5).all().item(), "misaligned x must take the two-GEMM path"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_layerscale_bwd_misaligned_dy(dtype):
+    """Without gamma and drop scale the backward uses dy itself as a GEMM operand (dys = dz = dy):
+    one element past a 16-byte boundary it must not take the cp.async path; gradients still right."""
+    shape = (2, 9, 11, 96)
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, _, _, dy = _mlp_inputs(shape, dtype, with_gamma=False, with_drop=False)
+    buf = torch.empty(dy.numel() + 1, dtype=dtype, device="cuda")
+    dym = buf[1:].view(shape)
+    dym.copy_(dy)
+    assert dym.data_ptr() % 16 != 0
+    grads = L.mlp_layerscale_bwd(dym, x, w1, b1, w2, b2, None, None)
+    torch.cuda.synchronize()
+    _, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, None, None, dy, torch.float64)
+    _, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, None, None, dy, dtype)
+    for name, got, r64, e in zip(("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"), grads, g64, ge):
+        _check(name, got, r64, e, dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors reach Python
 # ------------------------------------------------------------------------------------------------

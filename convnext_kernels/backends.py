@@ -147,15 +147,17 @@ _LAUNCHER_MODULES = {
     "torch": "convnext_kernels.launchers.torch_ops",
 }
 
-# From which C on mlp_layerscale's forward stores the pre-activation x @ fc1_weight.T + fc1_bias
-# for backward (when one can follow) instead of backward recomputing it (None: never). Storing
-# trades 4C values per pixel of memory traffic for one GEMM less, whose cost per stored value
-# grows with C. cpu: recompute won at C = 96 and storing at 192-768 (ConvNeXt-T stage shapes,
-# batch 8, fp32, 2 threads: benchmarks/kernels.py, mlp_layerscale fwd+bwd, 2026-11-24). GPU
+# Per backend and activation dtype, from which C on mlp_layerscale's forward stores the
+# pre-activation x @ fc1_weight.T + fc1_bias (in the activation dtype) for backward, when one can
+# follow, instead of backward recomputing it; absent: never. Storing trades 4C values per pixel
+# of memory traffic for one GEMM less, whose cost per stored value grows with C. cpu, fp32:
+# recompute won at C = 96 and storing at 192-768 (ConvNeXt-T stage shapes, batch 8, 2 threads:
+# benchmarks/kernels.py, mlp_layerscale fwd+bwd, 2026-11-24); 16-bit is left to recompute (a
+# stored 16-bit pre-activation rounds what backward's GELU sees; not measured as faster). GPU
 # backends recompute: triton has both forms, timed against each other by benchmarks/kernels.py
 # (the GPU figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.
-MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"triton": None, "cuda": None, "cpu": 192, "torch": None}
+MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 192}}
 
 
 def launchers(backend: str) -> ModuleType:

@@ -279,7 +279,7 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     drop_scale = None if drop_scale is None else _fp32(drop_scale.detach())
     # Store the pre-activation for backward only where the backend prefers that (see
     # MLP_LAYERSCALE_STORE_PREACT_MIN_C in convnext_kernels.backends) and a backward can follow.
-    min_c = MLP_LAYERSCALE_STORE_PREACT_MIN_C[resolved]
+    min_c = MLP_LAYERSCALE_STORE_PREACT_MIN_C.get(resolved, {}).get(dtype)
     store_preact = bool(min_c is not None and C >= min_c and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)))
     y, _ = fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),

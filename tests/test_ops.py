@@ -146,7 +146,7 @@ def test_mlp_layerscale_cpu(backend, dtype, shape):
 def test_mlp_layerscale_both_backward_forms_cpu(backend, dtype, store, monkeypatch):
     # Each backend through the op with the pre-activation stored for backward and recomputed,
     # whatever its entry in the table says (C = 96: below the cpu backend's threshold).
-    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, backend, 1 if store else None)
+    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, backend, {dtype: 1} if store else {})
     _run_mlp_layerscale(backend, "cpu", (2, 5, 7, 96), dtype)
 
 
@@ -232,12 +232,14 @@ def test_opcheck(backend, op_name, extra):
 @pytest.mark.parametrize("backend", ("torch", "cpu"))
 @pytest.mark.parametrize("grad", (True, False))
 @pytest.mark.parametrize("C", (40, 192))
-def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad, C):
-    """The forward saves the (rows, 4C) pre-activation only for a backend and C the table names,
-    and only when a backward can follow; otherwise backward recomputes it (saves an empty one)."""
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad, C, dtype):
+    """The forward saves the (rows, 4C) pre-activation only for a backend, dtype and C the table
+    names, and only when a backward can follow; otherwise backward recomputes it."""
     N, H, W = 2, 3, 5
     inputs, _ = _mlp_layerscale_inputs((N, H, W, C), "cpu")
-    inputs = [t.float().requires_grad_(grad and i < 7) if t is not None else None for i, t in enumerate(inputs)]
+    inputs = [t.to(dtype if i < 2 else torch.float32).requires_grad_(grad and i < 7) if t is not None else None
+              for i, t in enumerate(inputs)]
     saved = []
 
     def pack(t):
@@ -246,7 +248,8 @@ def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ck.mlp_layerscale(*inputs, backend=backend)
-    min_c = ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C[backend]
+    min_c = ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C.get(backend, {}).get(dtype)
+    assert backend != "cpu" or (min_c is not None) == (dtype == torch.float32)  # the table as shipped
     stores = min_c is not None and C >= min_c and grad
     assert ((N * H * W, 4 * C) in saved) == stores, saved
 

@@ -27,7 +27,9 @@ Backward (nothing but x is saved; the hidden is recomputed):
      over the 4C hidden): with G[c, j] = sum_m dys[m, c] h[m, j],
        dW2 = gamma[:, None] * G,  db2 = gamma * colsum(dys),
        dgamma[c] = sum_m dys[m, c] z[m, c] = sum_j W2[c, j] G[c, j] + b2[c] colsum(dys)[c],
-     small (C, 4C) elementwise work done by torch.
+     small (C, 4C) elementwise work done by torch. With a drop scale dys enters
+     the G GEMM rounded to x.dtype (as dz always did for dW2), so dgamma carries
+     that rounding; without one dys is dy, exact.
 All reductions are fp32 partial buffers summed by torch: deterministic.
 
 Stored-activation variant (launcher level, for measurement): the forward can also

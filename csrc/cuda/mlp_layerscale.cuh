@@ -12,6 +12,8 @@
 //   8. layer scale, per channel c: dgamma = sum_j W2[c][j] G[c][j] + b2[c] S[c]
 //      (= sum_m dys z, since z = h W2^T + b2), dW2 = gamma G, db2 = gamma S
 // Step 8 replaces recomputing z = h W2^T (a GEMM and a pass over the 4C hidden) for dgamma.
+// Rounding: with a drop scale, dys is rounded to T as the G GEMM's operand (as dz always was for
+// dW2), so dgamma carries that rounding too (the S column sums do not); without one, dys is dy.
 #pragma once
 
 #include <limits>
@@ -141,7 +143,8 @@ struct EpilogueStoreSplitPartial {
 };
 
 // ---- backward elementwise steps ----------------------------------------------------------------
-constexpr int kDysRowsPerTile = 64;   // rows per column-sum partial of step 2
+constexpr int kDysRowsPerTile = 256;  // rows per column-sum partial of step 2 (the fixed-order reduce
+                                      //   then sums rows / 256 partials per channel, not rows / 64)
 constexpr int kDysThreads = 128;      // channels per block of step 2
 
 // Step 2: dys = dy * s[n] (written only with a drop scale; else dys is dy), dz = dys * gamma

@@ -53,13 +53,18 @@ struct GemmConfig {
 template <typename T>
 constexpr int block_k() { return 64 / int(sizeof(T)); }
 
+// Offset of element (mn, k) of a shared-memory tile stored K-major ([mn][k], rows kStride apart)
+// or MN-major ([k][mn]).
+template <bool kKMajor, int kStride>
+__device__ __forceinline__ int smem_offset(int mn, int k) { return kKMajor ? mn * kStride + k : k * kStride + mn; }
+
 template <typename T, bool kKMajor, int kRows>
 struct SmemTile {
   static constexpr int kBlockK = block_k<T>();
   // K-major: [kRows][kBlockK + pad]; MN-major: [kBlockK][kRows + pad].
   static constexpr int kStride = kKMajor ? kBlockK + GemmConfig<T>::kPadKMajor : kRows + GemmConfig<T>::kPadMNMajor;
   static constexpr int kElems = kKMajor ? kRows * kStride : kBlockK * kStride;
-  __device__ static __forceinline__ int offset(int mn, int k) { return kKMajor ? mn * kStride + k : k * kStride + mn; }
+  __device__ static __forceinline__ int offset(int mn, int k) { return smem_offset<kKMajor, kStride>(mn, k); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -174,6 +179,63 @@ __device__ __forceinline__ void load_operand_tile(T* smem, const T* __restrict__
   }
 }
 
+// acc[fm][fn] += A[warp_m0 + 16 fm + (0..15)][0:kK] . B[warp_n0 + 8 fn + (0..7)][0:kK]^T with
+// m16n8k16 mma.sync, A and B in shared memory K-major or MN-major (row strides kStrideA /
+// kStrideB elements), fragments read with ldmatrix.x4 (.trans for MN-major). C-fragment layout:
+// acc[fm][fn][i] is row warp_m0 + 16 fm + lane/4 + 8 (i/2), column warp_n0 + 8 fn + 2 (lane%4) + i%2.
+// Used by the two-GEMM kernel (warp_mma_step) and the back-to-back fused forward.
+template <typename T, int kFragsM, int kFragsN, int kK, bool kAKMajor, bool kBKMajor, int kStrideA, int kStrideB,
+          int kUnrollK>
+__device__ __forceinline__ void warp_mma16(const T* sA, const T* sB, int warp_m0, int warp_n0,
+                                           float (&acc)[kFragsM][kFragsN][4]) {
+  static_assert(sizeof(T) == 2, "m16n8k16 needs a 16-bit type");
+  static_assert(kK % 16 == 0 && kFragsN % 2 == 0, "whole k16 steps, pairs of n8 fragments");
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  // Each lane's ldmatrix row address, as (mn, k) from the fragment origin. The four 8x8 matrices
+  // of an x4 load are, for A: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15),
+  // i.e. a0..a3 of m16n8k16; for B: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+  // (n 8-15, k 8-15), i.e. b0, b1 of two n8 fragments. Lanes 8j..8j+7 address matrix j's rows:
+  // along mn when K-major, along k when MN-major (.trans transposes each matrix on load).
+  const int a_mn = kAKMajor ? lane % 16 : ((lane / 8) % 2) * 8;
+  const int a_k = kAKMajor ? (lane / 16) * 8 : lane % 8 + (lane / 16) * 8;
+  const int b_mn = kBKMajor ? (lane / 16) * 8 + lane % 8 : (lane / 16) * 8;
+  const int b_k = kBKMajor ? ((lane / 8) % 2) * 8 : lane % 8 + ((lane / 8) % 2) * 8;
+  const T* a_lane = sA + smem_offset<kAKMajor, kStrideA>(warp_m0 + a_mn, a_k);
+  const T* b_lane = sB + smem_offset<kBKMajor, kStrideB>(warp_n0 + b_mn, b_k);
+#pragma unroll kUnrollK
+  for (int kk = 0; kk < kK; kk += 16) {
+    uint32_t af[kFragsM][4];
+    uint32_t bf[kFragsN][2];
+#pragma unroll
+    for (int fm = 0; fm < kFragsM; ++fm) {
+      const T* p = a_lane + smem_offset<kAKMajor, kStrideA>(fm * 16, kk);
+      if constexpr (kAKMajor) {
+        ldmatrix_x4(af[fm], p);
+      } else {
+        ldmatrix_x4_trans(af[fm], p);
+      }
+    }
+#pragma unroll
+    for (int fp = 0; fp < kFragsN / 2; ++fp) {
+      const T* p = b_lane + smem_offset<kBKMajor, kStrideB>(fp * 16, kk);
+      uint32_t r[4];
+      if constexpr (kBKMajor) {
+        ldmatrix_x4(r, p);
+      } else {
+        ldmatrix_x4_trans(r, p);
+      }
+      bf[2 * fp][0] = r[0];
+      bf[2 * fp][1] = r[1];
+      bf[2 * fp + 1][0] = r[2];
+      bf[2 * fp + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int fm = 0; fm < kFragsM; ++fm)
+#pragma unroll
+      for (int fn = 0; fn < kFragsN; ++fn) mma_m16n8k16<T>(acc[fm][fn], af[fm], bf[fn][0], bf[fn][1]);
+  }
+}
+
 // One K step (kBlockK) of the warp's 64 x 32 tile: acc[fm][fn][i] in the mma C-fragment layout
 // (row = fm*16 + lane/4 + 8*(i/2), col = fn*8 + 2*(lane%4) + i%2, relative to the warp tile).
 template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor>
@@ -188,50 +250,8 @@ __device__ __forceinline__ void warp_mma_step(const T* sA, const T* sB, int warp
   const int t = lane % 4;  // thread within the group
 
   if constexpr (kMode == MathMode::kMma16) {
-    static_assert(sizeof(T) == 2, "m16n8k16 needs a 16-bit type");
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += 16) {
-      uint32_t af[Cfg::kFragsM][4];
-      uint32_t bf[Cfg::kFragsN][2];
-#pragma unroll
-      for (int fm = 0; fm < Cfg::kFragsM; ++fm) {
-        const int m_base = warp_m0 + fm * 16;
-        if constexpr (kAKMajor) {
-          // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
-          const int m = m_base + (lane % 16);
-          const int k = kk + (lane / 16) * 8;
-          ldmatrix_x4(af[fm], sA + TileA::offset(m, k));
-        } else {
-          // stored [k][m]: same four matrices, each transposed on load
-          const int k = kk + (lane % 8) + (lane / 16) * 8;
-          const int m = m_base + ((lane / 8) % 2) * 8;
-          ldmatrix_x4_trans(af[fm], sA + TileA::offset(m, k));
-        }
-      }
-#pragma unroll
-      for (int fp = 0; fp < Cfg::kFragsN / 2; ++fp) {
-        const int n_base = warp_n0 + fp * 16;
-        uint32_t r[4];
-        if constexpr (kBKMajor) {
-          // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-          const int n = n_base + (lane / 16) * 8 + (lane % 8);
-          const int k = kk + ((lane / 8) % 2) * 8;
-          ldmatrix_x4(r, sB + TileB::offset(n, k));
-        } else {
-          const int k = kk + (lane % 8) + ((lane / 8) % 2) * 8;
-          const int n = n_base + (lane / 16) * 8;
-          ldmatrix_x4_trans(r, sB + TileB::offset(n, k));
-        }
-        bf[2 * fp][0] = r[0];
-        bf[2 * fp][1] = r[1];
-        bf[2 * fp + 1][0] = r[2];
-        bf[2 * fp + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int fm = 0; fm < Cfg::kFragsM; ++fm)
-#pragma unroll
-        for (int fn = 0; fn < Cfg::kFragsN; ++fn) mma_m16n8k16<T>(acc[fm][fn], af[fm], bf[fn][0], bf[fn][1]);
-    }
+    warp_mma16<T, Cfg::kFragsM, Cfg::kFragsN, kBlockK, kAKMajor, kBKMajor, TileA::kStride, TileB::kStride,
+               kBlockK / 16>(sA, sB, warp_m0, warp_n0, acc);
   } else if constexpr (kMode == MathMode::kMmaTf32) {
     static_assert(sizeof(T) == 4, "tf32 mma needs fp32 data");
 #pragma unroll

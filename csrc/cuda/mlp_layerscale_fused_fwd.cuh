@@ -27,9 +27,9 @@
 //   S2: sH and W2 j visible to all; every warp is past GEMM1 j, so sW1 may be rewritten.
 //
 // Fragments: mma.sync m16n8k16 (row.col), A and B both K-major in shared memory (x / hidden rows,
-// nn.Linear weight rows), read with ldmatrix.x4 exactly as warp_mma_step's K-major branches in
-// mlp_gemm.cuh. Rows are padded by 16 bytes (an odd number of 16-byte chunks per row: the 8
-// row addresses of one 8x8 ldmatrix matrix fall in 8 distinct bank groups, conflict-free).
+// nn.Linear weight rows), read with ldmatrix.x4 by warp_mma16 (mlp_gemm.cuh), as in the two-GEMM
+// kernel. Rows are padded by 16 bytes (an odd number of 16-byte chunks per row: the 8 row
+// addresses of one 8x8 ldmatrix matrix fall in 8 distinct bank groups, conflict-free).
 #pragma once
 
 #include "mlp_layerscale.cuh"
@@ -157,44 +157,6 @@ __device__ __forceinline__ void fused_copy_tile(T* s, const T* __restrict__ g, i
   }
 }
 
-// acc[fm][fn] += A[warp_m0 + 16 fm + (0..15)][0:kK] . B[warp_n0 + 8 fn + (0..7)][0:kK]^T,
-// A and B K-major in shared memory (row strides kStrideA / kStrideB elements). C-fragment layout:
-// acc[fm][fn][i] is row warp_m0 + 16 fm + lane/4 + 8 (i/2), column warp_n0 + 8 fn + 2 (lane%4) + i%2.
-template <typename T, int kFragsM, int kFragsN, int kK, int kStrideA, int kStrideB, int kUnrollK>
-__device__ __forceinline__ void fused_warp_gemm(const T* sA, const T* sB, int warp_m0, int warp_n0,
-                                                float (&acc)[kFragsM][kFragsN][4]) {
-  static_assert(sizeof(T) == 2, "m16n8k16 needs a 16-bit type");
-  static_assert(kK % 16 == 0 && kFragsN % 2 == 0, "whole k16 steps, pairs of n8 fragments");
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  // Per-lane ldmatrix row addresses (as warp_mma_step, K-major A and B):
-  //  A x4: lanes 0-7 rows 0-7 / k 0-7 (a0), 8-15 rows 8-15 / k 0-7 (a1), 16-23 rows 0-7 / k 8-15 (a2),
-  //        24-31 rows 8-15 / k 8-15 (a3).
-  //  B x4: lanes 0-7 n 0-7 / k 0-7 (b0 of n8 fragment 0), 8-15 n 0-7 / k 8-15 (b1 of fragment 0),
-  //        16-23 n 8-15 / k 0-7 (b0 of fragment 1), 24-31 n 8-15 / k 8-15 (b1 of fragment 1).
-  const T* a_lane = sA + (warp_m0 + lane % 16) * kStrideA + (lane / 16) * 8;
-  const T* b_lane = sB + (warp_n0 + (lane / 16) * 8 + lane % 8) * kStrideB + ((lane / 8) % 2) * 8;
-#pragma unroll kUnrollK
-  for (int kk = 0; kk < kK; kk += 16) {
-    uint32_t af[kFragsM][4];
-    uint32_t bf[kFragsN][2];
-#pragma unroll
-    for (int fm = 0; fm < kFragsM; ++fm) ldmatrix_x4(af[fm], a_lane + fm * 16 * kStrideA + kk);
-#pragma unroll
-    for (int fp = 0; fp < kFragsN / 2; ++fp) {
-      uint32_t r[4];
-      ldmatrix_x4(r, b_lane + fp * 16 * kStrideB + kk);
-      bf[2 * fp][0] = r[0];
-      bf[2 * fp][1] = r[1];
-      bf[2 * fp + 1][0] = r[2];
-      bf[2 * fp + 1][1] = r[3];
-    }
-#pragma unroll
-    for (int fm = 0; fm < kFragsM; ++fm)
-#pragma unroll
-      for (int fn = 0; fn < kFragsN; ++fn) mma_m16n8k16<T>(acc[fm][fn], af[fm], bf[fn][0], bf[fn][1]);
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The kernel
 // ------------------------------------------------------------------------------------------------
@@ -262,7 +224,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
       for (int fn = 0; fn < Cfg::kFragsH; ++fn)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc1[fm][fn][i] = 0.0f;
-    fused_warp_gemm<T, Cfg::kFragsM, Cfg::kFragsH, kCTile, Cfg::kStrideX, Cfg::kStrideX, Cfg::kUnrollK1>(
+    warp_mma16<T, Cfg::kFragsM, Cfg::kFragsH, kCTile, kKMajor, kKMajor, Cfg::kStrideX, Cfg::kStrideX, Cfg::kUnrollK1>(
         sX, sW1, warp_m0, warp_h0, acc1);
 
     // Epilogue 1: h = gelu(acc1 + b1) in the activation dtype -> sH (the A operand of GEMM2).
@@ -295,7 +257,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
     cp_async_commit();  // possibly empty: group counting stays uniform
 
     // GEMM2: acc2 += h_chunk . W2_chunk^T over K = kBlockH.
-    fused_warp_gemm<T, Cfg::kFragsM, Cfg::kFragsC, kBlockH, Cfg::kStrideH, Cfg::kStrideH, Cfg::kUnrollK2>(
+    warp_mma16<T, Cfg::kFragsM, Cfg::kFragsC, kBlockH, kKMajor, kKMajor, Cfg::kStrideH, Cfg::kStrideH, Cfg::kUnrollK2>(
         sH, sW2, warp_m0, warp_c0, acc2);
   }
   cp_async_wait<0>();

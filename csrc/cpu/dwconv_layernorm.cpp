@@ -789,6 +789,19 @@ CNK_INLINE int thread_count() {
 #endif
 }
 
+// Runs the call __VA_ARGS__ (e.g. fwd_rows<T>(p, b, e)) from the namespace of the instruction
+// set picked at runtime: avx512, avx2 or generic.
+#if CNK_X86
+#define CNK_ISA_DISPATCH(isa, ...)                          \
+  switch (isa) {                                            \
+    case Isa::kAvx512: avx512::__VA_ARGS__; break;          \
+    case Isa::kAvx2: avx2::__VA_ARGS__; break;              \
+    default: generic::__VA_ARGS__; break;                   \
+  }
+#else
+#define CNK_ISA_DISPATCH(isa, ...) ((void)(isa), generic::__VA_ARGS__)
+#endif
+
 template <typename T>
 void run_fwd(const Problem& p, int nthreads) {
   const Isa isa = detect_isa();
@@ -796,15 +809,7 @@ void run_fwd(const Problem& p, int nthreads) {
   {
     int64_t b, e;
     split_range(p.NH, thread_index(), thread_count(), b, e);
-    if (b < e) {
-      switch (isa) {
-#if CNK_X86
-        case Isa::kAvx512: avx512::fwd_rows<T>(p, b, e); break;
-        case Isa::kAvx2: avx2::fwd_rows<T>(p, b, e); break;
-#endif
-        default: generic::fwd_rows<T>(p, b, e); break;
-      }
-    }
+    if (b < e) CNK_ISA_DISPATCH(isa, fwd_rows<T>(p, b, e));
   }
 }
 
@@ -817,38 +822,16 @@ void run_bwd(const Problem& p, float* sum, int nthreads) {
     const int tid = thread_index(), nt = thread_count();
     int64_t b, e;
     split_range(p.num_partials, tid, nt, b, e);
-    if (b < e) {
-      switch (isa) {
-#if CNK_X86
-        case Isa::kAvx512: avx512::bwd_grad_rows<T>(p, b, e); break;
-        case Isa::kAvx2: avx2::bwd_grad_rows<T>(p, b, e); break;
-#endif
-        default: generic::bwd_grad_rows<T>(p, b, e); break;
-      }
-    }
+    if (b < e) CNK_ISA_DISPATCH(isa, bwd_grad_rows<T>(p, b, e));
 #pragma omp barrier  // phase 2 reads g rows written by other threads
     split_range(p.NH, tid, nt, b, e);
-    if (b < e) {
-      switch (isa) {
-#if CNK_X86
-        case Isa::kAvx512: avx512::bwd_dx_rows<T>(p, b, e); break;
-        case Isa::kAvx2: avx2::bwd_dx_rows<T>(p, b, e); break;
-#endif
-        default: generic::bwd_dx_rows<T>(p, b, e); break;
-      }
-    }
+    if (b < e) CNK_ISA_DISPATCH(isa, bwd_dx_rows<T>(p, b, e));
     // Reduction split in whole vectors of kMaxLanes (sum_len is a multiple).
     split_range(sum_len / kMaxLanes, tid, nt, b, e);
     if (b < e) {
       b *= kMaxLanes;
       e *= kMaxLanes;
-      switch (isa) {
-#if CNK_X86
-        case Isa::kAvx512: avx512::reduce_partials(p, sum, b, e); break;
-        case Isa::kAvx2: avx2::reduce_partials(p, sum, b, e); break;
-#endif
-        default: generic::reduce_partials(p, sum, b, e); break;
-      }
+      CNK_ISA_DISPATCH(isa, reduce_partials(p, sum, b, e));
     }
   }
 }

@@ -137,8 +137,11 @@ def _register_dwconv_layernorm(backend: str):
         _, mean, rstd = output
         ctx.save_for_backward(x, conv_weight, conv_bias, norm_weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) gradients
 
     def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:
+            return None, None, None, None, None, None
         x, conv_weight, conv_bias, norm_weight, mean, rstd = ctx.saved_tensors
         dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = bwd_op(
             dy.to(x.dtype).contiguous(), x, conv_weight, conv_bias, norm_weight, mean, rstd
@@ -175,8 +178,12 @@ def _register_mlp_layerscale(backend: str):
         _, preact = output
         ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact)
         ctx.mark_non_differentiable(preact)
+        # Otherwise autograd hands backward a zero tensor the size of preact (rows x 4C).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, _dpreact):
+        if dy is None:
+            return (None,) * 9
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous()
         dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = bwd_op(

@@ -63,12 +63,15 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
     return drop_scale.repeat_interleave(H * W).unsqueeze(1)
 
 
-def _hidden(x2, fc1_weight, fc1_bias):
-    """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear."""
+def _hidden(x2, fc1_weight, fc1_bias, out=None):
+    """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear; a is also written
+    into out (a (rows, 4C) tensor of x's dtype) when given, by the GEMM itself for fp32."""
     if x2.dtype == torch.float32:  # one addmm; 16-bit inputs add the fp32 bias after the GEMM instead
-        a = F.linear(x2, fc1_weight, fc1_bias)
+        a = torch.addmm(fc1_bias, x2, fc1_weight.t(), out=out)
     else:
         a = F.linear(x2, fc1_weight).float() + fc1_bias
+        if out is not None:
+            out.copy_(a)
     return a, F.gelu(a).to(x2.dtype)
 
 
@@ -90,9 +93,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     s = _row_scale(drop_scale, x)
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
-        a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
-        if preact_out is not None:
-            preact_out[rows] = a
+        a, h = _hidden(x2[rows], fc1_weight, fc1_bias, out=None if preact_out is None else preact_out[rows])
         z = F.linear(h, fc2_weight).float().add_(fc2_bias)
         if gamma is not None:
             z.mul_(gamma)

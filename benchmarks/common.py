@@ -259,6 +259,44 @@ def kernel_ms(fn: Callable[[], object], device, grad_to_none: Sequence = (), cpu
     return 1e3 * median(time_iterations(fn, device, cpu_warmup, cpu_iters, between=reset_grads))
 
 
+def graphed_kernel_ms(fn: Callable[[], object], grad_to_none: Sequence = (), warmup: int = 10,
+                      iters: int = 100) -> float:
+    """Median milliseconds of fn's GPU work without its Python launch cost: fn is captured once in
+    a CUDA graph and each timed replay follows an L2 flush (as do_bench does), between CUDA events.
+    At the small stage shapes a fused op's kernels take ~10 us while the Python around a call
+    (checks, op dispatch, autotuner lookup) takes tens of us: do_bench times that too. Raises if
+    fn cannot be captured (the caller then falls back to kernel_ms)."""
+    import torch
+
+    def reset_grads():
+        for t in grad_to_none:
+            t.grad = None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch.cuda.graph asks
+        for _ in range(3):
+            reset_grads()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    reset_grads()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 

@@ -1,72 +1,87 @@
 #!/usr/bin/env bash
 # The GPU pass, in steps that each fit one device call (10 minutes; the machine starts bare, so
-# every step installs first: about a minute with 16 cores).
+# every step installs first: about a minute with 16 cores). Extra arguments go to the step's
+# command.
 #
-#   bash benchmarks/gpu_pass.sh tests      # build + the whole suite (GPU tests included)
-#   bash benchmarks/gpu_pass.sh tests tests/test_ops.py -k cuda   # or a part of it, if the whole
-#                                          # suite outgrows one call (extra arguments go to pytest)
-#   bash benchmarks/gpu_pass.sh bench      # ConvNeXt-T infer/train, every provider
-#   bash benchmarks/gpu_pass.sh kernels    # kernels.py: each op vs eager / compile, stage shapes
-#   bash benchmarks/gpu_pass.sh bench-sb   # ConvNeXt-S and -B, infer and train
-#   bash benchmarks/gpu_pass.sh sanitize   # compute-sanitizer memcheck + racecheck on the CUDA tests
-#   bash benchmarks/gpu_pass.sh train      # examples/train.py parity with the triton and cuda backends
+#   bash benchmarks/gpu_pass.sh tests                  # build + the whole suite (GPU tests included)
+#   bash benchmarks/gpu_pass.sh tests tests/test_ops.py -k cuda   # or a part of it
+#   bash benchmarks/gpu_pass.sh bench --bench infer    # throughput.py, ConvNeXt-T unless --model says
+#   bash benchmarks/gpu_pass.sh bench --bench train    #   otherwise: one bench per call (the compile
+#   bash benchmarks/gpu_pass.sh bench --model small --bench infer   #   providers take minutes each)
+#   bash benchmarks/gpu_pass.sh kernels                # kernels.py: each op vs eager / compile, stages
+#   bash benchmarks/gpu_pass.sh sanitize memcheck      # compute-sanitizer on the CUDA tests (one tool
+#   bash benchmarks/gpu_pass.sh sanitize racecheck     #   per call)
+#   bash benchmarks/gpu_pass.sh train                  # examples/train.py parity, triton and cuda
 #
 # Logs and result files are packed into $OUT/gpu_pass_<step>.tar.gz (the device tool brings back
-# at most 8 files); unpack its benchmarks/results/ into the repo and run
-# `python benchmarks/readme_performance.py`.
+# at most 8 files) when the step ends, however it ends: each command runs under a time limit that
+# leaves the packing its time (GPU_PASS_BUDGET_S, default 560 s from the start of this script).
+# Unpack its results/ into benchmarks/results/ and run `python benchmarks/readme_performance.py`.
 set -uo pipefail
-step=${1:?usage: gpu_pass.sh tests|bench|kernels|bench-sb|sanitize|train}
+step=${1:?usage: gpu_pass.sh tests|bench|kernels|sanitize|train [arguments]}
+shift
 out=${OUT:-/tmp/gpu_pass_out}
 work=$(mktemp -d)
-mkdir -p "$out" "$work/logs"
+mkdir -p "$out" "$work/logs" "$work/results"
+results="$work/results"
 cd "$(dirname "$0")/.."
+budget=${GPU_PASS_BUDGET_S:-560}
+
+pack() {
+  tar -czf "$out/gpu_pass_$step.tar.gz" -C "$work" logs results
+  echo "step $step: packed $out/gpu_pass_$step.tar.gz"
+}
+trap pack EXIT
+
+# run NAME CMD...: CMD under the time left, output to logs/NAME.log, its tail printed.
+rc=0
+run() {
+  local name=$1
+  shift
+  local left=$((budget - SECONDS))
+  if [ "$left" -le 10 ]; then
+    echo "$name: skipped, no time left" | tee "$work/logs/$name.log"
+    rc=124
+    return
+  fi
+  timeout -k 10 "$left" "$@" > "$work/logs/$name.log" 2>&1
+  local status=$?
+  [ $status -eq 124 ] && echo "$name: stopped at the time limit (${left}s)" >> "$work/logs/$name.log"
+  [ $status -ne 0 ] && rc=$status
+  echo "== $name (exit $status)"
+  tail -30 "$work/logs/$name.log" | tr '\r' '\n' | tail -30
+}
 
 export MAX_JOBS=${MAX_JOBS:-16}
 # Only the arch of this GPU: a third of the compile time of the default "80;90a".
 export CONVNEXT_KERNELS_CUDA_ARCHS=${CONVNEXT_KERNELS_CUDA_ARCHS:-90a}
-{ time pip install --no-build-isolation --no-deps . ; } > "$work/logs/install.log" 2>&1 || {
-  tail -50 "$work/logs/install.log"; exit 1; }
+run install pip install --no-build-isolation --no-deps .
+[ $rc -ne 0 ] && exit $rc
 nvidia-smi > "$work/logs/nvidia-smi.txt" 2>&1
-python -c "import convnext_kernels as c; print(c.build_info(), c.available_backends('cuda'))" \
+# From outside the checkout: the installed package (the source tree has no built extension).
+(cd /tmp && python -c "import convnext_kernels as c; print(c.build_info(), c.available_backends('cuda'))") \
   > "$work/logs/build_info.txt" 2>&1
 
-results="$work/results"
-mkdir -p "$results"
-rc=0
 case "$step" in
   tests)
     # Plain pytest: the installed package, not the source tree. Slowest tests listed for tuning.
-    targets=("${@:2}")
-    [ ${#targets[@]} -gt 0 ] || targets=(tests)
-    pytest -q -p no:cacheprovider --durations=25 "${targets[@]}" > "$work/logs/tests.log" 2>&1 || rc=$?
-    tail -40 "$work/logs/tests.log" ;;
+    [ $# -gt 0 ] || set -- tests
+    run tests pytest -q -p no:cacheprovider --durations=25 "$@" ;;
   bench)
-    # Separate from kernels: the compile providers (max-autotune) make each step minutes long.
-    python benchmarks/throughput.py --model tiny --out "$results" > "$work/logs/throughput_tiny.log" 2>&1 || rc=$?
-    tail -30 "$work/logs/throughput_tiny.log" ;;
+    [ $# -gt 0 ] || set -- --model tiny
+    run throughput python benchmarks/throughput.py --out "$results" "$@" ;;
   kernels)
-    python benchmarks/kernels.py --out "$results" "${@:2}" > "$work/logs/kernels.log" 2>&1 || rc=$?
-    tail -40 "$work/logs/kernels.log" ;;
-  bench-sb)
-    for model in small base; do
-      python benchmarks/throughput.py --model "$model" --out "$results" > "$work/logs/throughput_$model.log" 2>&1 || rc=$?
-      tail -15 "$work/logs/throughput_$model.log"
-    done ;;
+    run kernels python benchmarks/kernels.py --out "$results" "$@" ;;
   sanitize)
-    for tool in memcheck racecheck; do
-      compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "not 32x" -x \
-        > "$work/logs/sanitize_$tool.log" 2>&1 || rc=$?
-      tail -15 "$work/logs/sanitize_$tool.log"
-    done ;;
+    tool=${1:-memcheck}
+    run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "not 32x" -x ;;
   train)
     for backend in triton cuda; do
-      python examples/train.py --backend "$backend" --compare-reference --out "$results/train_$backend" \
-        > "$work/logs/train_$backend.log" 2>&1 || rc=$?
-      tail -6 "$work/logs/train_$backend.log"
+      run "train_$backend" python examples/train.py --backend "$backend" --compare-reference \
+        --out "$results/train_$backend" --no-progress
     done ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-tar -czf "$out/gpu_pass_$step.tar.gz" -C "$work" logs results
-echo "step $step finished with rc=$rc; packed $out/gpu_pass_$step.tar.gz"
+echo "step $step finished with rc=$rc"
 exit $rc

@@ -258,9 +258,15 @@ def finish(record: dict, times: list[float], peak_mb=None) -> None:
 def run_one_at_a_time(bench: str, args, bar) -> list[dict]:
     """GPU: each provider alone on the device (its own peak memory), freed before the next."""
     records = []
+    lost = None  # set once the CUDA context is unusable (a sticky error such as an illegal access)
     for provider in args.providers:
         bar.set(f"{bench} {provider}")
         record = new_record(provider, bench, args)
+        records.append(record)
+        bar.advance()
+        if lost is not None:
+            record["error"] = f"not run: the CUDA context was lost earlier ({lost})"
+            continue
         step = prepare(record, args)
         if step is not None:
             try:
@@ -272,9 +278,10 @@ def run_one_at_a_time(bench: str, args, bar) -> list[dict]:
             except Exception as e:
                 record["error"] = common.short_error(e)
         del step
-        release_memory(args.device)
-        records.append(record)
-        bar.advance()
+        try:
+            release_memory(args.device)
+        except Exception as e:  # the rest are recorded as not run; main still writes the results
+            lost = common.short_error(e)
     return records
 
 
@@ -379,7 +386,10 @@ def main(argv=None) -> int:
     records = []
     with common.Progress(len(benches) * steps_per_bench, "throughput") as bar:
         for bench in benches:
-            records += (run_interleaved if interleave else run_one_at_a_time)(bench, args, bar)
+            try:
+                records += (run_interleaved if interleave else run_one_at_a_time)(bench, args, bar)
+            except Exception as e:  # keep what was measured: the results below are still written
+                print(f"{bench}: stopped by {common.short_error(e)}", flush=True)
     add_ratios(records)
     common.finish_environment(payload)
     payload["results"] = records

@@ -30,6 +30,12 @@ SPILL_BOUND = {"bf16:96": 0, "bf16:384": 0, "fp16:768": 0,
                # fp32 "ieee" runs on CUDA-core FMAs; today's worst is 76 bytes. The bound
                # catches the tens-of-KB spills of a too-large fma tile.
                "fp32:40": 128}
+# The stored pre-activation variant is timed against recompute (benchmarks/kernels.py), not used
+# by the ops: it must compile, and a few hundred bytes of spills in some of its autotune configs
+# only cost it in that comparison (0 at this test's shapes; 344-368 B seen for the fused forward
+# with STORE_PREACT at batch 128, C = 384, triton 3.9).
+STORED_VARIANT_SPILL_BOUND = 1024
+STORED_VARIANT_FLAGS = ("STORE_PREACT", "PREACT_STORED")
 SPILL_EXCEPTIONS = {
     # ROWS=1 specialisation at N=2, 14x14: 4 bytes under ptxas 13.x, 0 under ptxas 12.9.
     ("_dwconv_layernorm_bwd_conv_kernel", "bf16:384"): 8,
@@ -86,6 +92,8 @@ def test_no_register_spills(aot):
     bad = []
     for r in ok:
         bound = min(SPILL_EXCEPTIONS.get((r["kernel"], c), SPILL_BOUND[c]) for c in r["cases"])
+        if any(r["constexprs"].get(flag) == "True" for flag in STORED_VARIANT_FLAGS):
+            bound = max(bound, STORED_VARIANT_SPILL_BOUND)
         spill = max(r["spill_stores"], r["spill_loads"])
         if spill > bound:
             bad.append(f"{_where(r)}: {r['spill_stores']} B spill stores / {r['spill_loads']} B loads "

@@ -99,6 +99,10 @@ def capture(case):
         scale = torch.empty((N,), **f32)  # drop-path scale
         mlp.mlp_layerscale_fwd(x, x, w1, b1, w2, vec, vec, scale)
         mlp.mlp_layerscale_bwd(x, x, w1, b1, w2, vec, vec, scale)
+        # The stored pre-activation variant (STORE_PREACT / PREACT_STORED specialisations).
+        preact = torch.empty((N * H * W, 4 * C), dtype=dt, device="meta")
+        mlp.mlp_layerscale_fwd(x, x, w1, b1, w2, vec, vec, scale, preact_out=preact)
+        mlp.mlp_layerscale_bwd(x, x, w1, b1, w2, vec, vec, scale, preact=preact)
     finally:
         for m, w in zip(mods, saved):
             m.wrap_triton = w

@@ -93,7 +93,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     s = _row_scale(drop_scale, x)
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
-        a, h = _hidden(x2[rows], fc1_weight, fc1_bias, out=None if preact_out is None else preact_out[rows])
+        _, h = _hidden(x2[rows], fc1_weight, fc1_bias, out=None if preact_out is None else preact_out[rows])
         z = F.linear(h, fc2_weight).float().add_(fc2_bias)
         if gamma is not None:
             z.mul_(gamma)

@@ -394,6 +394,20 @@ CNK_INLINE void conv7x7_row(const float* const* rows, int kh_begin, int kh_end,
   }
 }
 
+// z (W, Cp) = bias + 7x7 conv for output row r (sample r / H, image row r % H), its input rows
+// taken through the ring (converted once, reused by the next rows). Forward and backward
+// (which recomputes z rather than storing it) both start each row with this; rows and
+// [kh_begin, kh_end) return the window, which the weight gradient reuses.
+template <typename T, int L, int WB>
+CNK_INLINE void conv_output_row(const Problem& p, PaddedRowRing<T>& ring, const T* x, int64_t r, float* z,
+                                const float* (&rows)[7], int& kh_begin, int& kh_end) {
+  const int64_t n = r / p.H, h = r % p.H;
+  window_rows(h, p.H, kh_begin, kh_end);
+  for (int kh = 0; kh < 7; ++kh) rows[kh] = nullptr;
+  for (int kh = kh_begin; kh < kh_end; ++kh) rows[kh] = ring.row(x, n, h + kh - kPad);
+  conv7x7_row<L, WB>(rows, kh_begin, kh_end, p.weight_blk, p.conv_bias, z, p.W, p.Cp);
+}
+
 // dweight_t[kh*7+kw][c] += sum_w g[w][c] * xrows[kh][w + kw][c], with g the
 // interior (column 3 on) of a padded blocked row and xrows padded blocked rows.
 template <int L, int U>
@@ -481,12 +495,10 @@ CNK_INLINE void fwd_rows_impl(const Problem& p, int64_t row_begin, int64_t row_e
   float* z = scratch + PaddedRowRing<T>::floats_needed(p);
   const float inv_c = 1.f / float(p.C);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t n = r / p.H, h = r % p.H;
+    const int64_t h = r % p.H;
+    const float* rows[7];
     int kh_begin, kh_end;
-    window_rows(h, p.H, kh_begin, kh_end);
-    const float* rows[7] = {};
-    for (int kh = kh_begin; kh < kh_end; ++kh) rows[kh] = ring.row(x, n, h + kh - kPad);
-    conv7x7_row<L, WB>(rows, kh_begin, kh_end, p.weight_blk, p.conv_bias, z, W, Cp);
+    conv_output_row<T, L, WB>(p, ring, x, r, z, rows, kh_begin, kh_end);
     // The input row the next output row will convert: fetch it while this
     // row's LayerNorm runs, rather than stalling in the conversion.
     const T* next_x = h + kPad + 1 < p.H ? x + (r + kPad + 1) * W * p.C : nullptr;
@@ -540,12 +552,9 @@ CNK_INLINE void bwd_grad_rows_impl(const Problem& p, int64_t part_begin, int64_t
     const int64_t row_begin = part * p.rows_per_partial;
     const int64_t row_end = std::min(p.NH, row_begin + p.rows_per_partial);
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const int64_t n = r / p.H, h = r % p.H;
+      const float* rows[7];
       int kh_begin, kh_end;
-      window_rows(h, p.H, kh_begin, kh_end);
-      const float* rows[7] = {};
-      for (int kh = kh_begin; kh < kh_end; ++kh) rows[kh] = ring.row(x, n, h + kh - kPad);
-      conv7x7_row<L, WB>(rows, kh_begin, kh_end, p.weight_blk, p.conv_bias, z, W, Cp);
+      conv_output_row<T, L, WB>(p, ring, x, r, z, rows, kh_begin, kh_end);
       load_row<T>(dy + r * W * p.C, dyf, W, p.C, Cp);
 
       float* g_row = p.g + r * p.padded_row;

@@ -132,14 +132,15 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best of three square matmul sizes (the largest is not always the fastest)."""
     sizes = (4096, 8192, 16384) if device.type == "cuda" else (512, 1024, 2048)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        ms = common.kernel_ms(lambda: torch.mm(a, b), device, cpu_iters=5)
-        best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
-        del a, b
-    return best
+    return max(_square_matmul_tflops(n, device, dtype) for n in sizes)
+
+
+def _square_matmul_tflops(n: int, device: torch.device, dtype: torch.dtype) -> float:
+    # Its own function so that each size's operands are freed before the next size's are made.
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = common.kernel_ms(lambda: torch.mm(a, b), device, cpu_iters=5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 # ----------------------------------------------------------------------------------------------

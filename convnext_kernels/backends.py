@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -57,8 +58,13 @@ def build_info() -> dict:
     return dict(ext.build_info())
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1): CPU tensors, checked numerics."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Oldest triton the kernels are written for (tl.dot input_precision, autotune(do_bench=...)).
+MIN_TRITON = (3, 3)
 
 
 def _find_triton() -> str:
@@ -66,9 +72,14 @@ def _find_triton() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     try:
-        importlib.import_module("triton")
+        triton = importlib.import_module("triton")
     except Exception as e:  # a broken install must not break the package
         return f"triton failed to import ({e})"
+    version = getattr(triton, "__version__", "")
+    major_minor = tuple(int(v) for v in re.findall(r"\d+", version)[:2])
+    if len(major_minor) == 2 and major_minor < MIN_TRITON:
+        return (f"triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest the Triton kernels "
+                "support (torch 2.6 pins triton 3.2): use backend 'cuda' or 'torch', or torch >= 2.7")
     return ""
 
 
@@ -87,7 +98,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
         if dev == "cuda":
             return "" if torch.cuda.is_available() else "torch was built without CUDA or no GPU is visible"
         if dev == "cpu":
-            return "" if _triton_interpreted() else (
+            return "" if triton_interpreted() else (
                 "backend 'triton' needs CUDA tensors (got CPU tensors); set TRITON_INTERPRET=1 before "
                 "importing triton to run the Triton kernels on the CPU"
             )

@@ -355,6 +355,17 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         ck.dwconv_layernorm(x, w, b, nw, nb, backend="triton")
 
 
+@pytest.mark.parametrize("version, too_old", [("3.2.0", True), ("3.3.1", False), ("3.10.0", False),
+                                               ("3.6.0+git5c1a2b3", False), ("3.2.0rc1", True)])
+def test_triton_older_than_supported_is_reported(monkeypatch, version, too_old):
+    from convnext_kernels import backends
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    reason = backends._find_triton()
+    assert ("older than 3.3" in reason) == too_old, reason
+    assert not reason or version in reason
+
+
 def test_env_overrides_auto(monkeypatch):
     x, w, b, nw, nb = _good_dwconv_layernorm()
     monkeypatch.setenv("CONVNEXT_KERNELS_BACKEND", "cuda")

@@ -8,7 +8,6 @@ max|ref64|; fp16/bf16 <= 2 * max|eager - ref64| + atol * max(max|ref64|, 1),
 where eager is the plain torch computation in that dtype.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from convnext_kernels.backends import triton_interpreted  # noqa: E402
 from convnext_kernels.triton.dwconv_layernorm import (  # noqa: E402
     dwconv_layernorm_bwd,
     dwconv_layernorm_fwd,
@@ -37,13 +37,9 @@ FLOAT_DTYPES = [
 ]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _device() -> str:
     # No torch.cuda call here: the interpreter flag already says where we run.
-    return "cpu" if _interpreting() else "cuda"
+    return "cpu" if triton_interpreted() else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -310,7 +306,7 @@ def _opcheck(op, args):
     # Under TRITON_INTERPRET=1, wrap_triton returns the interpreted kernel itself
     # (no higher-order op), so the fake-tensor / AOT-dispatch checks would launch
     # the interpreter on FakeTensors and fail; only the eager checks apply there.
-    if _interpreting():
+    if triton_interpreted():
         result = torch.library.opcheck(op, args,
                                        test_utils=("test_schema", "test_autograd_registration"))
     else:

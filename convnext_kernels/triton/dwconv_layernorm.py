@@ -18,16 +18,15 @@ Backward:
      rows (the chunk keeps the (programs, 49, C) partial buffer small).
   Partials are summed with torch in a fixed order: deterministic, no atomics.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..launchers import dwconv_layernorm_fwd_outputs, empty_output
+from ._compat import wrap_triton
 
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -37,10 +36,6 @@ TAPS = KERNEL_SIZE * KERNEL_SIZE
 _TILE_ELEMS = 4096
 # Channel block of the per-channel backward conv kernel.
 _CONV_BWD_BLOCK_C = 128
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -40,16 +40,16 @@ ConvNeXt widths the MLP GEMMs are near the memory-bound side of the roofline,
 where the extra traffic costs about what the GEMM saves (benchmarks/kernels.py
 times both).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from ..backends import triton_interpreted
 from ..launchers import empty_output
+from ._compat import autotune, wrap_triton
 
 # Largest C for which the forward keeps the hidden on chip (BLOCK_C <= 512);
 # fp32 inputs stop at 256 (see _fused_max_c).
@@ -66,10 +66,6 @@ EPILOGUE_STORE = 3     # store in the output dtype
 _BWD_BLOCK_M = 64
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
@@ -84,7 +80,7 @@ def _cfg(num_warps, num_stages, **blocks):
 # A100's 163 KB of shared memory; not yet tuned on hardware. Under the
 # interpreter one small config each: autotuning there is slow and pointless.
 _DOT_MODES = ("mma", "tf32", "fma")
-if _interpreting():
+if triton_interpreted():
     _FUSED_FWD_CONFIGS = {
         mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 512)}
         for mode in _DOT_MODES
@@ -437,24 +433,24 @@ def _mlp_layerscale_bwd_hidden_kernel(
 
 _fused_fwd_kernels = {
     mode: {
-        c: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
+        c: autotune(cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
         for c, cfgs in per_c.items()
     }
     for mode, per_c in _FUSED_FWD_CONFIGS.items()
 }
 _matmul = {
-    mode: triton.autotune(configs=cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
+    mode: autotune(cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
     for mode, cfgs in _MATMUL_CONFIGS.items()
 }
 _bwd_hidden = {
-    mode: triton.autotune(configs=cfgs, key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
+    mode: autotune(cfgs, key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
     for mode, cfgs in _BWD_HIDDEN_CONFIGS.items()
 }
 
 
 def _input_precision(dtype):
     # fp32 follows torch's TF32 switch; the interpreter is always exact.
-    if dtype == torch.float32 and not _interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not triton_interpreted() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 

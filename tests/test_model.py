@@ -142,3 +142,41 @@ def test_fused_model_matches_reference_gpu(backend, dtype):
     for name in grads64:
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
     assert max_err(out, out64) < 1.0
+
+
+def _export_check(backend, device):
+    """torch.inference_mode and torch.export: outputs equal eager, the graph holds our ops."""
+    ref, fused = _pair(backend)
+    fused = fused.to(device).eval()
+    x = torch.randn(2, 3, 64, 96, device=device)
+    with torch.no_grad():
+        expected = fused(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
+    exported = torch.export.export(fused, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any(o.startswith(f"convnext_kernels.dwconv_layernorm_fwd_{backend}") for o in ops), ops
+    assert any(o.startswith(f"convnext_kernels.mlp_layerscale_fwd_{backend}") for o in ops), ops
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_inference_mode_and_export(backend):
+    _export_check(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_inference_mode_and_export_gpu(backend):
+    _export_check(backend, "cuda")
+
+
+def test_double_backward_is_refused():
+    # The backward ops have no autograd formula: a second derivative must raise, not come out zero.
+    x = torch.randn(1, 5, 6, 40, requires_grad=True)
+    w, b, nw, nb = torch.randn(40, 1, 7, 7), torch.randn(40), torch.randn(40), torch.randn(40)
+    y = ck.dwconv_layernorm(x, w, b, nw, nb, backend="cpu")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        g.sum().backward()

@@ -72,6 +72,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _dense(*tensors: Optional[torch.Tensor]) -> tuple:
+    """The tensors as contiguous (a no-op when they are). The public functions already pass
+    contiguous tensors, but the ops are public too, and torch.compile may hand them other layouts:
+    the launchers read raw pointers and need them dense, row-major."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -89,16 +96,19 @@ def _define(name: str, backend: str, fn, fake):
     return op
 
 
+# Fake (meta) outputs are contiguous whatever the inputs' strides, as the real ones are: the ops
+# copy non-contiguous inputs (_dense) and allocate contiguous outputs. (empty_like would copy an
+# input's permuted strides, which torch.compile then asserts on the real output.)
 def _dwconv_layernorm_fake_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     stats = x.new_empty(x.shape[:3], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), stats, x.new_empty(x.shape[:3], dtype=torch.float32)
 
 
 def _dwconv_layernorm_fake_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     C = x.shape[-1]
-    vec = x.new_empty((C,), dtype=torch.float32)
-    return (torch.empty_like(x), torch.empty_like(conv_weight), vec, torch.empty_like(vec),
-            torch.empty_like(vec))
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(conv_weight.shape, **f32), x.new_empty((C,), **f32),
+            x.new_empty((C,), **f32), x.new_empty((C,), **f32))
 
 
 def _preact_shape(x: torch.Tensor, store_preact: bool) -> tuple:
@@ -108,13 +118,13 @@ def _preact_shape(x: torch.Tensor, store_preact: bool) -> tuple:
 
 def _mlp_layerscale_fake_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
                              store_preact):
-    return torch.empty_like(x), x.new_empty(_preact_shape(x, store_preact))
+    return x.new_empty(x.shape), x.new_empty(_preact_shape(x, store_preact))
 
 
 def _mlp_layerscale_fake_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact):
     f32 = dict(dtype=torch.float32)
-    return (torch.empty_like(x), torch.empty_like(fc1_weight, **f32), torch.empty_like(fc1_bias, **f32),
-            torch.empty_like(fc2_weight, **f32), torch.empty_like(fc2_bias, **f32),
+    return (x.new_empty(x.shape), x.new_empty(fc1_weight.shape, **f32), x.new_empty(fc1_bias.shape, **f32),
+            x.new_empty(fc2_weight.shape, **f32), x.new_empty(fc2_bias.shape, **f32),
             x.new_empty((x.shape[-1],), **f32))
 
 
@@ -122,12 +132,14 @@ def _register_dwconv_layernorm(backend: str):
     def fwd(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
             norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launchers(backend).dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
+        return launchers(backend).dwconv_layernorm_fwd(*_dense(x, conv_weight, conv_bias, norm_weight, norm_bias),
+                                                       eps)
 
     def bwd(dy: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
             norm_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launchers(backend).dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
+        return launchers(backend).dwconv_layernorm_bwd(*_dense(dy, x, conv_weight, conv_bias, norm_weight, mean,
+                                                              rstd))
 
     fwd_op = _define("dwconv_layernorm_fwd", backend, fwd, _dwconv_layernorm_fake_fwd)
     bwd_op = _define("dwconv_layernorm_bwd", backend, bwd, _dwconv_layernorm_fake_bwd)
@@ -159,16 +171,18 @@ def _register_mlp_layerscale(backend: str):
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
             drop_scale: Optional[torch.Tensor], store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         preact = empty_output(_preact_shape(x, store_preact), x.dtype, x.device)
-        y = launchers(backend).mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                                                  drop_scale, preact_out=preact if store_preact else None)
+        y = launchers(backend).mlp_layerscale_fwd(
+            *_dense(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
+            preact_out=preact if store_preact else None)
         return y, preact
 
     def bwd(dy: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
             drop_scale: Optional[torch.Tensor], preact: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launchers(backend).mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                                                     drop_scale, preact=preact if preact.numel() else None)
+        return launchers(backend).mlp_layerscale_bwd(
+            *_dense(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
+            preact=preact.contiguous() if preact.numel() else None)
 
     fwd_op = _define("mlp_layerscale_fwd", backend, fwd, _mlp_layerscale_fake_fwd)
     bwd_op = _define("mlp_layerscale_bwd", backend, bwd, _mlp_layerscale_fake_bwd)

@@ -229,6 +229,34 @@ def test_opcheck(backend, op_name, extra):
     torch.library.opcheck(fwd_op, _op_args(op_name, (2, 3, 5, 40)) + extra, **kwargs)
 
 
+def _channels_strided(t):
+    """t's values in another memory order (N, C, H, W), viewed with t's shape: not contiguous."""
+    return t.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("op_name, extra", OPCHECK_CASES, ids=["dwconv_layernorm", "mlp", "mlp_store_preact"])
+def test_ops_take_non_contiguous_activations(backend, op_name, extra):
+    """The ops themselves (torch.compile may call them with any layout): same outputs and gradients
+    as with contiguous tensors, and outputs as contiguous as their fake implementations say."""
+    table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
+    fwd_op, _ = table[backend]
+    args = _op_args(op_name, (2, 3, 5, 40)) + extra
+    n_act = 1 if op_name == "dwconv_layernorm" else 2  # x (and the shortcut)
+    strided = tuple(_channels_strided(a) for a in args[:n_act]) + args[n_act:]
+    assert not strided[0].is_contiguous()
+    torch.library.opcheck(fwd_op, strided)
+    outs, outs_strided = fwd_op(*args), fwd_op(*strided)
+    dy = torch.randn_like(outs[0])
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    leaves_strided = [a for a in strided if isinstance(a, torch.Tensor) and a.requires_grad]
+    for a, b in zip(outs, outs_strided):
+        assert b.is_contiguous()
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(outs[0], leaves, dy), torch.autograd.grad(outs_strided[0], leaves_strided, dy)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ("torch", "cpu"))
 @pytest.mark.parametrize("grad", (True, False))
 @pytest.mark.parametrize("C", (40, 192))

@@ -70,7 +70,7 @@ MIN_TRITON = (3, 3)
 def _find_triton() -> str:
     """Empty when triton imports, else why not."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
+        return "triton is not installed (pip install \"triton>=3.3\")"
     try:
         triton = importlib.import_module("triton")
     except Exception as e:  # a broken install must not break the package

@@ -174,7 +174,6 @@ else:
     }
 
 
-
 @triton.jit
 def _gelu(a):
     # Exact GELU: a * Phi(a).
@@ -331,14 +330,14 @@ def _matmul_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    if EPILOGUE == 0:  # EPILOGUE_PARTIAL
-        offs = split * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    # Row-major (M, N) tile offsets and bounds, shared by the epilogues that store here.
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE == 0:  # EPILOGUE_PARTIAL: this split's (M, N) slice
+        tl.store(out_ptr + split * M * N + offs, acc, mask=mask)
     elif EPILOGUE == 1:  # EPILOGUE_GELU
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         h = _gelu(acc)
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
         tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_PREACT:
             tl.store(preact_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -347,9 +346,7 @@ def _matmul_kernel(
                                    residual_ptr, out_ptr, M, N, ROWS_PER_SAMPLE,
                                    HAS_GAMMA, HAS_ROW_SCALE)
     else:  # EPILOGUE_STORE
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

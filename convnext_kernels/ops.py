@@ -101,14 +101,14 @@ def _define(name: str, backend: str, fn, fake):
 # input's permuted strides, which torch.compile then asserts on the real output.)
 def _dwconv_layernorm_fake_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     stats = x.new_empty(x.shape[:3], dtype=torch.float32)
-    return x.new_empty(x.shape), stats, x.new_empty(x.shape[:3], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
 def _dwconv_layernorm_fake_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     C = x.shape[-1]
-    f32 = dict(dtype=torch.float32)
-    return (x.new_empty(x.shape), x.new_empty(conv_weight.shape, **f32), x.new_empty((C,), **f32),
-            x.new_empty((C,), **f32), x.new_empty((C,), **f32))
+    vec = x.new_empty((C,), dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(conv_weight.shape, dtype=torch.float32), vec,
+            torch.empty_like(vec), torch.empty_like(vec))
 
 
 def _preact_shape(x: torch.Tensor, store_preact: bool) -> tuple:
@@ -156,7 +156,7 @@ def _register_dwconv_layernorm(backend: str):
             return None, None, None, None, None, None
         x, conv_weight, conv_bias, norm_weight, mean, rstd = ctx.saved_tensors
         dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = bwd_op(
-            dy.to(x.dtype).contiguous(), x, conv_weight, conv_bias, norm_weight, mean, rstd
+            dy.to(x.dtype), x, conv_weight, conv_bias, norm_weight, mean, rstd
         )
         return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
 
@@ -199,7 +199,7 @@ def _register_mlp_layerscale(backend: str):
         if dy is None:
             return (None,) * 9
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact = ctx.saved_tensors
-        dy = dy.to(x.dtype).contiguous()
+        dy = dy.to(x.dtype)
         dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = bwd_op(
             dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact
         )

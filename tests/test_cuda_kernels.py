@@ -462,6 +462,15 @@ def test_mlp_layerscale_fwd_workspace_size(shape, dtype, expect_fused, monkeypat
     torch.cuda.synchronize()
 
 
+def _misaligned_copy(t):
+    """A contiguous copy of t that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    copy = buf[1:].view(t.shape)
+    copy.copy_(t)
+    assert copy.data_ptr() % 16 != 0
+    return copy
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_mlp_layerscale_fwd_misaligned_falls_back(dtype, monkeypatch):
     """x one element past a 16-byte boundary: the fused kernel must not run (cp.async needs
@@ -470,10 +479,7 @@ def test_mlp_layerscale_fwd_misaligned_falls_back(dtype, monkeypatch):
     shape = (2, 9, 11, 96)
     L = _launchers()
     x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
-    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
-    xm = buf[1:].view(shape)
-    xm.copy_(x)
-    assert xm.data_ptr() % 16 != 0
+    xm = _misaligned_copy(x)
     y = L.mlp_layerscale_fwd(xm, sc, w1, b1, w2, b2, gamma, s)
     torch.cuda.synchronize()
     y64 = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, torch.float64)
@@ -490,10 +496,7 @@ def test_mlp_layerscale_bwd_misaligned_dy(dtype):
     shape = (2, 9, 11, 96)
     L = _launchers()
     x, sc, w1, b1, w2, b2, _, _, dy = _mlp_inputs(shape, dtype, with_gamma=False, with_drop=False)
-    buf = torch.empty(dy.numel() + 1, dtype=dtype, device="cuda")
-    dym = buf[1:].view(shape)
-    dym.copy_(dy)
-    assert dym.data_ptr() % 16 != 0
+    dym = _misaligned_copy(dy)
     grads = L.mlp_layerscale_bwd(dym, x, w1, b1, w2, b2, None, None)
     torch.cuda.synchronize()
     _, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, None, None, dy, torch.float64)

@@ -3,6 +3,10 @@
 Environment switches:
   CONVNEXT_KERNELS_CUDA        unset: build CUDA if CMake finds nvcc; 1: require it; 0: CPU only
   CONVNEXT_KERNELS_CUDA_ARCHS  CUDA architectures, default "80;90a" (90a -> sm_90a)
+  CONVNEXT_KERNELS_CUDA_EMULATION
+                               unset: also build convnext_kernels._cuda_emulated (the CUDA kernels
+                               compiled for the host against a CUDA emulator, for tests without a
+                               GPU; plain C++, no nvcc) where the host has ucontext; 1: require it; 0: skip
   MAX_JOBS                     parallel compile jobs
   CMAKE_ARGS                   extra CMake arguments (space separated)
 """
@@ -21,11 +25,12 @@ class CMakeExtension(Extension):
         self.sourcedir = os.fspath(Path(sourcedir).resolve())
 
 
-def _cuda_mode() -> str:
-    value = os.environ.get("CONVNEXT_KERNELS_CUDA", "").strip().lower()
+def _switch(name: str) -> str:
+    """An AUTO / ON / OFF CMake switch from environment variable `name` (unset, 1 or 0)."""
+    value = os.environ.get(name, "").strip().lower()
     modes = {"": "AUTO", "auto": "AUTO", "1": "ON", "on": "ON", "0": "OFF", "off": "OFF"}
     if value not in modes:
-        raise ValueError(f"CONVNEXT_KERNELS_CUDA must be 0, 1 or unset, got {value!r}")
+        raise ValueError(f"{name} must be 0, 1 or unset, got {value!r}")
     return modes[value]
 
 
@@ -44,7 +49,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCONVNEXT_KERNELS_CUDA={_cuda_mode()}",
+            f"-DCONVNEXT_KERNELS_CUDA={_switch('CONVNEXT_KERNELS_CUDA')}",
+            f"-DCONVNEXT_KERNELS_CUDA_EMULATION={_switch('CONVNEXT_KERNELS_CUDA_EMULATION')}",
             "-DCONVNEXT_KERNELS_CUDA_ARCHS="
             + os.environ.get("CONVNEXT_KERNELS_CUDA_ARCHS", "80;90a"),
         ]

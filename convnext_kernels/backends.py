@@ -2,7 +2,9 @@
 
 Backends:
   "triton"  Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (how CI checks them)
-  "cuda"    the hand-written CUDA kernels in the compiled extension (built where nvcc was found)
+  "cuda"    the hand-written CUDA kernels in the compiled extension (built where nvcc was found):
+            CUDA tensors, or CPU tensors when CONVNEXT_KERNELS_CUDA_EMULATE=1 (the same kernels
+            compiled for the host against a CUDA emulator: how CI checks them; slow, tests only)
   "cpu"     the C++ kernel in the compiled extension (dwconv_layernorm; mlp_layerscale uses torch GEMMs)
   "torch"   the same math in PyTorch ops, any device
 """
@@ -63,6 +65,29 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+ENV_CUDA_EMULATE = "CONVNEXT_KERNELS_CUDA_EMULATE"
+
+
+def cuda_emulated() -> bool:
+    """Whether backend "cuda" takes CPU tensors and runs its kernels in the host CUDA emulator
+    (CONVNEXT_KERNELS_CUDA_EMULATE=1; the module convnext_kernels._cuda_emulated)."""
+    return os.environ.get(ENV_CUDA_EMULATE, "0") == "1"
+
+
+def _import_emulated_cuda() -> tuple[Optional[ModuleType], str]:
+    try:
+        from . import _cuda_emulated  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, (f"the CUDA emulation module convnext_kernels._cuda_emulated could not be imported ({e}); "
+                      "it is built by `pip install .` on hosts with ucontext (CONVNEXT_KERNELS_CUDA_EMULATION)")
+    return _cuda_emulated, ""
+
+
+def emulated_cuda_extension() -> tuple[Optional[ModuleType], str]:
+    """The CUDA kernels compiled for the host (None and why, when not built)."""
+    return _import_emulated_cuda()
+
+
 # Oldest triton the kernels are written for (tl.dot input_precision, autotune(do_bench=...)).
 MIN_TRITON = (3, 3)
 
@@ -104,8 +129,12 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
             )
         return f"backend 'triton' does not support {dev} tensors"
     if backend == "cuda":
+        if dev == "cpu" and cuda_emulated():
+            return emulated_cuda_extension()[1]
         if dev != "cuda":
-            return f"backend 'cuda' needs CUDA tensors (got {dev} tensors)"
+            hint = (f"; set {ENV_CUDA_EMULATE}=1 to run the CUDA kernels on the CPU in the emulator (tests)"
+                    if dev == "cpu" else "")
+            return f"backend 'cuda' needs CUDA tensors (got {dev} tensors){hint}"
         ext, why = _extension()
         if ext is None:
             return why

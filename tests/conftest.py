@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton's interpreter on CPU-only machines, poisoned outputs, the pass rule."""
+"""Shared test set-up: Triton's interpreter on CPU-only machines, the CUDA emulator for CPU
+tensors, poisoned outputs, the pass rule."""
 
 import os
 
@@ -8,6 +9,9 @@ import torch
 # before triton is first imported (convnext_kernels imports it lazily, pytest imports this first).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Backend "cuda" takes CPU tensors and runs its kernels in the host CUDA emulator (slow; small
+# shapes), so the CPU suite checks the CUDA kernels as it checks the Triton ones.
+os.environ.setdefault("CONVNEXT_KERNELS_CUDA_EMULATE", "1")
 # Every kernel output starts as NaN, so an element a kernel forgets to write cannot pass.
 os.environ.setdefault("CONVNEXT_KERNELS_POISON_OUTPUTS", "1")
 

@@ -1,10 +1,16 @@
-"""GPU tests of the "cuda" backend launchers against a float64 torch reference.
+"""Tests of the "cuda" backend launchers against a float64 torch reference, on two targets:
+  gpu       CUDA tensors, the kernels built by nvcc (marked cuda; skipped without a GPU)
+  emulated  CPU tensors, the same kernel sources compiled for the host against the CUDA emulator
+            (convnext_kernels._cuda_emulated, csrc/emulation): how CI runs the CUDA kernels.
+            The ConvNeXt-T stage shapes are GPU-only (the emulator runs a GPU thread as a fiber).
 
 Pass rule (flash-attention style), for outputs and every gradient:
   fp16 / bf16: max|fused - ref64| <= 2 * max|torch_same_dtype - ref64| + atol * max(max|ref64|, 1)
   fp32:        max|fused - ref64| <= 1e-5 * max|ref64|
-Outputs are poisoned: the caching allocator is first filled with NaN, so an element a kernel
-forgets to write comes back as NaN and fails.
+Outputs are poisoned: on the GPU the caching allocator is first filled with NaN, on the CPU the
+launchers fill outputs and workspaces with NaN / 0xFF bytes (CONVNEXT_KERNELS_POISON_OUTPUTS), and
+the emulator fills shared memory with 0xFF bytes; an element a kernel forgets to write, or reads
+before it is written, comes back as NaN and fails.
 """
 
 from __future__ import annotations
@@ -26,10 +32,63 @@ def _cuda_backend_ready() -> bool:
     return bool(_C.build_info().get("cuda", False)) and hasattr(_C, "dwconv_layernorm_fwd_cuda")
 
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not _cuda_backend_ready(), reason="needs a CUDA GPU and _C built with the CUDA kernels"),
+def _emulation_built() -> bool:
+    try:
+        from convnext_kernels import _cuda_emulated  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Target:
+    """Where the CUDA kernels run: "gpu" (CUDA tensors, _C) or "emulated" (CPU tensors, _cuda_emulated)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.gpu = name == "gpu"
+        self.device = torch.device("cuda" if self.gpu else "cpu")
+
+    @property
+    def module(self):
+        if self.gpu:
+            from convnext_kernels import _C  # type: ignore[attr-defined]
+
+            return _C
+        from convnext_kernels import _cuda_emulated  # type: ignore[attr-defined]
+
+        return _cuda_emulated
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream().cuda_stream if self.gpu else 0
+
+    def sync(self) -> None:
+        if self.gpu:
+            target.sync()
+
+    def gpu_only(self, why: str = "a GPU-sized case") -> None:
+        if not self.gpu:
+            pytest.skip(f"{why}: too slow for the emulator")
+
+
+TARGETS = [
+    pytest.param("gpu", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not _cuda_backend_ready(), reason="needs a CUDA GPU and _C built with the CUDA kernels")]),
+    pytest.param("emulated", marks=pytest.mark.skipif(
+        not _emulation_built(), reason="convnext_kernels._cuda_emulated was not built")),
 ]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    t = _Target(request.param)
+    if t.gpu:
+        # Fill the caching allocator with NaN so torch.empty hands back NaN garbage.
+        big = torch.empty(512 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+        big.fill_(math.nan)
+        del big
+    yield t
+    t.sync()
+
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATOL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -60,16 +119,6 @@ def _launchers():
 
 def _shape_id(s):
     return "x".join(map(str, s))
-
-
-@pytest.fixture(autouse=True)
-def _poison_allocator():
-    """Fill the caching allocator with NaN so torch.empty hands back NaN garbage."""
-    big = torch.empty(512 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
-    big.fill_(math.nan)
-    del big
-    yield
-    torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)
@@ -106,16 +155,16 @@ def _dwconv_layernorm_torch(x, w, b, nw, nb, eps):
     return F.layer_norm(z, (C,), nw, nb, eps)
 
 
-def _dwconv_inputs(shape, dtype, with_bias=True, seed=0):
+def _dwconv_inputs(target, shape, dtype, with_bias=True, seed=0):
     N, H, W, C = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
-    w = torch.randn(C, 1, 7, 7, device="cuda", generator=g) * 0.2
-    b = torch.randn(C, device="cuda", generator=g) * 0.1 if with_bias else None
-    nw = 1.0 + 0.1 * torch.randn(C, device="cuda", generator=g)
-    nb = 0.1 * torch.randn(C, device="cuda", generator=g)
-    dy = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
-    return x, w, b, nw, nb, dy
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, W, C, generator=g).to(dtype)
+    w = torch.randn(C, 1, 7, 7, generator=g) * 0.2
+    b = torch.randn(C, generator=g) * 0.1 if with_bias else None
+    nw = 1.0 + 0.1 * torch.randn(C, generator=g)
+    nb = 0.1 * torch.randn(C, generator=g)
+    dy = torch.randn(N, H, W, C, generator=g).to(dtype)
+    return tuple(None if t is None else t.to(target.device) for t in (x, w, b, nw, nb, dy))
 
 
 def _run_dwconv_reference(x, w, b, nw, nb, dy, eps, to_dtype):
@@ -128,13 +177,15 @@ def _run_dwconv_reference(x, w, b, nw, nb, dy, eps, to_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_dwconv_layernorm(shape, dtype):
+def test_dwconv_layernorm(target, shape, dtype):
+    if shape in STAGE_SHAPES:
+        target.gpu_only("a ConvNeXt-T stage shape")
     eps = 1e-6
     L = _launchers()
-    x, w, b, nw, nb, dy = _dwconv_inputs(shape, dtype)
+    x, w, b, nw, nb, dy = _dwconv_inputs(target, shape, dtype)
     y, mean, rstd = L.dwconv_layernorm_fwd(x, w, b, nw, nb, eps)
     dx, dw, db, dnw, dnb = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
-    torch.cuda.synchronize()
+    target.sync()
 
     y64, g64 = _run_dwconv_reference(x, w, b, nw, nb, dy, eps, torch.float64)
     ye, ge = _run_dwconv_reference(x, w, b, nw, nb, dy, eps, dtype)
@@ -155,10 +206,10 @@ def test_dwconv_layernorm(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dwconv_layernorm_no_bias(dtype):
+def test_dwconv_layernorm_no_bias(target, dtype):
     shape, eps = (3, 13, 17, 40), 1e-6
     L = _launchers()
-    x, w, _, nw, nb, dy = _dwconv_inputs(shape, dtype, with_bias=False)
+    x, w, _, nw, nb, dy = _dwconv_inputs(target, shape, dtype, with_bias=False)
     y, mean, rstd = L.dwconv_layernorm_fwd(x, w, None, nw, nb, eps)
     dx, dw, db, dnw, dnb = L.dwconv_layernorm_bwd(dy, x, w, None, nw, mean, rstd)
     y64, g64 = _run_dwconv_reference(x, w, None, nw, nb, dy, eps, torch.float64)
@@ -170,9 +221,10 @@ def test_dwconv_layernorm_no_bias(dtype):
     assert torch.isfinite(db).all()
 
 
-def test_dwconv_layernorm_bwd_deterministic():
+def test_dwconv_layernorm_bwd_deterministic(target):
     L = _launchers()
-    x, w, b, nw, nb, dy = _dwconv_inputs((4, 28, 28, 192), torch.bfloat16)
+    shape = (4, 28, 28, 192) if target.gpu else (2, 9, 11, 96)
+    x, w, b, nw, nb, dy = _dwconv_inputs(target, shape, torch.bfloat16)
     _, mean, rstd = L.dwconv_layernorm_fwd(x, w, b, nw, nb, 1e-6)
     first = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
     second = L.dwconv_layernorm_bwd(dy, x, w, b, nw, mean, rstd)
@@ -193,23 +245,26 @@ def _mlp_torch(x, shortcut, w1, b1, w2, b2, gamma, s):
     return shortcut + z
 
 
-def _mlp_inputs(shape, dtype, with_gamma=True, with_drop=True, seed=0):
+def _mlp_inputs(target, shape, dtype, with_gamma=True, with_drop=True, seed=0):
     N, H, W, C = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
-    sc = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
-    w1 = (torch.randn(4 * C, C, device="cuda", generator=g) / math.sqrt(C)).to(dtype)
-    b1 = 0.1 * torch.randn(4 * C, device="cuda", generator=g)
-    w2 = (torch.randn(C, 4 * C, device="cuda", generator=g) / math.sqrt(4 * C)).to(dtype)
-    b2 = 0.1 * torch.randn(C, device="cuda", generator=g)
-    gamma = 0.5 * torch.randn(C, device="cuda", generator=g) if with_gamma else None
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, W, C, generator=g).to(dtype)
+    sc = torch.randn(N, H, W, C, generator=g).to(dtype)
+    w1 = (torch.randn(4 * C, C, generator=g) / math.sqrt(C)).to(dtype)
+    b1 = 0.1 * torch.randn(4 * C, generator=g)
+    w2 = (torch.randn(C, 4 * C, generator=g) / math.sqrt(4 * C)).to(dtype)
+    b2 = 0.1 * torch.randn(C, generator=g)
+    gamma = 0.5 * torch.randn(C, generator=g) if with_gamma else None
     if with_drop:
-        keep = torch.rand(N, device="cuda", generator=g) > 0.3
+        # Both kinds of sample whatever the draw: one dropped (scale 0), the others kept (1 / 0.7).
+        keep = torch.rand(N, generator=g) > 0.3
+        keep[0] = False
+        keep[-1] = True  # N == 1: the one sample is kept
         s = keep.float() / 0.7
     else:
         s = None
-    dy = torch.randn(N, H, W, C, device="cuda", generator=g).to(dtype)
-    return x, sc, w1, b1, w2, b2, gamma, s, dy
+    dy = torch.randn(N, H, W, C, generator=g).to(dtype)
+    return tuple(None if t is None else t.to(target.device) for t in (x, sc, w1, b1, w2, b2, gamma, s, dy))
 
 
 def _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, to_dtype):
@@ -223,12 +278,12 @@ def _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, to_dtype):
     return y.detach(), [None if t is None else t.grad for t in (xs, w1s, b1s, w2s, b2s, gs)]
 
 
-def _check_mlp(shape, dtype, with_gamma=True, with_drop=True):
+def _check_mlp(target, shape, dtype, with_gamma=True, with_drop=True):
     L = _launchers()
-    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(shape, dtype, with_gamma, with_drop)
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(target, shape, dtype, with_gamma, with_drop)
     y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
     grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
-    torch.cuda.synchronize()
+    target.sync()
     y64, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float64)
     ye, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, dtype)
     _check("y", y, y64, ye, dtype)
@@ -244,21 +299,23 @@ def _check_mlp(shape, dtype, with_gamma=True, with_drop=True):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_mlp_layerscale(shape, dtype):
-    _check_mlp(shape, dtype)
+def test_mlp_layerscale(target, shape, dtype):
+    if shape in STAGE_SHAPES:
+        target.gpu_only("a ConvNeXt-T stage shape")
+    _check_mlp(target, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_gamma,with_drop", [(False, False), (True, False), (False, True)])
-def test_mlp_layerscale_optional_params(dtype, with_gamma, with_drop):
-    _check_mlp((3, 13, 17, 40), dtype, with_gamma, with_drop)
+def test_mlp_layerscale_optional_params(target, dtype, with_gamma, with_drop):
+    _check_mlp(target, (3, 13, 17, 40), dtype, with_gamma, with_drop)
 
 
-def test_mlp_layerscale_tf32():
+def test_mlp_layerscale_tf32(target):
     """With allow_tf32 the fp32 path uses TF32 tensor cores: compare to torch's own TF32 GEMMs."""
     L = _launchers()
-    shape = (4, 14, 14, 96)
-    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(shape, torch.float32)
+    shape = (4, 14, 14, 96) if target.gpu else (2, 9, 11, 96)
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(target, shape, torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = True
     y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
     grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
@@ -272,9 +329,10 @@ def test_mlp_layerscale_tf32():
         _check(name, got, r64, e, torch.float16)
 
 
-def test_mlp_layerscale_bwd_deterministic():
+def test_mlp_layerscale_bwd_deterministic(target):
     L = _launchers()
-    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs((8, 14, 14, 96), torch.bfloat16)
+    shape = (8, 14, 14, 96) if target.gpu else (2, 9, 11, 96)
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(target, shape, torch.bfloat16)
     first = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
     second = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
     for a, c in zip(first, second):
@@ -313,11 +371,11 @@ def _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, to_dtype):
         return _mlp_torch(*(cast(t) for t in (x, sc, w1, b1, w2, b2, gamma, s)))
 
 
-def _check_mlp_fwd(shape, dtype, with_gamma=True, with_drop=True):
+def _check_mlp_fwd(target, shape, dtype, with_gamma=True, with_drop=True):
     L = _launchers()
-    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype, with_gamma, with_drop)
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype, with_gamma, with_drop)
     y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
-    torch.cuda.synchronize()
+    target.sync()
     y64 = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, torch.float64)
     ye = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, dtype)
     assert y.dtype == dtype
@@ -328,41 +386,43 @@ def _check_mlp_fwd(shape, dtype, with_gamma=True, with_drop=True):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gemm"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FUSED_FWD_SHAPES + STAGE_SHAPES, ids=_shape_id)
-def test_mlp_layerscale_fwd_paths(shape, dtype, fused, monkeypatch):
+def test_mlp_layerscale_fwd_paths(target, shape, dtype, fused, monkeypatch):
+    if shape in STAGE_SHAPES:
+        target.gpu_only("a ConvNeXt-T stage shape")
     monkeypatch.setenv(MLP_FUSED_ENV, "1" if fused else "0")
-    _check_mlp_fwd(shape, dtype)
+    _check_mlp_fwd(target, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("with_gamma,with_drop", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("shape", [(3, 13, 17, 96), (3, 5, 7, 384)], ids=_shape_id)
-def test_mlp_layerscale_fused_fwd_optional_params(shape, dtype, with_gamma, with_drop, monkeypatch):
+def test_mlp_layerscale_fused_fwd_optional_params(target, shape, dtype, with_gamma, with_drop, monkeypatch):
     monkeypatch.setenv(MLP_FUSED_ENV, "1")
-    _check_mlp_fwd(shape, dtype, with_gamma, with_drop)
+    _check_mlp_fwd(target, shape, dtype, with_gamma, with_drop)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 9, 11, 96), (3, 13, 17, 192), (3, 5, 7, 384)],
                          ids=_shape_id)
-def test_mlp_layerscale_fused_matches_two_gemm(shape, dtype, monkeypatch):
+def test_mlp_layerscale_fused_matches_two_gemm(target, shape, dtype, monkeypatch):
     """Both paths round the hidden to the activation dtype and accumulate in fp32 over the same
     k16 order, so they should agree to about one output ulp (often bit for bit)."""
     L = _launchers()
-    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype)
     monkeypatch.setenv(MLP_FUSED_ENV, "1")
     y_fused = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
     monkeypatch.setenv(MLP_FUSED_ENV, "0")
     y_two = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
-    torch.cuda.synchronize()
+    target.sync()
     assert torch.isfinite(y_fused).all() and torch.isfinite(y_two).all()
     ulp = torch.finfo(dtype).eps * max(y_two.abs().max().item(), 1.0)
     err = _max_err(y_fused, y_two)
     assert err <= 2 * ulp, f"fused vs two-GEMM [{dtype}]: max difference {err:.3e} > {2 * ulp:.3e}"
 
 
-def _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace_fill):
-    """Calls _C directly with a workspace filled with workspace_fill; returns (y, workspace)."""
-    from convnext_kernels import _C  # type: ignore[attr-defined]
+def _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace_fill):
+    """Calls the kernels directly with a workspace filled with workspace_fill; returns (y, workspace)."""
+    _C = target.module
 
     N, H, W, C = x.shape
     code = {torch.float32: _C.CUDA_DTYPE_FLOAT32, torch.float16: _C.CUDA_DTYPE_FLOAT16,
@@ -377,10 +437,9 @@ def _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace_fill):
     assert nbytes == N * H * W * 4 * C * x.element_size()
     workspace = torch.full((nbytes,), workspace_fill, dtype=torch.uint8, device=x.device)
     _C.mlp_layerscale_fwd_cuda(
-        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused,
-        torch.cuda.current_stream().cuda_stream,
+        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused, target.stream(),
     )
-    torch.cuda.synchronize()
+    target.sync()
     return y, workspace
 
 
@@ -400,29 +459,29 @@ def _dispatch_id(v):
 
 
 @pytest.mark.parametrize("shape,dtype,expect_fused", MLP_FWD_DISPATCH_CASES, ids=_dispatch_id)
-def test_mlp_layerscale_fwd_dispatch(shape, dtype, expect_fused):
+def test_mlp_layerscale_fwd_dispatch(target, shape, dtype, expect_fused):
     """Which path ran: the two-GEMM path writes the hidden into the workspace, the fused one never
     touches it. allow_fused=False must always take the two-GEMM path."""
-    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
-    y_on, ws_on = _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
-    y_off, ws_off = _raw_mlp_fwd(x, sc, w1, b1, w2, b2, gamma, s, False, 0xA5)
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype)
+    y_on, ws_on = _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
+    y_off, ws_off = _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, False, 0xA5)
     assert torch.isfinite(y_on).all() and torch.isfinite(y_off).all()
     assert (ws_on == 0xA5).all().item() == expect_fused, "allow_fused=True took the unexpected path"
     assert not (ws_off == 0xA5).all().item(), "allow_fused=False did not run the two-GEMM path"
 
 
 @pytest.mark.parametrize("shape,dtype,expect_fused", MLP_FWD_DISPATCH_CASES, ids=_dispatch_id)
-def test_mlp_layerscale_fwd_workspace_size(shape, dtype, expect_fused, monkeypatch):
+def test_mlp_layerscale_fwd_workspace_size(target, shape, dtype, expect_fused, monkeypatch):
     """The forward workspace is only the two-GEMM hidden: the query (same tensors, allow_fused and
     device as the forward) returns 0 where the fused kernel will run, and the launcher then
     allocates a token byte instead of rows x 4C; the full size otherwise and with the env switch
     off. The forward rejects a workspace smaller than its path needs."""
-    from convnext_kernels import _C  # type: ignore[attr-defined]
+    _C = target.module
 
     L = _launchers()
     N, H, W, C = shape
     full = N * H * W * 4 * C * torch.finfo(dtype).bits // 8
-    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype)
     y = torch.empty_like(x)
     code = {torch.float32: _C.CUDA_DTYPE_FLOAT32, torch.float16: _C.CUDA_DTYPE_FLOAT16,
             torch.bfloat16: _C.CUDA_DTYPE_BFLOAT16}[dtype]
@@ -450,16 +509,16 @@ def test_mlp_layerscale_fwd_workspace_size(shape, dtype, expect_fused, monkeypat
         if expect_fused and env == "1":
             assert allocated[0] <= 16
 
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = target.stream()
     if expect_fused:  # the fused kernel needs no workspace at all
         _C.mlp_layerscale_fwd_cuda(*ptrs, 0, 0, N, H, W, C, code, False, True, stream)
-    ws = torch.empty((full,), dtype=torch.uint8, device="cuda")
+    ws = torch.empty((full,), dtype=torch.uint8, device=target.device)
     with pytest.raises(ValueError, match="workspace too small"):  # two-GEMM path, one byte short
         _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), full - 1, N, H, W, C, code, False, False, stream)
     if not expect_fused:  # a fused-sized (empty) workspace on an ineligible case is rejected, not overrun
         with pytest.raises(ValueError, match="workspace too small"):
             _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), 0, N, H, W, C, code, False, True, stream)
-    torch.cuda.synchronize()
+    target.sync()
 
 
 def _misaligned_copy(t):
@@ -472,33 +531,33 @@ def _misaligned_copy(t):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_mlp_layerscale_fwd_misaligned_falls_back(dtype, monkeypatch):
+def test_mlp_layerscale_fwd_misaligned_falls_back(target, dtype, monkeypatch):
     """x one element past a 16-byte boundary: the fused kernel must not run (cp.async needs
     16-byte alignment); the result is still correct."""
     monkeypatch.setenv(MLP_FUSED_ENV, "1")
     shape = (2, 9, 11, 96)
     L = _launchers()
-    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(shape, dtype)
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype)
     xm = _misaligned_copy(x)
     y = L.mlp_layerscale_fwd(xm, sc, w1, b1, w2, b2, gamma, s)
-    torch.cuda.synchronize()
+    target.sync()
     y64 = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, torch.float64)
     ye = _mlp_forward_reference(x, sc, w1, b1, w2, b2, gamma, s, dtype)
     _check("y", y, y64, ye, dtype)
-    _, ws = _raw_mlp_fwd(xm, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
+    _, ws = _raw_mlp_fwd(target, xm, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
     assert not (ws == 0xA5).all().item(), "misaligned x must take the two-GEMM path"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mlp_layerscale_bwd_misaligned_dy(dtype):
+def test_mlp_layerscale_bwd_misaligned_dy(target, dtype):
     """Without gamma and drop scale the backward uses dy itself as a GEMM operand (dys = dz = dy):
     one element past a 16-byte boundary it must not take the cp.async path; gradients still right."""
     shape = (2, 9, 11, 96)
     L = _launchers()
-    x, sc, w1, b1, w2, b2, _, _, dy = _mlp_inputs(shape, dtype, with_gamma=False, with_drop=False)
+    x, sc, w1, b1, w2, b2, _, _, dy = _mlp_inputs(target, shape, dtype, with_gamma=False, with_drop=False)
     dym = _misaligned_copy(dy)
     grads = L.mlp_layerscale_bwd(dym, x, w1, b1, w2, b2, None, None)
-    torch.cuda.synchronize()
+    target.sync()
     _, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, None, None, dy, torch.float64)
     _, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, None, None, dy, dtype)
     for name, got, r64, e in zip(("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"), grads, g64, ge):
@@ -508,19 +567,18 @@ def test_mlp_layerscale_bwd_misaligned_dy(dtype):
 # ------------------------------------------------------------------------------------------------
 # Errors reach Python
 # ------------------------------------------------------------------------------------------------
-def test_cuda_error_becomes_python_exception():
-    from convnext_kernels import _C  # type: ignore[attr-defined]
-
-    stream = torch.cuda.current_stream().cuda_stream
+def test_cuda_error_becomes_python_exception(target):
+    _C = target.module
+    stream = target.stream()
     _C.cuda_debug_launch(128, stream)  # a valid launch
     with pytest.raises(RuntimeError, match="invalid configuration"):
         _C.cuda_debug_launch(4096, stream)  # > 1024 threads per block
     _C.cuda_debug_launch(128, stream)  # the error was not sticky
-    torch.cuda.synchronize()
+    target.sync()
 
 
-def test_invalid_arguments_raise_value_error():
-    from convnext_kernels import _C  # type: ignore[attr-defined]
+def test_invalid_arguments_raise_value_error(target):
+    _C = target.module
 
     with pytest.raises(ValueError):
         _C.dwconv_layernorm_fwd_cuda_workspace_bytes(0, 1, 1, 8)

@@ -33,7 +33,7 @@ def _forward_backward(model, x, seed=0):
     return out, dict(zip([n for n, _ in model.named_parameters()], grads))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train_drop_path"])
 def test_fused_model_matches_reference(backend, train):
     ref, fused = _pair(backend, drop_path_rate=0.4 if train else 0.0)
@@ -116,7 +116,8 @@ def test_factories(name, depths, dims):
     assert m.head.out_features == 5
 
 
-def test_model_backend_switch_and_errors():
+def test_model_backend_switch_and_errors(monkeypatch):
+    monkeypatch.delenv("CONVNEXT_KERNELS_CUDA_EMULATE", raising=False)  # conftest's: CPU tensors allowed
     m = ck.convnext_atto(backend="torch", num_classes=3)
     assert m.backend == "torch"
     m.set_backend("cuda")

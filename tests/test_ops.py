@@ -1,6 +1,7 @@
 """Each fused op, each backend, against the fp64 reference: outputs and every gradient.
 
-CPU runs cover "torch", "cpu" and "triton" (through Triton's interpreter); GPU runs (marked
+CPU runs cover "torch", "cpu", "triton" (through Triton's interpreter) and "cuda" (the CUDA
+kernels in the host emulator, CONVNEXT_KERNELS_CUDA_EMULATE=1 from conftest); GPU runs (marked
 `cuda`) cover "torch", "triton" and "cuda" at the ConvNeXt-T stage shapes.
 """
 
@@ -12,7 +13,9 @@ from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
 
 from conftest import DTYPES, assert_pass_rule
 
-CPU_BACKENDS = ("torch", "cpu", "triton")
+CPU_BACKENDS = ("torch", "cpu", "triton", "cuda")
+# Backends with a stored-pre-activation backward (cuda only recomputes it).
+STORE_PREACT_BACKENDS = ("torch", "cpu", "triton")
 GPU_BACKENDS = ("torch", "triton", "cuda")
 ODD_SHAPES = [(3, 13, 17, 40), (1, 1, 1, 96), (2, 5, 7, 96)]
 STAGE_SHAPES_B32 = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]
@@ -114,6 +117,7 @@ def test_expected_backends_are_available_here():
     # A backend that silently went missing would make every test below skip it.
     assert ck.available_backends("cpu")[:2] == ["cpu", "torch"]
     assert "triton" in ck.available_backends("cpu"), "TRITON_INTERPRET=1 with triton installed"
+    assert "cuda" in ck.available_backends("cpu"), "CONVNEXT_KERNELS_CUDA_EMULATE=1 with the emulator built"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -140,7 +144,7 @@ def test_mlp_layerscale_cpu(backend, dtype, shape):
     _run_mlp_layerscale(backend, "cpu", shape, dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", STORE_PREACT_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
 def test_mlp_layerscale_both_backward_forms_cpu(backend, dtype, store, monkeypatch):
@@ -220,6 +224,8 @@ OPCHECK_CASES = [("dwconv_layernorm", ()), ("mlp_layerscale", (False,)), ("mlp_l
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("op_name, extra", OPCHECK_CASES, ids=["dwconv_layernorm", "mlp", "mlp_store_preact"])
 def test_opcheck(backend, op_name, extra):
+    if extra == (True,) and backend not in STORE_PREACT_BACKENDS:
+        pytest.skip(f"backend {backend!r} has no stored-pre-activation variant")
     table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
     fwd_op, _ = table[backend]
     # Under Triton's interpreter wrap_triton hands back the interpreted kernel itself, so the fake
@@ -234,11 +240,13 @@ def _channels_strided(t):
     return t.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_(t.requires_grad)
 
 
-@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("backend", ("torch", "cpu", "cuda"))
 @pytest.mark.parametrize("op_name, extra", OPCHECK_CASES, ids=["dwconv_layernorm", "mlp", "mlp_store_preact"])
 def test_ops_take_non_contiguous_activations(backend, op_name, extra):
     """The ops themselves (torch.compile may call them with any layout): same outputs and gradients
     as with contiguous tensors, and outputs as contiguous as their fake implementations say."""
+    if extra == (True,) and backend not in STORE_PREACT_BACKENDS:
+        pytest.skip(f"backend {backend!r} has no stored-pre-activation variant")
     table = ck.ops.DWCONV_LAYERNORM_OPS if op_name == "dwconv_layernorm" else ck.ops.MLP_LAYERSCALE_OPS
     fwd_op, _ = table[backend]
     args = _op_args(op_name, (2, 3, 5, 40)) + extra
@@ -282,7 +290,7 @@ def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad
     assert ((N * H * W, 4 * C) in saved) == stores, saved
 
 
-@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("backend", ("torch", "cpu", "cuda"))
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     x, w, b, nw, nb, _ = _op_args("dwconv_layernorm", (2, 5, 6, 40))
@@ -366,11 +374,12 @@ def test_mlp_layerscale_bad_input(case):
         ck.mlp_layerscale(*mutate(_good_mlp_layerscale()), backend="cpu")
 
 
-def test_backend_errors_name_what_is_missing():
+def test_backend_errors_name_what_is_missing(monkeypatch):
+    monkeypatch.delenv("CONVNEXT_KERNELS_CUDA_EMULATE", raising=False)  # conftest's: CPU tensors allowed
     x, w, b, nw, nb = _good_dwconv_layernorm()
     with pytest.raises(ValueError, match="unknown backend"):
         ck.dwconv_layernorm(x, w, b, nw, nb, backend="cudnn")
-    with pytest.raises(ck.BackendUnavailableError, match="needs CUDA tensors"):
+    with pytest.raises(ck.BackendUnavailableError, match="needs CUDA tensors.*CONVNEXT_KERNELS_CUDA_EMULATE=1"):
         ck.dwconv_layernorm(x, w, b, nw, nb, backend="cuda")
     with pytest.raises(TypeError, match="backend must be a string"):
         ck.dwconv_layernorm(x, w, b, nw, nb, backend=None)
@@ -395,6 +404,7 @@ def test_triton_older_than_supported_is_reported(monkeypatch, version, too_old):
 
 
 def test_env_overrides_auto(monkeypatch):
+    monkeypatch.delenv("CONVNEXT_KERNELS_CUDA_EMULATE", raising=False)
     x, w, b, nw, nb = _good_dwconv_layernorm()
     monkeypatch.setenv("CONVNEXT_KERNELS_BACKEND", "cuda")
     with pytest.raises(ck.BackendUnavailableError):

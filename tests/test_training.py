@@ -617,7 +617,7 @@ def _convergence_pair(backend, cfg, drop_path_rate=0.1):
     return ref, fused
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["cuda"])  # cuda: the CUDA kernels, emulated
 def test_convergence_fused_matches_reference_fp32(backend):
     x, y = _digits(512)
     ref, fused = _convergence_pair(backend, TINY)

@@ -13,16 +13,22 @@ mlp_layerscale forward: fp16 / bf16 with C <= 384 (C % 8 == 0, 16-byte aligned t
 back-to-back fused kernel that keeps the (rows, 4C) hidden on chip. ``CONVNEXT_KERNELS_CUDA_MLP_FUSED=0``
 (read at every call) forces the two-GEMM path everywhere, to compare the two or bisect a bug. The
 forward's workspace (the two-GEMM hidden) is only allocated when the two-GEMM path will run.
+
+CPU tensors (only with CONVNEXT_KERNELS_CUDA_EMULATE=1, see convnext_kernels.backends) run the
+same kernels compiled for the host against the CUDA emulator: ``_cuda_emulated`` has the same
+functions as ``_C``'s CUDA part and ignores the stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
+    POISON_OUTPUTS,
     data_ptr,
     dtype_code,
     dwconv_layernorm_bwd_outputs,
@@ -38,8 +44,22 @@ __all__ = [
 ]
 
 
+def _kernels(device: torch.device):
+    """The module with the CUDA kernels for tensors on `device`: _C, or the host emulation for CPU."""
+    if device.type == "cpu":
+        from convnext_kernels import _cuda_emulated  # type: ignore[attr-defined]
+
+        return _cuda_emulated
+    return _C
+
+
+def _on_device(device: torch.device):
+    """The device guard for the launch (none for the emulation)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _mlp_fused_allowed() -> bool:
@@ -48,8 +68,12 @@ def _mlp_fused_allowed() -> bool:
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
-    # Scratch only: every byte the kernels read is written by them first.
-    return torch.empty((max(int(nbytes), 1),), dtype=torch.uint8, device=device)
+    # Scratch only: every byte the kernels read is written by them first, which poisoning checks
+    # (0xFF bytes are NaN in every float type).
+    ws = torch.empty((max(int(nbytes), 1),), dtype=torch.uint8, device=device)
+    if POISON_OUTPUTS:
+        ws.fill_(0xFF)
+    return ws
 
 
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
@@ -58,10 +82,11 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     if x.numel() == 0:
         return y, mean, rstd
-    with torch.cuda.device(x.device):
-        nbytes = _C.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
+    kernels = _kernels(x.device)
+    with _on_device(x.device):
+        nbytes = kernels.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
         workspace = _workspace(nbytes, x.device)
-        _C.dwconv_layernorm_fwd_cuda(
+        kernels.dwconv_layernorm_fwd_cuda(
             x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
             norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
@@ -77,10 +102,11 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
         for t in (dconv_weight, dconv_bias, dnorm_weight, dnorm_bias):
             t.zero_()
         return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
-    with torch.cuda.device(x.device):
-        nbytes = _C.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
+    kernels = _kernels(x.device)
+    with _on_device(x.device):
+        nbytes = kernels.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
         workspace = _workspace(nbytes, x.device)
-        _C.dwconv_layernorm_bwd_cuda(
+        kernels.dwconv_layernorm_bwd_cuda(
             dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias),
             norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
             dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
@@ -110,12 +136,13 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
         x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(), fc2_weight.data_ptr(),
         fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), y.data_ptr(),
     )
-    with torch.cuda.device(x.device):
+    kernels = _kernels(x.device)
+    with _on_device(x.device):
         # Same tensors, allow_fused and device as the forward: 0 bytes when the fused kernel runs
         # (no rows x 4C hidden is allocated), the two-GEMM hidden otherwise.
-        nbytes = _C.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, allow_fused)
+        nbytes = kernels.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, allow_fused)
         workspace = _workspace(nbytes, x.device)
-        _C.mlp_layerscale_fwd_cuda(
+        kernels.mlp_layerscale_fwd_cuda(
             *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, allow_fused,
             _stream(x.device),
         )
@@ -137,10 +164,11 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
             t.zero_()
         return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    with torch.cuda.device(x.device):
-        nbytes = _C.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)
+    kernels = _kernels(x.device)
+    with _on_device(x.device):
+        nbytes = kernels.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)
         workspace = _workspace(nbytes, x.device)
-        _C.mlp_layerscale_bwd_cuda(
+        kernels.mlp_layerscale_bwd_cuda(
             dy.data_ptr(), x.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
             fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), dx.data_ptr(),
             dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),

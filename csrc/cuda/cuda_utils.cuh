@@ -1,9 +1,13 @@
 // Shared helpers for the CUDA kernels: error checks, dtype dispatch, reductions, vector I/O.
 #pragma once
 
+#ifdef CNK_CUDA_EMULATION
+#include "../emulation/cuda_emulation.h"  // the host emulation of CUDA (no GPU; see that header)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -34,6 +38,22 @@ inline void throw_on_cuda_error(cudaError_t err, const char* what, const char* f
 // surface at the next synchronising call, as with any CUDA library).
 #define CNK_CHECK_LAUNCH(kernel_name) \
   ::convnext_kernels::cuda::throw_on_cuda_error(cudaGetLastError(), kernel_name, __FILE__, __LINE__)
+
+// kernel<<<grid, block, smem, stream>>>, spelled so that the host compiler of the emulation
+// build can parse it too: CNK_LAUNCH(kernel, grid, block, smem, stream)(args...). `kernel` is a
+// name or a function-pointer variable (template arguments' commas would split the macro).
+#ifdef CNK_CUDA_EMULATION
+#define CNK_LAUNCH(kernel, grid, block, smem, stream) CNK_EMULATED_LAUNCH(kernel, grid, block, smem, stream)
+#else
+#define CNK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
+// The kernel's dynamic shared memory as an array NAME of TYPE (TYPE sets the alignment).
+#ifdef CNK_CUDA_EMULATION
+#define CNK_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = static_cast<TYPE*>(::cnk_emu::dynamic_smem())
+#else
+#define CNK_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ TYPE NAME[]
+#endif
 
 #define CNK_CHECK_ARG(cond, msg)                                                  \
   do {                                                                            \

@@ -147,7 +147,7 @@ struct FwdParams {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_fwd_kernel(FwdParams p) {
-  extern __shared__ float4 smem_raw[];  // float4: 16-byte aligned for vector access
+  CNK_DYNAMIC_SMEM(float4, smem_raw);  // float4: 16-byte aligned for vector access
   float* smem_z = reinterpret_cast<float*>(smem_raw);  // [tile_w][C]
   const int C = p.C;
   const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
@@ -216,7 +216,7 @@ struct BwdStatsParams {
 // Persistent blocks (grid-stride over tiles) so the number of partial rows stays bounded.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_bwd_stats_kernel(BwdStatsParams p) {
-  extern __shared__ float4 smem_raw[];
+  CNK_DYNAMIC_SMEM(float4, smem_raw);
   const int C = p.C;
   float* smem_xhat = reinterpret_cast<float*>(smem_raw);                 // [tile_w][C] (z, then xhat)
   float* smem_g = smem_xhat + static_cast<int64_t>(p.tile_w) * C;        // [tile_w][C]
@@ -556,7 +556,7 @@ void run_fwd(const FwdArgs& a, cudaStream_t stream) {
     constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte channel vectors, or any-C scalar path
     auto kernel = dwconv_layernorm_fwd_kernel<T, kVec>;
     check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_kernel");
-    kernel<<<static_cast<unsigned>(t.num_tiles), t.threads, smem, stream>>>(p);
+    CNK_LAUNCH(kernel, static_cast<unsigned>(t.num_tiles), t.threads, smem, stream)(p);
     CNK_CHECK_LAUNCH("dwconv_layernorm_fwd_kernel");
   });
 }
@@ -577,12 +577,13 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
     const std::size_t smem = (2 * static_cast<std::size_t>(t.tile_w) + 3) * a.C * sizeof(float);
     auto stats_kernel = dwconv_layernorm_bwd_stats_kernel<T, kVec>;
     check_smem_fits(stats_kernel, smem, "dwconv_layernorm_bwd_stats_kernel");
-    stats_kernel<<<static_cast<unsigned>(blocks), t.threads, smem, stream>>>(sp);
+    CNK_LAUNCH(stats_kernel, static_cast<unsigned>(blocks), t.threads, smem, stream)(sp);
     CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_stats_kernel");
 
     // 2) dx = conv(g, flipped taps)
     BwdDxParams dp{ws.g, ws.wt_flipped, a.dx, H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
-    dwconv_layernorm_bwd_dx_kernel<T, kVec><<<static_cast<unsigned>(t.num_tiles), t.threads, 0, stream>>>(dp);
+    auto dx_kernel = dwconv_layernorm_bwd_dx_kernel<T, kVec>;
+    CNK_LAUNCH(dx_kernel, static_cast<unsigned>(t.num_tiles), t.threads, 0, stream)(dp);
     CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dx_kernel");
   });
 
@@ -591,7 +592,8 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
   BwdDweightParams wp{a.x, ws.g, ws.dweight_partials, H, W, C, a.N * a.H, d.rows_per_group};
   const dim3 wgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.row_groups));
   const dim3 wblock(kDweightChannels, kDweightRowSlots);
-  dwconv_layernorm_bwd_dweight_kernel<T><<<wgrid, wblock, 0, stream>>>(wp);
+  auto dweight_kernel = dwconv_layernorm_bwd_dweight_kernel<T>;
+  CNK_LAUNCH(dweight_kernel, wgrid, wblock, 0, stream)(wp);
   CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dweight_kernel");
 
   // 4) fixed-order sums of all partials into the fp32 gradients

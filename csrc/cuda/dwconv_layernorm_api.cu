@@ -22,7 +22,7 @@ __global__ void dwconv_weight_transpose_kernel(const float* __restrict__ w, floa
 void launch_transpose_weight(const float* w, float* wt, float* wt_flipped, int64_t C, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>(1024, ceil_div(kTaps * C, kThreads));
-  dwconv_weight_transpose_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(w, wt, wt_flipped, C);
+  CNK_LAUNCH(dwconv_weight_transpose_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream)(w, wt, wt_flipped, C);
   CNK_CHECK_LAUNCH("dwconv_weight_transpose_kernel");
 }
 

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <limits>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 
@@ -68,8 +69,33 @@ struct SmemTile {
 };
 
 // ------------------------------------------------------------------------------------------------
-// PTX wrappers
+// PTX wrappers (the emulation build runs the same operations on the host: cuda_emulation.h)
 // ------------------------------------------------------------------------------------------------
+#ifdef CNK_CUDA_EMULATION
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  ::cnk_emu::cp_async_16(smem, gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { ::cnk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { ::cnk_emu::cp_async_wait(N); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ::cnk_emu::ldmatrix_x4(r, smem, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  ::cnk_emu::ldmatrix_x4(r, smem, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ::cnk_emu::mma(std::is_same_v<T, __half> ? ::cnk_emu::MmaKind::kF16 : ::cnk_emu::MmaKind::kBF16, d, a, b0, b1);
+}
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ::cnk_emu::mma(::cnk_emu::MmaKind::kTF32, d, a, b0, b1);
+}
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  // cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (finite values).
+  const uint32_t u = ::cnk_emu::float_bits(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;
+}
+#else
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 16 : 0;  // 0: zero-fill (out-of-range rows / columns)
@@ -121,6 +147,7 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
   return r;
 }
+#endif  // CNK_CUDA_EMULATION
 
 // ------------------------------------------------------------------------------------------------
 // Problem description
@@ -330,7 +357,7 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBl
   static_assert(Epilogue::kColSums >= 0 && Epilogue::kColSums <= 2, "at most two column sums");
   static_assert(Cfg::kStages >= 2, "pipeline needs at least two stages");
 
-  extern __shared__ float4 gemm_smem_raw[];  // float4: 16-byte aligned for cp.async / ldmatrix
+  CNK_DYNAMIC_SMEM(float4, gemm_smem_raw);  // float4: 16-byte aligned for cp.async / ldmatrix
   T* smem_a = reinterpret_cast<T*>(gemm_smem_raw);
   T* smem_b = smem_a + Cfg::kStages * TileA::kElems;
 
@@ -464,7 +491,7 @@ void launch_gemm(GemmProblem prob, int64_t splits, const Epilogue& epi, cudaStre
   auto kernel = mlp_layerscale_gemm_kernel<T, kMode, kAKMajor, kBKMajor, Epilogue>;
   set_dynamic_smem(kernel, smem, "mlp_layerscale_gemm_kernel");
   const dim3 grid(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(splits));
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(prob, epi);
+  CNK_LAUNCH(kernel, grid, Cfg::kThreads, smem, stream)(prob, epi);
   CNK_CHECK_LAUNCH("mlp_layerscale_gemm_kernel");
 }
 

@@ -348,10 +348,11 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
     }
     CNK_BOOL_SWITCH(has_gamma, kHasGamma, [&] {
       CNK_BOOL_SWITCH(has_drop, kHasDropScale, [&] {
-        mlp_layerscale_dys_kernel<T, kHasGamma, kHasDropScale>
-            <<<dim3(static_cast<unsigned>(dys_tiles), static_cast<unsigned>(channel_blocks)), kDysThreads, 0,
-               stream>>>(dy, a.gamma, a.drop_scale, static_cast<T*>(ws.dys), static_cast<T*>(ws.dz),
-                         ws.dys_colsums, M, C, a.rows_per_sample);
+        auto dys_kernel = mlp_layerscale_dys_kernel<T, kHasGamma, kHasDropScale>;
+        const dim3 dys_grid(static_cast<unsigned>(dys_tiles), static_cast<unsigned>(channel_blocks));
+        CNK_LAUNCH(dys_kernel, dys_grid, kDysThreads, 0, stream)(dy, a.gamma, a.drop_scale, static_cast<T*>(ws.dys),
+                                                                 static_cast<T*>(ws.dz), ws.dys_colsums, M, C,
+                                                                 a.rows_per_sample);
         CNK_CHECK_LAUNCH("mlp_layerscale_dys_kernel");
       });
     });
@@ -379,9 +380,10 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
   batch.add(ws.dys_colsums, a.dfc2_bias, C, dys_tiles_of(M), C);
   launch_reduce_partials(batch, stream);
   // 8. dgamma; G -> dW2 and S -> db2
-  mlp_layerscale_gamma_grad_kernel<T><<<static_cast<unsigned>(ceil_div(C, kLayerScaleWarps)), kLayerScaleWarps * 32, 0,
-                                         stream>>>(static_cast<const T*>(a.fc2_weight), a.fc2_bias, a.gamma,
-                                                   a.dfc2_weight, a.dfc2_bias, a.dgamma, C, C4);
+  auto gamma_grad_kernel = mlp_layerscale_gamma_grad_kernel<T>;
+  CNK_LAUNCH(gamma_grad_kernel, static_cast<unsigned>(ceil_div(C, kLayerScaleWarps)), kLayerScaleWarps * 32, 0,
+             stream)(static_cast<const T*>(a.fc2_weight), a.fc2_bias, a.gamma, a.dfc2_weight, a.dfc2_bias, a.dgamma,
+                     C, C4);
   CNK_CHECK_LAUNCH("mlp_layerscale_gamma_grad_kernel");
 }
 

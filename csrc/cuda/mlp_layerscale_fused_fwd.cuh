@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
   constexpr int kCTile = Cfg::kCTile;
   constexpr int kThreads = Cfg::kThreads;
 
-  extern __shared__ float4 fused_smem_raw[];  // float4: 16-byte aligned for cp.async / ldmatrix
+  CNK_DYNAMIC_SMEM(float4, fused_smem_raw);  // float4: 16-byte aligned for cp.async / ldmatrix
   T* sX = reinterpret_cast<T*>(fused_smem_raw);
   T* sW1 = sX + Cfg::kElemsX;
   T* sW2 = sW1 + Cfg::kElemsW1;
@@ -323,7 +323,7 @@ void launch_fused_fwd(const FwdArgs& a, cudaStream_t stream) {
   }
   auto kernel = mlp_layerscale_fused_fwd_kernel<T, Cfg>;
   set_dynamic_smem(kernel, Cfg::kSmemBytes, "mlp_layerscale_fused_fwd_kernel");
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  CNK_LAUNCH(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream)(a);
   CNK_CHECK_LAUNCH("mlp_layerscale_fused_fwd_kernel");
 }
 

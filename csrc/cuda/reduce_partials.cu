@@ -31,7 +31,8 @@ void launch_reduce_partials(const PartialSumBatch& batch, cudaStream_t stream) {
   int64_t max_len = 0;
   for (int i = 0; i < batch.num; ++i) max_len = std::max(max_len, batch.seg[i].len);
   const int64_t blocks_x = std::max<int64_t>(1, std::min<int64_t>(kReduceMaxBlocksX, ceil_div(max_len, kReduceThreads)));
-  reduce_partials_kernel<<<dim3(static_cast<unsigned>(blocks_x), batch.num), kReduceThreads, 0, stream>>>(batch);
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(batch.num));
+  CNK_LAUNCH(reduce_partials_kernel, grid, kReduceThreads, 0, stream)(batch);
   CNK_CHECK_LAUNCH("reduce_partials_kernel");
 }
 
@@ -40,7 +41,7 @@ __global__ void debug_noop_kernel() {}
 
 void debug_launch(int64_t block_threads, std::uintptr_t stream) {
   CNK_CHECK_ARG(block_threads >= 1 && block_threads <= (int64_t{1} << 30), "block_threads must be in [1, 2^30]");
-  debug_noop_kernel<<<1, static_cast<unsigned>(block_threads), 0, reinterpret_cast<cudaStream_t>(stream)>>>();
+  CNK_LAUNCH(debug_noop_kernel, 1, static_cast<unsigned>(block_threads), 0, reinterpret_cast<cudaStream_t>(stream))();
   CNK_CHECK_LAUNCH("debug_noop_kernel");
 }
 

@@ -1,0 +1,599 @@
+// The host runtime behind cuda_emulation.h: the block scheduler (one fiber per CUDA thread),
+// barriers, warp collectives, cp.async groups and the runtime API's error state.
+#include "cuda_emulation.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace cnk_emu {
+
+thread_local ThreadCoords* g_coords = nullptr;
+
+namespace {
+
+// ---- runtime state ---------------------------------------------------------------------------------
+struct RuntimeState {
+  cudaError_t last_error = cudaSuccess;
+  std::string last_message;
+  std::map<const void*, int> max_dynamic_smem;  // per kernel, set by cudaFuncSetAttribute
+  Schedule schedule = Schedule::kForward;
+  std::uint64_t seed = 0;
+};
+RuntimeState& runtime() {
+  static thread_local RuntimeState state;
+  return state;
+}
+
+void record_error(cudaError_t err, const std::string& message) {
+  RuntimeState& rt = runtime();
+  if (rt.last_error == cudaSuccess) {  // the first error sticks, as on a device
+    rt.last_error = err;
+    rt.last_message = message;
+  }
+}
+
+// ---- fiber contexts ----------------------------------------------------------------------------------
+// On x86-64 a fiber switch saves the callee-saved registers on the fiber's stack and swaps stack
+// pointers (a few ns); swapcontext also saves the signal mask with a system call at every switch,
+// which made it half of the emulator's time. Other hosts use ucontext.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CNK_EMU_STACK_SWITCH 1
+extern "C" void cnk_emu_stack_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl cnk_emu_stack_switch
+  .hidden cnk_emu_stack_switch
+  .type cnk_emu_stack_switch, @function
+cnk_emu_stack_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cnk_emu_stack_switch, .-cnk_emu_stack_switch
+)");
+#endif
+
+struct Context {
+#ifdef CNK_EMU_STACK_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+void switch_context(Context& from, Context& to) {
+#ifdef CNK_EMU_STACK_SWITCH
+  cnk_emu_stack_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// Prepares `c` to run entry() (which must never return) on the given stack.
+void make_context(Context& c, char* stack, std::size_t bytes, void (*entry)()) {
+#ifdef CNK_EMU_STACK_SWITCH
+  // What cnk_emu_stack_switch pops: six registers, then entry as the return address; above it a
+  // null return address for entry, placed so that entry starts with the ABI's stack alignment.
+  auto top = reinterpret_cast<std::uintptr_t>(stack + bytes) & ~std::uintptr_t{15};
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  c.sp = sp;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
+
+// ---- fibers -------------------------------------------------------------------------------------------
+enum class Wait { kRunnable, kBarrier, kWarp, kDone };
+
+enum class Collective { kNone, kShfl, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16, kMmaTF32 };
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::kShfl: return "__shfl_xor_sync";
+    case Collective::kLdmatrix: return "ldmatrix";
+    case Collective::kLdmatrixTrans: return "ldmatrix.trans";
+    case Collective::kMmaF16: return "mma.sync f16";
+    case Collective::kMmaBF16: return "mma.sync bf16";
+    case Collective::kMmaTF32: return "mma.sync tf32";
+    default: return "none";
+  }
+}
+
+struct PendingCopy {
+  void* dst;
+  const void* src;  // null: zero-fill
+};
+
+struct Fiber {
+  Context ctx;
+  ThreadCoords coords;
+  Wait wait = Wait::kRunnable;
+  // Warp collective in progress: the lane's operands and results.
+  Collective op = Collective::kNone;
+  const void* in = nullptr;
+  void* out = nullptr;
+  int arg = 0;
+  std::uint32_t regs[6] = {};  // ldmatrix address / mma operands
+  // cp.async: copies not yet landed, and the end index (into pending) of each committed group.
+  std::vector<PendingCopy> pending;
+  std::vector<std::size_t> group_ends;
+};
+
+struct WarpState {
+  int lanes = 0;    // threads in this warp (the last warp of a block may be partial)
+  int arrived = 0;  // lanes waiting at the current collective
+  Collective op = Collective::kNone;
+};
+
+constexpr std::size_t kStackBytes = 256 * 1024;
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
+  Context scheduler;
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  char* smem = nullptr;
+  std::size_t smem_bytes = 0;
+  std::string fault;          // set by a fiber that hit an emulated device fault
+  cudaError_t fault_code = cudaSuccess;
+};
+thread_local Block* g_block = nullptr;
+
+// Stacks for the fibers of one block, with an inaccessible guard page below each, reused across
+// launches.
+struct StackPool {
+  char* base = nullptr;
+  std::size_t count = 0;
+  std::size_t page = 0;
+  char* stack(std::size_t i) { return base + i * (kStackBytes + page) + page; }
+  void ensure(std::size_t n) {
+    if (n <= count) return;
+    release();
+    page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    const std::size_t bytes = n * (kStackBytes + page);
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    base = static_cast<char*>(p);
+    count = n;
+    for (std::size_t i = 0; i < n; ++i) mprotect(stack(i) - page, page, PROT_NONE);
+  }
+  void release() {
+    if (base) munmap(base, count * (kStackBytes + page));
+    base = nullptr;
+    count = 0;
+  }
+  ~StackPool() { release(); }
+};
+thread_local StackPool g_stacks;
+
+Fiber& self() { return *g_block->current; }
+
+void yield() { switch_context(self().ctx, g_block->scheduler); }
+
+// A device fault: record it and park the fiber for good; the scheduler ends the launch.
+[[noreturn]] void fault(cudaError_t code, const std::string& what) {
+  Block& b = *g_block;
+  if (b.fault.empty()) {
+    const uint3 t = self().coords.thread_idx;
+    std::ostringstream os;
+    os << what << " (thread " << t.x << "," << t.y << "," << t.z << ")";
+    b.fault = os.str();
+    b.fault_code = code;
+  }
+  for (;;) {
+    self().wait = Wait::kDone;
+    yield();
+  }
+}
+
+void fiber_entry() {
+  (*g_block->body)();
+  Fiber& f = self();
+  f.pending.clear();  // copies a thread never waited for need not land (nothing reads them)
+  f.wait = Wait::kDone;
+  switch_context(f.ctx, g_block->scheduler);  // never resumed
+}
+
+int linear_tid(const ThreadCoords& c) {
+  return static_cast<int>(c.thread_idx.x + c.block_dim.x * (c.thread_idx.y + c.block_dim.y * c.thread_idx.z));
+}
+
+bool in_smem(const void* p, std::size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  return c >= g_block->smem && c + bytes <= g_block->smem + g_block->smem_bytes;
+}
+
+// ---- warp collectives -----------------------------------------------------------------------------
+std::uint16_t lo16(std::uint32_t v) { return static_cast<std::uint16_t>(v & 0xffffu); }
+std::uint16_t hi16(std::uint32_t v) { return static_cast<std::uint16_t>(v >> 16); }
+std::uint32_t pack16(std::uint16_t lo, std::uint16_t hi) { return lo | (static_cast<std::uint32_t>(hi) << 16); }
+
+double operand_value(Collective op, std::uint16_t bits) {
+  return op == Collective::kMmaF16 ? half_bits_to_float(bits) : bf16_bits_to_float(bits);
+}
+
+// Runs the collective for the lanes of one warp (lane i = lanes[i]); every lane has arrived.
+void run_collective(Collective op, Fiber** lanes, int n) {
+  switch (op) {
+    case Collective::kShfl: {
+      float vals[kWarpSize];
+      for (int i = 0; i < n; ++i) vals[i] = *static_cast<const float*>(lanes[i]->in);
+      for (int i = 0; i < n; ++i) {
+        const int src = i ^ lanes[i]->arg;
+        // Out-of-range source lane (partial warp): the lane keeps its own value, as on a GPU.
+        *static_cast<float*>(lanes[i]->out) = src < n ? vals[src] : vals[i];
+      }
+      break;
+    }
+    case Collective::kLdmatrix:
+    case Collective::kLdmatrixTrans: {
+      // Four 8x8 matrices of 16-bit elements; lane 8j + r holds the address of row r of matrix j.
+      std::uint16_t m[4][8][8];
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < 8; ++r) std::memcpy(m[j][r], lanes[8 * j + r]->in, 16);
+      const bool trans = op == Collective::kLdmatrixTrans;
+      for (int t = 0; t < n; ++t) {
+        std::uint32_t* r = static_cast<std::uint32_t*>(lanes[t]->out);
+        const int row = t / 4, col = 2 * (t % 4);
+        for (int j = 0; j < 4; ++j)
+          r[j] = trans ? pack16(m[j][col][row], m[j][col + 1][row]) : pack16(m[j][row][col], m[j][row][col + 1]);
+      }
+      break;
+    }
+    case Collective::kMmaF16:
+    case Collective::kMmaBF16:
+    case Collective::kMmaTF32: {
+      // D (16x8) = A (16xK) B (Kx8) + C with the PTX fragment layouts; g = lane / 4, c = lane % 4.
+      const bool tf32 = op == Collective::kMmaTF32;
+      const int K = tf32 ? 8 : 16;
+      double A[16][16] = {}, B[16][8] = {};
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        const std::uint32_t* a = lanes[lane]->regs;  // a0..a3, b0, b1
+        const int g = lane / 4, c = lane % 4;
+        if (tf32) {
+          // The tensor core reads 19 bits of each tf32 operand (sign, exponent, 10 mantissa bits).
+          auto v = [](std::uint32_t u) { return static_cast<double>(bits_float(u & 0xffffe000u)); };
+          A[g][c] = v(a[0]);
+          A[g + 8][c] = v(a[1]);
+          A[g][c + 4] = v(a[2]);
+          A[g + 8][c + 4] = v(a[3]);
+          B[c][g] = v(a[4]);
+          B[c + 4][g] = v(a[5]);
+        } else {
+          for (int h = 0; h < 2; ++h) {
+            const auto e = [&](std::uint32_t u) { return operand_value(op, h ? hi16(u) : lo16(u)); };
+            A[g][2 * c + h] = e(a[0]);
+            A[g + 8][2 * c + h] = e(a[1]);
+            A[g][2 * c + 8 + h] = e(a[2]);
+            A[g + 8][2 * c + 8 + h] = e(a[3]);
+            B[2 * c + h][g] = e(a[4]);
+            B[2 * c + 8 + h][g] = e(a[5]);
+          }
+        }
+      }
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        float* d = static_cast<float*>(lanes[lane]->out);
+        const int g = lane / 4, c = lane % 4;
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i / 2), col = 2 * c + i % 2;
+          double s = 0.0;
+          for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
+          d[i] = static_cast<float>(s + static_cast<double>(d[i]));
+        }
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Arrives at a warp collective; returns once it has run for the whole warp.
+void collective(Collective op) {
+  Block& b = *g_block;
+  Fiber& f = self();
+  const int tid = linear_tid(f.coords);
+  WarpState& w = b.warps[tid / kWarpSize];
+  if (op != Collective::kShfl && w.lanes != kWarpSize) fault(cudaErrorLaunchFailure, std::string(collective_name(op)) + " in a partial warp");
+  if (w.arrived > 0 && w.op != op) {
+    fault(cudaErrorLaunchFailure, std::string("warp divergence: lanes at ") + collective_name(w.op) + " and at " +
+                                      collective_name(op));
+  }
+  f.op = op;
+  w.op = op;
+  if (++w.arrived < w.lanes) {
+    f.wait = Wait::kWarp;
+    yield();
+    return;
+  }
+  // Last lane: run it for the warp and release the others.
+  Fiber* lanes[kWarpSize];
+  const int first = (tid / kWarpSize) * kWarpSize;
+  for (int i = 0; i < w.lanes; ++i) lanes[i] = &b.fibers[first + i];
+  run_collective(op, lanes, w.lanes);
+  for (int i = 0; i < w.lanes; ++i) {
+    lanes[i]->op = Collective::kNone;
+    if (lanes[i] != &f) lanes[i]->wait = Wait::kRunnable;
+  }
+  w.arrived = 0;
+  w.op = Collective::kNone;
+}
+
+std::string describe_waits(const Block& b) {
+  std::ostringstream os;
+  int barrier = 0, done = 0;
+  std::map<std::string, int> warp_ops;
+  for (const Fiber& f : b.fibers) {
+    if (f.wait == Wait::kBarrier) ++barrier;
+    if (f.wait == Wait::kDone) ++done;
+    if (f.wait == Wait::kWarp) ++warp_ops[collective_name(f.op)];
+  }
+  os << barrier << " threads at __syncthreads, " << done << " exited";
+  for (const auto& [name, count] : warp_ops) os << ", " << count << " at " << name;
+  return os.str();
+}
+
+std::string block_name(const char* kernel, uint3 bid) {
+  std::ostringstream os;
+  os << kernel << " block (" << bid.x << "," << bid.y << "," << bid.z << ")";
+  return os.str();
+}
+
+// Runs one block to completion; returns false (error recorded) on a fault or a deadlock.
+bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::vector<char>& smem,
+               const std::function<void()>& body, std::mt19937_64& rng) {
+  Block b;
+  b.body = &body;
+  b.smem = smem.data();
+  b.smem_bytes = smem.size();
+  std::fill(smem.begin(), smem.end(), static_cast<char>(0xff));  // poison: NaN in every float
+  b.fibers.resize(static_cast<std::size_t>(nthreads));
+  b.warps.resize(static_cast<std::size_t>((nthreads + kWarpSize - 1) / kWarpSize));
+  for (std::size_t w = 0; w < b.warps.size(); ++w)
+    b.warps[w].lanes = std::min(kWarpSize, nthreads - static_cast<int>(w) * kWarpSize);
+  g_stacks.ensure(static_cast<std::size_t>(nthreads));
+  for (int i = 0; i < nthreads; ++i) {
+    Fiber& f = b.fibers[static_cast<std::size_t>(i)];
+    f.coords = proto;
+    f.coords.thread_idx = uint3{static_cast<unsigned>(i) % proto.block_dim.x,
+                                (static_cast<unsigned>(i) / proto.block_dim.x) % proto.block_dim.y,
+                                static_cast<unsigned>(i) / (proto.block_dim.x * proto.block_dim.y)};
+    make_context(f.ctx, g_stacks.stack(static_cast<std::size_t>(i)), kStackBytes, fiber_entry);
+  }
+  std::vector<int> order(static_cast<std::size_t>(nthreads));
+  for (int i = 0; i < nthreads; ++i) order[static_cast<std::size_t>(i)] = i;
+  const Schedule schedule = runtime().schedule;
+  if (schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+
+  Block* outer_block = g_block;
+  ThreadCoords* outer_coords = g_coords;
+  g_block = &b;
+  bool ok = true;
+  for (;;) {
+    if (schedule == Schedule::kShuffle) std::shuffle(order.begin(), order.end(), rng);
+    bool ran = false;
+    for (int i : order) {
+      Fiber& f = b.fibers[static_cast<std::size_t>(i)];
+      if (f.wait != Wait::kRunnable) continue;
+      b.current = &f;
+      g_coords = &f.coords;
+      switch_context(b.scheduler, f.ctx);
+      ran = true;
+      if (!b.fault.empty()) break;
+    }
+    if (!b.fault.empty()) {
+      record_error(b.fault_code, block_name(name, proto.block_idx) + ": " + b.fault);
+      ok = false;
+      break;
+    }
+    if (ran) continue;
+    // Nothing runnable: done, a barrier to release, or a deadlock.
+    int done = 0, barrier = 0;
+    for (const Fiber& f : b.fibers) {
+      done += f.wait == Wait::kDone;
+      barrier += f.wait == Wait::kBarrier;
+    }
+    if (done == nthreads) break;
+    if (barrier + done == nthreads) {  // exited threads count as arrived, as on the hardware
+      for (Fiber& f : b.fibers)
+        if (f.wait == Wait::kBarrier) f.wait = Wait::kRunnable;
+      continue;
+    }
+    record_error(cudaErrorLaunchFailure,
+                 block_name(name, proto.block_idx) + ": deadlock (divergent barrier or warp collective): " + describe_waits(b));
+    ok = false;
+    break;
+  }
+  g_block = outer_block;
+  g_coords = outer_coords;
+  return ok;
+}
+
+}  // namespace
+
+// ---- public entry points ---------------------------------------------------------------------------------
+void set_schedule(Schedule schedule, std::uint64_t seed) {
+  runtime().schedule = schedule;
+  runtime().seed = seed;
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kMaxDynamicSmemOptin) {
+    record_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more dynamic shared memory than the device has");
+    return cudaErrorInvalidValue;
+  }
+  runtime().max_dynamic_smem[kernel] = bytes;
+  return cudaSuccess;
+}
+
+void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, std::size_t dynamic_smem,
+              const std::function<void()>& body) {
+  const std::uint64_t threads = std::uint64_t{block.x} * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreadsPerBlock || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+    record_error(cudaErrorInvalidConfiguration, std::string(name) + ": invalid launch configuration");
+    return;
+  }
+  const auto it = runtime().max_dynamic_smem.find(kernel);
+  const std::size_t allowed = it == runtime().max_dynamic_smem.end() ? kDefaultDynamicSmem : it->second;
+  if (dynamic_smem > allowed) {
+    record_error(cudaErrorInvalidValue, std::string(name) + ": " + std::to_string(dynamic_smem) +
+                                            " bytes of dynamic shared memory, the kernel may use " +
+                                            std::to_string(allowed));
+    return;
+  }
+  std::vector<char> smem(dynamic_smem);
+  std::mt19937_64 rng(runtime().seed);
+  ThreadCoords proto{uint3{0, 0, 0}, uint3{0, 0, 0}, block, grid};
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        proto.block_idx = uint3{x, y, z};
+        if (!run_block(name, proto, static_cast<int>(threads), smem, body, rng)) return;
+      }
+}
+
+void* dynamic_smem() { return g_block->smem; }
+
+void syncthreads() {
+  self().wait = Wait::kBarrier;
+  yield();
+}
+
+float shfl_xor(float v, int lane_mask) {
+  Fiber& f = self();
+  float out;
+  f.in = &v;
+  f.out = &out;
+  f.arg = lane_mask;
+  collective(Collective::kShfl);
+  return out;
+}
+
+void ldmatrix_x4(std::uint32_t (&r)[4], const void* smem, bool trans) {
+  if (reinterpret_cast<std::uintptr_t>(smem) % 16 != 0)
+    fault(cudaErrorMisalignedAddress, "ldmatrix: row address not 16-byte aligned");
+  if (!in_smem(smem, 16)) fault(cudaErrorIllegalAddress, "ldmatrix: row outside the block's shared memory");
+  Fiber& f = self();
+  f.in = smem;
+  f.out = r;
+  collective(trans ? Collective::kLdmatrixTrans : Collective::kLdmatrix);
+}
+
+void mma(MmaKind kind, float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  Fiber& f = self();
+  for (int i = 0; i < 4; ++i) f.regs[i] = a[i];
+  f.regs[4] = b0;
+  f.regs[5] = b1;
+  f.out = d;
+  collective(kind == MmaKind::kF16 ? Collective::kMmaF16 : kind == MmaKind::kBF16 ? Collective::kMmaBF16
+                                                                                   : Collective::kMmaTF32);
+}
+
+void cp_async_16(void* smem, const void* gmem, bool valid) {
+  if (reinterpret_cast<std::uintptr_t>(smem) % 16 != 0 || (valid && reinterpret_cast<std::uintptr_t>(gmem) % 16 != 0))
+    fault(cudaErrorMisalignedAddress, "cp.async: address not 16-byte aligned");
+  if (!in_smem(smem, 16)) fault(cudaErrorIllegalAddress, "cp.async: destination outside the block's shared memory");
+  self().pending.push_back(PendingCopy{smem, valid ? gmem : nullptr});
+}
+
+void cp_async_commit() {
+  Fiber& f = self();
+  f.group_ends.push_back(f.pending.size());
+}
+
+void cp_async_wait(int newest_pending_groups) {
+  Fiber& f = self();
+  const std::size_t groups = f.group_ends.size();
+  if (groups <= static_cast<std::size_t>(newest_pending_groups)) return;
+  const std::size_t land_groups = groups - static_cast<std::size_t>(newest_pending_groups);
+  const std::size_t land = f.group_ends[land_groups - 1];
+  for (std::size_t i = 0; i < land; ++i) {
+    const PendingCopy& c = f.pending[i];
+    if (c.src)
+      std::memcpy(c.dst, c.src, 16);
+    else
+      std::memset(c.dst, 0, 16);
+  }
+  f.pending.erase(f.pending.begin(), f.pending.begin() + static_cast<std::ptrdiff_t>(land));
+  f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + static_cast<std::ptrdiff_t>(land_groups));
+  for (std::size_t& e : f.group_ends) e -= land;
+}
+
+}  // namespace cnk_emu
+
+// ---- runtime API --------------------------------------------------------------------------------------
+cudaError_t cudaGetLastError() {
+  auto& rt = cnk_emu::runtime();
+  const cudaError_t err = rt.last_error;
+  rt.last_error = cudaSuccess;
+  return err;
+}
+
+const char* cudaGetErrorName(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}
+
+// CUDA's description of the error, then what the emulator saw (cudaGetLastError has reset the
+// code by the time CNK_CHECK_LAUNCH asks for the string, so the detail is kept until the next error).
+const char* cudaGetErrorString(cudaError_t err) {
+  const char* text = "unknown error";
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: text = "invalid argument"; break;
+    case cudaErrorInvalidConfiguration: text = "invalid configuration argument"; break;
+    case cudaErrorIllegalAddress: text = "an illegal memory access was encountered"; break;
+    case cudaErrorMisalignedAddress: text = "misaligned address"; break;
+    case cudaErrorLaunchFailure: text = "unspecified launch failure"; break;
+  }
+  static thread_local std::string message;
+  message = std::string(text) + " (CUDA emulator: " + cnk_emu::runtime().last_message + ")";
+  return message.c_str();
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  *value = cnk_emu::kMaxDynamicSmemOptin;
+  return cudaSuccess;
+}

@@ -1,0 +1,121 @@
+// pybind11 module convnext_kernels._cuda_emulated: the CUDA kernels of csrc/cuda compiled for the
+// host against cuda_emulation.h, with the same bindings as _C's CUDA functions (pointers are CPU
+// tensors' data_ptr(); the stream argument is ignored). For tests on machines without a GPU.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../cuda/mlp_gemm.cuh"
+
+namespace py = pybind11;
+
+// ---- kernels with the bugs the emulator must catch (tests/test_cuda_emulation.py) ----------------
+namespace selftest {
+using namespace convnext_kernels::cuda;
+
+// Lanes 0-15 shuffle while lanes 16-31 wait at a barrier: a hang on a GPU.
+__global__ void divergent_collective_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  __syncthreads();
+  out[threadIdx.x] = v;
+}
+
+// Reads a neighbour's shared-memory slot with no barrier after the writes: a race.
+__global__ void race_kernel(float* out) {
+  CNK_DYNAMIC_SMEM(float, s);
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// cp.async of 4 floats per thread, read back with (wait = true) or without waiting for the group.
+__global__ void cp_async_kernel(const float* in, float* out, bool wait) {
+  CNK_DYNAMIC_SMEM(float4, s);
+  mlp::cp_async_16(s + threadIdx.x, in + 4 * threadIdx.x, true);
+  mlp::cp_async_commit();
+  if (wait) mlp::cp_async_wait<0>();
+  out[threadIdx.x] = s[threadIdx.x].x;
+}
+
+// ldmatrix from a row address 4 bytes past a 16-byte boundary.
+__global__ void misaligned_ldmatrix_kernel(float* out) {
+  CNK_DYNAMIC_SMEM(float4, s);
+  uint32_t r[4];
+  mlp::ldmatrix_x4(r, reinterpret_cast<char*>(s) + 16 * threadIdx.x + 4);
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+// Thread 31 writes one element past the end of out (32 floats): only AddressSanitizer sees it.
+__global__ void oob_write_kernel(float* out) { out[threadIdx.x + 1] = static_cast<float>(threadIdx.x); }
+
+// Runs one of the kernels above with 32 threads; in: 128 floats, out: 32 floats.
+void run(const std::string& kind, std::uintptr_t in_ptr, std::uintptr_t out_ptr) {
+  const float* in = reinterpret_cast<const float*>(in_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  if (kind == "divergent_collective") {
+    CNK_LAUNCH(divergent_collective_kernel, 1, 32, 0, nullptr)(out);
+  } else if (kind == "race") {
+    CNK_LAUNCH(race_kernel, 1, 32, 32 * sizeof(float), nullptr)(out);
+  } else if (kind == "cp_async_wait" || kind == "cp_async_no_wait") {
+    CNK_LAUNCH(cp_async_kernel, 1, 32, 32 * sizeof(float4), nullptr)(in, out, kind == "cp_async_wait");
+  } else if (kind == "oob_write") {
+    CNK_LAUNCH(oob_write_kernel, 1, 32, 0, nullptr)(out);
+  } else if (kind == "misaligned_ldmatrix") {
+    CNK_LAUNCH(misaligned_ldmatrix_kernel, 1, 32, 33 * 16, nullptr)(out);
+  } else {
+    throw std::invalid_argument("unknown self-test kernel '" + kind + "'");
+  }
+  CNK_CHECK_LAUNCH(kind.c_str());
+}
+}  // namespace selftest
+
+void register_cuda_bindings(pybind11::module_& m);
+
+PYBIND11_MODULE(_cuda_emulated, m) {
+  m.doc() = "The CUDA kernels of convnext_kernels run on the CPU by a CUDA emulator (testing only)";
+  register_cuda_bindings(m);
+
+  m.def(
+      "set_schedule",
+      [](const std::string& order, std::uint64_t seed) {
+        if (order == "forward") {
+          cnk_emu::set_schedule(cnk_emu::Schedule::kForward, seed);
+        } else if (order == "reverse") {
+          cnk_emu::set_schedule(cnk_emu::Schedule::kReverse, seed);
+        } else if (order == "shuffle") {
+          cnk_emu::set_schedule(cnk_emu::Schedule::kShuffle, seed);
+        } else {
+          throw std::invalid_argument("schedule must be 'forward', 'reverse' or 'shuffle', got '" + order + "'");
+        }
+      },
+      py::arg("order"), py::arg("seed") = 0,
+      "Order in which the threads of a block run between barriers: a shared-memory race gives "
+      "results that depend on it.");
+
+  m.def(
+      "round_through",
+      [](std::uintptr_t src, std::uintptr_t dst, int64_t n, int dtype) {
+        const float* in = reinterpret_cast<const float*>(src);
+        float* out = reinterpret_cast<float*>(dst);
+        for (int64_t i = 0; i < n; ++i) {
+          switch (dtype) {
+            case convnext_kernels::cuda::kDTypeFloat16: out[i] = __half2float(__float2half_rn(in[i])); break;
+            case convnext_kernels::cuda::kDTypeBFloat16:
+              out[i] = __bfloat162float(__float2bfloat16_rn(in[i]));
+              break;
+            default: throw std::invalid_argument("dtype must be CUDA_DTYPE_FLOAT16 or CUDA_DTYPE_BFLOAT16");
+          }
+        }
+      },
+      py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("dtype"),
+      "dst[i] = float(T(src[i])) for n fp32 values, T the 16-bit type of dtype: the emulator's "
+      "conversions, to check against torch's.");
+
+  m.def("selftest", &selftest::run, py::arg("kind"), py::arg("src"), py::arg("dst"),
+        "Runs a kernel with a known bug on 32 threads (src: 128 floats, dst: 32 floats): "
+        "divergent_collective, race, cp_async_no_wait, misaligned_ldmatrix, oob_write (for "
+        "AddressSanitizer builds only), or cp_async_wait, the fixed form. Faults raise RuntimeError "
+        "as CUDA errors do.");
+}

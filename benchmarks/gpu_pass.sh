@@ -75,7 +75,7 @@ case "$step" in
   sanitize)
     tool=${1:-memcheck}
     run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "not 32x" -x ;;
+      pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "gpu and not 32x" -x ;;  # GPU target only
   train)
     for backend in triton cuda; do
       run "train_$backend" python examples/train.py --backend "$backend" --compare-reference \

@@ -53,11 +53,12 @@ def _extension() -> tuple[Optional[ModuleType], str]:
 
 
 def build_info() -> dict:
-    """What the compiled extension was built with (compiler, OpenMP, CUDA, archs)."""
+    """What the compiled extension was built with (compiler, OpenMP, CUDA, archs), and whether the
+    host-emulated CUDA kernels (convnext_kernels._cuda_emulated, for tests) were built."""
     ext, why = _extension()
     if ext is None:
         raise BackendUnavailableError(why)
-    return dict(ext.build_info())
+    return dict(ext.build_info(), cuda_emulation=emulated_cuda_extension()[0] is not None)
 
 
 def triton_interpreted() -> bool:

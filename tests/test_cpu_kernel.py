@@ -59,6 +59,9 @@ def test_build_info():
     assert info["cuda_version"] is None or isinstance(info["cuda_version"], str)
     assert all(isinstance(a, str) for a in info["cuda_archs"])
     assert info["cuda"] == (info["cuda_version"] is not None)
+    import convnext_kernels
+
+    assert convnext_kernels.build_info()["cuda_emulation"] in (True, False)
 
 
 def test_cpu_and_cuda_kernels_share_dtype_codes():
@@ -66,6 +69,11 @@ def test_cpu_and_cuda_kernels_share_dtype_codes():
     assert (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16) == (0, 1, 2)
     if _C.build_info()["cuda_kernels"]:  # compiled here whenever nvcc is found, as in CI
         assert (_C.CUDA_DTYPE_FLOAT32, _C.CUDA_DTYPE_FLOAT16, _C.CUDA_DTYPE_BFLOAT16) == (0, 1, 2)
+    from convnext_kernels.backends import emulated_cuda_extension
+
+    emulated = emulated_cuda_extension()[0]
+    if emulated is not None:  # the same codes in the emulated CUDA kernels
+        assert (emulated.CUDA_DTYPE_FLOAT32, emulated.CUDA_DTYPE_FLOAT16, emulated.CUDA_DTYPE_BFLOAT16) == (0, 1, 2)
 
 
 @pytest.mark.parametrize("bias", [True, False])

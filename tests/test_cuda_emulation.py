@@ -155,6 +155,30 @@ def test_cuda_kernels_do_not_depend_on_thread_order(dtype, shape, fused, schedul
             assert torch.equal(a, b), f"output {i} differs between the forward and {order} (seed {seed}) thread orders"
 
 
+@needs_emulator
+@pytest.mark.parametrize("fused,C", [(True, c) for c in (40, 96, 120, 192, 200, 384)] + [(False, 40)],
+                         ids=lambda v: str(v))
+def test_ldmatrix_is_free_of_bank_conflicts(fused, C, monkeypatch):
+    """The padded shared-memory rows are there so that the 8 rows of every ldmatrix matrix hit 8
+    distinct 16-byte bank groups: the emulator sees each warp's addresses and counts the extra
+    wavefronts a conflict would cost. The fused forward has one tile shape per padded C; the
+    two-GEMM path's forward and backward cover every operand layout (K-major, MN-major)."""
+    from convnext_kernels.launchers import cuda as L
+
+    monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1" if fused else "0")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, C, generator=g).half()
+    w1, w2 = (torch.randn(4 * C, C, generator=g) / 8).half(), (torch.randn(C, 4 * C, generator=g) / 16).half()
+    b1, b2 = torch.randn(4 * C, generator=g), torch.randn(C, generator=g)
+    emu.stats(True)
+    L.mlp_layerscale_fwd(x, x, w1, b1, w2, b2, None, None)
+    if not fused:
+        L.mlp_layerscale_bwd(x, x, w1, b1, w2, b2, None, None)
+    st = emu.stats(True)
+    assert st["ldmatrix"] > 0 and st["mma"] > 0, st
+    assert st["ldmatrix_extra_wavefronts"] == 0, st
+
+
 # ------------------------------------------------------------------------------------------------
 # memcheck: the emulated kernels under AddressSanitizer
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from convnext_kernels.backends import emulated_cuda_extension
+
 
 def _cuda_backend_ready() -> bool:
     if not torch.cuda.is_available():
@@ -30,14 +32,6 @@ def _cuda_backend_ready() -> bool:
     except ImportError:
         return False
     return bool(_C.build_info().get("cuda", False)) and hasattr(_C, "dwconv_layernorm_fwd_cuda")
-
-
-def _emulation_built() -> bool:
-    try:
-        from convnext_kernels import _cuda_emulated  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _Target:
@@ -74,7 +68,7 @@ TARGETS = [
     pytest.param("gpu", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not _cuda_backend_ready(), reason="needs a CUDA GPU and _C built with the CUDA kernels")]),
     pytest.param("emulated", marks=pytest.mark.skipif(
-        not _emulation_built(), reason="convnext_kernels._cuda_emulated was not built")),
+        emulated_cuda_extension()[0] is None, reason=emulated_cuda_extension()[1])),
 ]
 
 

@@ -26,6 +26,7 @@ struct RuntimeState {
   std::map<const void*, int> max_dynamic_smem;  // per kernel, set by cudaFuncSetAttribute
   Schedule schedule = Schedule::kForward;
   std::uint64_t seed = 0;
+  Stats stats;
 };
 RuntimeState& runtime() {
   static thread_local RuntimeState state;
@@ -259,6 +260,19 @@ void run_collective(Collective op, Fiber** lanes, int n) {
       std::uint16_t m[4][8][8];
       for (int j = 0; j < 4; ++j)
         for (int r = 0; r < 8; ++r) std::memcpy(m[j][r], lanes[8 * j + r]->in, 16);
+      // Bank conflicts: one matrix (8 rows of 16 bytes) is one 128-byte shared-memory wavefront
+      // when its rows fall in 8 distinct 16-byte bank groups; every repeat costs one more.
+      Stats& st = runtime().stats;
+      st.ldmatrix += 1;
+      for (int j = 0; j < 4; ++j) {
+        int per_group[8] = {};
+        int worst = 0;
+        for (int r = 0; r < 8; ++r) {
+          const auto a = reinterpret_cast<std::uintptr_t>(lanes[8 * j + r]->in);
+          worst = std::max(worst, ++per_group[(a / 16) % 8]);
+        }
+        st.ldmatrix_extra_wavefronts += static_cast<std::uint64_t>(worst - 1);
+      }
       const bool trans = op == Collective::kLdmatrixTrans;
       for (int t = 0; t < n; ++t) {
         std::uint32_t* r = static_cast<std::uint32_t*>(lanes[t]->out);
@@ -271,6 +285,7 @@ void run_collective(Collective op, Fiber** lanes, int n) {
     case Collective::kMmaF16:
     case Collective::kMmaBF16:
     case Collective::kMmaTF32: {
+      runtime().stats.mma += 1;
       // D (16x8) = A (16xK) B (Kx8) + C with the PTX fragment layouts; g = lane / 4, c = lane % 4.
       const bool tf32 = op == Collective::kMmaTF32;
       const int K = tf32 ? 8 : 16;
@@ -440,6 +455,8 @@ bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::v
 }  // namespace
 
 // ---- public entry points ---------------------------------------------------------------------------------
+Stats& stats() { return runtime().stats; }
+
 void set_schedule(Schedule schedule, std::uint64_t seed) {
   runtime().schedule = schedule;
   runtime().seed = seed;
@@ -477,6 +494,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, std::
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         proto.block_idx = uint3{x, y, z};
+        runtime().stats.blocks += 1;
         if (!run_block(name, proto, static_cast<int>(threads), smem, body, rng)) return;
       }
 }

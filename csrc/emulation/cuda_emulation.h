@@ -22,6 +22,9 @@
 //   - misaligned or out-of-shared-memory cp.async / ldmatrix addresses, launches with invalid
 //     configurations or more dynamic shared memory than opted into: the CUDA error, as a GPU
 //     would report it, from cudaGetLastError (so CNK_CHECK_LAUNCH turns it into RuntimeError).
+//   - ldmatrix bank conflicts: counted (Stats), so a test can hold the padded layouts to zero.
+// Global memory is plain host memory: built with AddressSanitizer, out-of-bounds accesses to the
+// tensors and workspaces (torch allocates them with malloc) are reported (tests/test_cuda_emulation.py).
 // Numerics: mma.sync multiplies the 16-bit / tf32 operands exactly and accumulates in double,
 // rounding once per mma into the fp32 accumulators (the hardware's intermediate rounding differs
 // within fp32 accumulation error); fp16 / bf16 conversions round to nearest even, bit for bit.
@@ -173,6 +176,15 @@ constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxDynamicSmemOptin = 232448;  // 227 KiB
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+
+// Counters over all launches since the last reset (per host thread).
+struct Stats {
+  std::uint64_t blocks = 0;                     // thread blocks run
+  std::uint64_t mma = 0;                        // warp-wide mma.sync instructions
+  std::uint64_t ldmatrix = 0;                   // warp-wide ldmatrix.x4 instructions
+  std::uint64_t ldmatrix_extra_wavefronts = 0;  // shared-memory bank conflicts of those
+};
+Stats& stats();
 
 // Order in which the scheduler resumes the runnable threads of a block between barriers.
 enum class Schedule { kForward = 0, kReverse = 1, kShuffle = 2 };

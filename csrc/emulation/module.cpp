@@ -95,6 +95,22 @@ PYBIND11_MODULE(_cuda_emulated, m) {
       "results that depend on it.");
 
   m.def(
+      "stats",
+      [](bool reset) {
+        const cnk_emu::Stats st = cnk_emu::stats();
+        if (reset) cnk_emu::stats() = cnk_emu::Stats{};
+        py::dict d;
+        d["blocks"] = st.blocks;
+        d["mma"] = st.mma;
+        d["ldmatrix"] = st.ldmatrix;
+        d["ldmatrix_extra_wavefronts"] = st.ldmatrix_extra_wavefronts;
+        return d;
+      },
+      py::arg("reset") = false,
+      "Counters since the last reset: blocks run, warp-wide mma.sync and ldmatrix.x4 instructions, and "
+      "the extra shared-memory wavefronts bank conflicts cost those ldmatrix (0 when conflict-free).");
+
+  m.def(
       "round_through",
       [](std::uintptr_t src, std::uintptr_t dst, int64_t n, int dtype) {
         const float* in = reinterpret_cast<const float*>(src);

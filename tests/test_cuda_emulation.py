@@ -180,10 +180,14 @@ def test_ldmatrix_is_free_of_bank_conflicts(fused, C, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# memcheck: the emulated kernels under AddressSanitizer
+# memcheck: the emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer
 # ------------------------------------------------------------------------------------------------
+# On a GPU, compute-sanitizer memcheck reports accesses outside an allocation and misaligned
+# accesses. On the host, ASan sees the first (torch's CPU tensors come from malloc) and UBSan's
+# alignment check the second (x86 itself does not fault on a misaligned float4 / uint4).
 REPO = Path(__file__).resolve().parents[1]
 ASAN_OPTIONS = "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
 
 
 def _asan_toolchain():
@@ -210,10 +214,10 @@ def _asan_toolchain():
 
 
 def _build_asan_emulator(cxx: str, pybind11_include: str, out_dir: Path) -> Path:
-    """The CUDA sources + emulator compiled with -fsanitize=address into a _cuda_emulated module."""
+    """The CUDA sources + emulator compiled with the sanitizers into a _cuda_emulated module."""
     sources = sorted((REPO / "csrc" / "cuda").glob("*.cu")) + [REPO / "csrc" / "cuda" / "bindings_cuda.cpp"] + \
         sorted((REPO / "csrc" / "emulation").glob("*.cpp"))
-    flags = ["-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-fPIC",
+    flags = ["-std=c++17", "-O1", "-g", *SANITIZE, "-fno-omit-frame-pointer", "-fPIC",
              "-DCNK_CUDA_EMULATION", "-w", f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
              f"-I{pybind11_include}"]
     objects = [out_dir / f"{src.name}.o" for src in sources]
@@ -227,7 +231,7 @@ def _build_asan_emulator(cxx: str, pybind11_include: str, out_dir: Path) -> Path
             _, err = proc.communicate()
             assert proc.returncode == 0, err
     module = out_dir / "convnext_kernels" / f"_cuda_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
-    link = subprocess.run([cxx, "-shared", "-fsanitize=address", "-o", str(module), *map(str, objects)],
+    link = subprocess.run([cxx, "-shared", SANITIZE[0], "-o", str(module), *map(str, objects)],
                           capture_output=True, text=True)
     assert link.returncode == 0, link.stderr
     return module
@@ -235,7 +239,7 @@ def _build_asan_emulator(cxx: str, pybind11_include: str, out_dir: Path) -> Path
 
 @pytest.fixture(scope="module")
 def asan_package(tmp_path_factory):
-    """A copy of the installed package whose _cuda_emulated is the AddressSanitizer build."""
+    """A copy of the installed package whose _cuda_emulated is the sanitizer build."""
     toolchain, why = _asan_toolchain()
     if toolchain is None:
         pytest.skip(why)
@@ -247,34 +251,42 @@ def asan_package(tmp_path_factory):
                     ignore=shutil.ignore_patterns("_cuda_emulated*", "__pycache__"))
     _build_asan_emulator(cxx, pybind11_include, root)
     env = dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS=f"{ASAN_OPTIONS}:log_path={root / 'asan'}",
-               PYTHONPATH=str(root))
+               UBSAN_OPTIONS=f"print_stacktrace=1:log_path={root / 'ubsan'}", PYTHONPATH=str(root))
     return root, env
 
 
-def _asan_reports(root: Path) -> str:
-    return "".join(p.read_text() for p in sorted(root.glob("asan*")) if p.is_file())
+def _sanitizer_reports(root: Path, remove: bool = False) -> str:
+    logs = sorted(p for pattern in ("asan*", "ubsan*") for p in root.glob(pattern) if p.is_file())
+    text = "".join(p.read_text() for p in logs)
+    if remove:
+        for p in logs:
+            p.unlink()
+    return text
 
 
-def test_asan_memcheck_catches_an_out_of_bounds_kernel_write(asan_package):
-    """The check below could not fail if the sanitizer were not watching: one past the end must be seen."""
+@pytest.mark.parametrize("kind,expected", [("oob_write", "heap-buffer-overflow"),
+                                           ("misaligned_vector_load", "misaligned address")])
+def test_memcheck_catches_kernel_bugs(asan_package, kind, expected):
+    """The check below could not fail if the sanitizers were not watching: each planted bug must be seen."""
     root, env = asan_package
     code = ("import torch, convnext_kernels._cuda_emulated as e; "
-            "src = torch.zeros(128); dst = torch.zeros(32); e.selftest('oob_write', src.data_ptr(), dst.data_ptr())")
+            f"src = torch.zeros(128); dst = torch.zeros(32); e.selftest('{kind}', src.data_ptr(), dst.data_ptr())")
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    reports = _asan_reports(root)
-    for p in root.glob("asan*"):
-        p.unlink()
-    assert run.returncode != 0 and "heap-buffer-overflow" in reports and "oob_write_kernel" in reports, \
-        run.stderr[-2000:] + reports[-2000:]
+    # ASan writes to its log file; UBSan (inside ASan's runtime) may print to stderr instead.
+    reports = _sanitizer_reports(root, remove=True) + run.stderr
+    assert run.returncode != 0 and expected in reports and f"{kind}_kernel" in reports, reports[-3000:]
 
 
-def test_asan_memcheck_of_the_cuda_kernels(asan_package):
-    """compute-sanitizer memcheck's job on the CPU: every emulated CUDA kernel test under
-    AddressSanitizer, so a read or write past any tensor or workspace the launchers allocate fails."""
+def test_memcheck_of_the_cuda_kernels(asan_package):
+    """compute-sanitizer memcheck's job on the CPU: every emulated CUDA kernel test (but the slowest
+    shape) under ASan + UBSan, so a read or write past any tensor or workspace the launchers
+    allocate, or a misaligned vector access, fails."""
     root, env = asan_package
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
            str(REPO / "tests" / "test_cuda_kernels.py"), "-k", "emulated and not 2x7x7x768"]
     run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1200)
-    reports = _asan_reports(root)
+    reports = _sanitizer_reports(root)
+    if "runtime error" in run.stderr:  # a UBSan report printed instead of logged
+        reports += run.stderr
     assert run.returncode == 0 and not reports, run.stdout[-3000:] + reports[-3000:]
     assert " passed" in run.stdout

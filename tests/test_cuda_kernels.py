@@ -199,6 +199,23 @@ def test_dwconv_layernorm(target, shape, dtype):
         _check(name, got, r64, e, dtype)
 
 
+# Channel counts and row lengths beyond ConvNeXt-T's: the widest ConvNeXts (L: 1536, XL: 2048,
+# few pixels per tile), a 70-pixel row with C = 8, a single channel, a scalar-path C = 80 + odd W.
+EXTREME_DWCONV_SHAPES = [(1, 2, 33, 1536), (1, 3, 5, 2048), (2, 1, 70, 8), (1, 9, 3, 80), (1, 4, 4, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", EXTREME_DWCONV_SHAPES, ids=_shape_id)
+def test_dwconv_layernorm_extreme_shapes(target, shape, dtype):
+    test_dwconv_layernorm(target, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 1, 70, 8), (1, 4, 4, 1), (3, 2, 3, 24)], ids=_shape_id)
+def test_mlp_layerscale_narrow_channels(target, shape, dtype):
+    _check_mlp(target, shape, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dwconv_layernorm_no_bias(target, dtype):
     shape, eps = (3, 13, 17, 40), 1e-6

@@ -50,6 +50,13 @@ __global__ void misaligned_ldmatrix_kernel(float* out) {
 // Thread 31 writes one element past the end of out (32 floats): only AddressSanitizer sees it.
 __global__ void oob_write_kernel(float* out) { out[threadIdx.x + 1] = static_cast<float>(threadIdx.x); }
 
+// A 16-byte vector load from an address 4 bytes past alignment: a misaligned-address fault on a
+// GPU; x86 would not mind, UndefinedBehaviorSanitizer's alignment check does.
+__global__ void misaligned_vector_load_kernel(const float* in, float* out) {
+  const float4 v = *reinterpret_cast<const float4*>(in + 4 * threadIdx.x + 1);
+  out[threadIdx.x] = v.x;
+}
+
 // Runs one of the kernels above with 32 threads; in: 128 floats, out: 32 floats.
 void run(const std::string& kind, std::uintptr_t in_ptr, std::uintptr_t out_ptr) {
   const float* in = reinterpret_cast<const float*>(in_ptr);
@@ -60,6 +67,8 @@ void run(const std::string& kind, std::uintptr_t in_ptr, std::uintptr_t out_ptr)
     CNK_LAUNCH(race_kernel, 1, 32, 32 * sizeof(float), nullptr)(out);
   } else if (kind == "cp_async_wait" || kind == "cp_async_no_wait") {
     CNK_LAUNCH(cp_async_kernel, 1, 32, 32 * sizeof(float4), nullptr)(in, out, kind == "cp_async_wait");
+  } else if (kind == "misaligned_vector_load") {
+    CNK_LAUNCH(misaligned_vector_load_kernel, 1, 32, 0, nullptr)(in, out);
   } else if (kind == "oob_write") {
     CNK_LAUNCH(oob_write_kernel, 1, 32, 0, nullptr)(out);
   } else if (kind == "misaligned_ldmatrix") {
@@ -131,7 +140,7 @@ PYBIND11_MODULE(_cuda_emulated, m) {
 
   m.def("selftest", &selftest::run, py::arg("kind"), py::arg("src"), py::arg("dst"),
         "Runs a kernel with a known bug on 32 threads (src: 128 floats, dst: 32 floats): "
-        "divergent_collective, race, cp_async_no_wait, misaligned_ldmatrix, oob_write (for "
-        "AddressSanitizer builds only), or cp_async_wait, the fixed form. Faults raise RuntimeError "
+        "divergent_collective, race, cp_async_no_wait, misaligned_ldmatrix, oob_write and "
+        "misaligned_vector_load (for sanitizer builds only), or cp_async_wait, the fixed form. Faults raise RuntimeError "
         "as CUDA errors do.");
 }

@@ -18,6 +18,15 @@ os.environ.setdefault("CONVNEXT_KERNELS_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 
 import convnext_kernels  # noqa: E402,F401  (registers the ops once, under the settings above)
+from convnext_kernels.backends import triton_interpreted  # noqa: E402
+
+# Under the interpreter, bf16 needs tests/triton_interpreter_bf16.py's patch (dots and rounding
+# as on the GPU); empty when bf16 Triton kernels can run here, else why they cannot.
+if triton_interpreted():
+    import triton_interpreter_bf16  # noqa: E402
+    TRITON_INTERPRETER_BF16_MISSING = triton_interpreter_bf16.enable()
+else:
+    TRITON_INTERPRETER_BF16_MISSING = ""
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,6 +46,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def skip_triton_bf16_if_unsupported(backend: str, dtype: torch.dtype) -> None:
+    """Skip a bf16 Triton test where the interpreter could not be taught bf16 (never on a GPU)."""
+    if backend == "triton" and dtype == torch.bfloat16 and TRITON_INTERPRETER_BF16_MISSING:
+        pytest.skip(f"bf16 under Triton's interpreter: {TRITON_INTERPRETER_BF16_MISSING}")
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import ConvNeXt
 
-from conftest import assert_pass_rule, max_err
+from conftest import assert_pass_rule, max_err, skip_triton_bf16_if_unsupported
 
 SMALL = dict(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320))  # atto dims, fewer blocks
 
@@ -51,17 +51,21 @@ def test_fused_model_matches_reference(backend, train):
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
 
 
-def test_triton_model_matches_reference_through_interpreter():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_model_matches_reference_through_interpreter(dtype):
+    # Under the interpreter off a GPU (conftest); bf16 through tests/triton_interpreter_bf16.py.
+    skip_triton_bf16_if_unsupported("triton", dtype)
     ref, fused = _pair("triton", depths=(1, 1, 1, 1))
+    ref, fused = ref.to(dtype), fused.to(dtype)
     x = torch.randn(2, 3, 64, 64)
     ref64 = ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=SMALL["dims"]).double()
     ref64.load_state_dict(ref.state_dict())
     out64, grads64 = _forward_backward(ref64, x.double())
-    out32, grads32 = _forward_backward(ref, x)
-    out, grads = _forward_backward(fused, x)
-    assert_pass_rule("logits", out, out64, out32, torch.float32)
+    out_e, grads_e = _forward_backward(ref, x.to(dtype))
+    out, grads = _forward_backward(fused, x.to(dtype))
+    assert_pass_rule("logits", out, out64, out_e, dtype)
     for name in grads64:
-        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
+        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
 
 
 def test_forward_features_and_intermediates():

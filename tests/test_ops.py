@@ -11,7 +11,7 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
 
-from conftest import DTYPES, assert_pass_rule
+from conftest import DTYPES, assert_pass_rule, skip_triton_bf16_if_unsupported
 
 CPU_BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Backends with a stored-pre-activation backward (cuda only recomputes it).
@@ -19,12 +19,6 @@ STORE_PREACT_BACKENDS = ("torch", "cpu", "triton")
 GPU_BACKENDS = ("torch", "triton", "cuda")
 ODD_SHAPES = [(3, 13, 17, 40), (1, 1, 1, 96), (2, 5, 7, 96)]
 STAGE_SHAPES_B32 = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]
-
-
-def _skip_interpreter_bf16(backend, device, dtype):
-    # Triton's interpreter computes garbage on bf16 (shared/README.md): bf16 is checked on the GPU.
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter cannot compute in bf16; covered by the GPU run")
 
 
 def _leaves(tensors, dtype):
@@ -83,7 +77,7 @@ def _mlp_layerscale_inputs(shape, device, gamma=True, drop=True, seed=0):
 
 
 def _run_dwconv_layernorm(backend, device, shape, dtype, bias=True):
-    _skip_interpreter_bf16(backend, device, dtype)
+    skip_triton_bf16_if_unsupported(backend, dtype)
     inputs, dy = _dwconv_layernorm_inputs(shape, device, bias)
 
     def fused(x, w, b, nw, nb):
@@ -96,7 +90,7 @@ def _run_dwconv_layernorm(backend, device, shape, dtype, bias=True):
 
 
 def _run_mlp_layerscale(backend, device, shape, dtype, gamma=True, drop=True):
-    _skip_interpreter_bf16(backend, device, dtype)
+    skip_triton_bf16_if_unsupported(backend, dtype)
     inputs, dy = _mlp_layerscale_inputs(shape, device, gamma, drop)
     drop_scale = inputs.pop()
 

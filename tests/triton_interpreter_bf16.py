@@ -1,0 +1,138 @@
+"""bf16 for Triton's interpreter, so CI checks the bf16 kernels on the CPU.
+
+Triton's interpreter (TRITON_INTERPRET=1) keeps bf16 values as their raw 16-bit patterns in
+uint16 numpy arrays. Loads, stores and data movement are then exact, but three operations are
+not (triton 3.3-3.9; upstream triton-lang/triton #4972, #11584):
+
+* ``tl.dot`` multiplies the uint16 patterns as integers (garbage);
+* fp32 -> bf16 casts truncate the mantissa, where the GPU rounds to nearest even;
+* arithmetic on bf16 values works on the integer patterns.
+
+`enable()` patches the interpreter's builder class for the first two, with the GPU's semantics:
+a bf16 dot multiplies the exact fp32 values of its operands and accumulates in fp32 (what
+mma/wgmma do, up to the summation order); fp32 -> bf16 rounds to nearest even (NaN stays NaN,
+overflow goes to inf). bf16 arithmetic is not patched but refused: the kernels convert to fp32
+right after a load (the package's numerics rule), so a kernel that computes in bf16 fails loudly
+here instead of passing on garbage. Test-only: nothing in the package imports this.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_STATE = {"reason": None}
+
+
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 patterns -> float32 values (exact)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values -> uint16 bf16 patterns, round to nearest even; NaN -> quiet NaN."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if np.any(nan):
+        rounded = np.where(nan, ((u >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
+    return rounded
+
+
+def enable() -> str:
+    """Patch the interpreter (idempotent). Returns "" when bf16 works, else why not."""
+    if _STATE["reason"] is not None:
+        return _STATE["reason"]
+    _STATE["reason"] = _patch()
+    return _STATE["reason"]
+
+
+def _patch() -> str:
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception as e:  # noqa: BLE001 - reported as the skip reason
+        return f"triton's interpreter did not import ({e})"
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    needed = ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op")
+    if builder is None or handle is None or not all(hasattr(builder, n) for n in needed):
+        return "this triton's interpreter lacks InterpreterBuilder.{create_dot, cast_impl, create_fp_to_fp, binary_op}"
+
+    def is_bf16(ty) -> bool:
+        return getattr(ty, "scalar", ty) == tl.bfloat16
+
+    orig_dot, orig_cast, orig_fp_to_fp, orig_binary = (builder.create_dot, builder.cast_impl,
+                                                       builder.create_fp_to_fp, builder.binary_op)
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        if not (is_bf16(a.dtype) or is_bf16(b.dtype)):
+            return orig_dot(self, a, b, d, *args, **kwargs)
+        a32 = bf16_bits_to_fp32(a.data) if is_bf16(a.dtype) else a.data.astype(np.float32)
+        b32 = bf16_bits_to_fp32(b.data) if is_bf16(b.dtype) else b.data.astype(np.float32)
+        out = np.matmul(a32, b32, dtype=np.float32) + d.data
+        return handle(out.astype(d.data.dtype), d.dtype.scalar)
+
+    def convert(self, src, dst_type):
+        s, t = src.dtype.scalar, dst_type.scalar
+        if is_bf16(s) and is_bf16(t):
+            return handle(src.data, t)
+        if is_bf16(s):  # bf16 -> anything: through its exact fp32 value
+            return orig_cast(self, handle(bf16_bits_to_fp32(src.data), tl.float32), dst_type)
+        if is_bf16(t) and s.is_floating():  # -> bf16: round the fp32 value to nearest even
+            f32 = src.data.astype(np.float32)  # fp16 -> fp32 exact; fp64 -> fp32 rounds (not used)
+            return handle(fp32_to_bf16_bits(f32), t)
+        if is_bf16(t):  # integer -> bf16
+            return handle(fp32_to_bf16_bits(src.data.astype(np.float32)), t)
+        return None
+
+    def cast_impl(self, src, dst_type):
+        out = convert(self, src, dst_type)
+        return out if out is not None else orig_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        out = convert(self, src, dst_type)
+        return out if out is not None else orig_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    def binary_op(self, lhs, rhs, op):
+        if is_bf16(lhs.dtype) or is_bf16(rhs.dtype):
+            raise NotImplementedError(
+                "bf16 arithmetic under Triton's interpreter (tests/triton_interpreter_bf16.py): convert to "
+                "tl.float32 after the load")
+        return orig_binary(self, lhs, rhs, op)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+    builder.binary_op = binary_op
+    return _self_test()
+
+
+def _self_test() -> str:
+    """A bf16 dot, store and round trip against torch; "" when they agree."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bf16_probe_kernel(a_ptr, b_ptr, c32_ptr, c16_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+        acc = tl.dot(a, b)  # bf16 x bf16 -> fp32
+        tl.store(c32_ptr + m[:, None] * N + n[None, :], acc)
+        tl.store(c16_ptr + m[:, None] * N + n[None, :], acc.to(tl.bfloat16))
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 32, generator=gen).bfloat16()
+    b = torch.randn(32, 16, generator=gen).bfloat16()
+    c32 = torch.empty(16, 16, dtype=torch.float32)
+    c16 = torch.empty(16, 16, dtype=torch.bfloat16)
+    try:
+        _bf16_probe_kernel[(1,)](a, b, c32, c16, 16, 16, 32)
+    except Exception as e:  # noqa: BLE001
+        return f"the bf16 probe kernel failed under the patched interpreter ({type(e).__name__}: {e})"
+    ref = a.double() @ b.double()
+    if (c32.double() - ref).abs().max() > 1e-5 * ref.abs().max():
+        return "the patched interpreter's bf16 dot disagrees with torch"
+    if not torch.equal(c16, c32.bfloat16()):
+        return "the patched interpreter's fp32 -> bf16 rounding disagrees with torch's (round to nearest even)"
+    return ""

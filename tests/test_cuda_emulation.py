@@ -88,6 +88,16 @@ def test_divergent_warp_collective_is_reported():
 
 
 @needs_emulator
+def test_shuffle_member_and_lane_masks():
+    # A member mask that leaves out lanes taking part is refused (sub-warp shuffles are not
+    # modelled); laneMask keeps its low 5 bits, as the butterfly does on a GPU.
+    with pytest.raises(RuntimeError, match="member mask"):
+        _selftest("partial_mask_shuffle")
+    lanes = torch.arange(32, dtype=torch.float32)
+    assert torch.equal(_selftest("wide_lane_mask_shuffle"), lanes.view(16, 2).flip(1).flatten())
+
+
+@needs_emulator
 def test_misaligned_ldmatrix_is_reported():
     with pytest.raises(RuntimeError, match="misaligned address"):
         _selftest("misaligned_ldmatrix")

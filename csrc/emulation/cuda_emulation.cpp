@@ -245,6 +245,12 @@ double operand_value(Collective op, std::uint16_t bits) {
 void run_collective(Collective op, Fiber** lanes, int n) {
   switch (op) {
     case Collective::kShfl: {
+      // Every lane of the warp arrives here (a lane that does not is a deadlock, reported as such),
+      // so a member mask must name them all: a sub-warp shuffle is not modelled, and is refused.
+      const std::uint32_t present = n == kWarpSize ? 0xffffffffu : (1u << n) - 1u;
+      for (int i = 0; i < n; ++i)
+        if ((lanes[i]->regs[0] & present) != present)
+          fault(cudaErrorLaunchFailure, "__shfl_xor_sync: member mask does not name every lane of the warp");
       float vals[kWarpSize];
       for (int i = 0; i < n; ++i) vals[i] = *static_cast<const float*>(lanes[i]->in);
       for (int i = 0; i < n; ++i) {
@@ -506,12 +512,13 @@ void syncthreads() {
   yield();
 }
 
-float shfl_xor(float v, int lane_mask) {
+float shfl_xor(unsigned member_mask, float v, int lane_mask) {
   Fiber& f = self();
   float out;
   f.in = &v;
   f.out = &out;
-  f.arg = lane_mask;
+  f.arg = lane_mask & 31;  // the butterfly uses the low 5 bits (PTX shfl.bfly with c = 0x1f)
+  f.regs[0] = member_mask;
   collective(Collective::kShfl);
   return out;
 }

@@ -209,7 +209,7 @@ void* dynamic_smem();
 
 // Collectives and barriers (called from kernel code).
 void syncthreads();
-float shfl_xor(float v, int lane_mask);
+float shfl_xor(unsigned member_mask, float v, int lane_mask);
 void ldmatrix_x4(std::uint32_t (&r)[4], const void* smem, bool trans);
 enum class MmaKind { kF16, kBF16, kTF32 };
 void mma(MmaKind kind, float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1);
@@ -251,8 +251,8 @@ cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
 
 // ---- device intrinsics ---------------------------------------------------------------------------
 inline void __syncthreads() { cnk_emu::syncthreads(); }
-inline float __shfl_xor_sync(unsigned /*mask: always the full warp here*/, float v, int lane_mask) {
-  return cnk_emu::shfl_xor(v, lane_mask);
+inline float __shfl_xor_sync(unsigned member_mask, float v, int lane_mask) {
+  return cnk_emu::shfl_xor(member_mask, v, lane_mask);
 }
 template <typename T>
 inline T __ldg(const T* p) {

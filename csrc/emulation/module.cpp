@@ -23,6 +23,16 @@ __global__ void divergent_collective_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
+// A shuffle whose member mask leaves out lanes 16-31 although they take part: not modelled.
+__global__ void partial_mask_shuffle_kernel(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, static_cast<float>(threadIdx.x), 1);
+}
+
+// A butterfly with laneMask 33: its low 5 bits (1) pick the partner.
+__global__ void wide_lane_mask_shuffle_kernel(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<float>(threadIdx.x), 33);
+}
+
 // Reads a neighbour's shared-memory slot with no barrier after the writes: a race.
 __global__ void race_kernel(float* out) {
   CNK_DYNAMIC_SMEM(float, s);
@@ -63,6 +73,10 @@ void run(const std::string& kind, std::uintptr_t in_ptr, std::uintptr_t out_ptr)
   float* out = reinterpret_cast<float*>(out_ptr);
   if (kind == "divergent_collective") {
     CNK_LAUNCH(divergent_collective_kernel, 1, 32, 0, nullptr)(out);
+  } else if (kind == "partial_mask_shuffle") {
+    CNK_LAUNCH(partial_mask_shuffle_kernel, 1, 32, 0, nullptr)(out);
+  } else if (kind == "wide_lane_mask_shuffle") {
+    CNK_LAUNCH(wide_lane_mask_shuffle_kernel, 1, 32, 0, nullptr)(out);
   } else if (kind == "race") {
     CNK_LAUNCH(race_kernel, 1, 32, 32 * sizeof(float), nullptr)(out);
   } else if (kind == "cp_async_wait" || kind == "cp_async_no_wait") {

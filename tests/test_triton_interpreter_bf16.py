@@ -35,17 +35,70 @@ def test_rounding_matches_torch_bit_for_bit():
 
 
 @needs_interpreter
-def test_bf16_arithmetic_is_refused():
+def test_casts_round_as_asked():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _bf16_add_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    def _bf16_cast_kernel(x_ptr, rtne_ptr, rtz_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs)
-        tl.store(y_ptr + offs, x + x)  # bf16 arithmetic: the kernels convert to fp32 first
+        tl.store(rtne_ptr + offs, x.to(tl.bfloat16))
+        tl.store(rtz_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 1e3
+    rtne, rtz = torch.empty(64, dtype=torch.bfloat16), torch.empty(64, dtype=torch.bfloat16)
+    _bf16_cast_kernel[(1,)](x, rtne, rtz, 64)
+    assert torch.equal(rtne, x.bfloat16())
+    truncated = (x.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)  # drop the low 16 bits
+    assert torch.equal(rtz, truncated)
+    assert not torch.equal(rtz, rtne)
+
+
+@needs_interpreter
+# (tl.exp, tl.max and the like are absent: Triton's front end computes them in fp32 for bf16.)
+@pytest.mark.parametrize("op", ["add", "neg", "fma", "compare", "sum"])
+def test_bf16_arithmetic_is_refused(op):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bf16_math_kernel(x_ptr, y_ptr, OP: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)  # bf16, used without the conversion to fp32 the kernels make
+        if OP == "add":
+            y = x + x
+        elif OP == "neg":
+            y = -x
+        elif OP == "fma":
+            y = tl.fma(x, x, x)
+        elif OP == "compare":
+            y = tl.where(x < tl.zeros_like(x), 0.0, 1.0).to(tl.bfloat16)
+        else:
+            y = tl.zeros_like(x) + tl.sum(x, axis=0)
+        tl.store(y_ptr + offs, y)
 
     x = torch.randn(16).bfloat16()
     # NotImplementedError, which recent interpreters wrap in their InterpreterError.
     with pytest.raises(Exception, match="convert to tl.float32"):
-        _bf16_add_kernel[(1,)](x, torch.empty_like(x), 16)
+        _bf16_math_kernel[(1,)](x, torch.empty_like(x), op, 16)
+
+
+@needs_interpreter
+def test_bf16_where_and_data_movement_are_allowed():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bf16_select_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < BLOCK - 3, other=0.0)
+        keep = x.to(tl.float32) > 0
+        tl.store(y_ptr + offs, tl.where(keep, x, tl.zeros_like(x)))
+
+    x = torch.randn(16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = torch.empty_like(x)
+    _bf16_select_kernel[(1,)](x, y, 16)
+    expected = torch.where(x > 0, x, torch.zeros_like(x))
+    expected[-3:] = 0
+    assert torch.equal(y, expected)

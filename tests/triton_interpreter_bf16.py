@@ -6,14 +6,16 @@ not (triton 3.3-3.9; upstream triton-lang/triton #4972, #11584):
 
 * ``tl.dot`` multiplies the uint16 patterns as integers (garbage);
 * fp32 -> bf16 casts truncate the mantissa, where the GPU rounds to nearest even;
-* arithmetic on bf16 values works on the integer patterns.
+* arithmetic, comparisons and sums on bf16 values work on the integer patterns (math
+  functions and min/max are computed in fp32 by Triton's front end).
 
 `enable()` patches the interpreter's builder class for the first two, with the GPU's semantics:
 a bf16 dot multiplies the exact fp32 values of its operands and accumulates in fp32 (what
 mma/wgmma do, up to the summation order); fp32 -> bf16 rounds to nearest even (NaN stays NaN,
-overflow goes to inf). bf16 arithmetic is not patched but refused: the kernels convert to fp32
-right after a load (the package's numerics rule), so a kernel that computes in bf16 fails loudly
-here instead of passing on garbage. Test-only: nothing in the package imports this.
+overflow goes to inf), or toward zero where a cast asks for "rtz". The third is not patched but
+refused: the kernels convert to fp32 right after a load (the package's numerics rule), so a kernel
+that computes in bf16 fails loudly here instead of passing on garbage; tl.where and data movement
+stay allowed. Test-only: nothing in the package imports this.
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
-def fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 values -> uint16 bf16 patterns, round to nearest even; NaN -> quiet NaN."""
+def fp32_to_bf16_bits(values: np.ndarray, toward_zero: bool = False) -> np.ndarray:
+    """float32 values -> uint16 bf16 patterns, rounded to nearest even (or toward zero); NaN ->
+    quiet NaN."""
     u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    if not toward_zero:
+        u = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
+    rounded = (u >> 16).astype(np.uint16)
     nan = np.isnan(values)
     if np.any(nan):
         rounded = np.where(nan, ((u >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
@@ -53,15 +58,14 @@ def _patch() -> str:
         return f"triton's interpreter did not import ({e})"
     builder = getattr(interpreter, "InterpreterBuilder", None)
     handle = getattr(interpreter, "TensorHandle", None)
-    needed = ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op")
+    needed = ("create_dot", "cast_impl", "create_fp_to_fp", "unary_op", "binary_op", "ternary_op")
     if builder is None or handle is None or not all(hasattr(builder, n) for n in needed):
-        return "this triton's interpreter lacks InterpreterBuilder.{create_dot, cast_impl, create_fp_to_fp, binary_op}"
+        return f"this triton's interpreter lacks one of InterpreterBuilder.{needed}"
 
     def is_bf16(ty) -> bool:
         return getattr(ty, "scalar", ty) == tl.bfloat16
 
-    orig_dot, orig_cast, orig_fp_to_fp, orig_binary = (builder.create_dot, builder.cast_impl,
-                                                       builder.create_fp_to_fp, builder.binary_op)
+    orig_dot, orig_cast, orig_fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
 
     def create_dot(self, a, b, d, *args, **kwargs):
         if not (is_bf16(a.dtype) or is_bf16(b.dtype)):
@@ -71,15 +75,15 @@ def _patch() -> str:
         out = np.matmul(a32, b32, dtype=np.float32) + d.data
         return handle(out.astype(d.data.dtype), d.dtype.scalar)
 
-    def convert(self, src, dst_type):
+    def convert(self, src, dst_type, toward_zero=False):
         s, t = src.dtype.scalar, dst_type.scalar
         if is_bf16(s) and is_bf16(t):
             return handle(src.data, t)
         if is_bf16(s):  # bf16 -> anything: through its exact fp32 value
             return orig_cast(self, handle(bf16_bits_to_fp32(src.data), tl.float32), dst_type)
-        if is_bf16(t) and s.is_floating():  # -> bf16: round the fp32 value to nearest even
+        if is_bf16(t) and s.is_floating():  # -> bf16: round the fp32 value (nearest even or toward zero)
             f32 = src.data.astype(np.float32)  # fp16 -> fp32 exact; fp64 -> fp32 rounds (not used)
-            return handle(fp32_to_bf16_bits(f32), t)
+            return handle(fp32_to_bf16_bits(f32, toward_zero), t)
         if is_bf16(t):  # integer -> bf16
             return handle(fp32_to_bf16_bits(src.data.astype(np.float32)), t)
         return None
@@ -89,20 +93,34 @@ def _patch() -> str:
         return out if out is not None else orig_cast(self, src, dst_type)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        out = convert(self, src, dst_type)
+        # tl.cast(..., fp_downcast_rounding="rtz") arrives here (the interpreter truncates always).
+        out = convert(self, src, dst_type, toward_zero=str(rounding_mode).endswith("RTZ"))
         return out if out is not None else orig_fp_to_fp(self, src, dst_type, rounding_mode)
 
-    def binary_op(self, lhs, rhs, op):
-        if is_bf16(lhs.dtype) or is_bf16(rhs.dtype):
-            raise NotImplementedError(
-                "bf16 arithmetic under Triton's interpreter (tests/triton_interpreter_bf16.py): convert to "
-                "tl.float32 after the load")
-        return orig_binary(self, lhs, rhs, op)
+    def refusing_bf16(name, method):
+        # Arithmetic, comparisons and reductions would work on the integer patterns.
+        # tl.where (a ternary np.where) only moves values and stays allowed.
+        def wrapper(*args):
+            if getattr(args[-1], "__name__", None) == "where":
+                return method(*args)
+            tensors = [a for a in args if hasattr(a, "dtype")] + [
+                t for a in args if isinstance(a, tuple) for t in a if hasattr(t, "dtype")]
+            if any(is_bf16(t.dtype) for t in tensors):
+                raise NotImplementedError(
+                    f"bf16 arithmetic ({name}) under Triton's interpreter (tests/triton_interpreter_bf16.py): "
+                    "convert to tl.float32 after the load")
+            return method(*args)
+        return wrapper
 
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
-    builder.binary_op = binary_op
+    for name in ("unary_op", "binary_op", "ternary_op", "create_fma", "create_erf", "create_rsqrt"):
+        if hasattr(builder, name):  # the others reach these (fcmp*, fneg, exp, sqrt, ... are lambdas)
+            setattr(builder, name, refusing_bf16(name, getattr(builder, name)))
+    reductions = getattr(interpreter, "ReduceScanOpInterface", None)
+    if reductions is not None:
+        reductions.apply = refusing_bf16("reduction", reductions.apply)
     return _self_test()
 
 

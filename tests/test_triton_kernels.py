@@ -156,7 +156,7 @@ def test_dwconv_layernorm_fp32(shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
-@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True), (1, 13, 5, 96, True)],
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True), (1, 13, 5, 96, True), (1, 3, 4, 768, True)],
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_dwconv_layernorm_low_precision(shape, dtype):
     _run_dwconv_layernorm(shape, dtype)
@@ -249,8 +249,10 @@ def test_mlp_layerscale_fp32(shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
+# C = 384: the widest fused (hidden on chip) case in 16 bits; 400 and 768: the two-GEMM path.
 @pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 5, 17, 96, True, True),
-                                   (1, 2, 5, 400, True, True)],
+                                   (1, 2, 3, 384, True, True), (1, 2, 5, 400, True, True),
+                                   (1, 1, 3, 768, True, False)],
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_mlp_layerscale_low_precision(shape, dtype):
     _run_mlp_layerscale(shape, dtype)

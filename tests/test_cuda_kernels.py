@@ -593,6 +593,10 @@ def test_invalid_arguments_raise_value_error(target):
 
     with pytest.raises(ValueError):
         _C.dwconv_layernorm_fwd_cuda_workspace_bytes(0, 1, 1, 8)
+    for query in (_C.dwconv_layernorm_fwd_cuda_workspace_bytes, _C.dwconv_layernorm_bwd_cuda_workspace_bytes):
+        query(2**14, 2**8, 2**9 - 1, 8)  # 2^31 - 2^22 pixels: the grid still fits
+        with pytest.raises(ValueError, match="below 2\\^31"):  # one block per pixel would not
+            query(2**14, 2**8, 2**9, 8)
     with pytest.raises(ValueError):
         _C.dwconv_layernorm_fwd_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 8, 1e-6, 0, 0)
     with pytest.raises(ValueError):  # unknown dtype code

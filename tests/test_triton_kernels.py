@@ -339,6 +339,36 @@ def test_launchers_as_triton_ops():
     _opcheck(ops["mlp_bwd"], (dy, x, w1, b1, w2, b2, gamma, None))
 
 
+@pytest.mark.parametrize("shape", [
+    ("bf16", 4096, 56, 56, 96),   # stage 1 at batch 4096 (N * H = 229376)
+    ("fp16", 160, 512, 512, 96),  # 2048-px images' stage 1 at batch 160
+    ("fp32", 16384, 7, 7, 768),   # stage 4 at batch 16384
+], ids=lambda s: "x".join(map(str, s)))
+def test_launch_grids_fit_cuda_limits(shape):
+    """Every launch the four launchers make at large batches and images stays inside CUDA's grid
+    limits (x < 2^31, y and z <= 65535): the interpreter does not check them, a GPU refuses the
+    launch. Launchers run on meta tensors with the kernels recorded, not run (tests/triton_aot.py)."""
+    from triton_aot import capture
+
+    launches = []
+    capture(shape, launches)
+    assert {getattr(k, "fn", k).__name__ for k, _, _ in launches} >= {
+        "_dwconv_layernorm_fwd_kernel", "_dwconv_layernorm_bwd_norm_kernel", "_dwconv_layernorm_bwd_conv_kernel"}
+    for kernel, grid, kwargs in launches:
+        for cfg in getattr(kernel, "configs", None) or [None]:  # an autotuned grid depends on the config
+            meta = dict(kwargs, **(cfg.kwargs if cfg is not None else {}))
+            size = tuple(grid(meta) if callable(grid) else grid) + (1, 1)
+            name = getattr(kernel, "fn", kernel).__name__
+            assert 0 < size[0] < 2**31 and 0 < size[1] <= 65535 and 0 < size[2] <= 65535, (name, size[:3])
+
+
+def test_launch_grid_overflow_is_an_error():
+    from triton_aot import capture
+
+    with pytest.raises(ValueError, match="split the batch"):  # 2^32 pixels at C = 2048: 2 per program
+        capture(("bf16", 2**13, 2**9, 2**10, 2048))
+
+
 # --------------------------------------------------------------------------- GPU: ConvNeXt-T stages
 
 CONVNEXT_T_STAGES = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]

@@ -67,8 +67,11 @@ def _missing_api():
 
 
 # ------------------------------------------------------------------ launch capture
-def capture(case):
-    """Run the four launchers on meta tensors; return [(kernel, args, kwargs)] they launch."""
+def capture(case, grids=None):
+    """Run the four launchers on meta tensors; return [(kernel, args, kwargs)] they launch.
+
+    case: a CASES key or a (dtype, N, H, W, C) tuple; grids, when a list, gets each launch's
+    (kernel, grid, kwargs) with the grid as given (a tuple, or a function of the config's META)."""
     import torch
     mods = [importlib.import_module(m) for m in MODULES]
     dwln, mlp = mods
@@ -79,12 +82,16 @@ def capture(case):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: records.append((self.kernel, args, kwargs))
+            def launch(*args, **kwargs):
+                records.append((self.kernel, args, kwargs))
+                if grids is not None:
+                    grids.append((self.kernel, grid, kwargs))
+            return launch
 
-    dtype, N, H, W, C = CASES[case]
+    dtype, N, H, W, C = CASES[case] if isinstance(case, str) else case
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    saved = [m.wrap_triton for m in mods], torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 -> input_precision "ieee"
-    saved = [m.wrap_triton for m in mods]
     try:
         for m in mods:
             m.wrap_triton = Recorder
@@ -104,8 +111,9 @@ def capture(case):
         mlp.mlp_layerscale_fwd(x, x, w1, b1, w2, vec, vec, scale, preact_out=preact)
         mlp.mlp_layerscale_bwd(x, x, w1, b1, w2, vec, vec, scale, preact=preact)
     finally:
-        for m, w in zip(mods, saved):
+        for m, w in zip(mods, saved[0]):
             m.wrap_triton = w
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
     return records
 
 

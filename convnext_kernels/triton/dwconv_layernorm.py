@@ -36,6 +36,8 @@ TAPS = KERNEL_SIZE * KERNEL_SIZE
 _TILE_ELEMS = 4096
 # Channel block of the per-channel backward conv kernel.
 _CONV_BWD_BLOCK_C = 128
+# A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
+_MAX_PROGRAMS = 2**31 - 1
 
 
 @triton.jit
@@ -87,8 +89,12 @@ def _dwconv_layernorm_fwd_kernel(
     BLOCK_W: tl.constexpr,   # pixels of one row per program
     BLOCK_C: tl.constexpr,   # next_power_of_2(C): the whole channel vector
 ):
-    pid_w = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)  # n * H + h; int64 so offsets never overflow
+    # One grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65535, which N * H passes at
+    # batch 1171 at 224 px): program = row * w tiles + w tile, int64 so offsets never overflow.
+    pid = tl.program_id(0).to(tl.int64)
+    num_w_tiles = tl.cdiv(W, BLOCK_W)
+    pid_w = pid % num_w_tiles
+    row = pid // num_w_tiles  # n * H + h
     h = row % H
     sample_row0 = row - h
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -137,8 +143,10 @@ def _dwconv_layernorm_bwd_norm_kernel(
     BLOCK_W: tl.constexpr,   # pixels of one row per program
     BLOCK_C: tl.constexpr,   # next_power_of_2(C)
 ):
-    pid_w = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # row * w tiles + w tile, as in the forward
+    num_w_tiles = tl.cdiv(W, BLOCK_W)
+    pid_w = pid % num_w_tiles
+    row = pid // num_w_tiles
     h = row % H
     sample_row0 = row - h
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -167,7 +175,6 @@ def _dwconv_layernorm_bwd_norm_kernel(
     g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
     tl.store(g_ptr + offs, g, mask=mask)
 
-    pid = row * tl.num_programs(0) + pid_w
     tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dy * xhat, axis=0), mask=mask_c)
     tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dy, axis=0), mask=mask_c)
     tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
@@ -185,9 +192,12 @@ def _dwconv_layernorm_bwd_conv_kernel(
     BLOCK_W: tl.constexpr,   # pixels of one row per program
     BLOCK_C: tl.constexpr,   # channels per program (the conv is per channel)
 ):
-    pid_wc = tl.program_id(0)         # (w tile, c tile), w fastest
-    pid_row = tl.program_id(1).to(tl.int64)  # (sample, row chunk)
+    # One grid axis, as in the forward: program = (sample, row chunk) * wc tiles + (w tile, c tile).
+    pid = tl.program_id(0).to(tl.int64)
     num_w_tiles = tl.cdiv(W, BLOCK_W)
+    num_wc_tiles = num_w_tiles * tl.cdiv(C, BLOCK_C)
+    pid_wc = pid % num_wc_tiles  # w fastest
+    pid_row = pid // num_wc_tiles
     pid_w = pid_wc % num_w_tiles
     pid_c = pid_wc // num_w_tiles
     num_row_chunks = tl.cdiv(H, ROWS)
@@ -223,7 +233,7 @@ def _dwconv_layernorm_bwd_conv_kernel(
     # One tap at a time so the accumulator is a single C vector; the g rows it
     # re-reads per tap were just touched and come from cache.
     # Partial row per (row chunk, w tile); its c tiles fill disjoint C slices.
-    pid = pid_row * num_w_tiles + pid_w
+    part = pid_row * num_w_tiles + pid_w
     for kh in range(7):
         for kw in tl.static_range(7):
             dw = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -240,7 +250,7 @@ def _dwconv_layernorm_bwd_conv_kernel(
                 xv = tl.load(x_ptr + ((sample_row0 + ih) * W + iw)[:, None] * C + offs_c[None, :],
                              mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
                 dw += tl.sum(gv * xv, axis=0)
-            tl.store(dw_part_ptr + (pid * 49 + kh * 7 + kw) * C + offs_c, dw, mask=mask_c)
+            tl.store(dw_part_ptr + (part * 49 + kh * 7 + kw) * C + offs_c, dw, mask=mask_c)
 
 
 def _tile_elems(C):
@@ -256,6 +266,13 @@ def _row_tiling(W, C):
     block_w = max(1, min(triton.next_power_of_2(W), _tile_elems(C) // block_c))
     num_warps = 4 if block_w * block_c <= 2048 and C % 16 == 0 else 8
     return block_w, block_c, num_warps
+
+
+def _grid(programs: int, x: Tensor) -> Tuple[int]:
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"dwconv_layernorm: x of shape {tuple(x.shape)} needs {programs} programs, more than a "
+                         f"launch grid holds ({_MAX_PROGRAMS}); split the batch")
+    return (programs,)
 
 
 def _taps(conv_weight):
@@ -278,7 +295,7 @@ def dwconv_layernorm_fwd(
     taps = _taps(conv_weight)
     has_bias = conv_bias is not None
     block_w, block_c, num_warps = _row_tiling(W, C)
-    grid = (triton.cdiv(W, block_w), N * H)
+    grid = _grid(triton.cdiv(W, block_w) * N * H, x)
     wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
         x, taps, conv_bias if has_bias else taps, norm_weight, norm_bias,
         y, mean, rstd,
@@ -317,8 +334,8 @@ def dwconv_layernorm_bwd(
 
     # Kernel 1: gradient w.r.t. the conv output + LayerNorm / bias partials.
     block_w, block_c, num_warps = _row_tiling(W, C)
-    grid1 = (triton.cdiv(W, block_w), N * H)
-    programs1 = grid1[0] * grid1[1]
+    programs1 = triton.cdiv(W, block_w) * N * H
+    grid1 = _grid(programs1, x)
     g = empty_output((N, H, W, C), torch.float32, dev)
     dnw_part = empty_output((programs1, C), torch.float32, dev)
     dnb_part = empty_output((programs1, C), torch.float32, dev)
@@ -332,9 +349,10 @@ def dwconv_layernorm_bwd(
 
     # Kernel 2: dx (transposed conv of g) + conv-weight partials.
     rows, block_w2, block_c2, num_warps2 = _conv_bwd_tiling(N, H, W, C)
-    grid2 = (triton.cdiv(W, block_w2) * triton.cdiv(C, block_c2), N * triton.cdiv(H, rows))
+    row_chunks = N * triton.cdiv(H, rows)
+    grid2 = _grid(triton.cdiv(W, block_w2) * triton.cdiv(C, block_c2) * row_chunks, x)
     dx = empty_output(x.shape, x.dtype, x.device)
-    dw_part = empty_output((grid2[1] * triton.cdiv(W, block_w2), TAPS, C), torch.float32, dev)
+    dw_part = empty_output((row_chunks * triton.cdiv(W, block_w2), TAPS, C), torch.float32, dev)
     wrap_triton(_dwconv_layernorm_bwd_conv_kernel)[grid2](
         g, x, taps, dx, dw_part,
         H, W, C,

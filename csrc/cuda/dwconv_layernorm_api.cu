@@ -35,7 +35,8 @@ void check_sizes(int64_t N, int64_t H, int64_t W, int64_t C) {
   // Divide step by step: H * W * C itself may overflow within the caps above.
   constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
   CNK_CHECK_ARG(H * W <= kInt64Max / C && N <= kInt64Max / (H * W * C), "N * H * W * C overflows int64");
-  CNK_CHECK_ARG(N * H <= std::numeric_limits<unsigned>::max() / 2, "N * H is too large for the launch grid");
+  // The tile grids have at most one block per pixel, and a grid's x dimension stops at 2^31 - 1.
+  CNK_CHECK_ARG(N * H * W <= kIntMax, "N * H * W (pixels) must be below 2^31 for the launch grid");
 }
 
 }  // namespace

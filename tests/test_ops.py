@@ -304,6 +304,35 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ("torch", "cpu", "cuda"))
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(dynamic=True): one compile serves other batch and image sizes (the fake
+    implementations work on symbolic sizes), and the results stay right."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    _, w, b, nw, nb, _ = _op_args("dwconv_layernorm", (2, 5, 6, 40))
+    _, _, w1, b1, w2, b2, gm, _ = _op_args("mlp_layerscale", (2, 5, 6, 40))
+
+    def block(x):
+        y = ck.dwconv_layernorm(x, w, b, nw, nb, backend=backend)
+        return ck.mlp_layerscale(y, x, w1, b1, w2, b2, gm, None, backend=backend)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend=counter)
+    frames = None
+    for shape in [(2, 5, 6, 40), (3, 7, 9, 40), (4, 13, 17, 40)]:  # no size 1: torch specialises those
+        x = torch.randn(shape, requires_grad=True)
+        out, expected = compiled(x), block(x)
+        frames = counter.frame_count if frames is None else frames
+        assert counter.frame_count == frames, f"recompiled for {shape}"
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(out.square().sum(), (x, w, w1))
+        want = torch.autograd.grad(expected.square().sum(), (x, w, w1))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a clear exception, never a crash or garbage
 # ----------------------------------------------------------------------------------------------

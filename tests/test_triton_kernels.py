@@ -350,11 +350,10 @@ def test_launch_grids_fit_cuda_limits(shape):
     launch. Launchers run on meta tensors with the kernels recorded, not run (tests/triton_aot.py)."""
     from triton_aot import capture
 
-    launches = []
-    capture(shape, launches)
-    assert {getattr(k, "fn", k).__name__ for k, _, _ in launches} >= {
+    launches = capture(shape)
+    assert {getattr(k, "fn", k).__name__ for k, _, _, _ in launches} >= {
         "_dwconv_layernorm_fwd_kernel", "_dwconv_layernorm_bwd_norm_kernel", "_dwconv_layernorm_bwd_conv_kernel"}
-    for kernel, grid, kwargs in launches:
+    for kernel, _, kwargs, grid in launches:
         for cfg in getattr(kernel, "configs", None) or [None]:  # an autotuned grid depends on the config
             meta = dict(kwargs, **(cfg.kwargs if cfg is not None else {}))
             size = tuple(grid(meta) if callable(grid) else grid) + (1, 1)

@@ -67,11 +67,11 @@ def _missing_api():
 
 
 # ------------------------------------------------------------------ launch capture
-def capture(case, grids=None):
-    """Run the four launchers on meta tensors; return [(kernel, args, kwargs)] they launch.
+def capture(case):
+    """Run the four launchers on meta tensors; return [(kernel, args, kwargs, grid)] they launch.
 
-    case: a CASES key or a (dtype, N, H, W, C) tuple; grids, when a list, gets each launch's
-    (kernel, grid, kwargs) with the grid as given (a tuple, or a function of the config's META)."""
+    case: a CASES key or a (dtype, N, H, W, C) tuple; grid as the launcher gives it (a tuple, or a
+    function of the config's META)."""
     import torch
     mods = [importlib.import_module(m) for m in MODULES]
     dwln, mlp = mods
@@ -82,11 +82,7 @@ def capture(case, grids=None):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                records.append((self.kernel, args, kwargs))
-                if grids is not None:
-                    grids.append((self.kernel, grid, kwargs))
-            return launch
+            return lambda *args, **kwargs: records.append((self.kernel, args, kwargs, grid))
 
     dtype, N, H, W, C = CASES[case] if isinstance(case, str) else case
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -142,7 +138,7 @@ def _spec(value, specialize):
 
 def expand(record):
     """One job per GPU autotune config: (module, fn name, signature, constexprs, attrs, options, desc)."""
-    kernel, args, kwargs = record
+    kernel, args, kwargs, _ = record
     fn, configs = kernel, [None]
     if hasattr(kernel, "configs") and hasattr(kernel, "fn"):  # triton.autotune
         fn, configs = kernel.fn, kernel.configs

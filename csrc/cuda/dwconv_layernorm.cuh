@@ -35,6 +35,8 @@ constexpr int kMinBlocksPerSm = 2;                  // caps registers at 128/thr
 constexpr int kDweightChannels = 32;                // dweight kernel: channels per block (one warp wide)
 constexpr int kDweightRowSlots = 4;                 // dweight kernel: rows processed concurrently per block
 constexpr int kDweightTargetBlocks = 1024;          // dweight kernel: enough blocks to fill the GPU
+// dweight kernel: its [row slot][channel][tap] reduction buffer (25 KB, dynamic shared memory).
+constexpr int kDweightSmemBytes = kDweightRowSlots * kDweightChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
 
 struct ConvTile {
@@ -342,7 +344,7 @@ struct BwdDweightParams {
 // slides along W (7 new loads + 1 load of g per 49 FMAs).
 template <typename T>
 __global__ void __launch_bounds__(kDweightChannels* kDweightRowSlots) dwconv_layernorm_bwd_dweight_kernel(BwdDweightParams p) {
-  __shared__ float red[kDweightRowSlots][kDweightChannels][kTaps];  // odd stride 49: no bank conflicts
+  CNK_DYNAMIC_SMEM(float, red);  // [kDweightRowSlots][kDweightChannels][kTaps]; odd stride 49: no bank conflicts
   const int C = p.C, H = p.H, W = p.W;
   const int lane = threadIdx.x;  // channel within the block
   const int slot = threadIdx.y;
@@ -399,7 +401,7 @@ __global__ void __launch_bounds__(kDweightChannels* kDweightRowSlots) dwconv_lay
     }
   }
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) red[slot][lane][t] = acc[t];
+  for (int t = 0; t < kTaps; ++t) red[(slot * kDweightChannels + lane) * kTaps + t] = acc[t];
   __syncthreads();
   // Fixed-order sum over the row slots; partial layout [group][c][tap] = dconv_weight's layout.
   const int tid = slot * kDweightChannels + lane;
@@ -409,7 +411,7 @@ __global__ void __launch_bounds__(kDweightChannels* kDweightRowSlots) dwconv_lay
     const int t = e - cl * kTaps;
     float s = 0.0f;
 #pragma unroll
-    for (int sl = 0; sl < kDweightRowSlots; ++sl) s += red[sl][cl][t];
+    for (int sl = 0; sl < kDweightRowSlots; ++sl) s += red[(sl * kDweightChannels + cl) * kTaps + t];
     p.partials[(static_cast<int64_t>(blockIdx.y) * C + c0) * kTaps + e] = s;
   }
 }
@@ -593,7 +595,7 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
   const dim3 wgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.row_groups));
   const dim3 wblock(kDweightChannels, kDweightRowSlots);
   auto dweight_kernel = dwconv_layernorm_bwd_dweight_kernel<T>;
-  CNK_LAUNCH(dweight_kernel, wgrid, wblock, 0, stream)(wp);
+  CNK_LAUNCH(dweight_kernel, wgrid, wblock, kDweightSmemBytes, stream)(wp);
   CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dweight_kernel");
 
   // 4) fixed-order sums of all partials into the fp32 gradients

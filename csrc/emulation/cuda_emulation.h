@@ -46,8 +46,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Static shared memory: one instance per host thread (blocks run one at a time on it).
-#define __shared__ static thread_local
+// Static shared memory is not emulated: a host static would outlive the block, so a read before
+// any write would see the last block's values instead of the poison that dynamic shared memory
+// starts with. Kernels declare shared memory with CNK_DYNAMIC_SMEM.
+#define __shared__ static_assert(false, "static __shared__ is not emulated: use CNK_DYNAMIC_SMEM");
 
 struct uint3 {
   unsigned x, y, z;

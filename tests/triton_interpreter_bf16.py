@@ -6,8 +6,8 @@ not (triton 3.3-3.9; upstream triton-lang/triton #4972, #11584):
 
 * ``tl.dot`` multiplies the uint16 patterns as integers (garbage);
 * fp32 -> bf16 casts truncate the mantissa, where the GPU rounds to nearest even;
-* arithmetic, comparisons and sums on bf16 values work on the integer patterns (math
-  functions and min/max are computed in fp32 by Triton's front end).
+* arithmetic, comparisons and sums on bf16 values work on the integer patterns (Triton's front
+  end computes tl.max / tl.min in fp32 and rejects bf16 in tl.exp, tl.sqrt and the like).
 
 `enable()` patches the interpreter's builder class for the first two, with the GPU's semantics:
 a bf16 dot multiplies the exact fp32 values of its operands and accumulates in fp32 (what
@@ -32,13 +32,12 @@ def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
 def fp32_to_bf16_bits(values: np.ndarray, toward_zero: bool = False) -> np.ndarray:
     """float32 values -> uint16 bf16 patterns, rounded to nearest even (or toward zero); NaN ->
     quiet NaN."""
-    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    if not toward_zero:
-        u = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    u = bits if toward_zero else bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
     rounded = (u >> 16).astype(np.uint16)
     nan = np.isnan(values)
-    if np.any(nan):
-        rounded = np.where(nan, ((u >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
+    if np.any(nan):  # from the original bits: rounding a NaN such as 0xFFFFFFFF would carry out
+        rounded = np.where(nan, ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16), rounded)
     return rounded
 
 
@@ -77,6 +76,8 @@ def _patch() -> str:
 
     def convert(self, src, dst_type, toward_zero=False):
         s, t = src.dtype.scalar, dst_type.scalar
+        if 8 in (getattr(s, "primitive_bitwidth", 0), getattr(t, "primitive_bitwidth", 0)):
+            return None  # fp8 <-> bf16: the interpreter's own bit-level conversion is right
         if is_bf16(s) and is_bf16(t):
             return handle(src.data, t)
         if is_bf16(s):  # bf16 -> anything: through its exact fp32 value

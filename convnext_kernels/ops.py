@@ -301,8 +301,13 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     # Store the pre-activation for backward only where the backend prefers that (see
     # MLP_LAYERSCALE_STORE_PREACT_MIN_C in convnext_kernels.backends) and a backward can follow.
     min_c = MLP_LAYERSCALE_STORE_PREACT_MIN_C.get(resolved, {}).get(dtype)
-    store_preact = bool(min_c is not None and C >= min_c and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)))
+    # Branches, not bool(...) of the condition: C is symbolic under torch.compile(dynamic=True),
+    # and torch 2.7's dynamo cannot trace bool() of a symbolic comparison.
+    store_preact = False
+    if min_c is not None and C >= min_c and torch.is_grad_enabled():
+        for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma):
+            if t is not None and t.requires_grad:
+                store_preact = True
     y, _ = fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
                   fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
     return y

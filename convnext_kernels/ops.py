@@ -308,6 +308,7 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
         for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma):
             if t is not None and t.requires_grad:
                 store_preact = True
+                break
     y, _ = fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
                   fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
     return y

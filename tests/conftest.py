@@ -18,11 +18,12 @@ os.environ.setdefault("CONVNEXT_KERNELS_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 
 import convnext_kernels  # noqa: E402,F401  (registers the ops once, under the settings above)
-from convnext_kernels.backends import triton_interpreted, unavailable_reason  # noqa: E402
+from convnext_kernels.backends import unavailable_reason  # noqa: E402
 
-# Under the interpreter, bf16 needs tests/triton_interpreter_bf16.py's patch (dots and rounding
-# as on the GPU); empty when bf16 Triton kernels can run here, else why they cannot.
-if triton_interpreted() and not unavailable_reason("triton", torch.device("cpu")):
+# Where the Triton kernels run on CPU tensors (the interpreter), bf16 needs
+# tests/triton_interpreter_bf16.py's patch (dots and rounding as on the GPU); empty when bf16
+# Triton kernels can run here, else why they cannot.
+if not unavailable_reason("triton", torch.device("cpu")):
     import triton_interpreter_bf16  # noqa: E402
     TRITON_INTERPRETER_BF16_MISSING = triton_interpreter_bf16.enable()
 else:

@@ -14,6 +14,8 @@ _WHY_NOT = unavailable_reason("triton", torch.device("cpu"))
 if _WHY_NOT:
     pytest.skip(f"no Triton kernels in the interpreter here: {_WHY_NOT}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 import triton_interpreter_bf16 as bf16  # noqa: E402
 from conftest import TRITON_INTERPRETER_BF16_MISSING  # noqa: E402
 
@@ -41,9 +43,6 @@ def test_rounding_matches_torch_bit_for_bit():
 
 
 def test_casts_round_as_asked():
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _bf16_cast_kernel(x_ptr, rtne_ptr, rtz_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
@@ -61,9 +60,6 @@ def test_casts_round_as_asked():
 
 
 def test_fp8_casts_are_left_to_the_interpreter():
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _fp8_round_trip_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
@@ -79,9 +75,6 @@ def test_fp8_casts_are_left_to_the_interpreter():
 # (tl.max / tl.min are absent: Triton's front end computes them in fp32 for bf16.)
 @pytest.mark.parametrize("op", ["add", "neg", "fma", "compare", "sum"])
 def test_bf16_arithmetic_is_refused(op):
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _bf16_math_kernel(x_ptr, y_ptr, OP: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
@@ -105,9 +98,6 @@ def test_bf16_arithmetic_is_refused(op):
 
 
 def test_bf16_where_and_data_movement_are_allowed():
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _bf16_select_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)

@@ -603,3 +603,53 @@ def test_invalid_arguments_raise_value_error(target):
         _C.mlp_layerscale_fwd_cuda_workspace_bytes(16, 16, 16, 16, 16, 16, 0, 0, 16, 1, 1, 1, 8, 7, True)
     with pytest.raises(ValueError):  # null x
         _C.mlp_layerscale_fwd_cuda_workspace_bytes(0, 16, 16, 16, 16, 16, 0, 0, 16, 1, 1, 1, 8, 1, True)
+
+
+# Run in a fresh interpreter: once torch's new TF32 API (torch.backends.cuda.matmul.fp32_precision,
+# torch >= 2.9) has been used, torch raises on every later read of the legacy allow_tf32 in that
+# process, which the fixtures of this module do.
+_TF32_NEW_API_SCRIPT = """
+import torch
+import convnext_kernels as ck
+from convnext_kernels.reference import mlp_layerscale_ref
+
+g = torch.Generator().manual_seed(0)
+C = 40
+x, sc = torch.randn(2, 5, 6, C, generator=g), torch.randn(2, 5, 6, C, generator=g)
+w1, b1 = torch.randn(4 * C, C, generator=g) / C ** 0.5, 0.1 * torch.randn(4 * C, generator=g)
+w2, b2 = torch.randn(C, 4 * C, generator=g) / (4 * C) ** 0.5, 0.1 * torch.randn(C, generator=g)
+gamma = torch.rand(C, generator=g) + 0.5
+args = (x, sc, w1, b1, w2, b2, gamma)
+ref = mlp_layerscale_ref(*(t.double() for t in args), upcast=True)
+errors = []
+for precision in ("tf32", "ieee"):
+    torch.backends.cuda.matmul.fp32_precision = precision
+    xg = x.clone().requires_grad_()
+    y = ck.mlp_layerscale(xg, *args[1:], backend="cuda")
+    y.sum().backward()  # the backward reads the switch too
+    errors.append(((y.double() - ref).abs().max() / ref.abs().max()).item())
+print("RELATIVE_ERRORS", *errors)
+"""
+
+
+def test_mlp_layerscale_follows_torchs_new_tf32_api(tmp_path):
+    """torch >= 2.9's fp32_precision API switches the CUDA kernels' fp32 GEMMs between TF32 and
+    exact fp32, and reading it does not raise (the legacy allow_tf32 getter would)."""
+    import os
+    import subprocess
+    import sys
+
+    if emulated_cuda_extension()[0] is None:
+        pytest.skip(emulated_cuda_extension()[1])
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    env = dict(os.environ, CONVNEXT_KERNELS_CUDA_EMULATE="1")
+    # Outside the source tree, so the child imports the same (installed) package as this test.
+    proc = subprocess.run([sys.executable, "-c", _TF32_NEW_API_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RELATIVE_ERRORS"))
+    tf32_error, exact_error = map(float, line.split()[1:])
+    assert exact_error <= FP32_RTOL, exact_error
+    # TF32 rounds the GEMM inputs to 10 mantissa bits: an error far above fp32's, below fp16's.
+    assert 10 * FP32_RTOL < tf32_error < 1e-2, tf32_error

@@ -481,3 +481,25 @@ def test_opcheck_gpu(backend, op_name, extra):
     args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in _op_args(op_name, (2, 5, 6, 40)) + extra]
     torch.library.opcheck(table[backend][0], args)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("", False),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+])
+def test_tf32_switch_follows_either_torch_api(setup, expected, tmp_path):
+    """The kernels' TF32 switch reads whichever of torch's APIs the user set; a fresh interpreter per
+    case, because torch >= 2.9 makes mixing the two APIs in one process an error."""
+    import subprocess
+    import sys
+
+    if "fp32_precision" in setup and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    script = f"import torch\n{setup}\nfrom convnext_kernels.launchers import tf32_matmul_allowed\nprint(tf32_matmul_allowed())"
+    # Outside the source tree, so the child imports the same (installed) package as this test.
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == str(expected)

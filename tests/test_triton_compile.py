@@ -25,20 +25,25 @@ KERNELS = {
 }
 
 # Spill bytes (max of ptxas's spill stores / loads) allowed per compile. 16-bit at ConvNeXt
-# widths: 0, the tuned state. Measured with triton 3.9 (ptxas 13.x for sm_90), 2026-11-24.
+# widths: 0, the tuned state. Measured with triton 3.9 and 3.6 (the GPU machine's; their ptxas
+# for sm_90), 2026-11-24.
 SPILL_BOUND = {"bf16:96": 0, "bf16:384": 0, "fp16:768": 0,
                # fp32 "ieee" runs on CUDA-core FMAs; today's worst is 76 bytes. The bound
                # catches the tens-of-KB spills of a too-large fma tile.
                "fp32:40": 128}
 # The stored pre-activation variant is timed against recompute (benchmarks/kernels.py), not used
 # by the ops: it must compile, and a few hundred bytes of spills in some of its autotune configs
-# only cost it in that comparison (0 at this test's shapes; 344-368 B seen for the fused forward
-# with STORE_PREACT at batch 128, C = 384, triton 3.9).
+# only cost it in that comparison (0 at this test's shapes and at batch 128, C = 384, under triton
+# 3.6 and 3.9; 344-368 B there before the fused forward split its accumulator).
 STORED_VARIANT_SPILL_BOUND = 1024
 STORED_VARIANT_FLAGS = ("STORE_PREACT", "PREACT_STORED")
 SPILL_EXCEPTIONS = {
     # ROWS=1 specialisation at N=2, 14x14: 4 bytes under ptxas 13.x, 0 under ptxas 12.9.
     ("_dwconv_layernorm_bwd_conv_kernel", "bf16:384"): 8,
+    # The fused forward's 384-wide accumulator keeps it at 255 registers, where ptxas spills
+    # 0-16 B by shape and triton version (0 at batch 128; one 512-wide tile spilled ~550 B
+    # under triton 3.6).
+    ("_mlp_layerscale_fwd_kernel", "bf16:384"): 32,
 }
 
 

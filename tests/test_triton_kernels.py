@@ -196,6 +196,8 @@ MLP_SHAPES = [
     (2, 5, 13, 40, True, True),
     (1, 3, 5, 96, False, True),
     (3, 1, 1, 40, True, False),
+    (1, 3, 7, 64, False, True),   # a power of 2: one accumulator tile (BLOCK_C1 = 0)
+    (2, 3, 5, 13, True, True),    # below tl.dot's minimum width of 16
     (1, 2, 5, 400, True, True),   # C > FUSED_MAX_C: two-GEMM forward
     (1, 1, 3, 768, True, False),  # ConvNeXt-T stage-4 width
 ]
@@ -251,7 +253,8 @@ def test_mlp_layerscale_fp32(shape):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
 # C = 384: the widest fused (hidden on chip) case in 16 bits; 400 and 768: the two-GEMM path.
 @pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 5, 17, 96, True, True),
-                                   (1, 2, 3, 384, True, True), (1, 2, 5, 400, True, True),
+                                   (1, 3, 7, 64, True, True), (1, 2, 3, 384, True, True),
+                                   (1, 2, 5, 400, True, True),
                                    (1, 1, 3, 768, True, False)],
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_mlp_layerscale_low_precision(shape, dtype):
@@ -273,6 +276,21 @@ def test_mlp_layerscale_bwd_reads_stored_preact():
     shifted = (x.reshape(-1, 40) @ w1.T + b1 + 0.5).contiguous()
     from_stored = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop, preact=shifted)
     assert not torch.allclose(recomputed[2], from_stored[2])  # db1 = sum(dh * gelu'(a))
+
+
+def test_fused_forward_width_split():
+    """The fused forward's two accumulator tiles cover C with powers of 2 >= 16, never wider than
+    one next_power_of_2(C) tile, and fit ConvNeXt's widths (3 or 5 times a power of 2) exactly."""
+    from convnext_kernels.triton.mlp_layerscale import _split_width
+
+    for C in range(1, FUSED_MAX_C + 1):
+        c0, c1 = _split_width(C)
+        assert c0 >= 16 and c0 & (c0 - 1) == 0 and c0 <= max(C, 16), (C, c0, c1)
+        assert c1 == 0 or (c1 >= 16 and c1 & (c1 - 1) == 0), (C, c0, c1)
+        assert C <= c0 + c1 <= max(16, 1 << (C - 1).bit_length()), (C, c0, c1)
+    for C in (48, 80, 96, 160, 192, 320, 384):  # atto/femto/nano/ConvNeXt-T widths <= 384
+        assert sum(_split_width(C)) == C
+    assert _split_width(40) == (32, 16) and _split_width(128) == (128, 0)
 
 
 def test_mlp_paths_cover_both_sides_of_threshold():

@@ -70,6 +70,19 @@ def data_ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def tf32_matmul_allowed() -> bool:
+    """Whether fp32 GEMMs may use TF32, by torch's switch for CUDA matmuls, read so that either of
+    torch's APIs works: torch >= 2.9 raises on reading the legacy ``matmul.allow_tf32`` once the
+    new ``fp32_precision`` API has set it, while ``fp32_precision`` also reflects the legacy
+    setters (``allow_tf32 = True``, ``set_float32_matmul_precision("high")``)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        # "tf32", "ieee", or "none" (inherits torch.backends.fp32_precision, whose default is
+        # exact fp32; where the getter does not resolve the inheritance itself, "none" stays exact).
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def dwconv_layernorm_fwd_outputs(x: torch.Tensor):
     """Uninitialised (y, mean, rstd) for dwconv_layernorm_fwd on x (N, H, W, C)."""
     y = empty_output(x.shape, x.dtype, x.device)

@@ -6,8 +6,8 @@ come from torch's caching allocator and follow its stream semantics), and ``_C``
 data pointers, a dtype code and the current torch stream of that device. Kernels are enqueued
 asynchronously on that stream; launch errors raise RuntimeError with the CUDA message.
 
-fp32 Linear layers use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32``
-is set (as torch's own matmuls do); otherwise an exact fp32 FFMA path runs.
+fp32 Linear layers use TF32 tensor cores only when torch's TF32 switch for CUDA matmuls is on
+(``launchers.tf32_matmul_allowed``, as torch's own matmuls do); otherwise an exact fp32 FFMA path runs.
 
 mlp_layerscale forward: fp16 / bf16 with C <= 384 (C % 8 == 0, 16-byte aligned tensors) runs a
 back-to-back fused kernel that keeps the (rows, 4C) hidden on chip. ``CONVNEXT_KERNELS_CUDA_MLP_FUSED=0``
@@ -34,6 +34,7 @@ from convnext_kernels.launchers import (
     dwconv_layernorm_bwd_outputs,
     dwconv_layernorm_fwd_outputs,
     empty_output,
+    tf32_matmul_allowed,
 )
 
 __all__ = [
@@ -130,7 +131,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     y = empty_output((N, H, W, C), x.dtype, x.device)
     if x.numel() == 0:
         return y
-    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    allow_tf32 = tf32_matmul_allowed()
     allow_fused = _mlp_fused_allowed()  # read once: the query and the forward must agree
     ptrs = (
         x.data_ptr(), shortcut.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(), fc2_weight.data_ptr(),
@@ -163,7 +164,7 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
         for t in (dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma):
             t.zero_()
         return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
-    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    allow_tf32 = tf32_matmul_allowed()
     kernels = _kernels(x.device)
     with _on_device(x.device):
         nbytes = kernels.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)

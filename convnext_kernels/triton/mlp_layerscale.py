@@ -3,10 +3,14 @@ layer scale gamma, per-sample drop-path scale and the residual add (NHWC rows).
 
 Forward:
   * C <= FUSED_MAX_C (256 for fp32): ``_mlp_layerscale_fwd_kernel`` keeps the 4C hidden on
-    chip. A program owns BLOCK_M rows and the whole output width
-    (BLOCK_C = next_power_of_2(C) fp32 accumulator); it walks the hidden in
-    BLOCK_H chunks: h = gelu(x @ W1[chunk].T + b1[chunk]) -> x.dtype ->
-    acc += h @ W2[:, chunk].T, then the layer-scale / residual epilogue.
+    chip. A program owns BLOCK_M rows and the whole output width in fp32
+    accumulators; it walks the hidden in BLOCK_H chunks:
+    h = gelu(x @ W1[chunk].T + b1[chunk]) -> x.dtype -> acc += h @ W2[:, chunk].T,
+    then the layer-scale / residual epilogue. The output width is held as two
+    power-of-two parts, BLOCK_C0 + BLOCK_C1 (_split_width): ConvNeXt widths are
+    3 * 2^k or 5 * 2^k (96 = 64 + 32, 384 = 256 + 128, 40 = 32 + 8 -> 32 + 16),
+    so one next_power_of_2(C) accumulator would pad a quarter or more of GEMM2's
+    columns and registers with zeros.
   * larger C: two launches of the generic ``_matmul_kernel`` with fused
     epilogues (GEMM1 + b1 + GELU -> hidden in x.dtype; GEMM2 + b2 + gamma +
     drop scale + residual).
@@ -48,11 +52,11 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from ..launchers import empty_output
+from ..launchers import empty_output, tf32_matmul_allowed
 from ._compat import autotune, wrap_triton
 
-# Largest C for which the forward keeps the hidden on chip (BLOCK_C <= 512);
-# fp32 inputs stop at 256 (see _fused_max_c).
+# Largest C for which the forward keeps the hidden on chip (accumulator width
+# BLOCK_C0 + BLOCK_C1 <= 384); fp32 inputs stop at 256 (see _fused_max_c).
 FUSED_MAX_C = 384
 
 # Epilogues of _matmul_kernel.
@@ -75,14 +79,17 @@ def _cfg(num_warps, num_stages, **blocks):
 # "fma" = fp32 with input_precision "ieee", which Triton lowers to CUDA-core FMAs
 # with each thread holding whole BLOCK_K slices of both operands in registers:
 # small BLOCK_K / hidden chunks or it spills by tens of KB.
-# GPU lists were checked by ahead-of-time compilation for sm_90 / sm_80 (triton
-# 3.9, no GPU, 2026-11-24): none spills at ConvNeXt widths or exceeds the
-# A100's 163 KB of shared memory; not yet tuned on hardware. Under the
-# interpreter one small config each: autotuning there is slow and pointless.
+# The fused forward's lists are keyed by the accumulator width BLOCK_C0 + BLOCK_C1
+# (the smallest key >= it applies). GPU lists were checked by ahead-of-time
+# compilation for sm_90 / sm_80 (triton 3.9 and 3.6, the GPU machine's, no GPU,
+# 2026-11-24): none spills at ConvNeXt widths or exceeds the A100's 163 KB of
+# shared memory; not yet tuned on hardware. BLOCK_M = 64 compiles to wgmma on
+# sm_90, BLOCK_M = 32 to mma.sync. Under the interpreter one small config
+# each: autotuning there is slow and pointless.
 _DOT_MODES = ("mma", "tf32", "fma")
 if triton_interpreted():
     _FUSED_FWD_CONFIGS = {
-        mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 512)}
+        mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 384)}
         for mode in _DOT_MODES
     }
     _MATMUL_CONFIGS = {mode: [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
@@ -90,29 +97,38 @@ if triton_interpreted():
     _BWD_HIDDEN_CONFIGS = {mode: [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)] for mode in _DOT_MODES}
 else:
     _FUSED_FWD_CONFIGS = {
-        # The whole BLOCK_M x BLOCK_C fp32 accumulator lives in registers next to
-        # the BLOCK_M x BLOCK_H GEMM1 chunk: BLOCK_M = 128 only with 8 warps.
+        # The whole BLOCK_M x (BLOCK_C0 + BLOCK_C1) fp32 accumulator lives in registers
+        # next to the BLOCK_M x BLOCK_H GEMM1 chunk: BLOCK_M = 128 only with 8 warps.
         "mma": {
             128: [
                 _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
                 _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
                 _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
             ],
+            # 192 (C = 160, 192): room for BLOCK_M = 128 (245 registers, no spills).
+            192: [
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+                _cfg(8, 3, BLOCK_M=128, BLOCK_H=32, BLOCK_K=64),
+            ],
             256: [
                 _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
                 _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
                 _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
             ],
-            # BLOCK_C = 512: the accumulator alone is 64x512 fp32 = 128 regs/thread.
-            512: [
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=16, BLOCK_K=64),
+            # 384 (C = 320, 384): the accumulator alone is 64 x 384 fp32 = 96 registers
+            # per thread. With one 512-wide tile, BLOCK_M = 64 spilled ~550 B under
+            # triton 3.6; these have none under 3.6 and 3.9 (BLOCK_H = 32 spills
+            # 12-20 B under 3.9).
+            384: [
+                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
                 _cfg(8, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
             ],
         },
-        # fp32 fuses only up to BLOCK_C = 256 (_fused_max_c): at 512 every
-        # tf32 tile spilled.
+        # fp32 fuses only up to C = 256 (_fused_max_c): at a 512-wide accumulator
+        # every tf32 tile spilled.
         "tf32": {
             128: [
                 _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
@@ -167,9 +183,11 @@ else:
             _cfg(4, 3, BLOCK_H=64, BLOCK_K=32),
             _cfg(8, 3, BLOCK_H=128, BLOCK_K=32),
         ],
+        # (8 warps, BLOCK_H = 128, 3 stages spilled 176 B under triton 3.6: 2 stages.)
         "fma": [
             _cfg(4, 3, BLOCK_H=64, BLOCK_K=16),
-            _cfg(8, 3, BLOCK_H=128, BLOCK_K=16),
+            _cfg(8, 3, BLOCK_H=64, BLOCK_K=16),
+            _cfg(8, 2, BLOCK_H=128, BLOCK_K=16),
         ],
     }
 
@@ -234,19 +252,24 @@ def _mlp_layerscale_fwd_kernel(
     HAS_ROW_SCALE: tl.constexpr,    # apply drop-path scale
     STORE_PREACT: tl.constexpr,     # save the pre-activation for a backward that reads it
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee"/"tf32")
-    BLOCK_C: tl.constexpr,  # next_power_of_2(C): the whole output row
+    BLOCK_C0: tl.constexpr,  # first part of the output row: largest power of 2 <= C
+    BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2 >= 16; 0 if none
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_H: tl.constexpr,  # hidden chunk kept on chip
     BLOCK_K: tl.constexpr,  # reduction chunk of GEMM1 (over C)
 ):
     pid_m = tl.program_id(0)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    offs_c0 = tl.arange(0, BLOCK_C0).to(tl.int64)
     mask_m = offs_m < M
-    mask_c = offs_c < C
+    mask_c0 = offs_c0 < C
     dtype = x_ptr.dtype.element_ty
 
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_C0], dtype=tl.float32)
+    if BLOCK_C1 > 0:
+        offs_c1 = BLOCK_C0 + tl.arange(0, BLOCK_C1).to(tl.int64)
+        mask_c1 = offs_c1 < C
+        acc1 = tl.zeros([BLOCK_M, BLOCK_C1], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
         mask_h = offs_h < HID
@@ -268,13 +291,21 @@ def _mlp_layerscale_fwd_kernel(
         # Round h to the input dtype, as a torch Linear would feed fc2.
         h = _gelu(a).to(dtype)
         # GEMM2 chunk: acc += h @ W2[:, chunk].T (padded hidden lanes hit zero weights).
-        w2c = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None],
-                      mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-        acc = tl.dot(h, w2c, acc, input_precision=INPUT_PRECISION)
+        w2c0 = tl.load(w2_ptr + offs_c0[None, :] * HID + offs_h[:, None],
+                       mask=mask_h[:, None] & mask_c0[None, :], other=0.0)
+        acc0 = tl.dot(h, w2c0, acc0, input_precision=INPUT_PRECISION)
+        if BLOCK_C1 > 0:
+            w2c1 = tl.load(w2_ptr + offs_c1[None, :] * HID + offs_h[:, None],
+                           mask=mask_h[:, None] & mask_c1[None, :], other=0.0)
+            acc1 = tl.dot(h, w2c1, acc1, input_precision=INPUT_PRECISION)
 
-    _layerscale_residual_store(acc, offs_m, offs_c, b2_ptr, gamma_ptr, row_scale_ptr,
+    _layerscale_residual_store(acc0, offs_m, offs_c0, b2_ptr, gamma_ptr, row_scale_ptr,
                                shortcut_ptr, y_ptr, M, C, ROWS_PER_SAMPLE,
                                HAS_GAMMA, HAS_ROW_SCALE)
+    if BLOCK_C1 > 0:
+        _layerscale_residual_store(acc1, offs_m, offs_c1, b2_ptr, gamma_ptr, row_scale_ptr,
+                                   shortcut_ptr, y_ptr, M, C, ROWS_PER_SAMPLE,
+                                   HAS_GAMMA, HAS_ROW_SCALE)
 
 
 @triton.jit
@@ -447,7 +478,7 @@ _bwd_hidden = {
 
 def _input_precision(dtype):
     # fp32 follows torch's TF32 switch; the interpreter is always exact.
-    if dtype == torch.float32 and not triton_interpreted() and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not triton_interpreted() and tf32_matmul_allowed():
         return "tf32"
     return "ieee"
 
@@ -459,8 +490,17 @@ def _dot_mode(dtype, precision):
     return "tf32" if precision == "tf32" else "fma"
 
 
+def _split_width(C):
+    """(BLOCK_C0, BLOCK_C1): the fused forward's output width as two power-of-two tiles, the
+    first the largest power of 2 <= C, the second the rest (0 when C is a power of 2), each
+    at least 16 (tl.dot's minimum)."""
+    c0 = max(16, 1 << (max(C, 1).bit_length() - 1))
+    rest = C - c0
+    return c0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
 def _fused_max_c(dtype):
-    # fp32 operands need twice the registers / shared memory: fuse up to BLOCK_C = 256.
+    # fp32 operands need twice the registers / shared memory: fuse up to C = 256.
     return FUSED_MAX_C if dtype != torch.float32 else min(FUSED_MAX_C, 256)
 
 
@@ -510,9 +550,9 @@ def mlp_layerscale_fwd(
     has_row_scale = drop_scale is not None
     mode = _dot_mode(x.dtype, precision)
     if C <= _fused_max_c(x.dtype):
-        block_c = max(16, triton.next_power_of_2(C))
+        block_c0, block_c1 = _split_width(C)
         kernels = _fused_fwd_kernels[mode]
-        kernel = kernels[min(c for c in kernels if c >= block_c)]
+        kernel = kernels[min(c for c in kernels if c >= block_c0 + block_c1)]
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
         wrap_triton(kernel)[grid](
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -522,7 +562,7 @@ def mlp_layerscale_fwd(
             preact_out if preact_out is not None else y,
             M, C, HID, H * W,
             HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale, STORE_PREACT=preact_out is not None,
-            INPUT_PRECISION=precision, BLOCK_C=block_c,
+            INPUT_PRECISION=precision, BLOCK_C0=block_c0, BLOCK_C1=block_c1,
         )
     else:
         hidden = empty_output((M, HID), x.dtype, x.device)

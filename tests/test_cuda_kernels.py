@@ -643,8 +643,13 @@ def test_mlp_layerscale_follows_torchs_new_tf32_api(tmp_path):
         pytest.skip(emulated_cuda_extension()[1])
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no fp32_precision API")
-    env = dict(os.environ, CONVNEXT_KERNELS_CUDA_EMULATE="1")
-    # Outside the source tree, so the child imports the same (installed) package as this test.
+    import convnext_kernels
+
+    # This package (not another installed copy), and no override of torch's TF32 default.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(convnext_kernels.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"}
+    env.update(CONVNEXT_KERNELS_CUDA_EMULATE="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p]))
     proc = subprocess.run([sys.executable, "-c", _TF32_NEW_API_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -493,13 +493,30 @@ def test_opcheck_gpu(backend, op_name, extra):
 def test_tf32_switch_follows_either_torch_api(setup, expected, tmp_path):
     """The kernels' TF32 switch reads whichever of torch's APIs the user set; a fresh interpreter per
     case, because torch >= 2.9 makes mixing the two APIs in one process an error."""
+    import os
     import subprocess
     import sys
 
     if "fp32_precision" in setup and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no fp32_precision API")
-    script = f"import torch\n{setup}\nfrom convnext_kernels.launchers import tf32_matmul_allowed\nprint(tf32_matmul_allowed())"
-    # Outside the source tree, so the child imports the same (installed) package as this test.
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # The Triton launcher's dot precision too (its interpreter is always exact, so ask it as the
+    # compiled path would).
+    script = (f"import torch\n{setup}\n"
+              "from convnext_kernels.launchers import tf32_matmul_allowed\n"
+              "print(tf32_matmul_allowed())\n"
+              "from convnext_kernels.backends import unavailable_reason\n"
+              "if not unavailable_reason('triton', torch.device('cpu')):\n"
+              "    from convnext_kernels.triton import mlp_layerscale as m\n"
+              "    m.triton_interpreted = lambda: False\n"
+              "    print(m._input_precision(torch.float32))\n")
+    # This package (not another installed copy), and no override of torch's TF32 default.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ck.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"}
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == str(expected)
+    lines = proc.stdout.split()
+    assert lines[0] == str(expected)
+    if len(lines) > 1:
+        assert lines[1] == ("tf32" if expected else "ieee")

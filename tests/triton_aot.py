@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 # launchers' input_precision "ieee" path.
 CASES = {
     "bf16:96": ("bf16", 2, 56, 56, 96),
+    "bf16:192": ("bf16", 2, 28, 28, 192),
     "bf16:384": ("bf16", 2, 14, 14, 384),
     "fp16:768": ("fp16", 2, 7, 7, 768),
     "fp32:40": ("fp32", 2, 13, 17, 40),

@@ -82,7 +82,8 @@ def _cfg(num_warps, num_stages, **blocks):
 # The fused forward's lists are keyed by the accumulator width BLOCK_C0 + BLOCK_C1
 # (the smallest key >= it applies). GPU lists were checked by ahead-of-time
 # compilation for sm_90 / sm_80 (triton 3.9 and 3.6, the GPU machine's, no GPU,
-# 2026-11-24): none spills at ConvNeXt widths or exceeds the A100's 163 KB of
+# 2026-11-24): at ConvNeXt widths the 16-bit ones spill at most 16 B (the fused
+# forward at C = 384, batch 2, under 3.9), none exceeds the A100's 163 KB of
 # shared memory; not yet tuned on hardware. BLOCK_M = 64 compiles to wgmma on
 # sm_90, BLOCK_M = 32 to mma.sync. Under the interpreter one small config
 # each: autotuning there is slow and pointless.
@@ -119,8 +120,8 @@ else:
             ],
             # 384 (C = 320, 384): the accumulator alone is 64 x 384 fp32 = 96 registers
             # per thread. With one 512-wide tile, BLOCK_M = 64 spilled ~550 B under
-            # triton 3.6; these have none under 3.6 and 3.9 (BLOCK_H = 32 spills
-            # 12-20 B under 3.9).
+            # triton 3.6. These: none under 3.6; under 3.9 none at batch 128 and
+            # 12-16 B at batch 2 (BLOCK_H = 32 spilled 12-20 B at batch 128).
             384: [
                 _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
                 _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
@@ -183,7 +184,8 @@ else:
             _cfg(4, 3, BLOCK_H=64, BLOCK_K=32),
             _cfg(8, 3, BLOCK_H=128, BLOCK_K=32),
         ],
-        # (8 warps, BLOCK_H = 128, 3 stages spilled 176 B under triton 3.6: 2 stages.)
+        # (8 warps, BLOCK_H = 128, 3 stages spilled 176 B under triton 3.6: 2 stages,
+        # 8 B under 3.6 and 28 B under 3.9.)
         "fma": [
             _cfg(4, 3, BLOCK_H=64, BLOCK_K=16),
             _cfg(8, 3, BLOCK_H=64, BLOCK_K=16),

@@ -49,6 +49,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def package_subprocess_env(drop=(), **overrides) -> dict:
+    """os.environ for a child Python process that must import the convnext_kernels under test
+    (installed or the checkout) before any other copy: its root goes first on PYTHONPATH. `drop`
+    names variables to leave out; `overrides` sets others."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(convnext_kernels.__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.update(overrides)
+    return env
+
+
 def skip_triton_bf16_if_unsupported(backend: str, dtype: torch.dtype) -> None:
     """Skip a bf16 Triton test where the interpreter could not be taught bf16 (never on a GPU)."""
     if backend == "triton" and dtype == torch.bfloat16 and TRITON_INTERPRETER_BF16_MISSING:

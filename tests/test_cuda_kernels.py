@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from convnext_kernels.backends import emulated_cuda_extension
 
+from conftest import package_subprocess_env
+
 
 def _cuda_backend_ready() -> bool:
     if not torch.cuda.is_available():
@@ -635,7 +637,6 @@ print("RELATIVE_ERRORS", *errors)
 def test_mlp_layerscale_follows_torchs_new_tf32_api(tmp_path):
     """torch >= 2.9's fp32_precision API switches the CUDA kernels' fp32 GEMMs between TF32 and
     exact fp32, and reading it does not raise (the legacy allow_tf32 getter would)."""
-    import os
     import subprocess
     import sys
 
@@ -643,13 +644,8 @@ def test_mlp_layerscale_follows_torchs_new_tf32_api(tmp_path):
         pytest.skip(emulated_cuda_extension()[1])
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no fp32_precision API")
-    import convnext_kernels
-
-    # This package (not another installed copy), and no override of torch's TF32 default.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(convnext_kernels.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"}
-    env.update(CONVNEXT_KERNELS_CUDA_EMULATE="1",
-               PYTHONPATH=os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p]))
+    # No override of torch's TF32 default.
+    env = package_subprocess_env(drop=("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",), CONVNEXT_KERNELS_CUDA_EMULATE="1")
     proc = subprocess.run([sys.executable, "-c", _TF32_NEW_API_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
 
-from conftest import DTYPES, assert_pass_rule, skip_triton_bf16_if_unsupported
+from conftest import DTYPES, assert_pass_rule, package_subprocess_env, skip_triton_bf16_if_unsupported
 
 CPU_BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Backends with a stored-pre-activation backward (cuda only recomputes it).
@@ -493,7 +493,6 @@ def test_opcheck_gpu(backend, op_name, extra):
 def test_tf32_switch_follows_either_torch_api(setup, expected, tmp_path):
     """The kernels' TF32 switch reads whichever of torch's APIs the user set; a fresh interpreter per
     case, because torch >= 2.9 makes mixing the two APIs in one process an error."""
-    import os
     import subprocess
     import sys
 
@@ -509,10 +508,8 @@ def test_tf32_switch_follows_either_torch_api(setup, expected, tmp_path):
               "    from convnext_kernels.triton import mlp_layerscale as m\n"
               "    m.triton_interpreted = lambda: False\n"
               "    print(m._input_precision(torch.float32))\n")
-    # This package (not another installed copy), and no override of torch's TF32 default.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ck.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"}
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    # No override of torch's TF32 default.
+    env = package_subprocess_env(drop=("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

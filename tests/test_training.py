@@ -26,7 +26,7 @@ from convnext_kernels.patching import (
 )
 from convnext_kernels.reference import ConvNeXt, LayerNorm, drop_path_scale
 
-from conftest import assert_pass_rule
+from conftest import assert_pass_rule, package_subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["torch", "cpu"]
@@ -639,8 +639,7 @@ def test_train_example_smoke(tmp_path):
            "--image-size", "32", "--model", "atto", "--depths", "1,1,1,1", "--eval-every", "2",
            "--compare-reference", "--out", str(tmp_path), "--no-progress"]
     # The example imports the same convnext_kernels as this test (installed or the checkout).
-    package_root = str(Path(ck.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = package_subprocess_env()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "max |loss diff|" in run.stdout and "accuracy" in run.stdout

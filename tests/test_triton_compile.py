@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-import convnext_kernels
+from conftest import package_subprocess_env
 
 H100_SMEM_OPTIN = 232448  # bytes of shared memory per block (cudaFuncAttributeMaxDynamicSharedMemorySize)
 
@@ -51,10 +51,7 @@ SPILL_EXCEPTIONS = {
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton_aot")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # The package under test, not whatever copy the child would find first.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(convnext_kernels.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = package_subprocess_env(drop=("TRITON_INTERPRET",))
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # fresh: every kernel really goes through ptxas
     env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v log: registers and spills
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; silences triton 3.9

@@ -349,10 +349,10 @@ def dwconv_layernorm_bwd(
 
     # Kernel 2: dx (transposed conv of g) + conv-weight partials.
     rows, block_w2, block_c2, num_warps2 = _conv_bwd_tiling(N, H, W, C)
-    row_chunks = N * triton.cdiv(H, rows)
-    grid2 = _grid(triton.cdiv(W, block_w2) * triton.cdiv(C, block_c2) * row_chunks, x)
+    row_chunks, w_tiles2 = N * triton.cdiv(H, rows), triton.cdiv(W, block_w2)
+    grid2 = _grid(w_tiles2 * triton.cdiv(C, block_c2) * row_chunks, x)
     dx = empty_output(x.shape, x.dtype, x.device)
-    dw_part = empty_output((row_chunks * triton.cdiv(W, block_w2), TAPS, C), torch.float32, dev)
+    dw_part = empty_output((row_chunks * w_tiles2, TAPS, C), torch.float32, dev)
     wrap_triton(_dwconv_layernorm_bwd_conv_kernel)[grid2](
         g, x, taps, dx, dw_part,
         H, W, C,

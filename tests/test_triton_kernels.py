@@ -203,13 +203,13 @@ MLP_SHAPES = [
 ]
 
 
-def _run_mlp_layerscale(shape, dtype, stored_preact=False):
+def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True):
     N, H, W, C, has_gamma, has_drop = shape
     x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(N, H, W, C, has_gamma, has_drop, dtype)
 
     preact = torch.empty((N * H * W, 4 * C), dtype=dtype, device=x.device) if stored_preact else None
     y = mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, drop, preact_out=preact)
-    grads = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop, preact=preact)
+    grads = mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, drop, preact=preact) if backward else None
     if stored_preact:
         a64 = x.double().reshape(-1, C) @ w1.double().T + b1.double()
         a_e = (x.reshape(-1, C) @ w1.T + b1.to(dtype)) if dtype != torch.float32 else a64
@@ -233,6 +233,8 @@ def _run_mlp_layerscale(shape, dtype, stored_preact=False):
 
     assert y.dtype == dtype
     _check("y", y, y64, y_e, dtype)
+    if not backward:
+        return
     dx, dw1, db1, dw2, db2, dgamma = grads
     assert dx.dtype == dtype
     assert all(t.dtype == torch.float32 for t in (dw1, db1, dw2, db2, dgamma))
@@ -296,6 +298,64 @@ def test_fused_forward_width_split():
 def test_mlp_paths_cover_both_sides_of_threshold():
     assert any(s[3] <= FUSED_MAX_C for s in MLP_SHAPES)
     assert any(s[3] > FUSED_MAX_C for s in MLP_SHAPES)
+
+
+def _gpu_config_cases():
+    """(kernel, dot mode, fused width key, config) for each tile shape of the GPU autotune lists
+    (configs differing only in num_warps / num_stages run alike in the interpreter: once)."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    cases = [("fused", mode, width, cfg) for mode, per_width in m._GPU_FUSED_FWD_CONFIGS.items()
+             for width, cfgs in per_width.items() for cfg in cfgs]
+    cases += [("matmul", mode, None, cfg) for mode, cfgs in m._GPU_MATMUL_CONFIGS.items() for cfg in cfgs]
+    cases += [("bwd_hidden", mode, None, cfg) for mode, cfgs in m._GPU_BWD_HIDDEN_CONFIGS.items()
+              for cfg in cfgs]
+    unique = {}
+    for kernel, mode, width, cfg in cases:
+        unique.setdefault((kernel, mode, width, tuple(sorted(cfg.kwargs.items()))), (kernel, mode, width, cfg))
+    return list(unique.values())
+
+
+def _config_id(case):
+    kernel, mode, width, cfg = case
+    blocks = "-".join(f"{k[len('BLOCK_'):] if k.startswith('BLOCK_') else k}{v}" for k, v in sorted(cfg.kwargs.items()))
+    return f"{kernel}-{mode}{'' if width is None else f'-w{width}'}-{blocks}"
+
+
+# C per fused width key: an accumulator (BLOCK_C0 + BLOCK_C1) the key serves, with both tiles.
+_WIDTH_TO_C = {128: 96, 192: 160, 256: 224, 384: 320}
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="on a GPU the autotuner runs every config anyway")
+@pytest.mark.parametrize("case", _gpu_config_cases(), ids=_config_id)
+def test_every_gpu_autotune_config(case, monkeypatch):
+    """Each GPU autotune config's tile shape (BLOCK_M / H / K / N, GROUP_M) gives the right
+    result: the interpreter normally runs one small config, while a GPU's autotuner may pick any
+    of these. 145 rows = two BLOCK_M = 128 row tiles, the second partial. tf32 configs run in
+    exact fp32 here (the interpreter has no TF32): their tiles are what is checked."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    kernel, mode, width, cfg = case
+    dtype = torch.float16 if mode == "mma" else torch.float32
+    run_mode = m._dot_mode(dtype, "ieee")  # the slot the interpreter's launch uses
+    if kernel == "fused":
+        C = _WIDTH_TO_C[width]
+        assert C <= m._fused_max_c(dtype) and sum(m._split_width(C)) > 128 * (width > 128)
+        tuned = list(m._fused_fwd_kernels[run_mode].values())
+    else:
+        tuned = [(m._matmul if kernel == "matmul" else m._bwd_hidden)[run_mode]]
+    for t in tuned:
+        monkeypatch.setattr(t, "configs", [cfg])
+        monkeypatch.setattr(t, "best_config", None, raising=False)
+    if kernel == "fused":
+        _run_mlp_layerscale((1, 5, 29, C, True, False), dtype, backward=False)
+    elif kernel == "matmul":
+        C = 400 if mode == "mma" else 264  # above the fused widths: the two-GEMM forward
+        assert C > m._fused_max_c(dtype)
+        _run_mlp_layerscale((1, 5, 29, C, True, True), dtype)
+    else:
+        _run_mlp_layerscale((1, 5, 29, 40, True, True), dtype)
+    assert any(t.best_config is cfg for t in tuned), "the patched config did not run"
 
 
 def test_backward_is_deterministic():

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the Triton kernels for an H100 (sm_90), no GPU needed.
+"""Ahead-of-time compile of the Triton kernels for an H100 (sm_90) or A100 (sm_80), no GPU needed.
 
 Run as a script by tests/test_triton_compile.py, in a child process whose environment has no
 TRITON_INTERPRET (under the interpreter ``triton.jit`` gives no compilable function and the
@@ -10,7 +10,7 @@ launchers pick their interpreter-only config lists). It
    arguments as Triton's JIT does (tensors 16-byte aligned; ints: == 1 -> constexpr,
    % 16 == 0 -> divisibility 16);
 3. compiles each distinct (kernel, specialisation, config) once with
-   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` in a small process pool,
+   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` in a small process pool,
    and reads registers / spills from ptxas's ``-v`` log (TRITON_DUMP_PTXAS_LOG) and shared
    memory from the compiled metadata.
 
@@ -32,14 +32,17 @@ import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 
-# (dtype, N, H, W, C): the shapes the test compiles for. fp32 runs with TF32 off, i.e. the
-# launchers' input_precision "ieee" path.
+# (dtype, N, H, W, C): the shapes the test compiles for, one per autotune list. fp32 runs with
+# TF32 off (the launchers' input_precision "ieee" path), tf32 is fp32 with TF32 on.
 CASES = {
     "bf16:96": ("bf16", 2, 56, 56, 96),
     "bf16:192": ("bf16", 2, 28, 28, 192),
+    "bf16:256": ("bf16", 2, 14, 14, 256),
     "bf16:384": ("bf16", 2, 14, 14, 384),
     "fp16:768": ("fp16", 2, 7, 7, 768),
     "fp32:40": ("fp32", 2, 13, 17, 40),
+    "tf32:96": ("tf32", 2, 28, 28, 96),
+    "tf32:192": ("tf32", 2, 28, 28, 192),
 }
 MODULES = ("convnext_kernels.triton.dwconv_layernorm", "convnext_kernels.triton.mlp_layerscale")
 
@@ -86,9 +89,10 @@ def capture(case):
             return lambda *args, **kwargs: records.append((self.kernel, args, kwargs, grid))
 
     dtype, N, H, W, C = CASES[case] if isinstance(case, str) else case
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dt = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     saved = [m.wrap_triton for m in mods], torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 -> input_precision "ieee"
+    # fp32 -> input_precision "ieee", tf32 -> "tf32" (fp32 tensors with torch's TF32 switch on)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
         for m in mods:
             m.wrap_triton = Recorder
@@ -218,12 +222,15 @@ def main():
         write({"error": f"triton {triton.__version__} lacks {missing}"})
         return 0
     # Dedupe: one compile per distinct (kernel, specialisation, options), listing the cases it serves.
+    # A launch is one kernel call a launcher makes ("case#index"); its jobs are its autotune configs.
     jobs = {}
     for case in a.cases.split(","):
-        for rec in capture(case):
+        for i, rec in enumerate(capture(case)):
             for job in expand(rec):
                 key = json.dumps(job[:6], sort_keys=True, default=str)
-                jobs.setdefault(key, dict(job=job, cases=[]))["cases"].append(case)
+                entry = jobs.setdefault(key, dict(job=job, cases=[], launches=[]))
+                entry["cases"].append(case)
+                entry["launches"].append(f"{case}#{i}")
     work = list(jobs.values())
     # Longest (large-tile, many-warp) compiles first keeps both workers busy to the end.
     work.sort(key=lambda w: -(w["job"][5].get("num_warps", 4)))
@@ -233,7 +240,7 @@ def main():
     rows = []
     for w, r in zip(work, outs):
         module, name, sig, consts, attrs, opts, desc = w["job"]
-        rows.append(dict(kernel=name, config=desc, cases=sorted(set(w["cases"])), arch=a.arch,
+        rows.append(dict(kernel=name, config=desc, cases=sorted(set(w["cases"])), launches=w["launches"], arch=a.arch,
                          constexprs={k: str(v) for k, v in consts.items()}, **r))
     write({"triton": triton.__version__, "results": rows})
     return 0

@@ -80,118 +80,134 @@ def _cfg(num_warps, num_stages, **blocks):
 # with each thread holding whole BLOCK_K slices of both operands in registers:
 # small BLOCK_K / hidden chunks or it spills by tens of KB.
 # The fused forward's lists are keyed by the accumulator width BLOCK_C0 + BLOCK_C1
-# (the smallest key >= it applies). GPU lists were checked by ahead-of-time
-# compilation for sm_90 / sm_80 (triton 3.9 and 3.6, the GPU machine's, no GPU,
-# 2026-11-24): at ConvNeXt widths the 16-bit ones spill at most 16 B (the fused
-# forward at C = 384, batch 2, under 3.9), none exceeds the A100's 163 KB of
-# shared memory; not yet tuned on hardware. BLOCK_M = 64 compiles to wgmma on
-# sm_90, BLOCK_M = 32 to mma.sync. Under the interpreter one small config
-# each: autotuning there is slow and pointless.
+# (the smallest key >= it applies). GPU lists are checked by ahead-of-time
+# compilation (tests/test_triton_compile.py; triton 3.9 and 3.6, the GPU
+# machine's; no GPU, 2026-11-24). For sm_90 every 16-bit config at ConvNeXt
+# widths spills at most 16 B (the fused forward at C = 384, batch 2, under 3.9).
+# For sm_80, where mma.sync holds both operands in registers, some BLOCK_M = 64
+# configs spill, so every list also holds one that does not there; none
+# exceeds the A100's 163 KB of shared memory. Not yet tuned on hardware.
+# BLOCK_M = 64 compiles to wgmma on sm_90, BLOCK_M = 32 to mma.sync. Under the
+# interpreter the launchers use one small config each (autotuning there is slow
+# and pointless); the GPU lists exist there too, so that the test suite can run
+# every GPU config's tile shape (tests/test_triton_kernels.py).
 _DOT_MODES = ("mma", "tf32", "fma")
+_INTERPRETER_FUSED_FWD_CONFIGS = {
+    mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 384)}
+    for mode in _DOT_MODES
+}
+_INTERPRETER_MATMUL_CONFIGS = {mode: [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
+                               for mode in _DOT_MODES}
+_INTERPRETER_BWD_HIDDEN_CONFIGS = {mode: [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)] for mode in _DOT_MODES}
+_GPU_FUSED_FWD_CONFIGS = {
+    # The whole BLOCK_M x (BLOCK_C0 + BLOCK_C1) fp32 accumulator lives in registers
+    # next to the BLOCK_M x BLOCK_H GEMM1 chunk: BLOCK_M = 128 only with 8 warps.
+    "mma": {
+        128: [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+        ],
+        # 192 (C = 160, 192): room for BLOCK_M = 128 (245 registers, no spills).
+        # On sm_80 (mma.sync holds both operands in registers) those four spill
+        # 64-584 B; the 4-warp BLOCK_M = 32 config is clean on both.
+        192: [
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+            _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_H=32, BLOCK_K=64),
+            _cfg(4, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
+        ],
+        256: [
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+            _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+        ],
+        # 384 (C = 320, 384): the accumulator alone is 64 x 384 fp32 = 96 registers
+        # per thread. With one 512-wide tile, BLOCK_M = 64 spilled ~550 B under
+        # triton 3.6. These: none under 3.6; under 3.9 none at batch 128 and
+        # 12-16 B at batch 2 (BLOCK_H = 32 spilled 12-20 B at batch 128).
+        384: [
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
+        ],
+    },
+    # fp32 fuses only up to C = 256 (_fused_max_c): at a 512-wide accumulator
+    # every tf32 tile spilled.
+    "tf32": {
+        128: [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+        ],
+        # On sm_80 both BLOCK_M = 64 configs spill 500-630 B; BLOCK_M = 32 is
+        # clean on sm_80 and sm_90.
+        256: [
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=32),
+        ],
+    },
+    "fma": {
+        128: [
+            _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
+            _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
+            _cfg(4, 2, BLOCK_M=32, BLOCK_H=16, BLOCK_K=16),
+        ],
+        256: [
+            _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
+            _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
+        ],
+    },
+}
+_GPU_MATMUL_CONFIGS = {
+    # (128x256 tiles spilled in the GELU / residual epilogues: dropped.)
+    "mma": [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+    "tf32": [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+    "fma": [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+    ],
+}
+_GPU_BWD_HIDDEN_CONFIGS = {
+    "mma": [
+        _cfg(4, 3, BLOCK_H=64, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_H=128, BLOCK_K=64),
+        _cfg(8, 4, BLOCK_H=128, BLOCK_K=32),
+    ],
+    "tf32": [
+        _cfg(4, 3, BLOCK_H=64, BLOCK_K=32),
+        _cfg(8, 3, BLOCK_H=128, BLOCK_K=32),
+    ],
+    # (8 warps, BLOCK_H = 128, 3 stages spilled 176 B under triton 3.6: 2 stages,
+    # 8 B under 3.6 and 28 B under 3.9.)
+    "fma": [
+        _cfg(4, 3, BLOCK_H=64, BLOCK_K=16),
+        _cfg(8, 3, BLOCK_H=64, BLOCK_K=16),
+        _cfg(8, 2, BLOCK_H=128, BLOCK_K=16),
+    ],
+}
 if triton_interpreted():
-    _FUSED_FWD_CONFIGS = {
-        mode: {c: [_cfg(4, 1, BLOCK_M=32, BLOCK_H=32, BLOCK_K=32)] for c in (128, 256, 384)}
-        for mode in _DOT_MODES
-    }
-    _MATMUL_CONFIGS = {mode: [_cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
-                       for mode in _DOT_MODES}
-    _BWD_HIDDEN_CONFIGS = {mode: [_cfg(4, 1, BLOCK_H=32, BLOCK_K=32)] for mode in _DOT_MODES}
+    _FUSED_FWD_CONFIGS = _INTERPRETER_FUSED_FWD_CONFIGS
+    _MATMUL_CONFIGS = _INTERPRETER_MATMUL_CONFIGS
+    _BWD_HIDDEN_CONFIGS = _INTERPRETER_BWD_HIDDEN_CONFIGS
 else:
-    _FUSED_FWD_CONFIGS = {
-        # The whole BLOCK_M x (BLOCK_C0 + BLOCK_C1) fp32 accumulator lives in registers
-        # next to the BLOCK_M x BLOCK_H GEMM1 chunk: BLOCK_M = 128 only with 8 warps.
-        "mma": {
-            128: [
-                _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
-                _cfg(4, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
-                _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
-            ],
-            # 192 (C = 160, 192): room for BLOCK_M = 128 (245 registers, no spills).
-            192: [
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
-                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
-                _cfg(8, 3, BLOCK_M=128, BLOCK_H=32, BLOCK_K=64),
-            ],
-            256: [
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
-                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
-            ],
-            # 384 (C = 320, 384): the accumulator alone is 64 x 384 fp32 = 96 registers
-            # per thread. With one 512-wide tile, BLOCK_M = 64 spilled ~550 B under
-            # triton 3.6. These: none under 3.6; under 3.9 none at batch 128 and
-            # 12-16 B at batch 2 (BLOCK_H = 32 spilled 12-20 B at batch 128).
-            384: [
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-                _cfg(8, 4, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=32, BLOCK_H=64, BLOCK_K=64),
-            ],
-        },
-        # fp32 fuses only up to C = 256 (_fused_max_c): at a 512-wide accumulator
-        # every tf32 tile spilled.
-        "tf32": {
-            128: [
-                _cfg(8, 3, BLOCK_M=128, BLOCK_H=64, BLOCK_K=32),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=64, BLOCK_K=32),
-                _cfg(4, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
-            ],
-            256: [
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=64, BLOCK_H=32, BLOCK_K=32),
-            ],
-        },
-        "fma": {
-            128: [
-                _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
-                _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
-                _cfg(4, 2, BLOCK_M=32, BLOCK_H=16, BLOCK_K=16),
-            ],
-            256: [
-                _cfg(8, 2, BLOCK_M=64, BLOCK_H=32, BLOCK_K=16),
-                _cfg(4, 2, BLOCK_M=32, BLOCK_H=32, BLOCK_K=16),
-            ],
-        },
-    }
-    _MATMUL_CONFIGS = {
-        # (128x256 tiles spilled in the GELU / residual epilogues: dropped.)
-        "mma": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        ],
-        "tf32": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        ],
-        "fma": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-            _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
-        ],
-    }
-    _BWD_HIDDEN_CONFIGS = {
-        "mma": [
-            _cfg(4, 3, BLOCK_H=64, BLOCK_K=64),
-            _cfg(8, 3, BLOCK_H=128, BLOCK_K=64),
-            _cfg(8, 4, BLOCK_H=128, BLOCK_K=32),
-        ],
-        "tf32": [
-            _cfg(4, 3, BLOCK_H=64, BLOCK_K=32),
-            _cfg(8, 3, BLOCK_H=128, BLOCK_K=32),
-        ],
-        # (8 warps, BLOCK_H = 128, 3 stages spilled 176 B under triton 3.6: 2 stages,
-        # 8 B under 3.6 and 28 B under 3.9.)
-        "fma": [
-            _cfg(4, 3, BLOCK_H=64, BLOCK_K=16),
-            _cfg(8, 3, BLOCK_H=64, BLOCK_K=16),
-            _cfg(8, 2, BLOCK_H=128, BLOCK_K=16),
-        ],
-    }
+    _FUSED_FWD_CONFIGS = _GPU_FUSED_FWD_CONFIGS
+    _MATMUL_CONFIGS = _GPU_MATMUL_CONFIGS
+    _BWD_HIDDEN_CONFIGS = _GPU_BWD_HIDDEN_CONFIGS
 
 
 @triton.jit

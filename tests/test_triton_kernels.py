@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from conftest import TRITON_INTERPRETER_BF16_MISSING  # noqa: E402
 from convnext_kernels.backends import triton_interpreted  # noqa: E402
@@ -109,6 +109,10 @@ DWCONV_SHAPES = [
     (1, 1, 1, 40, True),
     (1, 13, 1, 40, True),
     (1, 3, 4, 768, True),
+    # Several pixel tiles per image row, as every ConvNeXt-T stage shape has on a GPU (2 there):
+    # 3 tiles of 32 / 4 pixels (the last partial), in all three kernels / the forward ones.
+    (1, 3, 70, 40, True),
+    (1, 2, 9, 768, True),
 ]
 
 
@@ -156,10 +160,41 @@ def test_dwconv_layernorm_fp32(shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
-@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True), (1, 13, 5, 96, True), (1, 3, 4, 768, True)],
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True), (1, 13, 5, 96, True), (1, 3, 4, 768, True),
+                                   (1, 3, 70, 40, True)],
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_dwconv_layernorm_low_precision(shape, dtype):
     _run_dwconv_layernorm(shape, dtype)
+
+
+def test_dwconv_layernorm_bwd_rows_per_program_on_gpu_shapes():
+    """The backward conv kernel's ROWS (image rows per program) grows with the problem: 16 / 14 /
+    10 / 7 at the ConvNeXt-T stage shapes at batch 128, 1 at every shape small enough for the
+    interpreter. The test below forces ROWS > 1 there."""
+    from convnext_kernels.triton import dwconv_layernorm as m
+
+    assert [m._conv_bwd_tiling(128, hw, hw, c)[0] for hw, c in ((56, 96), (28, 192), (14, 384), (7, 768))] \
+        == [16, 14, 10, 7]
+    assert m._conv_bwd_tiling(2, 13, 5, 40)[0] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [3, 13])
+def test_dwconv_layernorm_bwd_rows_per_program(rows, dtype, monkeypatch):
+    """ROWS > 1 at a small shape: H = 13 leaves a partial last chunk for ROWS = 3 (1 row), ROWS = H
+    makes one chunk per sample; two samples check that chunks never cross them."""
+    from convnext_kernels.triton import dwconv_layernorm as m
+
+    real, used = m._conv_bwd_tiling, []
+
+    def forced(N, H, W, C):
+        _, block_w, block_c, num_warps = real(N, H, W, C)
+        used.append(rows)
+        return rows, block_w, block_c, num_warps
+
+    monkeypatch.setattr(m, "_conv_bwd_tiling", forced)
+    _run_dwconv_layernorm((2, 13, 5, 40, True), dtype)
+    assert used == [rows]
 
 
 # --------------------------------------------------------------------------- MLP + layer scale
@@ -356,6 +391,35 @@ def test_every_gpu_autotune_config(case, monkeypatch):
     else:
         _run_mlp_layerscale((1, 5, 29, 40, True, True), dtype)
     assert any(t.best_config is cfg for t in tuned), "the patched config did not run"
+
+
+def test_weight_gradients_split_k_on_gpu_shapes():
+    """The weight-gradient GEMMs split their reduction over the rows only from 512 rows on: at the
+    ConvNeXt-T stage shapes at batch 128 (and 32), never at a shape small enough for the
+    interpreter. The test below forces the split there."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
+        assert m._split_k(C, 4 * C, 128 * hw * hw)[0] > 1 and m._split_k(4 * C, C, 32 * hw * hw)[0] > 1
+    assert m._split_k(40, 160, 145) == (1, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("k_per_split", [48, 64])
+def test_weight_gradients_split_k(k_per_split, dtype, monkeypatch):
+    """G = dys.T @ h and dW1 = da.T @ x in several K splits (fp32 partials summed after): 145 rows
+    in splits of 48 (not a multiple of BLOCK_K, the last split 1 row) or 64."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    used = []
+
+    def forced(rows, cols, K):
+        used.append(triton.cdiv(K, k_per_split))
+        return triton.cdiv(K, k_per_split), k_per_split
+
+    monkeypatch.setattr(m, "_split_k", forced)
+    _run_mlp_layerscale((1, 5, 29, 40, True, True), dtype)
+    assert used == [triton.cdiv(145, k_per_split)] * 2
 
 
 def test_backward_is_deterministic():

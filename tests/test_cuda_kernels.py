@@ -202,8 +202,9 @@ def test_dwconv_layernorm(target, shape, dtype):
 
 
 # Channel counts and row lengths beyond ConvNeXt-T's: the widest ConvNeXts (L: 1536, XL: 2048,
-# few pixels per tile), a 70-pixel row with C = 8, a single channel, a scalar-path C = 80 + odd W.
-EXTREME_DWCONV_SHAPES = [(1, 2, 33, 1536), (1, 3, 5, 2048), (2, 1, 70, 8), (1, 9, 3, 80), (1, 4, 4, 1)]
+# few pixels per tile), a 70-pixel row with C = 8, a single channel, a scalar-path C = 84 (not a
+# multiple of 8) with an odd W.
+EXTREME_DWCONV_SHAPES = [(1, 2, 33, 1536), (1, 3, 5, 2048), (2, 1, 70, 8), (1, 9, 3, 84), (1, 4, 4, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -216,8 +217,8 @@ def test_dwconv_layernorm_extreme_shapes(target, shape, dtype):
 # block and at most 4 rows per row group), while on a GPU every stage shape at batch 32 does. The
 # recompute kernel runs max(64, min(2048, 196608 // C)) persistent blocks (96 at C = 2044 and
 # 2048), fewer than these shapes' 98 tiles (one per row: W = 2 fits a tile); the dweight kernel
-# makes at most 1024 / ceil(C / 32) = 16 row groups of the 98 rows, 7 rows each, more than its 4
-# concurrent row slots. C = 2048 takes the 16-byte path, C = 2044 the scalar one.
+# aims at 1024 / ceil(C / 32) = 16 row groups of the 98 rows: 7 rows each (14 groups), more than
+# its 4 concurrent row slots. C = 2048 takes the 16-byte path, C = 2044 the scalar one.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 49, 2, 2048), (2, 49, 2, 2044)], ids=_shape_id)
 def test_dwconv_layernorm_bwd_blocks_loop(target, shape, dtype):

@@ -7,7 +7,8 @@ interpreter there is nothing to compile (and the launchers switch to their inter
 lists).
 
 Cases (one per autotune list): bf16 C=96 (N=2, 56x56), bf16 C=192 (28x28), bf16 C=256 and 384
-(14x14), fp16 C=768 (7x7), fp32 "ieee" C=40 (13x17), fp32 with TF32 C=96 and 192 (28x28); and
+(14x14), fp16 C=768 (7x7), fp32 "ieee" C=40 (13x17) and 192 (28x28), fp32 with TF32 C=96 and 192
+(28x28); and
 bf16 C=96 at batch 128, where the backward conv kernel takes 16 image rows per program.
 
 sm_90, the target: every config within its spill bound. sm_80: every config compiles and fits
@@ -33,18 +34,20 @@ KERNELS = {
     "_mlp_layerscale_bwd_hidden_kernel",
 }
 
-# Spill bytes (max of ptxas's spill stores / loads) allowed per compile. 16-bit at ConvNeXt
-# widths: 0, the tuned state. Measured with triton 3.9 and 3.6 (the GPU machine's; their ptxas
-# for sm_90), 2026-11-24.
+# Spill bytes (max of ptxas's spill stores / loads) allowed per compile (sm_90) or for the best
+# config of each launch (sm_80). 16-bit and TF32 at ConvNeXt widths: 0, the tuned state.
+# Measured with triton 3.9 and 3.6 (the GPU machine's; their ptxas), 2026-11-24.
 SPILL_BOUND = {"bf16:96": 0, "bf16:96:b128": 0, "bf16:192": 0, "bf16:256": 0, "bf16:384": 0, "fp16:768": 0,
                "tf32:96": 0, "tf32:192": 0,
-               # fp32 "ieee" runs on CUDA-core FMAs; today's worst is 76 bytes. The bound
-               # catches the tens-of-KB spills of a too-large fma tile.
-               "fp32:40": 128}
+               # fp32 "ieee" runs on CUDA-core FMAs; today's worst on sm_90 is 76 bytes (on
+               # sm_80 one 64x64 matmul config spills ~500 B: its launches have clean ones).
+               # The bound catches the tens-of-KB spills of a too-large fma tile.
+               "fp32:40": 128, "fp32:192": 128}
 # The stored pre-activation variant is timed against recompute (benchmarks/kernels.py), not used
 # by the ops: it must compile, and a few hundred bytes of spills in some of its autotune configs
-# only cost it in that comparison (0 at this test's shapes and at batch 128, C = 384, under triton
-# 3.6 and 3.9; 344-368 B there before the fused forward split its accumulator).
+# only cost it in that comparison (for sm_90: 0 at this test's shapes and at batch 128, C = 384,
+# under triton 3.6 and 3.9, 344-368 B there before the fused forward split its accumulator; for
+# sm_80 up to ~600 B in the BLOCK_M = 64 configs).
 STORED_VARIANT_SPILL_BOUND = 1024
 STORED_VARIANT_FLAGS = ("STORE_PREACT", "PREACT_STORED")
 SPILL_EXCEPTIONS = {
@@ -99,9 +102,10 @@ def _where(r):
     return f"{r['kernel']} [{r['config']}] for {','.join(r['cases'])}"
 
 
-def _spill_bound(r):
-    """Spill bytes allowed for compile row r (the strictest bound among the cases it serves)."""
-    bound = min(SPILL_EXCEPTIONS.get((r["kernel"], c), SPILL_BOUND[c]) for c in r["cases"])
+def _spill_bound(r, cases=None):
+    """Spill bytes allowed for compile row r: the strictest bound among cases (default: all the
+    cases the row serves)."""
+    bound = min(SPILL_EXCEPTIONS.get((r["kernel"], c), SPILL_BOUND[c]) for c in (cases or r["cases"]))
     if any(r["constexprs"].get(flag) == "True" for flag in STORED_VARIANT_FLAGS):
         bound = max(bound, STORED_VARIANT_SPILL_BOUND)
     return bound
@@ -126,8 +130,8 @@ def test_launches_cover_every_kernel(arch, request):
     assert {r["kernel"] for r in rows} == KERNELS
     cases = {c for r in rows for c in r["cases"]}
     assert cases == set(SPILL_BOUND)
-    # Every launch is autotuned over more than one config somewhere (else the sm_80 rule below,
-    # "one clean config per launch", would be the same as sm_90's "every config").
+    # Some launches are autotuned over several configs (else the sm_80 rule below, "one clean
+    # config per launch", would be the same as sm_90's "every config").
     per_launch = {}
     for r in rows:
         for launch in r["launches"]:
@@ -167,7 +171,8 @@ def test_every_launch_has_a_clean_config_for_sm80(aot_sm80):
             by_launch.setdefault(launch, []).append(r)
     bad = []
     for launch, cands in sorted(by_launch.items()):
-        if not any(_spill(r) <= _spill_bound(r) for r in cands):
-            worst = "; ".join(f"[{r['config']}] {_spill(r)} B > {_spill_bound(r)} B" for r in cands)
+        case = [launch.split("#")[0]]  # the launch's own bound, not that of a case sharing its rows
+        if not any(_spill(r) <= _spill_bound(r, case) for r in cands):
+            worst = "; ".join(f"[{r['config']}] {_spill(r)} B > {_spill_bound(r, case)} B" for r in cands)
             bad.append(f"{cands[0]['kernel']} ({launch}): {worst}")
     assert not bad, "launches whose every sm_80 config spills past the bound:\n" + "\n".join(bad)

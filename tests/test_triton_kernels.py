@@ -109,8 +109,9 @@ DWCONV_SHAPES = [
     (1, 1, 1, 40, True),
     (1, 13, 1, 40, True),
     (1, 3, 4, 768, True),
-    # Several pixel tiles per image row, as every ConvNeXt-T stage shape has on a GPU (2 there):
-    # 3 tiles of 32 / 4 pixels (the last partial), in all three kernels / the forward ones.
+    # Several pixel tiles per image row, as every ConvNeXt-T stage shape has on a GPU in the
+    # forward and backward-norm kernels (2 there; the backward conv kernel at 56x56 only):
+    # 3 tiles of 32 / 4 pixels (the last partial), in all three kernels / those two.
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
 ]
@@ -375,7 +376,9 @@ def test_every_gpu_autotune_config(case, monkeypatch):
     run_mode = m._dot_mode(dtype, "ieee")  # the slot the interpreter's launch uses
     if kernel == "fused":
         C = _WIDTH_TO_C[width]
-        assert C <= m._fused_max_c(dtype) and sum(m._split_width(C)) > 128 * (width > 128)
+        # On a GPU this C selects this width's list (the smallest key >= its accumulator width).
+        assert C <= m._fused_max_c(dtype)
+        assert min(k for k in m._GPU_FUSED_FWD_CONFIGS[mode] if k >= sum(m._split_width(C))) == width
         tuned = list(m._fused_fwd_kernels[run_mode].values())
     else:
         tuned = [(m._matmul if kernel == "matmul" else m._bwd_hidden)[run_mode]]
@@ -394,13 +397,15 @@ def test_every_gpu_autotune_config(case, monkeypatch):
 
 
 def test_weight_gradients_split_k_on_gpu_shapes():
-    """The weight-gradient GEMMs split their reduction over the rows only from 512 rows on: at the
-    ConvNeXt-T stage shapes at batch 128 (and 32), never at a shape small enough for the
+    """The weight-gradient GEMMs split their reduction over the rows only above 512 rows: at the
+    ConvNeXt-T stage shapes at batch 32 and 128, never at a shape small enough for the
     interpreter. The test below forces the split there."""
     from convnext_kernels.triton import mlp_layerscale as m
 
-    for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
-        assert m._split_k(C, 4 * C, 128 * hw * hw)[0] > 1 and m._split_k(4 * C, C, 32 * hw * hw)[0] > 1
+    for batch in (32, 128):
+        for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
+            rows = batch * hw * hw
+            assert m._split_k(C, 4 * C, rows)[0] > 1 and m._split_k(4 * C, C, rows)[0] > 1
     assert m._split_k(40, 160, 145) == (1, 256)
 
 

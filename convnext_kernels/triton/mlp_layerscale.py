@@ -84,9 +84,10 @@ def _cfg(num_warps, num_stages, **blocks):
 # compilation (tests/test_triton_compile.py; triton 3.9 and 3.6, the GPU
 # machine's; no GPU, 2026-11-24). For sm_90 every 16-bit config at ConvNeXt
 # widths spills at most 16 B (the fused forward at C = 384, batch 2, under 3.9).
-# For sm_80, where mma.sync holds both operands in registers, some BLOCK_M = 64
-# configs spill, so every list also holds one that does not there; none
-# exceeds the A100's 163 KB of shared memory. Not yet tuned on hardware.
+# For sm_80, where mma.sync holds both operands in registers, some configs
+# (mostly BLOCK_M >= 64) spill, so every launch's list also holds at least one
+# that does not there; none exceeds the A100's 163 KB of shared memory. Not
+# yet tuned on hardware.
 # BLOCK_M = 64 compiles to wgmma on sm_90, BLOCK_M = 32 to mma.sync. Under the
 # interpreter the launchers use one small config each (autotuning there is slow
 # and pointless); the GPU lists exist there too, so that the test suite can run

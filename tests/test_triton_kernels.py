@@ -354,7 +354,7 @@ def _gpu_config_cases():
 
 def _config_id(case):
     kernel, mode, width, cfg = case
-    blocks = "-".join(f"{k[len('BLOCK_'):] if k.startswith('BLOCK_') else k}{v}" for k, v in sorted(cfg.kwargs.items()))
+    blocks = "-".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in sorted(cfg.kwargs.items()))
     return f"{kernel}-{mode}{'' if width is None else f'-w{width}'}-{blocks}"
 
 

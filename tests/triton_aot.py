@@ -244,8 +244,8 @@ def main():
     rows = []
     for w, r in zip(work, outs):
         module, name, sig, consts, attrs, opts, desc = w["job"]
-        rows.append(dict(kernel=name, config=desc, cases=sorted(set(w["cases"])), launches=w["launches"], arch=a.arch,
-                         constexprs={k: str(v) for k, v in consts.items()}, **r))
+        rows.append(dict(kernel=name, config=desc, cases=sorted(set(w["cases"])), launches=w["launches"],
+                         arch=a.arch, constexprs={k: str(v) for k, v in consts.items()}, **r))
     write({"triton": triton.__version__, "results": rows})
     return 0
 

@@ -376,9 +376,9 @@ def test_every_gpu_autotune_config(case, monkeypatch):
     run_mode = m._dot_mode(dtype, "ieee")  # the slot the interpreter's launch uses
     if kernel == "fused":
         C = _WIDTH_TO_C[width]
-        # On a GPU this C selects this width's list (the smallest key >= its accumulator width).
+        # On a GPU this C selects this width's list.
         assert C <= m._fused_max_c(dtype)
-        assert min(k for k in m._GPU_FUSED_FWD_CONFIGS[mode] if k >= sum(m._split_width(C))) == width
+        assert m._fused_list_key(m._GPU_FUSED_FWD_CONFIGS[mode], sum(m._split_width(C))) == width
         tuned = list(m._fused_fwd_kernels[run_mode].values())
     else:
         tuned = [(m._matmul if kernel == "matmul" else m._bwd_hidden)[run_mode]]

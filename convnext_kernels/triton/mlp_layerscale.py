@@ -518,6 +518,12 @@ def _split_width(C):
     return c0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
+def _fused_list_key(keys, width):
+    """Which of the fused forward's config lists (keys) serves an accumulator of this width
+    (BLOCK_C0 + BLOCK_C1): the smallest key >= it."""
+    return min(k for k in keys if k >= width)
+
+
 def _fused_max_c(dtype):
     # fp32 operands need twice the registers / shared memory: fuse up to C = 256.
     return FUSED_MAX_C if dtype != torch.float32 else min(FUSED_MAX_C, 256)
@@ -571,7 +577,7 @@ def mlp_layerscale_fwd(
     if C <= _fused_max_c(x.dtype):
         block_c0, block_c1 = _split_width(C)
         kernels = _fused_fwd_kernels[mode]
-        kernel = kernels[min(c for c in kernels if c >= block_c0 + block_c1)]
+        kernel = kernels[_fused_list_key(kernels, block_c0 + block_c1)]
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
         wrap_triton(kernel)[grid](
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,

@@ -21,6 +21,10 @@ Providers:
                  (what the ops do) or reading it from a buffer the forward wrote (the
                  stored-activation variant). Same harness for both, so the pair answers which
                  is faster at each shape.
+  cuda_mma_sync  mlp_layerscale, GPU with the cuda backend: fused_cuda with its GEMMs on mma.sync
+                 (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's two-GEMM forward and
+                 backward GEMMs use wgmma, so the pair answers whether wgmma pays at each shape
+                 (the fused forward, C <= 384, is mma.sync in both).
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
 read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:
@@ -37,6 +41,7 @@ compute ceiling; its bound is set by bytes anyway.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fused = [f"fused_{b}" for b in common.fused_backends(ck, args.device)]
     if args.providers:
         args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
-        known = ["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
+        known = (["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
+                 + list(GEMM_PROVIDERS))
         unknown = [s for s in args.providers if s not in known]
         if unknown:
             p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
@@ -96,17 +102,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.providers = ["eager"] + ([] if args.quick else ["compile"]) + fused
         if "fused_triton" in fused and not args.quick:
             args.providers += list(PREACT_PROVIDERS)
+        if "fused_cuda" in fused and not args.quick:
+            args.providers += list(GEMM_PROVIDERS)
     return args
 
 
 # Launcher-level providers comparing the two backward forms of mlp_layerscale (see above).
 PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
+# fused_cuda with an environment switch set for the whole step (forward and backward), by provider.
+GEMM_PROVIDERS = {"cuda_mma_sync": ("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")}
 
 
 def providers_for(op: str, pass_: str, providers: list[str]) -> list[str]:
-    """The providers that apply to one case (the preact pair: mlp_layerscale fwd+bwd only)."""
+    """The providers that apply to one case (the preact pair: mlp_layerscale fwd+bwd only; the GEMM
+    variants: mlp_layerscale)."""
     return [p for p in providers
-            if p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd")]
+            if (p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd"))
+            and (p not in GEMM_PROVIDERS or op == "mlp_layerscale")]
+
+
+def backend_of(provider: str) -> str | None:
+    """The convnext_kernels backend a provider runs, None for eager / compile."""
+    if provider.startswith("fused_"):
+        return provider[len("fused_"):]
+    if provider in PREACT_PROVIDERS:
+        return "triton"
+    if provider in GEMM_PROVIDERS:
+        return "cuda"
+    return None
+
+
+def with_env(step, name: str, value: str):
+    """step() with os.environ[name] = value while it runs (the launchers read it at each call)."""
+    def wrapped():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return wrapped
 
 
 def _subset(parser, text: str, allowed, flag: str) -> list[str]:
@@ -230,8 +268,7 @@ def new_record(op: str, pass_: str, stage: int, provider: str, args, ceilings: d
     nbytes, flops = model_cost(op, pass_, N, H, C, DTYPES[args.dtype])
     bound_ms = 1e3 * max(nbytes / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
     return {"op": op, "pass": pass_, "stage": stage, "shape": [N, H, H, C], "provider": provider,
-            "backend": provider[len("fused_"):] if provider.startswith("fused_") else
-            ("triton" if provider in PREACT_PROVIDERS else "inductor" if provider == "compile" else "torch"),
+            "backend": backend_of(provider) or ("inductor" if provider == "compile" else "torch"),
             "dtype": args.dtype, "ms": None, "gb_per_s": None, "pct_copy_bw": None, "tflop_per_s": None,
             "pct_matmul_peak": None, "bound_ms": bound_ms, "pct_roofline": None,
             "timing": "perf_counter" if args.device.type == "cpu" else None,
@@ -242,29 +279,23 @@ def prepare(record: dict, args):
     """(step, tensors whose .grad to reset) for a record, after one untimed call (compilation,
     autotuning); None with record["error"] set when the provider cannot run."""
     provider = record["provider"]
-    if provider.startswith("fused_"):
+    backend = backend_of(provider)
+    if backend is not None:
         from convnext_kernels.backends import unavailable_reason
 
-        why = unavailable_reason(provider[len("fused_"):], args.device)
+        why = unavailable_reason(backend, args.device)
         if why:
             record["error"] = f"unavailable: {why}"
             return None
     N, H, _, C = record["shape"]
     try:
-        kernel_dtypes = provider.startswith("fused_") or provider in PREACT_PROVIDERS
-        inputs = make_inputs(record["op"], N, H, C, DTYPES[args.dtype], kernel_dtypes, args.device)
+        inputs = make_inputs(record["op"], N, H, C, DTYPES[args.dtype], backend is not None, args.device)
         if provider in PREACT_PROVIDERS:
-            from convnext_kernels.backends import unavailable_reason
-
-            why = unavailable_reason("triton", args.device)
-            if why:
-                record["error"] = f"unavailable: {why}"
-                return None
             step, leaves = preact_launcher_step(provider, inputs, torch.randn_like(inputs["x"])), []
             step()
             common.synchronize(args.device)
             return step, leaves
-        fn = op_function(record["op"], provider)
+        fn = op_function(record["op"], "fused_cuda" if provider in GEMM_PROVIDERS else provider)
         if record["pass"] == "fwd":
             def step():
                 with torch.no_grad():
@@ -276,6 +307,8 @@ def prepare(record: dict, args):
 
             def step():
                 fn(**inputs).backward(dy)
+        if provider in GEMM_PROVIDERS:
+            step = with_env(step, *GEMM_PROVIDERS[provider])
         step()
         common.synchronize(args.device)
         return step, leaves

@@ -98,6 +98,28 @@ def test_kernels_preact_pair_only_times_mlp_training(monkeypatch):
         assert kernels.providers_for(op, pass_, everyone) == ["eager", "fused_triton"]
 
 
+def test_kernels_gemm_variant_provider(monkeypatch):
+    """cuda_mma_sync times only mlp_layerscale, on the cuda backend, with the wgmma switch off for
+    the whole step (forward and backward) and the environment as it was afterwards."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    everyone = ["eager", "fused_cuda", "cuda_mma_sync"]
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert kernels.providers_for("mlp_layerscale", pass_, everyone) == everyone
+        assert kernels.providers_for("dwconv_layernorm", pass_, everyone) == ["eager", "fused_cuda"]
+    assert kernels.backend_of("cuda_mma_sync") == "cuda"
+    assert kernels.backend_of("triton_stored") == "triton" and kernels.backend_of("compile") is None
+    name, value = kernels.GEMM_PROVIDERS["cuda_mma_sync"]
+    seen = []
+    monkeypatch.setenv(name, "1")
+    kernels.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
+    assert seen == ["0"] and os.environ[name] == "1"
+    monkeypatch.delenv(name)
+    kernels.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
+    assert seen == ["0", "0"] and name not in os.environ
+
+
 @pytest.mark.cuda
 def test_throughput_quick_gpu(tmp_path):
     run_script("throughput.py", "--quick", "--device", "cuda", "--providers", "eager_channels_last,fused_triton",

@@ -123,7 +123,104 @@ def test_race_shows_as_schedule_dependence(schedule):
     assert not torch.equal(forward.nan_to_num(-7.0), reverse.nan_to_num(-7.0))
 
 
-def _all_outputs(device_dtype, shape, fused: bool, monkeypatch):
+# ------------------------------------------------------------------------------------------------
+# wgmma: the emulator against the PTX ISA's layouts, transcribed here independently of its code
+# ------------------------------------------------------------------------------------------------
+# Shared-memory operands, no-swizzle canonical layouts of 16-bit elements (T = 8 per 16 bytes), in
+# CuTe notation from the PTX ISA ("Canonical Layouts"), element offsets for (mn, k):
+#   K-major:  ((8, m), (T, 2k)) : ((1T, SBO), (1, LBO))
+#   MN-major: ((T, 1, m), (8, k)) : ((1, T, SBO), (1T, LBO))
+# Accumulator D of m64nNk16 (CuTe's CLayout_64xN): (thread, value) -> m + 64 n by
+#   ((4, 8, 4), (2, 2, N/8)) : ((128, 1, 16), (64, 8, 512)).
+def _canonical_offset(mn: int, k: int, mn_major: bool, lbo: int, sbo: int) -> int:
+    if mn_major:
+        return (mn % 8) + (mn // 8) * sbo + (k % 8) * 8 + (k // 8) * lbo
+    return (mn % 8) * 8 + (mn // 8) * sbo + (k % 8) + (k // 8) * lbo
+
+
+def _d_coordinate(thread: int, value: int) -> tuple[int, int]:
+    index = (128 * (thread % 4) + (thread // 4) % 8 + 16 * (thread // 32)
+             + 64 * (value % 2) + 8 * ((value // 2) % 2) + 512 * (value // 4))
+    return index % 64, index // 64
+
+
+def _descriptor(start_bytes: int, lbo_bytes: int, sbo_bytes: int) -> int:
+    # PTX ISA "Matrix Descriptor Format": bits 0-13, 16-29, 32-45 hold (x & 0x3FFFF) >> 4; swizzle 0.
+    enc = lambda x: (x & 0x3FFFF) >> 4  # noqa: E731
+    return enc(start_bytes) | (enc(lbo_bytes) << 16) | (enc(sbo_bytes) << 32)
+
+
+# (A M-major?, A LBO, A SBO, B N-major?, B LBO, B SBO), strides in elements. Besides the layouts
+# the GEMM kernel uses (K-major: LBO 64, SBO 256; MN-major: SBO 64, LBO = 8 x rows), ones with the
+# 8-row groups of both K halves interleaved (K-major LBO 64 / SBO 128), and with gaps between core
+# matrices, so that a swapped or ignored LBO / SBO cannot pass.
+WGMMA_LAYOUTS = [
+    (False, 64, 256, False, 64, 256),
+    (False, 64, 128, False, 64, 128),
+    (True, 512, 64, True, 1024, 64),
+    (False, 1200, 80, True, 72, 144),
+    (True, 96, 1056, False, 4200, 136),
+]
+
+
+def _wgmma_case(dtype, layout, clobber=False, seed=0):
+    a_mn, a_lbo, a_sbo, b_mn, b_lbo, b_sbo = layout
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(64, 16, generator=g).to(dtype)
+    B = torch.randn(128, 16, generator=g).to(dtype)  # (n, k)
+    D = torch.randn(128, 64, generator=g)            # each thread's accumulator fragment
+    a_off = [[_canonical_offset(m, k, a_mn, a_lbo, a_sbo) for k in range(16)] for m in range(64)]
+    b_off = [[_canonical_offset(n, k, b_mn, b_lbo, b_sbo) for k in range(16)] for n in range(128)]
+    a_elems = 1 + max(max(r) for r in a_off)
+    b_base = (a_elems + 7) // 8 * 8  # B starts on a 16-byte boundary after A
+    elems = b_base + 1 + max(max(r) for r in b_off)
+    image = torch.full((elems,), float("nan")).to(dtype)  # gaps hold NaN: reading one shows
+    image[torch.tensor(a_off).flatten()] = A.flatten()
+    image[b_base + torch.tensor(b_off).flatten()] = B.flatten()
+    out = D.clone()
+    emu.wgmma_selftest(image.data_ptr(), 2 * elems, _descriptor(0, 2 * a_lbo, 2 * a_sbo),
+                       _descriptor(2 * b_base, 2 * b_lbo, 2 * b_sbo), a_mn, b_mn, dtype == torch.bfloat16,
+                       clobber, out.data_ptr())
+    product = A.double() @ B.double().T  # exact products of 16-bit values; one rounding to fp32 at the end
+    expect = torch.empty(128, 64)
+    for t in range(128):
+        for v in range(64):
+            m, n = _d_coordinate(t, v)
+            expect[t, v] = (D[t, v].double() + (0.0 if clobber else product[m, n])).float()
+    return out, expect
+
+
+@needs_emulator
+@pytest.mark.parametrize("layout", WGMMA_LAYOUTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_wgmma_matches_the_ptx_layouts(dtype, layout):
+    out, expect = _wgmma_case(dtype, layout)
+    assert torch.equal(out, expect), (out - expect).abs().max()
+
+
+@needs_emulator
+def test_wgmma_reads_its_operands_at_the_wait():
+    """wgmma is asynchronous: shared memory overwritten between the issue and wgmma.wait_group is
+    what the instruction reads (here zeros, so D comes back unchanged)."""
+    out, expect = _wgmma_case(torch.float16, WGMMA_LAYOUTS[0], clobber=True)
+    assert torch.equal(out, expect)
+
+
+@needs_emulator
+def test_wgmma_descriptor_checks():
+    """A swizzled layout (not emulated) and an operand past the end of shared memory fault."""
+    image = torch.zeros(64 * 16 + 128 * 16, dtype=torch.float16)
+    out = torch.zeros(128, 64)
+    good = _descriptor(0, 128, 256)
+    with pytest.raises(RuntimeError, match="swizzled"):
+        emu.wgmma_selftest(image.data_ptr(), image.numel() * 2, good | (1 << 62), good, False, False, False, False,
+                           out.data_ptr())
+    with pytest.raises(RuntimeError, match="outside the block's shared memory"):
+        emu.wgmma_selftest(image.data_ptr(), image.numel() * 2, good, _descriptor(2048, 128, 512), False, False,
+                           False, False, out.data_ptr())
+
+
+def _all_outputs(device_dtype, shape, fused: bool, monkeypatch, wgmma: bool = True):
     """Every output of the four CUDA launchers (both ops, fwd and bwd) on fixed random inputs."""
     from convnext_kernels.launchers import cuda as L
 
@@ -141,25 +238,27 @@ def _all_outputs(device_dtype, shape, fused: bool, monkeypatch):
     b1, b2, gamma = torch.randn(4 * C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g)
     s = torch.tensor([0.0] + [1.25] * (N - 1))
     monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1" if fused else "0")
+    monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "1" if wgmma else "0")
     out.append(L.mlp_layerscale_fwd(x, y, w1, b1, w2, b2, gamma, s))
     out.extend(L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s))
     return out
 
 
 @needs_emulator
-@pytest.mark.parametrize("dtype,shape,fused", [
-    (torch.float16, (2, 5, 7, 40), True),      # fused MLP forward, C padded to the 64-channel tile
-    (torch.bfloat16, (2, 9, 11, 96), False),   # two-GEMM forward, cp.async + ldmatrix GEMMs
-    (torch.float32, (2, 5, 6, 13), False),     # scalar paths (C % 8 != 0), FFMA GEMMs
-], ids=["fp16-fused", "bf16-two_gemm", "fp32-scalar"])
-def test_cuda_kernels_do_not_depend_on_thread_order(dtype, shape, fused, schedule, monkeypatch):
+@pytest.mark.parametrize("dtype,shape,fused,wgmma", [
+    (torch.float16, (2, 5, 7, 40), True, False),    # fused MLP forward, C padded to the 64-channel tile
+    (torch.bfloat16, (2, 9, 11, 96), False, False),  # two-GEMM forward, cp.async + ldmatrix + mma.sync GEMMs
+    (torch.bfloat16, (2, 9, 11, 96), False, True),   # the same GEMMs on wgmma (an H100's default)
+    (torch.float32, (2, 5, 6, 13), False, False),   # scalar paths (C % 8 != 0), FFMA GEMMs
+], ids=["fp16-fused", "bf16-two_gemm", "bf16-two_gemm-wgmma", "fp32-scalar"])
+def test_cuda_kernels_do_not_depend_on_thread_order(dtype, shape, fused, wgmma, schedule, monkeypatch):
     """The racecheck of the emulator: every output bit-identical whether a block's threads run
     forward, in reverse or shuffled between barriers."""
     schedule("forward")
-    reference = _all_outputs(dtype, shape, fused, monkeypatch)
+    reference = _all_outputs(dtype, shape, fused, monkeypatch, wgmma)
     for order, seed in (("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
         schedule(order, seed)
-        outputs = _all_outputs(dtype, shape, fused, monkeypatch)
+        outputs = _all_outputs(dtype, shape, fused, monkeypatch, wgmma)
         for i, (a, b) in enumerate(zip(reference, outputs)):
             assert torch.isfinite(a).all(), f"output {i} has non-finite values"
             assert torch.equal(a, b), f"output {i} differs between the forward and {order} (seed {seed}) thread orders"
@@ -176,6 +275,7 @@ def test_ldmatrix_is_free_of_bank_conflicts(fused, C, monkeypatch):
     from convnext_kernels.launchers import cuda as L
 
     monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1" if fused else "0")
+    monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")  # the ldmatrix GEMMs (wgmma reads no ldmatrix)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 7, C, generator=g).half()
     w1, w2 = (torch.randn(4 * C, C, generator=g) / 8).half(), (torch.randn(C, 4 * C, generator=g) / 16).half()

@@ -59,7 +59,7 @@ class _Target:
 
     def sync(self) -> None:
         if self.gpu:
-            target.sync()
+            torch.cuda.synchronize()
 
     def gpu_only(self, why: str = "a GPU-sized case") -> None:
         if not self.gpu:
@@ -409,6 +409,52 @@ def _check_mlp_fwd(target, shape, dtype, with_gamma=True, with_drop=True):
     return y
 
 
+# ------------------------------------------------------------------------------------------------
+# mlp_layerscale GEMMs: wgmma (sm_90a, the default on an H100) vs mma.sync
+# ------------------------------------------------------------------------------------------------
+# The fp16 / bf16 GEMMs of the backward and of the two-GEMM forward run wgmma where the extension
+# was built for sm_90a and the device is compute capability 9.0 (the emulator: an H100);
+# CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0 keeps them on mma.sync. Shapes: partial row and column tiles,
+# the any-alignment element-wise tile loads (C = 13), and the ConvNeXt-T stages on a GPU.
+MLP_WGMMA_ENV = "CONVNEXT_KERNELS_CUDA_MLP_WGMMA"
+
+
+@pytest.mark.parametrize("gemm", ["wgmma", "mma_sync"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 5, 6, 13), (2, 9, 11, 136)] + STAGE_SHAPES, ids=_shape_id)
+def test_mlp_layerscale_gemm_paths(target, shape, dtype, gemm, monkeypatch):
+    if shape in STAGE_SHAPES:
+        target.gpu_only("a ConvNeXt-T stage shape")
+    monkeypatch.setenv(MLP_FUSED_ENV, "0")  # the two-GEMM forward: both GEMMs take the path too
+    monkeypatch.setenv(MLP_WGMMA_ENV, "1" if gemm == "wgmma" else "0")
+    if not target.gpu:
+        target.module.stats(True)
+    _check_mlp(target, shape, dtype)
+    if not target.gpu:  # the path asked for is the path that ran
+        st = target.module.stats(True)
+        assert (st["wgmma"] > 0, st["mma"] > 0) == ((True, False) if gemm == "wgmma" else (False, True)), st
+
+
+def test_mlp_layerscale_wgmma_dispatch(target, monkeypatch):
+    """wgmma is used exactly where it can run: on a compute capability 9.0 device with an sm_90a
+    build (the default archs "80;90a"), never for fp32 (tf32 / FFMA stay on their paths)."""
+    supported = target.module.mlp_layerscale_cuda_wgmma_supported()
+    if target.gpu:
+        from convnext_kernels import _C  # type: ignore[attr-defined]
+
+        expect = torch.cuda.get_device_capability() == (9, 0) and "90a" in _C.build_info()["cuda_archs"]
+        assert supported == expect
+        return
+    assert supported  # the emulator is an H100
+    monkeypatch.setenv(MLP_FUSED_ENV, "0")
+    L = _launchers()
+    x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(target, (2, 5, 7, 40), torch.float32)
+    target.module.stats(True)
+    L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+    L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+    assert target.module.stats(True)["wgmma"] == 0
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gemm"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FUSED_FWD_SHAPES + STAGE_SHAPES, ids=_shape_id)
@@ -463,7 +509,7 @@ def _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, allow_fused, workspace
     assert nbytes == N * H * W * 4 * C * x.element_size()
     workspace = torch.full((nbytes,), workspace_fill, dtype=torch.uint8, device=x.device)
     _C.mlp_layerscale_fwd_cuda(
-        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused, target.stream(),
+        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, False, allow_fused, True, target.stream(),
     )
     target.sync()
     return y, workspace
@@ -537,13 +583,13 @@ def test_mlp_layerscale_fwd_workspace_size(target, shape, dtype, expect_fused, m
 
     stream = target.stream()
     if expect_fused:  # the fused kernel needs no workspace at all
-        _C.mlp_layerscale_fwd_cuda(*ptrs, 0, 0, N, H, W, C, code, False, True, stream)
+        _C.mlp_layerscale_fwd_cuda(*ptrs, 0, 0, N, H, W, C, code, False, True, True, stream)
     ws = torch.empty((full,), dtype=torch.uint8, device=target.device)
     with pytest.raises(ValueError, match="workspace too small"):  # two-GEMM path, one byte short
-        _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), full - 1, N, H, W, C, code, False, False, stream)
+        _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), full - 1, N, H, W, C, code, False, False, True, stream)
     if not expect_fused:  # a fused-sized (empty) workspace on an ineligible case is rejected, not overrun
         with pytest.raises(ValueError, match="workspace too small"):
-            _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), 0, N, H, W, C, code, False, True, stream)
+            _C.mlp_layerscale_fwd_cuda(*ptrs, ws.data_ptr(), 0, N, H, W, C, code, False, True, True, stream)
     target.sync()
 
 

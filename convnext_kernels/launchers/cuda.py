@@ -68,6 +68,15 @@ def _mlp_fused_allowed() -> bool:
     return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1").strip() != "0"
 
 
+def _mlp_wgmma_allowed() -> bool:
+    """False when CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0: the mlp GEMMs then use mma.sync on an H100 too.
+
+    Otherwise the fp16 / bf16 GEMMs of the backward and of the two-GEMM forward use wgmma where the
+    extension was built for sm_90a and the device has compute capability 9.0.
+    """
+    return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "1").strip() != "0"
+
+
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     # Scratch only: every byte the kernels read is written by them first, which poisoning checks
     # (0xFF bytes are NaN in every float type).
@@ -145,7 +154,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
         workspace = _workspace(nbytes, x.device)
         kernels.mlp_layerscale_fwd_cuda(
             *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, allow_fused,
-            _stream(x.device),
+            _mlp_wgmma_allowed(), _stream(x.device),
         )
     return y
 
@@ -174,6 +183,6 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
             fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), dx.data_ptr(),
             dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),
             dgamma.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32,
-            _stream(x.device),
+            _mlp_wgmma_allowed(), _stream(x.device),
         )
     return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

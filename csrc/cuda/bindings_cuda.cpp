@@ -43,12 +43,13 @@ void register_cuda_bindings(pybind11::module_& m) {
   m.def("mlp_layerscale_fwd_cuda", &ck::mlp_layerscale_fwd, py::arg("x"), py::arg("shortcut"), py::arg("fc1_weight"),
         py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("gamma"), py::arg("drop_scale"),
         py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("N"), py::arg("H"), py::arg("W"),
-        py::arg("C"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("allow_fused"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("C"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("allow_fused"), py::arg("allow_wgmma"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "y = shortcut + drop_scale[n] * gamma * (gelu(x W1^T + b1) W2^T + b2). gamma / drop_scale may be 0. "
         "allow_fused: fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned tensors run the "
         "back-to-back fused kernel (hidden kept on chip); False forces the two-GEMM path. ValueError if "
-        "workspace_bytes is below what the path taken needs (see mlp_layerscale_fwd_cuda_workspace_bytes).");
+        "workspace_bytes is below what the path taken needs (see mlp_layerscale_fwd_cuda_workspace_bytes). "
+        "allow_wgmma: the two-GEMM path's fp16 / bf16 GEMMs use wgmma where mlp_layerscale_cuda_wgmma_supported().");
 
   m.def("mlp_layerscale_bwd_cuda_workspace_bytes", &ck::mlp_layerscale_bwd_workspace_bytes, py::arg("N"),
         py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"),
@@ -57,9 +58,13 @@ void register_cuda_bindings(pybind11::module_& m) {
         py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("gamma"), py::arg("drop_scale"),
         py::arg("dx"), py::arg("dfc1_weight"), py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"),
         py::arg("dgamma"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("N"), py::arg("H"), py::arg("W"),
-        py::arg("C"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("stream"),
+        py::arg("C"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("allow_wgmma"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
-        "Backward of mlp_layerscale_fwd_cuda (hidden recomputed); fp32 parameter gradients (deterministic).");
+        "Backward of mlp_layerscale_fwd_cuda (hidden recomputed); fp32 parameter gradients (deterministic). "
+        "allow_wgmma: fp16 / bf16 GEMMs use wgmma where mlp_layerscale_cuda_wgmma_supported().");
+  m.def("mlp_layerscale_cuda_wgmma_supported", &ck::mlp_layerscale_wgmma_supported,
+        "Whether allow_wgmma takes effect on the current device: the extension was built for sm_90a and "
+        "the device has compute capability 9.0 (the emulator: an H100, so True).");
 
   m.def("cuda_debug_launch", &ck::debug_launch, py::arg("block_threads"), py::arg("stream") = 0,
         py::call_guard<py::gil_scoped_release>(),

@@ -40,6 +40,9 @@ void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t co
 // device): 0 bytes when the fused kernel will run (workspace may then be 0), rows * 4C elements
 // otherwise. The forward throws std::invalid_argument if workspace_bytes is below what the path it
 // takes needs, so a query made with other arguments (or on another device) cannot be overrun.
+// allow_wgmma (forward and backward): the fp16 / bf16 GEMMs of the two-GEMM forward and of the
+// backward use wgmma on a compute capability 9.0 device when the extension was built for sm_90a
+// (mma.sync otherwise, or when false). The fused forward kernel is mma.sync either way.
 int64_t mlp_layerscale_fwd_workspace_bytes(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
                                            std::uintptr_t fc1_bias, std::uintptr_t fc2_weight,
                                            std::uintptr_t fc2_bias, std::uintptr_t gamma,
@@ -50,7 +53,8 @@ void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_
                         std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
                         std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t y,
                         std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
-                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, std::uintptr_t stream);
+                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, bool allow_wgmma,
+                        std::uintptr_t stream);
 
 int64_t mlp_layerscale_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C, int dtype);
 
@@ -60,7 +64,10 @@ void mlp_layerscale_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t fc1_
                         std::uintptr_t dfc1_weight, std::uintptr_t dfc1_bias, std::uintptr_t dfc2_weight,
                         std::uintptr_t dfc2_bias, std::uintptr_t dgamma, std::uintptr_t workspace,
                         int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
-                        bool allow_tf32, std::uintptr_t stream);
+                        bool allow_tf32, bool allow_wgmma, std::uintptr_t stream);
+
+// Whether allow_wgmma takes effect on the current device: built for sm_90a, compute capability 9.0.
+bool mlp_layerscale_wgmma_supported();
 
 // ---- debugging ---------------------------------------------------------------------------------
 // Launches a trivial kernel with an invalid configuration (block_threads > 1024 fails) so tests

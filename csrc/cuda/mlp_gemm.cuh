@@ -10,7 +10,11 @@
 //
 // Math modes: m16n8k16 mma.sync for fp16/bf16; m16n8k8 tf32 mma.sync for fp32 when TF32 is
 // allowed; otherwise an exact fp32 FFMA path that computes the same per-thread fragment layout
-// as the mma (so tiles, pipeline and epilogues are shared).
+// as the mma (so tiles, pipeline and epilogues are shared). On sm_90a, fp16/bf16 can instead use
+// the warpgroup MMA (wgmma.mma_async m64n128k16, both operands read from shared memory): the two
+// warpgroups of the CTA each take 64 rows x 128 columns, shared-memory tiles are stored in
+// wgmma's no-swizzle core-matrix layout, and each warp's accumulators come out in the same
+// C-fragment layout as the mma's (one 16-row band of 16 n8 fragments), so the epilogues are shared.
 //
 // blockIdx.x enumerates (m tile, n tile) with n fastest (CTAs that run together share the A
 // tile in L2), blockIdx.z is the K split (weight gradients: K = all rows, split into chunks
@@ -26,23 +30,24 @@ namespace convnext_kernels {
 namespace cuda {
 namespace mlp {
 
-enum class MathMode { kMma16, kMmaTf32, kFfma };
+enum class MathMode { kMma16, kMmaTf32, kFfma, kWgmma16 };
 
-template <typename T>
+template <typename T, MathMode kMode = MathMode::kMma16>
 struct GemmConfig {
+  static constexpr bool kWgmma = kMode == MathMode::kWgmma16;
   static constexpr int kBlockM = 128;                        // CTA tile rows
   static constexpr int kBlockN = 128;                        // CTA tile columns
   static constexpr int kStages = 3;                          // cp.async pipeline depth
-  static constexpr int kWarpsM = 2;                          // warp grid over the CTA tile
-  static constexpr int kWarpsN = 4;
+  static constexpr int kWarpsM = kWgmma ? 8 : 2;             // warp grid over the CTA tile (wgmma: warp w of
+  static constexpr int kWarpsN = kWgmma ? 1 : 4;             //   warpgroup w/4 holds rows 16w..16w+15, all columns)
   static constexpr int kThreads = kWarpsM * kWarpsN * 32;    // 256
   static constexpr int kMinBlocksPerSm = 2;                  // caps at 128 registers: 2 CTAs (16 warps) per SM; 1 = no spills but 8 warps/SM
-  static constexpr int kWarpTileM = kBlockM / kWarpsM;       // 64
-  static constexpr int kWarpTileN = kBlockN / kWarpsN;       // 32
+  static constexpr int kWarpTileM = kBlockM / kWarpsM;       // 64 (wgmma: 16)
+  static constexpr int kWarpTileN = kBlockN / kWarpsN;       // 32 (wgmma: 128)
   static constexpr int kMmaM = 16;                           // mma tile: 16 x 8 outputs
   static constexpr int kMmaN = 8;
-  static constexpr int kFragsM = kWarpTileM / kMmaM;         // 4
-  static constexpr int kFragsN = kWarpTileN / kMmaN;         // 4
+  static constexpr int kFragsM = kWarpTileM / kMmaM;         // 4 (wgmma: 1)
+  static constexpr int kFragsN = kWarpTileN / kMmaN;         // 4 (wgmma: 16)
   static constexpr int kChunkElems = 16 / int(sizeof(T));    // elements per 16-byte cp.async
   // Row padding, in elements: 16 bytes for K-major tiles (row stride 80 B: 8 consecutive rows
   // hit 8 distinct 16-byte bank groups), 8 elements for MN-major tiles (stride 272 B / 544 B).
@@ -59,13 +64,29 @@ constexpr int block_k() { return 64 / int(sizeof(T)); }
 template <bool kKMajor, int kStride>
 __device__ __forceinline__ int smem_offset(int mn, int k) { return kKMajor ? mn * kStride + k : k * kStride + mn; }
 
-template <typename T, bool kKMajor, int kRows>
+// kCanonical = false: the padded row layout the mma path reads with ldmatrix. true: wgmma's
+// no-swizzle canonical layout (16-bit types): 8 x 8 "core matrices" of 128 contiguous bytes,
+// K-major [mn/8][k/8][mn%8][k%8], MN-major [k/8][mn/8][k%8][mn%8]; a descriptor gives the byte
+// distance between core matrices adjacent along K (LBO) and along M/N (SBO).
+template <typename T, bool kKMajor, int kRows, bool kCanonical = false>
 struct SmemTile {
   static constexpr int kBlockK = block_k<T>();
-  // K-major: [kRows][kBlockK + pad]; MN-major: [kBlockK][kRows + pad].
+  // Padded: K-major [kRows][kBlockK + pad], MN-major [kBlockK][kRows + pad].
   static constexpr int kStride = kKMajor ? kBlockK + GemmConfig<T>::kPadKMajor : kRows + GemmConfig<T>::kPadMNMajor;
-  static constexpr int kElems = kKMajor ? kRows * kStride : kBlockK * kStride;
-  __device__ static __forceinline__ int offset(int mn, int k) { return smem_offset<kKMajor, kStride>(mn, k); }
+  static constexpr int kElems = kCanonical ? kRows * kBlockK : kKMajor ? kRows * kStride : kBlockK * kStride;
+  static constexpr int kCoreElems = 64;                                           // one 8 x 16-byte core matrix
+  static constexpr int kKGroupStride = kKMajor ? kCoreElems : (kRows / 8) * kCoreElems;     // elements: LBO
+  static constexpr int kMNGroupStride = kKMajor ? (kBlockK / 8) * kCoreElems : kCoreElems;  // elements: SBO
+  static_assert(!kCanonical || (sizeof(T) == 2 && kRows % 8 == 0 && kBlockK % 16 == 0),
+                "canonical layout: 16-bit elements, whole core matrices");
+  __device__ static __forceinline__ int offset(int mn, int k) {
+    if constexpr (kCanonical) {
+      const int within = kKMajor ? (mn % 8) * 8 + k % 8 : (k % 8) * 8 + mn % 8;
+      return (mn / 8) * kMNGroupStride + (k / 8) * kKGroupStride + within;
+    } else {
+      return smem_offset<kKMajor, kStride>(mn, k);
+    }
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -149,6 +170,122 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 }
 #endif  // CNK_CUDA_EMULATION
 
+// ---- wgmma (sm_90a) -------------------------------------------------------------------------------
+// Descriptor of a no-swizzle canonical tile (PTX ISA, "Matrix Descriptor Format"): bits 0-13 the
+// shared-window start address >> 4, 16-29 the leading byte offset (between core matrices adjacent
+// along K) >> 4, 32-45 the stride byte offset (adjacent along M/N) >> 4; base offset and swizzle
+// mode (bits 49-51, 62-63) 0.
+__device__ __forceinline__ uint64_t wgmma_descriptor(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(smem));
+  return ((addr & 0x3ffffu) >> 4) | (static_cast<uint64_t>((lbo_bytes & 0x3ffffu) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo_bytes & 0x3ffffu) >> 4) << 32);
+}
+
+#ifdef CNK_CUDA_EMULATION
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void fence_proxy_async_shared() {}
+__device__ __forceinline__ void wgmma_commit_group() { ::cnk_emu::wgmma_commit_group(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() { ::cnk_emu::wgmma_wait_group(N); }
+template <int kFragsN>
+__device__ __forceinline__ void wgmma_fence_operands(float (&)[1][kFragsN][4]) {}
+// acc += A (64 x 16) B (16 x 128): A M-major when kTransA, B N-major when kTransB (else K-major).
+template <typename T, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&acc)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
+  ::cnk_emu::wgmma(std::is_same_v<T, __half> ? ::cnk_emu::WgmmaKind::kF16 : ::cnk_emu::WgmmaKind::kBF16, 128,
+                   &acc[0][0][0], desc_a, desc_b, true, kTransA, kTransB);
+}
+#else
+// wgmma and the async-proxy fence exist on sm_90a only; the sm_80 build never launches the wgmma
+// kernels (the host checks the device), so there they trap.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CNK_WGMMA_DEVICE 1
+#endif
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef CNK_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// Orders this thread's completed generic-proxy writes to shared memory (cp.async landings) before
+// later reads of the async proxy (wgmma operands); a barrier then publishes them to the CTA.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef CNK_WGMMA_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_commit_group() {
+#ifdef CNK_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() {
+#ifdef CNK_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// Keeps the compiler from moving accumulator reads / writes across the asynchronous region.
+template <int kFragsN>
+__device__ __forceinline__ void wgmma_fence_operands(float (&acc)[1][kFragsN][4]) {
+#pragma unroll
+  for (int j = 0; j < kFragsN; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[0][j][r])::"memory");
+}
+// D += A B with scale-d = 1 (a predicate set from %66), imm-scale-a = imm-scale-b = 1 (no negation),
+// imm-trans-a / imm-trans-b = kTransA / kTransB.
+#define CNK_WGMMA_M64N128K16(TYPE)                                                          \
+  asm volatile(                                                                             \
+      "{\n"                                                                                 \
+      ".reg .pred p;\n"                                                                     \
+      "setp.ne.b32 p, %66, 0;\n"                                                            \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                     \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "              \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "   \
+      "%64, %65, p, 1, 1, %67, %68;\n"                                                      \
+      "}\n"                                                                                 \
+      : "+f"(acc[0][0][0]), "+f"(acc[0][0][1]), "+f"(acc[0][0][2]), "+f"(acc[0][0][3]),     \
+        "+f"(acc[0][1][0]), "+f"(acc[0][1][1]), "+f"(acc[0][1][2]), "+f"(acc[0][1][3]),     \
+        "+f"(acc[0][2][0]), "+f"(acc[0][2][1]), "+f"(acc[0][2][2]), "+f"(acc[0][2][3]),     \
+        "+f"(acc[0][3][0]), "+f"(acc[0][3][1]), "+f"(acc[0][3][2]), "+f"(acc[0][3][3]),     \
+        "+f"(acc[0][4][0]), "+f"(acc[0][4][1]), "+f"(acc[0][4][2]), "+f"(acc[0][4][3]),     \
+        "+f"(acc[0][5][0]), "+f"(acc[0][5][1]), "+f"(acc[0][5][2]), "+f"(acc[0][5][3]),     \
+        "+f"(acc[0][6][0]), "+f"(acc[0][6][1]), "+f"(acc[0][6][2]), "+f"(acc[0][6][3]),     \
+        "+f"(acc[0][7][0]), "+f"(acc[0][7][1]), "+f"(acc[0][7][2]), "+f"(acc[0][7][3]),     \
+        "+f"(acc[0][8][0]), "+f"(acc[0][8][1]), "+f"(acc[0][8][2]), "+f"(acc[0][8][3]),     \
+        "+f"(acc[0][9][0]), "+f"(acc[0][9][1]), "+f"(acc[0][9][2]), "+f"(acc[0][9][3]),     \
+        "+f"(acc[0][10][0]), "+f"(acc[0][10][1]), "+f"(acc[0][10][2]), "+f"(acc[0][10][3]), \
+        "+f"(acc[0][11][0]), "+f"(acc[0][11][1]), "+f"(acc[0][11][2]), "+f"(acc[0][11][3]), \
+        "+f"(acc[0][12][0]), "+f"(acc[0][12][1]), "+f"(acc[0][12][2]), "+f"(acc[0][12][3]), \
+        "+f"(acc[0][13][0]), "+f"(acc[0][13][1]), "+f"(acc[0][13][2]), "+f"(acc[0][13][3]), \
+        "+f"(acc[0][14][0]), "+f"(acc[0][14][1]), "+f"(acc[0][14][2]), "+f"(acc[0][14][3]), \
+        "+f"(acc[0][15][0]), "+f"(acc[0][15][1]), "+f"(acc[0][15][2]), "+f"(acc[0][15][3])  \
+      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(kTransA)), "n"(int(kTransB)))
+template <typename T, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&acc)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
+#ifdef CNK_WGMMA_DEVICE
+  if constexpr (std::is_same_v<T, __half>) {
+    CNK_WGMMA_M64N128K16("f16");
+  } else {
+    CNK_WGMMA_M64N128K16("bf16");
+  }
+#else
+  __trap();
+#endif
+}
+#undef CNK_WGMMA_M64N128K16
+#endif  // CNK_CUDA_EMULATION
+
 // ------------------------------------------------------------------------------------------------
 // Problem description
 // ------------------------------------------------------------------------------------------------
@@ -165,10 +302,10 @@ struct GemmProblem {
 
 // Copies one operand tile (kRows along M or N, kBlockK along K) of the current K step into smem.
 // Out-of-range elements are zero-filled, so they add nothing to the accumulators.
-template <typename T, bool kKMajor, int kRows>
+template <typename T, bool kKMajor, int kRows, bool kCanonical>
 __device__ __forceinline__ void load_operand_tile(T* smem, const T* __restrict__ g, int64_t ld, int64_t mn0,
                                                   int64_t mn_end, int64_t k0, int64_t k_end, bool vec_loads) {
-  using Tile = SmemTile<T, kKMajor, kRows>;
+  using Tile = SmemTile<T, kKMajor, kRows, kCanonical>;
   using Cfg = GemmConfig<T>;
   constexpr int kBlockK = Tile::kBlockK;
   constexpr int kChunk = Cfg::kChunkElems;
@@ -182,10 +319,20 @@ __device__ __forceinline__ void load_operand_tile(T* smem, const T* __restrict__
 #pragma unroll
     for (int i = 0; i < kChunks / Cfg::kThreads; ++i) {
       const int chunk = threadIdx.x + i * Cfg::kThreads;
-      const int line = chunk / kChunksPerLine;
-      const int within = (chunk % kChunksPerLine) * kChunk;
-      const int mn = kKMajor ? line : within;
-      const int k = kKMajor ? within : line;
+      int mn, k;
+      if constexpr (kCanonical && !kKMajor) {
+        // Canonical MN-major: 8 consecutive threads fill one core matrix (its 8 k rows), so a
+        // warp's 16-byte stores cover 512 contiguous bytes (no bank conflicts); along a global
+        // row they still read whole 16-byte chunks.
+        constexpr int kGroupsMN = kRows / kChunk;
+        k = chunk % 8 + (chunk / (8 * kGroupsMN)) * 8;
+        mn = ((chunk / 8) % kGroupsMN) * kChunk;
+      } else {
+        const int line = chunk / kChunksPerLine;
+        const int within = (chunk % kChunksPerLine) * kChunk;
+        mn = kKMajor ? line : within;
+        k = kKMajor ? within : line;
+      }
       // The contiguous extent is a multiple of kChunk here, so a chunk is all in or all out.
       const bool valid = (mn0 + mn < mn_end) && (k0 + k < k_end);
       const T* src = valid ? (kKMajor ? g + (mn0 + mn) * ld + (k0 + k) : g + (k0 + k) * ld + (mn0 + mn)) : g;
@@ -335,11 +482,37 @@ __device__ __forceinline__ void warp_mma_step(const T* sA, const T* sB, int warp
   }
 }
 
+// One K step (kBlockK) of the CTA tile with wgmma: warpgroup wg multiplies rows 64 wg .. 64 wg + 63
+// of the A tile by the whole B tile, kBlockK / 16 instructions, then waits for them (the next K
+// step overwrites a stage only after a barrier that every thread reaches past this wait).
 template <typename T, bool kAKMajor, bool kBKMajor>
+__device__ __forceinline__ void warpgroup_mma_step(const T* sA, const T* sB, float (&acc)[1][16][4]) {
+  using Cfg = GemmConfig<T, MathMode::kWgmma16>;
+  using TileA = SmemTile<T, kAKMajor, Cfg::kBlockM, true>;
+  using TileB = SmemTile<T, kBKMajor, Cfg::kBlockN, true>;
+  static_assert(Cfg::kBlockN == 128 && Cfg::kBlockM == 128 && Cfg::kThreads == 256, "two m64n128 warpgroups");
+  constexpr uint32_t kLboA = TileA::kKGroupStride * sizeof(T), kSboA = TileA::kMNGroupStride * sizeof(T);
+  constexpr uint32_t kLboB = TileB::kKGroupStride * sizeof(T), kSboB = TileB::kMNGroupStride * sizeof(T);
+  const int wg = static_cast<int>(threadIdx.x) / 128;
+  wgmma_fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < block_k<T>(); kk += 16) {
+    const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(wg * 64, kk), kLboA, kSboA);
+    const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(0, kk), kLboB, kSboB);
+    wgmma_m64n128k16<T, !kAKMajor, !kBKMajor>(acc, desc_a, desc_b);
+  }
+  wgmma_commit_group();
+  wgmma_wait_group<0>();
+  wgmma_fence_operands(acc);
+}
+
+template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor>
 constexpr std::size_t gemm_smem_bytes() {
-  using Cfg = GemmConfig<T>;
-  return static_cast<std::size_t>(Cfg::kStages) *
-         (SmemTile<T, kAKMajor, Cfg::kBlockM>::kElems + SmemTile<T, kBKMajor, Cfg::kBlockN>::kElems) * sizeof(T);
+  using Cfg = GemmConfig<T, kMode>;
+  return static_cast<std::size_t>(Cfg::kStages) * (SmemTile<T, kAKMajor, Cfg::kBlockM, Cfg::kWgmma>::kElems +
+                                                   SmemTile<T, kBKMajor, Cfg::kBlockN, Cfg::kWgmma>::kElems) *
+         sizeof(T);
 }
 
 // Epilogue interface: static constexpr int kColSums (0..2): how many per-column sums over the
@@ -347,10 +520,11 @@ constexpr std::size_t gemm_smem_bytes() {
 // sums) handles out[row][col] = v0 and, when has1, out[row][col + 1] = v1, adding its
 // contributions to sums[k][0 / 1]; colsum_out(k) is where the CTA writes its [tiles_m][N] row.
 template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor, typename Epilogue>
-__global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBlocksPerSm) mlp_layerscale_gemm_kernel(GemmProblem prob, Epilogue epi) {
-  using Cfg = GemmConfig<T>;
-  using TileA = SmemTile<T, kAKMajor, Cfg::kBlockM>;
-  using TileB = SmemTile<T, kBKMajor, Cfg::kBlockN>;
+__global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, kMode>::kMinBlocksPerSm)
+    mlp_layerscale_gemm_kernel(GemmProblem prob, Epilogue epi) {
+  using Cfg = GemmConfig<T, kMode>;
+  using TileA = SmemTile<T, kAKMajor, Cfg::kBlockM, Cfg::kWgmma>;
+  using TileB = SmemTile<T, kBKMajor, Cfg::kBlockN, Cfg::kWgmma>;
   constexpr int kBlockK = block_k<T>();
   static_assert(Cfg::kWarpTileM % Cfg::kMmaM == 0 && Cfg::kWarpTileN % (2 * Cfg::kMmaN) == 0, "warp tile shape");
   static_assert(kBlockK % 16 == 0, "K tile must hold whole mma K steps");
@@ -373,10 +547,10 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBl
   const T* B = static_cast<const T*>(prob.B);
   auto load_stage = [&](int stage, int k_tile) {
     const int64_t k0 = k_begin + static_cast<int64_t>(k_tile) * kBlockK;
-    load_operand_tile<T, kAKMajor, Cfg::kBlockM>(smem_a + stage * TileA::kElems, A, prob.lda, m0, prob.M, k0, k_end,
-                                                  prob.vec_loads);
-    load_operand_tile<T, kBKMajor, Cfg::kBlockN>(smem_b + stage * TileB::kElems, B, prob.ldb, n0, prob.N, k0, k_end,
-                                                  prob.vec_loads);
+    load_operand_tile<T, kAKMajor, Cfg::kBlockM, Cfg::kWgmma>(smem_a + stage * TileA::kElems, A, prob.lda, m0, prob.M,
+                                                              k0, k_end, prob.vec_loads);
+    load_operand_tile<T, kBKMajor, Cfg::kBlockN, Cfg::kWgmma>(smem_b + stage * TileB::kElems, B, prob.ldb, n0, prob.N,
+                                                              k0, k_end, prob.vec_loads);
   };
 
   const int warp = threadIdx.x / 32;
@@ -399,60 +573,58 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBl
   }
   for (int kt = 0; kt < num_k_tiles; ++kt) {
     cp_async_wait<Cfg::kStages - 2>();  // tile kt has landed (for this thread)
+    if constexpr (Cfg::kWgmma) fence_proxy_async_shared();  // ... visible to wgmma's operand reads
     __syncthreads();                    // ... for all threads; and stage (kt-1) % kStages is free
     const int next = kt + Cfg::kStages - 1;
     if (next < num_k_tiles) load_stage(next % Cfg::kStages, next);
     cp_async_commit();
     const int stage = kt % Cfg::kStages;
-    warp_mma_step<T, kMode, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems,
-                                                 warp_m0, warp_n0, acc);
+    if constexpr (Cfg::kWgmma) {
+      warpgroup_mma_step<T, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems, acc);
+    } else {
+      warp_mma_step<T, kMode, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems,
+                                                   warp_m0, warp_n0, acc);
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // shared memory is reused below for the column sums
 
-  // Epilogue. Rows beyond M contribute nothing to the column sums.
+  // Epilogue, one n8 column band at a time, so that only that band's column sums are live (the
+  // wgmma warp tile has 16 bands). Rows beyond M contribute nothing to the column sums, which are
+  // reduced in a fixed order: lanes sharing t (same columns) via xor shuffles, then the kWarpsM
+  // warps of a column band in warp order through shared memory.
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  float colsum[2][Cfg::kFragsN][2];
+  float* red = reinterpret_cast<float*>(gemm_smem_raw);  // [kColSums][kWarpsM][kBlockN]
+  const int warp_m = warp / Cfg::kWarpsN;
 #pragma unroll
-  for (int k = 0; k < 2; ++k)
+  for (int fn = 0; fn < Cfg::kFragsN; ++fn) {
+    const int64_t col = n0 + warp_n0 + fn * 8 + 2 * t;
+    float colsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    if (col < prob.N) {
 #pragma unroll
-    for (int fn = 0; fn < Cfg::kFragsN; ++fn) colsum[k][fn][0] = colsum[k][fn][1] = 0.0f;
-
+      for (int fm = 0; fm < Cfg::kFragsM; ++fm) {
 #pragma unroll
-  for (int fm = 0; fm < Cfg::kFragsM; ++fm) {
+        for (int half = 0; half < 2; ++half) {
+          const int64_t row = m0 + warp_m0 + fm * 16 + g + half * 8;
+          if (row >= prob.M) continue;
+          float sums[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+          epi(row, col, acc[fm][fn][2 * half], acc[fm][fn][2 * half + 1], col + 1 < prob.N, sums);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = m0 + warp_m0 + fm * 16 + g + half * 8;
-      if (row >= prob.M) continue;
-#pragma unroll
-      for (int fn = 0; fn < Cfg::kFragsN; ++fn) {
-        const int64_t col = n0 + warp_n0 + fn * 8 + 2 * t;
-        if (col >= prob.N) continue;
-        float sums[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-        epi(row, col, acc[fm][fn][2 * half], acc[fm][fn][2 * half + 1], col + 1 < prob.N, sums);
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          colsum[k][fn][0] += sums[k][0];
-          colsum[k][fn][1] += sums[k][1];
+          for (int k = 0; k < 2; ++k) {
+            colsum[k][0] += sums[k][0];
+            colsum[k][1] += sums[k][1];
+          }
         }
       }
     }
-  }
-
-  if constexpr (Epilogue::kColSums > 0) {
-    // Fixed-order reduction: lanes sharing t (same columns) via xor shuffles, then the kWarpsM
-    // warps of a column band in warp order through shared memory.
-    float* red = reinterpret_cast<float*>(gemm_smem_raw);  // [kColSums][kWarpsM][kBlockN]
-    const int warp_m = warp / Cfg::kWarpsN;
+    if constexpr (Epilogue::kColSums > 0) {  // every lane, in or out of range: the shuffles need all 32
 #pragma unroll
-    for (int k = 0; k < Epilogue::kColSums; ++k) {
-#pragma unroll
-      for (int fn = 0; fn < Cfg::kFragsN; ++fn) {
+      for (int k = 0; k < Epilogue::kColSums; ++k) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          float v = colsum[k][fn][j];
+          float v = colsum[k][j];
           v += __shfl_xor_sync(0xffffffffu, v, 4);
           v += __shfl_xor_sync(0xffffffffu, v, 8);
           v += __shfl_xor_sync(0xffffffffu, v, 16);
@@ -460,6 +632,9 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBl
         }
       }
     }
+  }
+
+  if constexpr (Epilogue::kColSums > 0) {
     __syncthreads();
     for (int e = threadIdx.x; e < Epilogue::kColSums * Cfg::kBlockN; e += Cfg::kThreads) {
       const int k = e / Cfg::kBlockN;
@@ -477,7 +652,7 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, GemmConfig<T>::kMinBl
 // Host launch. splits > 1 divides K over blockIdx.z (the epilogue must write per-split partials).
 template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor, typename Epilogue>
 void launch_gemm(GemmProblem prob, int64_t splits, const Epilogue& epi, cudaStream_t stream) {
-  using Cfg = GemmConfig<T>;
+  using Cfg = GemmConfig<T, kMode>;
   constexpr int kBlockK = block_k<T>();
   const int64_t tiles_m = ceil_div(prob.M, Cfg::kBlockM);
   const int64_t tiles_n = ceil_div(prob.N, Cfg::kBlockN);
@@ -486,7 +661,7 @@ void launch_gemm(GemmProblem prob, int64_t splits, const Epilogue& epi, cudaStre
   }
   prob.tiles_n = static_cast<int>(tiles_n);
   prob.k_chunk = round_up(ceil_div(prob.K, splits), kBlockK);
-  constexpr std::size_t smem = gemm_smem_bytes<T, kAKMajor, kBKMajor>();
+  constexpr std::size_t smem = gemm_smem_bytes<T, kMode, kAKMajor, kBKMajor>();
   static_assert(smem >= sizeof(float) * 2 * Cfg::kWarpsM * Cfg::kBlockN, "column-sum scratch must fit");
   auto kernel = mlp_layerscale_gemm_kernel<T, kMode, kAKMajor, kBKMajor, Epilogue>;
   set_dynamic_smem(kernel, smem, "mlp_layerscale_gemm_kernel");

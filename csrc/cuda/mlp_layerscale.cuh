@@ -288,11 +288,16 @@ struct BwdWorkspace {
   }
 };
 
-// Calls f(std::integral_constant<MathMode, mode>) with the mode for T and allow_tf32.
+// Calls f(std::integral_constant<MathMode, mode>) with the mode for T, allow_tf32 and use_wgmma
+// (fp16 / bf16 on an sm_90a device: the caller checks the device).
 template <typename T, typename F>
-inline void with_math_mode(bool allow_tf32, F&& f) {
+inline void with_math_mode(bool allow_tf32, bool use_wgmma, F&& f) {
   if constexpr (sizeof(T) == 2) {
-    f(std::integral_constant<MathMode, MathMode::kMma16>{});
+    if (use_wgmma) {
+      f(std::integral_constant<MathMode, MathMode::kWgmma16>{});
+    } else {
+      f(std::integral_constant<MathMode, MathMode::kMma16>{});
+    }
   } else if (allow_tf32) {
     f(std::integral_constant<MathMode, MathMode::kMmaTf32>{});
   } else {
@@ -304,11 +309,11 @@ constexpr bool kKMajor = true;    // operand layout tags for launch_gemm<..., A,
 constexpr bool kMNMajor = false;
 
 template <typename T>
-void run_fwd(const FwdArgs& a, bool allow_tf32, cudaStream_t stream) {
+void run_fwd(const FwdArgs& a, bool allow_tf32, bool use_wgmma, cudaStream_t stream) {
   const int64_t M = a.rows, C = a.C, C4 = 4 * C;
   FwdWorkspace ws(a.workspace, M, C, sizeof(T));
   T* hidden = static_cast<T*>(ws.hidden);
-  with_math_mode<T>(allow_tf32, [&](auto mode) {
+  with_math_mode<T>(allow_tf32, use_wgmma, [&](auto mode) {
     constexpr MathMode kMode = decltype(mode)::value;
     // hidden = gelu(x W1^T + b1)
     GemmProblem p1{M, C4, C, a.x, C, a.fc1_weight, C, 0, 0, a.vec_loads};
@@ -323,7 +328,7 @@ void run_fwd(const FwdArgs& a, bool allow_tf32, cudaStream_t stream) {
 }
 
 template <typename T>
-void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
+void run_bwd(const BwdArgs& a, bool allow_tf32, bool use_wgmma, cudaStream_t stream) {
   const int64_t M = a.rows, C = a.C, C4 = 4 * C;
   const int64_t tiles_m = tiles_m_of(M);
   BwdWorkspace ws(a.workspace, M, C, sizeof(T));
@@ -334,7 +339,7 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
   // dys is dy itself without a drop scale; dz is dys itself without gamma.
   const T* dys = has_drop ? static_cast<const T*>(ws.dys) : dy;
   const T* dz = has_gamma ? static_cast<const T*>(ws.dz) : dys;
-  with_math_mode<T>(allow_tf32, [&](auto mode) {
+  with_math_mode<T>(allow_tf32, use_wgmma, [&](auto mode) {
     constexpr MathMode kMode = decltype(mode)::value;
     // 1. a = x W1^T + b1, h = gelu(a)
     GemmProblem p1{M, C4, C, a.x, C, a.fc1_weight, C, 0, 0, a.vec_loads};
@@ -387,12 +392,12 @@ void run_bwd(const BwdArgs& a, bool allow_tf32, cudaStream_t stream) {
   CNK_CHECK_LAUNCH("mlp_layerscale_gamma_grad_kernel");
 }
 
-extern template void run_fwd<float>(const FwdArgs&, bool, cudaStream_t);
-extern template void run_fwd<__half>(const FwdArgs&, bool, cudaStream_t);
-extern template void run_fwd<__nv_bfloat16>(const FwdArgs&, bool, cudaStream_t);
-extern template void run_bwd<float>(const BwdArgs&, bool, cudaStream_t);
-extern template void run_bwd<__half>(const BwdArgs&, bool, cudaStream_t);
-extern template void run_bwd<__nv_bfloat16>(const BwdArgs&, bool, cudaStream_t);
+extern template void run_fwd<float>(const FwdArgs&, bool, bool, cudaStream_t);
+extern template void run_fwd<__half>(const FwdArgs&, bool, bool, cudaStream_t);
+extern template void run_fwd<__nv_bfloat16>(const FwdArgs&, bool, bool, cudaStream_t);
+extern template void run_bwd<float>(const BwdArgs&, bool, bool, cudaStream_t);
+extern template void run_bwd<__half>(const BwdArgs&, bool, bool, cudaStream_t);
+extern template void run_bwd<__nv_bfloat16>(const BwdArgs&, bool, bool, cudaStream_t);
 
 }  // namespace mlp
 }  // namespace cuda

@@ -54,6 +54,19 @@ FwdPlan plan_fwd(const FwdArgs& a, int dtype, bool allow_fused) {
 }  // namespace
 }  // namespace mlp
 
+bool mlp_layerscale_wgmma_supported() {
+  // An sm_90a cubin loads on compute capability 9.0 devices only (H100, H200, GH200).
+#if defined(CNK_CUDA_EMULATION) || defined(CNK_CUDA_HAS_SM90A)
+  int device = 0, major = 0, minor = 0;
+  CNK_CUDA_CHECK(cudaGetDevice(&device));
+  CNK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CNK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
 int64_t mlp_layerscale_fwd_workspace_bytes(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
                                            std::uintptr_t fc1_bias, std::uintptr_t fc2_weight,
                                            std::uintptr_t fc2_bias, std::uintptr_t gamma,
@@ -77,7 +90,8 @@ void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_
                         std::uintptr_t fc1_bias, std::uintptr_t fc2_weight, std::uintptr_t fc2_bias,
                         std::uintptr_t gamma, std::uintptr_t drop_scale, std::uintptr_t y,
                         std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
-                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, std::uintptr_t stream) {
+                        int64_t C, int dtype, bool allow_tf32, bool allow_fused, bool allow_wgmma,
+                        std::uintptr_t stream) {
   using namespace mlp;
   check_sizes(N, H, W, C);
   CNK_CHECK_ARG(x && shortcut && fc1_weight && fc1_bias && fc2_weight && fc2_bias && y,
@@ -98,11 +112,12 @@ void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_
   a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool fused = plan.fused;
+  const bool use_wgmma = allow_wgmma && !fused && dtype != kDTypeFloat32 && mlp_layerscale_wgmma_supported();
   CNK_DTYPE_SWITCH(dtype, T, [&] {
     if constexpr (sizeof(T) == 2) {
       if (fused) return run_fused_fwd<T>(a, s);
     }
-    run_fwd<T>(a, allow_tf32, s);
+    run_fwd<T>(a, allow_tf32, use_wgmma, s);
   });
 }
 
@@ -112,7 +127,7 @@ void mlp_layerscale_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t fc1_
                         std::uintptr_t dfc1_weight, std::uintptr_t dfc1_bias, std::uintptr_t dfc2_weight,
                         std::uintptr_t dfc2_bias, std::uintptr_t dgamma, std::uintptr_t workspace,
                         int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
-                        bool allow_tf32, std::uintptr_t stream) {
+                        bool allow_tf32, bool allow_wgmma, std::uintptr_t stream) {
   using namespace mlp;
   check_sizes(N, H, W, C);
   CNK_CHECK_ARG(dy && x && fc1_weight && fc1_bias && fc2_weight && fc2_bias && dx && dfc1_weight && dfc1_bias &&
@@ -127,7 +142,8 @@ void mlp_layerscale_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t fc1_
             as_ptr<float>(dfc2_bias), as_ptr<float>(dgamma), as_ptr<void>(workspace), rows, H * W, C, false};
   a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  CNK_DTYPE_SWITCH(dtype, T, [&] { run_bwd<T>(a, allow_tf32, s); });
+  const bool use_wgmma = allow_wgmma && dtype != kDTypeFloat32 && mlp_layerscale_wgmma_supported();
+  CNK_DTYPE_SWITCH(dtype, T, [&] { run_bwd<T>(a, allow_tf32, use_wgmma, s); });
 }
 
 }  // namespace cuda

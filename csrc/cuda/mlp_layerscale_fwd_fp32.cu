@@ -5,7 +5,7 @@ namespace convnext_kernels {
 namespace cuda {
 namespace mlp {
 
-template void run_fwd<float>(const FwdArgs& a, bool allow_tf32, cudaStream_t stream);
+template void run_fwd<float>(const FwdArgs& a, bool allow_tf32, bool use_wgmma, cudaStream_t stream);
 
 }  // namespace mlp
 }  // namespace cuda

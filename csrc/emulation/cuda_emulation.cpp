@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <random>
 #include <sstream>
@@ -113,7 +114,16 @@ void make_context(Context& c, char* stack, std::size_t bytes, void (*entry)()) {
 // ---- fibers -------------------------------------------------------------------------------------------
 enum class Wait { kRunnable, kBarrier, kWarp, kDone };
 
-enum class Collective { kNone, kShfl, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16, kMmaTF32 };
+enum class Collective {
+  kNone, kShfl, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16, kMmaTF32,
+  // warpgroup collectives (128 threads)
+  kWgmmaF16, kWgmmaBF16, kWgmmaCommit, kWgmmaWait,
+};
+
+bool is_warpgroup_collective(Collective c) {
+  return c == Collective::kWgmmaF16 || c == Collective::kWgmmaBF16 || c == Collective::kWgmmaCommit ||
+         c == Collective::kWgmmaWait;
+}
 
 const char* collective_name(Collective c) {
   switch (c) {
@@ -123,6 +133,10 @@ const char* collective_name(Collective c) {
     case Collective::kMmaF16: return "mma.sync f16";
     case Collective::kMmaBF16: return "mma.sync bf16";
     case Collective::kMmaTF32: return "mma.sync tf32";
+    case Collective::kWgmmaF16: return "wgmma.mma_async f16";
+    case Collective::kWgmmaBF16: return "wgmma.mma_async bf16";
+    case Collective::kWgmmaCommit: return "wgmma.commit_group";
+    case Collective::kWgmmaWait: return "wgmma.wait_group";
     default: return "none";
   }
 }
@@ -141,16 +155,34 @@ struct Fiber {
   const void* in = nullptr;
   void* out = nullptr;
   int arg = 0;
-  std::uint32_t regs[6] = {};  // ldmatrix address / mma operands
+  std::uint32_t regs[6] = {};  // ldmatrix address / mma operands / wgmma flags
+  std::uint64_t desc[2] = {};  // wgmma matrix descriptors of A and B
   // cp.async: copies not yet landed, and the end index (into pending) of each committed group.
   std::vector<PendingCopy> pending;
   std::vector<std::size_t> group_ends;
 };
 
-struct WarpState {
-  int lanes = 0;    // threads in this warp (the last warp of a block may be partial)
-  int arrived = 0;  // lanes waiting at the current collective
+struct GroupState {
+  int arrived = 0;  // threads waiting at the current collective
   Collective op = Collective::kNone;
+};
+
+struct WarpState : GroupState {
+  int lanes = 0;  // threads in this warp (the last warp of a block may be partial)
+};
+
+// One wgmma.mma_async, recorded at issue and run when its commit group is waited for.
+struct WgmmaOp {
+  bool bf16;
+  int n;
+  std::uint64_t desc_a, desc_b;
+  bool scale_d, trans_a, trans_b;
+  float* d[kWarpgroupSize];  // each thread's accumulator fragment
+};
+
+struct WarpgroupState : GroupState {
+  std::vector<WgmmaOp> issued;                   // since the last commit
+  std::deque<std::vector<WgmmaOp>> committed;    // oldest first, not yet retired by a wait
 };
 
 constexpr std::size_t kStackBytes = 256 * 1024;
@@ -158,6 +190,7 @@ constexpr std::size_t kStackBytes = 256 * 1024;
 struct Block {
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
+  std::vector<WarpgroupState> warpgroups;  // empty unless the block is whole warpgroups
   Context scheduler;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
@@ -337,35 +370,146 @@ void run_collective(Collective op, Fiber** lanes, int n) {
   }
 }
 
-// Arrives at a warp collective; returns once it has run for the whole warp.
+// ---- warpgroup collectives (wgmma) ---------------------------------------------------------------
+// Decodes a no-swizzle wgmma matrix descriptor: start address, leading and stride byte offsets.
+struct MatrixDescriptor {
+  std::size_t start, lbo, sbo;
+};
+MatrixDescriptor decode_descriptor(std::uint64_t desc, const char* which) {
+  if ((desc >> 62) != 0)
+    fault(cudaErrorLaunchFailure, std::string("wgmma: descriptor of ") + which +
+                                      " uses a swizzled layout; the emulator models the no-swizzle layout only");
+  if (((desc >> 49) & 0x7u) != 0)
+    fault(cudaErrorLaunchFailure, std::string("wgmma: descriptor of ") + which + " has a base offset (swizzle only)");
+  return MatrixDescriptor{static_cast<std::size_t>(desc & 0x3fffu) << 4,
+                          static_cast<std::size_t>((desc >> 16) & 0x3fffu) << 4,
+                          static_cast<std::size_t>((desc >> 32) & 0x3fffu) << 4};
+}
+
+// Element (mn, k) of a 16-bit operand in the no-swizzle canonical layout: 8 x 16-byte core
+// matrices; K-major: a core matrix is 8 mn rows of 8 consecutive k, LBO steps k by 8, SBO steps
+// mn by 8; MN-major: a core matrix is 8 k rows of 8 consecutive mn, LBO steps k by 8, SBO steps
+// mn by 8 (PTX ISA, "Shared Memory Matrix Layout", canonical layouts).
+double wgmma_operand(const MatrixDescriptor& m, bool mn_major, int mn, int k, bool bf16) {
+  const std::size_t core = static_cast<std::size_t>(mn / 8) * m.sbo + static_cast<std::size_t>(k / 8) * m.lbo;
+  const std::size_t within = mn_major ? static_cast<std::size_t>((k % 8) * 16 + (mn % 8) * 2)
+                                      : static_cast<std::size_t>((mn % 8) * 16 + (k % 8) * 2);
+  const std::size_t byte = m.start + core + within;
+  if (byte + 2 > g_block->smem_bytes)
+    fault(cudaErrorIllegalAddress, "wgmma: operand element outside the block's shared memory");
+  std::uint16_t bits;
+  std::memcpy(&bits, g_block->smem + byte, 2);
+  return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
+}
+
+// Runs one recorded wgmma: exact products, summed in double, rounded once into fp32 (as mma).
+void run_wgmma(const WgmmaOp& op) {
+  runtime().stats.wgmma += 1;
+  const MatrixDescriptor ma = decode_descriptor(op.desc_a, "A");
+  const MatrixDescriptor mb = decode_descriptor(op.desc_b, "B");
+  static thread_local std::vector<double> A, B;
+  A.assign(64 * 16, 0.0);
+  B.assign(static_cast<std::size_t>(16 * op.n), 0.0);
+  for (int m = 0; m < 64; ++m)
+    for (int k = 0; k < 16; ++k) A[static_cast<std::size_t>(m * 16 + k)] = wgmma_operand(ma, op.trans_a, m, k, op.bf16);
+  for (int n = 0; n < op.n; ++n)
+    for (int k = 0; k < 16; ++k) B[static_cast<std::size_t>(k * op.n + n)] = wgmma_operand(mb, op.trans_b, n, k, op.bf16);
+  for (int t = 0; t < kWarpgroupSize; ++t) {
+    float* d = op.d[t];
+    for (int i = 0; i < op.n / 2; ++i) {
+      const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * ((i / 2) % 2);
+      const int col = 8 * (i / 4) + 2 * (t % 4) + i % 2;
+      double s = 0.0;
+      for (int k = 0; k < 16; ++k) s += A[static_cast<std::size_t>(row * 16 + k)] * B[static_cast<std::size_t>(k * op.n + col)];
+      d[i] = static_cast<float>(s + (op.scale_d ? static_cast<double>(d[i]) : 0.0));
+    }
+  }
+}
+
+void run_warpgroup_collective(Collective op, WarpgroupState& w, Fiber** lanes) {
+  Fiber& first = *lanes[0];
+  switch (op) {
+    case Collective::kWgmmaF16:
+    case Collective::kWgmmaBF16: {
+      WgmmaOp rec;
+      rec.bf16 = op == Collective::kWgmmaBF16;
+      rec.n = first.arg;
+      rec.desc_a = first.desc[0];
+      rec.desc_b = first.desc[1];
+      rec.scale_d = first.regs[0] != 0;
+      rec.trans_a = first.regs[1] != 0;
+      rec.trans_b = first.regs[2] != 0;
+      if (rec.n < 8 || rec.n > 256 || rec.n % 8 != 0) fault(cudaErrorLaunchFailure, "wgmma: invalid n");
+      for (int t = 0; t < kWarpgroupSize; ++t) {
+        const Fiber& f = *lanes[t];
+        if (f.arg != rec.n || f.desc[0] != rec.desc_a || f.desc[1] != rec.desc_b || f.regs[0] != first.regs[0] ||
+            f.regs[1] != first.regs[1] || f.regs[2] != first.regs[2])
+          fault(cudaErrorLaunchFailure, "wgmma: operands differ across the warpgroup");
+        rec.d[t] = static_cast<float*>(f.out);
+      }
+      decode_descriptor(rec.desc_a, "A");  // fault at the instruction, not later at the wait
+      decode_descriptor(rec.desc_b, "B");
+      w.issued.push_back(rec);
+      break;
+    }
+    case Collective::kWgmmaCommit:
+      w.committed.push_back(std::move(w.issued));
+      w.issued.clear();
+      break;
+    case Collective::kWgmmaWait: {
+      for (int t = 0; t < kWarpgroupSize; ++t)
+        if (lanes[t]->arg != first.arg) fault(cudaErrorLaunchFailure, "wgmma.wait_group: counts differ across the warpgroup");
+      while (w.committed.size() > static_cast<std::size_t>(first.arg)) {
+        for (const WgmmaOp& rec : w.committed.front()) run_wgmma(rec);
+        w.committed.pop_front();
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Arrives at a warp or warpgroup collective; returns once it has run for the whole group.
 void collective(Collective op) {
   Block& b = *g_block;
   Fiber& f = self();
   const int tid = linear_tid(f.coords);
-  WarpState& w = b.warps[tid / kWarpSize];
-  if (op != Collective::kShfl && w.lanes != kWarpSize) fault(cudaErrorLaunchFailure, std::string(collective_name(op)) + " in a partial warp");
-  if (w.arrived > 0 && w.op != op) {
-    fault(cudaErrorLaunchFailure, std::string("warp divergence: lanes at ") + collective_name(w.op) + " and at " +
-                                      collective_name(op));
+  const bool warpgroup = is_warpgroup_collective(op);
+  if (warpgroup && b.warpgroups.empty())
+    fault(cudaErrorLaunchFailure, std::string(collective_name(op)) + " in a block that is not whole warpgroups");
+  const int size = warpgroup ? kWarpgroupSize : kWarpSize;
+  const std::size_t index = static_cast<std::size_t>(tid / size);
+  GroupState& group = warpgroup ? static_cast<GroupState&>(b.warpgroups[index]) : b.warps[index];
+  const int members = warpgroup ? kWarpgroupSize : b.warps[index].lanes;
+  if (!warpgroup && op != Collective::kShfl && members != kWarpSize)
+    fault(cudaErrorLaunchFailure, std::string(collective_name(op)) + " in a partial warp");
+  if (group.arrived > 0 && group.op != op) {
+    fault(cudaErrorLaunchFailure, std::string(warpgroup ? "warpgroup" : "warp") + " divergence: lanes at " +
+                                      collective_name(group.op) + " and at " + collective_name(op));
   }
   f.op = op;
-  w.op = op;
-  if (++w.arrived < w.lanes) {
+  group.op = op;
+  if (++group.arrived < members) {
     f.wait = Wait::kWarp;
     yield();
     return;
   }
-  // Last lane: run it for the warp and release the others.
-  Fiber* lanes[kWarpSize];
-  const int first = (tid / kWarpSize) * kWarpSize;
-  for (int i = 0; i < w.lanes; ++i) lanes[i] = &b.fibers[first + i];
-  run_collective(op, lanes, w.lanes);
-  for (int i = 0; i < w.lanes; ++i) {
+  // Last to arrive: run it for the group and release the others.
+  Fiber* lanes[kWarpgroupSize];
+  const int first = static_cast<int>(index) * size;
+  for (int i = 0; i < members; ++i) lanes[i] = &b.fibers[static_cast<std::size_t>(first + i)];
+  if (warpgroup) {
+    run_warpgroup_collective(op, b.warpgroups[index], lanes);
+  } else {
+    run_collective(op, lanes, members);
+  }
+  for (int i = 0; i < members; ++i) {
     lanes[i]->op = Collective::kNone;
     if (lanes[i] != &f) lanes[i]->wait = Wait::kRunnable;
   }
-  w.arrived = 0;
-  w.op = Collective::kNone;
+  group.arrived = 0;
+  group.op = Collective::kNone;
 }
 
 std::string describe_waits(const Block& b) {
@@ -400,6 +544,7 @@ bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::v
   b.warps.resize(static_cast<std::size_t>((nthreads + kWarpSize - 1) / kWarpSize));
   for (std::size_t w = 0; w < b.warps.size(); ++w)
     b.warps[w].lanes = std::min(kWarpSize, nthreads - static_cast<int>(w) * kWarpSize);
+  if (nthreads % kWarpgroupSize == 0) b.warpgroups.resize(static_cast<std::size_t>(nthreads / kWarpgroupSize));
   g_stacks.ensure(static_cast<std::size_t>(nthreads));
   for (int i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[static_cast<std::size_t>(i)];
@@ -543,6 +688,31 @@ void mma(MmaKind kind, float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t
                                                                                    : Collective::kMmaTF32);
 }
 
+void wgmma(WgmmaKind kind, int n, float* d, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d, bool trans_a,
+           bool trans_b) {
+  Fiber& f = self();
+  f.arg = n;
+  f.out = d;
+  f.desc[0] = desc_a;
+  f.desc[1] = desc_b;
+  f.regs[0] = scale_d;
+  f.regs[1] = trans_a;
+  f.regs[2] = trans_b;
+  collective(kind == WgmmaKind::kF16 ? Collective::kWgmmaF16 : Collective::kWgmmaBF16);
+}
+
+void wgmma_commit_group() { collective(Collective::kWgmmaCommit); }
+
+void wgmma_wait_group(int pending_groups) {
+  self().arg = pending_groups;
+  collective(Collective::kWgmmaWait);
+}
+
+std::size_t shared_window_address(const void* p) {
+  if (!in_smem(p, 0)) fault(cudaErrorIllegalAddress, "cvta.to.shared of a pointer outside the block's shared memory");
+  return static_cast<std::size_t>(static_cast<const char*>(p) - g_block->smem);
+}
+
 void cp_async_16(void* smem, const void* gmem, bool valid) {
   if (reinterpret_cast<std::uintptr_t>(smem) % 16 != 0 || (valid && reinterpret_cast<std::uintptr_t>(gmem) % 16 != 0))
     fault(cudaErrorMisalignedAddress, "cp.async: address not 16-byte aligned");
@@ -618,7 +788,10 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = cnk_emu::kMaxDynamicSmemOptin;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = cnk_emu::kComputeCapabilityMajor; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = cnk_emu::kComputeCapabilityMinor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = cnk_emu::kMaxDynamicSmemOptin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }

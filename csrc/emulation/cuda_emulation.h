@@ -11,6 +11,7 @@
 // mma.sync), where it yields. A barrier releases when every live thread of the block waits on it;
 // a warp collective runs when all lanes of the warp have arrived at the same collective. So the
 // tensor-core fragment layouts, shuffles and barriers are emulated with their real semantics, and
+// the sm_90a warpgroup MMA (wgmma) is a collective of the warpgroup's 128 threads (see wgmma below);
 // bugs the hardware would expose show up here as well:
 //   - threads of a block at different barriers, or lanes at different collectives: the block
 //     deadlocks; the launch fails with cudaErrorLaunchFailure naming where each thread waits;
@@ -160,7 +161,11 @@ enum cudaError_t {
 using cudaError = cudaError_t;
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 cudaError_t cudaGetLastError();
@@ -171,8 +176,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 
 namespace cnk_emu {
 
-// The emulated device: an H100's limits.
+// The emulated device: an H100 (compute capability 9.0) and its limits.
+constexpr int kComputeCapabilityMajor = 9;
+constexpr int kComputeCapabilityMinor = 0;
 constexpr int kWarpSize = 32;
+constexpr int kWarpgroupSize = 128;
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxDynamicSmemOptin = 232448;  // 227 KiB
@@ -185,6 +193,7 @@ struct Stats {
   std::uint64_t mma = 0;                        // warp-wide mma.sync instructions
   std::uint64_t ldmatrix = 0;                   // warp-wide ldmatrix.x4 instructions
   std::uint64_t ldmatrix_extra_wavefronts = 0;  // shared-memory bank conflicts of those
+  std::uint64_t wgmma = 0;                      // warpgroup-wide wgmma.mma_async instructions run
 };
 Stats& stats();
 
@@ -218,6 +227,24 @@ void mma(MmaKind kind, float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t
 void cp_async_16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(int newest_pending_groups);
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: D (64 x n, fp32, the PTX accumulator
+// fragment: thread t of the warpgroup holds d[i] = D[16 (t/32) + (t%32)/4 + 8 ((i/2)%2)]
+// [8 (i/4) + 2 (t%4) + i%2]) += A (64 x 16) B (16 x n), A and B in shared memory, each given by a
+// matrix descriptor (start address, leading / stride byte offsets; only the no-swizzle layout is
+// emulated, others fault). trans_a / trans_b: the operand is M- / N-major instead of K-major.
+// Asynchronous as on the GPU: the instruction is recorded, and runs (reading shared memory and the
+// accumulators at that moment) at the wgmma.wait_group that retires its commit group, so reusing
+// an operand tile or reading the accumulators before the wait gives wrong results here too.
+// Issue, commit and wait are collectives of the warpgroup (all 128 threads, the same operands).
+enum class WgmmaKind { kF16, kBF16 };
+void wgmma(WgmmaKind kind, int n, float* d, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d, bool trans_a,
+           bool trans_b);
+void wgmma_commit_group();
+void wgmma_wait_group(int pending_groups);
+// The shared-window address of a pointer into the block's shared memory (cvta.to.shared), as
+// wgmma descriptors encode it; faults for a pointer outside it.
+std::size_t shared_window_address(const void* p);
 
 template <typename... P>
 struct Launch {
@@ -260,7 +287,7 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline std::size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<std::size_t>(p); }
+inline std::size_t __cvta_generic_to_shared(const void* p) { return cnk_emu::shared_window_address(p); }
 
 // <<<grid, block, smem, stream>>> for the host compiler (see CNK_LAUNCH in cuda_utils.cuh).
 #define CNK_EMULATED_LAUNCH(kernel, grid, block, smem, stream) \

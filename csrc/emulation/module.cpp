@@ -67,6 +67,30 @@ __global__ void misaligned_vector_load_kernel(const float* in, float* out) {
   out[threadIdx.x] = v.x;
 }
 
+// One wgmma m64n128k16 by a warpgroup: shared memory <- image (the A and B operand tiles as the
+// test lays them out), D (out, thread t's fragment at out[64 t ..]) += A B with the given
+// descriptors, then D back to out. clobber_before_wait zeroes shared memory between the issue and
+// the wait: wgmma reads its operands asynchronously, so the result must then be D alone.
+__global__ void wgmma_kernel(const unsigned char* image, int image_bytes, uint64_t desc_a, uint64_t desc_b,
+                             bool trans_a, bool trans_b, bool bf16, bool clobber_before_wait, float* out) {
+  CNK_DYNAMIC_SMEM(unsigned char, s);
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) s[i] = image[i];
+  __syncthreads();
+  float acc[1][16][4];
+  float* d = out + 64 * threadIdx.x;
+  for (int i = 0; i < 64; ++i) acc[0][i / 4][i % 4] = d[i];
+  ::cnk_emu::wgmma(bf16 ? ::cnk_emu::WgmmaKind::kBF16 : ::cnk_emu::WgmmaKind::kF16, 128, &acc[0][0][0], desc_a, desc_b,
+                   true, trans_a, trans_b);
+  mlp::wgmma_commit_group();
+  if (clobber_before_wait) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) s[i] = 0;
+    __syncthreads();
+  }
+  mlp::wgmma_wait_group<0>();
+  for (int i = 0; i < 64; ++i) d[i] = acc[0][i / 4][i % 4];
+}
+
 // Runs one of the kernels above with 32 threads; in: 128 floats, out: 32 floats.
 void run(const std::string& kind, std::uintptr_t in_ptr, std::uintptr_t out_ptr) {
   const float* in = reinterpret_cast<const float*>(in_ptr);
@@ -127,11 +151,13 @@ PYBIND11_MODULE(_cuda_emulated, m) {
         d["mma"] = st.mma;
         d["ldmatrix"] = st.ldmatrix;
         d["ldmatrix_extra_wavefronts"] = st.ldmatrix_extra_wavefronts;
+        d["wgmma"] = st.wgmma;
         return d;
       },
       py::arg("reset") = false,
-      "Counters since the last reset: blocks run, warp-wide mma.sync and ldmatrix.x4 instructions, and "
-      "the extra shared-memory wavefronts bank conflicts cost those ldmatrix (0 when conflict-free).");
+      "Counters since the last reset: blocks run, warp-wide mma.sync and ldmatrix.x4 instructions, "
+      "the extra shared-memory wavefronts bank conflicts cost those ldmatrix (0 when conflict-free), and "
+      "warpgroup-wide wgmma.mma_async instructions run.");
 
   m.def(
       "round_through",
@@ -151,6 +177,21 @@ PYBIND11_MODULE(_cuda_emulated, m) {
       py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("dtype"),
       "dst[i] = float(T(src[i])) for n fp32 values, T the 16-bit type of dtype: the emulator's "
       "conversions, to check against torch's.");
+
+  m.def(
+      "wgmma_selftest",
+      [](std::uintptr_t image, int image_bytes, std::uint64_t desc_a, std::uint64_t desc_b, bool trans_a,
+         bool trans_b, bool bf16, bool clobber_before_wait, std::uintptr_t out) {
+        CNK_LAUNCH(selftest::wgmma_kernel, 1, 128, static_cast<std::size_t>(image_bytes), nullptr)(
+            reinterpret_cast<const unsigned char*>(image), image_bytes, desc_a, desc_b, trans_a, trans_b, bf16,
+            clobber_before_wait, reinterpret_cast<float*>(out));
+        CNK_CHECK_LAUNCH("wgmma_selftest");
+      },
+      py::arg("image"), py::arg("image_bytes"), py::arg("desc_a"), py::arg("desc_b"), py::arg("trans_a"),
+      py::arg("trans_b"), py::arg("bf16"), py::arg("clobber_before_wait"), py::arg("out"),
+      "One warpgroup runs one wgmma.mma_async m64n128k16 (f32 accumulators) on shared memory loaded "
+      "from image (image_bytes bytes); out: 128 x 64 floats, thread t's accumulator fragment at 64 t, "
+      "read as D and written back as D + A B.");
 
   m.def("selftest", &selftest::run, py::arg("kind"), py::arg("src"), py::arg("dst"),
         "Runs a kernel with a known bug on 32 threads (src: 128 floats, dst: 32 floats): "

@@ -20,10 +20,15 @@ import pytest  # noqa: E402
 import convnext_kernels  # noqa: E402,F401  (registers the ops once, under the settings above)
 from convnext_kernels.backends import unavailable_reason  # noqa: E402
 
+# Triton takes CPU tensors only through its interpreter, which this file turns on only where there
+# is no GPU (on a GPU machine the compiled kernels must run, in the same process). So there the
+# CPU-tensor Triton tests skip; test_ops.py asserts that they run wherever there is no GPU.
+TRITON_CPU_MISSING = unavailable_reason("triton", torch.device("cpu"))
+
 # Where the Triton kernels run on CPU tensors (the interpreter), bf16 needs
 # tests/triton_interpreter_bf16.py's patch (dots and rounding as on the GPU); empty when bf16
 # Triton kernels can run here, else why they cannot.
-if not unavailable_reason("triton", torch.device("cpu")):
+if not TRITON_CPU_MISSING:
     import triton_interpreter_bf16  # noqa: E402
     TRITON_INTERPRETER_BF16_MISSING = triton_interpreter_bf16.enable()
 else:
@@ -31,8 +36,32 @@ else:
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
+def cpu_backend_params(names):
+    """The backend names as pytest parameters for CPU-tensor tests, "triton" skipped where it
+    cannot take CPU tensors (see TRITON_CPU_MISSING)."""
+    return [pytest.param(n, marks=pytest.mark.skipif(n == "triton" and bool(TRITON_CPU_MISSING),
+                                                     reason=f"triton on CPU tensors: {TRITON_CPU_MISSING}"))
+            for n in names]
+
+
 # Absolute slack added to 2x eager's error, per dtype (flash-attention's rule).
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_convolutions():
+    """On a GPU, cuDNN runs fp32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32):
+    the stem and downsample convs of every model, and the torch backend's depthwise conv, would
+    then miss the fp32 rule (1e-5 relative to fp64). Tests that want TF32 ask for it themselves.
+    Without CUDA nothing is touched."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 def pytest_configure(config):

@@ -360,8 +360,11 @@ def asan_package(tmp_path_factory):
     shutil.copytree(Path(convnext_kernels.__file__).parent, root / "convnext_kernels",
                     ignore=shutil.ignore_patterns("_cuda_emulated*", "__pycache__"))
     _build_asan_emulator(cxx, pybind11_include, root)
+    # No GPU for the child, on a GPU machine too: the emulated tests are the point, and the CUDA
+    # driver does not start under ASan's shadow-memory layout.
     env = dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS=f"{ASAN_OPTIONS}:log_path={root / 'asan'}",
-               UBSAN_OPTIONS=f"print_stacktrace=1:log_path={root / 'ubsan'}", PYTHONPATH=str(root))
+               UBSAN_OPTIONS=f"print_stacktrace=1:log_path={root / 'ubsan'}", PYTHONPATH=str(root),
+               CUDA_VISIBLE_DEVICES="")
     return root, env
 
 

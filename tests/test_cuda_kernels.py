@@ -16,6 +16,7 @@ before it is written, comes back as NaN and fails.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -427,12 +428,20 @@ def test_mlp_layerscale_gemm_paths(target, shape, dtype, gemm, monkeypatch):
         target.gpu_only("a ConvNeXt-T stage shape")
     monkeypatch.setenv(MLP_FUSED_ENV, "0")  # the two-GEMM forward: both GEMMs take the path too
     monkeypatch.setenv(MLP_WGMMA_ENV, "1" if gemm == "wgmma" else "0")
-    if not target.gpu:
-        target.module.stats(True)
+    if target.gpu:
+        # The path asked for is the path that ran: the GEMM kernels' names carry their MathMode
+        # (kWgmma16 = 3); wgmma only where the device can run it.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _check_mlp(target, shape, dtype)
+        names = {e.name for e in prof.events() if "mlp_layerscale_gemm_kernel" in e.name}
+        wgmma_ran = any(re.search(r"MathMode\)3|MathMode::kWgmma16", n) for n in names)
+        expect = gemm == "wgmma" and target.module.mlp_layerscale_cuda_wgmma_supported()
+        assert names and wgmma_ran == expect, sorted(names)[:4]
+        return
+    target.module.stats(True)
     _check_mlp(target, shape, dtype)
-    if not target.gpu:  # the path asked for is the path that ran
-        st = target.module.stats(True)
-        assert (st["wgmma"] > 0, st["mma"] > 0) == ((True, False) if gemm == "wgmma" else (False, True)), st
+    st = target.module.stats(True)  # the path asked for is the path that ran
+    assert (st["wgmma"] > 0, st["mma"] > 0) == ((True, False) if gemm == "wgmma" else (False, True)), st
 
 
 def test_mlp_layerscale_wgmma_dispatch(target, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import ConvNeXt
 
-from conftest import assert_pass_rule, max_err, skip_triton_bf16_if_unsupported
+from conftest import TRITON_CPU_MISSING, assert_pass_rule, max_err, skip_triton_bf16_if_unsupported
 
 SMALL = dict(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320))  # atto dims, fewer blocks
 
@@ -51,6 +51,7 @@ def test_fused_model_matches_reference(backend, train):
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
 
 
+@pytest.mark.skipif(bool(TRITON_CPU_MISSING), reason=f"triton on CPU tensors: {TRITON_CPU_MISSING}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_model_matches_reference_through_interpreter(dtype):
     # Under the interpreter off a GPU (conftest); bf16 through tests/triton_interpreter_bf16.py.

@@ -55,7 +55,9 @@ struct GemmConfig {
   static constexpr int kPadMNMajor = 8;
 };
 
-// 64 bytes of K per row per stage: 32 halves or 16 floats.
+// 64 bytes of K per row per stage: 32 halves or 16 floats. (wgmma: two m64n128k16 per warpgroup
+// between waits. 128 bytes would make it four, but then ptxas spills 16-104 B in every wgmma
+// kernel at the 128-register cap of 2 CTAs per SM, against 0-36 B now: to be timed on a GPU.)
 template <typename T>
 constexpr int block_k() { return 64 / int(sizeof(T)); }
 
@@ -320,10 +322,14 @@ __device__ __forceinline__ void load_operand_tile(T* smem, const T* __restrict__
     for (int i = 0; i < kChunks / Cfg::kThreads; ++i) {
       const int chunk = threadIdx.x + i * Cfg::kThreads;
       int mn, k;
-      if constexpr (kCanonical && !kKMajor) {
-        // Canonical MN-major: 8 consecutive threads fill one core matrix (its 8 k rows), so a
-        // warp's 16-byte stores cover 512 contiguous bytes (no bank conflicts); along a global
-        // row they still read whole 16-byte chunks.
+      // Canonical layouts: 8 consecutive threads fill one core matrix (128 contiguous bytes), so
+      // each 8-thread phase of a warp's 16-byte stores hits all 32 banks once; along a global row
+      // they still read whole 16-byte chunks.
+      if constexpr (kCanonical && kKMajor) {  // a core matrix: 8 rows (mn) of one 8-wide k chunk
+        constexpr int kChunksK = kBlockK / kChunk;
+        mn = (chunk / (8 * kChunksK)) * 8 + chunk % 8;
+        k = ((chunk / 8) % kChunksK) * kChunk;
+      } else if constexpr (kCanonical) {  // MN-major: 8 k rows of one 8-wide mn chunk
         constexpr int kGroupsMN = kRows / kChunk;
         k = chunk % 8 + (chunk / (8 * kGroupsMN)) * 8;
         mn = ((chunk / 8) % kGroupsMN) * kChunk;

@@ -237,6 +237,9 @@ void cp_async_wait(int newest_pending_groups);
 // accumulators at that moment) at the wgmma.wait_group that retires its commit group, so reusing
 // an operand tile or reading the accumulators before the wait gives wrong results here too.
 // Issue, commit and wait are collectives of the warpgroup (all 128 threads, the same operands).
+// Not modelled: wgmma.fence and fence.proxy.async (no-ops here), so a missing fence, or an
+// accumulator touched between issue and wait, is not caught (plain host stores and registers are
+// not observable).
 enum class WgmmaKind { kF16, kBF16 };
 void wgmma(WgmmaKind kind, int n, float* d, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d, bool trans_a,
            bool trans_b);

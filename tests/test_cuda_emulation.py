@@ -264,6 +264,45 @@ def test_cuda_kernels_do_not_depend_on_thread_order(dtype, shape, fused, wgmma, 
             assert torch.equal(a, b), f"output {i} differs between the forward and {order} (seed {seed}) thread orders"
 
 
+@pytest.fixture
+def cp_async_eager():
+    """cp.async copies land at the instruction instead of at their wait; back to the wait afterwards."""
+    emu.set_cp_async_eager(True)
+    yield
+    emu.set_cp_async_eager(False)
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype,shape,fused,wgmma", [
+    (torch.float16, (2, 5, 7, 40), True, False),
+    (torch.bfloat16, (3, 13, 17, 40), False, False),
+    (torch.bfloat16, (3, 13, 17, 40), False, True),
+], ids=["fp16-fused", "bf16-two_gemm", "bf16-two_gemm-wgmma"])
+def test_cuda_kernels_do_not_depend_on_when_cp_async_lands(dtype, shape, fused, wgmma, monkeypatch, request):
+    """The other half of the cp.async check: landing at the wait catches a read before it; landing
+    at the instruction catches a copy into a stage that a reader has yet to read (wgmma reads its
+    operands when it is waited for, up to a K step later). Every output bit-identical both ways.
+    The shape has enough rows for K loops of several tiles in the weight-gradient GEMMs."""
+    reference = _all_outputs(dtype, shape, fused, monkeypatch, wgmma)
+    request.getfixturevalue("cp_async_eager")
+    outputs = _all_outputs(dtype, shape, fused, monkeypatch, wgmma)
+    for i, (a, b) in enumerate(zip(reference, outputs)):
+        assert torch.isfinite(a).all(), f"output {i} has non-finite values"
+        assert torch.equal(a, b), f"output {i} differs when cp.async lands at the instruction"
+
+
+@needs_emulator
+def test_cp_async_eager_landing():
+    out = _selftest("cp_async_no_wait")
+    assert torch.isnan(out).all()
+    emu.set_cp_async_eager(True)
+    try:
+        out = _selftest("cp_async_no_wait")  # no wait needed: the copy landed at the instruction
+    finally:
+        emu.set_cp_async_eager(False)
+    assert torch.equal(out, torch.arange(0, 128, 4, dtype=torch.float32) + 0.5)
+
+
 @needs_emulator
 @pytest.mark.parametrize("fused,C", [(True, c) for c in (40, 96, 120, 192, 200, 384)] + [(False, 40)],
                          ids=lambda v: str(v))

@@ -37,7 +37,9 @@ struct GemmConfig {
   static constexpr bool kWgmma = kMode == MathMode::kWgmma16;
   static constexpr int kBlockM = 128;                        // CTA tile rows
   static constexpr int kBlockN = 128;                        // CTA tile columns
-  static constexpr int kStages = 3;                          // cp.async pipeline depth
+  static constexpr int kPrefetch = 2;                        // K tiles in flight (cp.async) ahead of the math
+  static constexpr int kStages = kWgmma ? 4 : 3;             // shared-memory stages: + the one being read (wgmma:
+                                                             //   + the one the previous, still running, wgmma reads)
   static constexpr int kWarpsM = kWgmma ? 8 : 2;             // warp grid over the CTA tile (wgmma: warp w of
   static constexpr int kWarpsN = kWgmma ? 1 : 4;             //   warpgroup w/4 holds rows 16w..16w+15, all columns)
   static constexpr int kThreads = kWarpsM * kWarpsN * 32;    // 256
@@ -489,8 +491,10 @@ __device__ __forceinline__ void warp_mma_step(const T* sA, const T* sB, int warp
 }
 
 // One K step (kBlockK) of the CTA tile with wgmma: warpgroup wg multiplies rows 64 wg .. 64 wg + 63
-// of the A tile by the whole B tile, kBlockK / 16 instructions, then waits for them (the next K
-// step overwrites a stage only after a barrier that every thread reaches past this wait).
+// of the A tile by the whole B tile, kBlockK / 16 instructions, then waits for the previous K
+// step's group only, so this one runs on while the next barrier and prefetch happen. A stage is
+// overwritten two K steps after it was read (GemmConfig: kStages = kPrefetch + 2), after a barrier
+// that every thread reaches past the wait that retired its reads.
 template <typename T, bool kAKMajor, bool kBKMajor>
 __device__ __forceinline__ void warpgroup_mma_step(const T* sA, const T* sB, float (&acc)[1][16][4]) {
   using Cfg = GemmConfig<T, MathMode::kWgmma16>;
@@ -509,7 +513,7 @@ __device__ __forceinline__ void warpgroup_mma_step(const T* sA, const T* sB, flo
     wgmma_m64n128k16<T, !kAKMajor, !kBKMajor>(acc, desc_a, desc_b);
   }
   wgmma_commit_group();
-  wgmma_wait_group<0>();
+  wgmma_wait_group<1>();
   wgmma_fence_operands(acc);
 }
 
@@ -535,7 +539,7 @@ __global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, 
   static_assert(Cfg::kWarpTileM % Cfg::kMmaM == 0 && Cfg::kWarpTileN % (2 * Cfg::kMmaN) == 0, "warp tile shape");
   static_assert(kBlockK % 16 == 0, "K tile must hold whole mma K steps");
   static_assert(Epilogue::kColSums >= 0 && Epilogue::kColSums <= 2, "at most two column sums");
-  static_assert(Cfg::kStages >= 2, "pipeline needs at least two stages");
+  static_assert(Cfg::kStages == Cfg::kPrefetch + (Cfg::kWgmma ? 2 : 1), "a stage per tile in flight or being read");
 
   CNK_DYNAMIC_SMEM(float4, gemm_smem_raw);  // float4: 16-byte aligned for cp.async / ldmatrix
   T* smem_a = reinterpret_cast<T*>(gemm_smem_raw);
@@ -571,17 +575,18 @@ __global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[fm][fn][i] = 0.0f;
 
-  // Prologue: stages 0 .. kStages-2 in flight (always commit, so group counting stays uniform).
+  // Prologue: tiles 0 .. kPrefetch-1 in flight (always commit, so group counting stays uniform).
 #pragma unroll
-  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+  for (int s = 0; s < Cfg::kPrefetch; ++s) {
     if (s < num_k_tiles) load_stage(s, s);
     cp_async_commit();
   }
   for (int kt = 0; kt < num_k_tiles; ++kt) {
-    cp_async_wait<Cfg::kStages - 2>();  // tile kt has landed (for this thread)
+    cp_async_wait<Cfg::kPrefetch - 1>();  // tile kt has landed (for this thread)
     if constexpr (Cfg::kWgmma) fence_proxy_async_shared();  // ... visible to wgmma's operand reads
-    __syncthreads();                    // ... for all threads; and stage (kt-1) % kStages is free
-    const int next = kt + Cfg::kStages - 1;
+    __syncthreads();  // ... for all threads; and stage (kt + kPrefetch) % kStages is free: its last reader
+                      // (mma: step kt-1; wgmma: step kt-2, retired by step kt-1's wait) is done
+    const int next = kt + Cfg::kPrefetch;
     if (next < num_k_tiles) load_stage(next % Cfg::kStages, next);
     cp_async_commit();
     const int stage = kt % Cfg::kStages;
@@ -591,6 +596,10 @@ __global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, 
       warp_mma_step<T, kMode, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems,
                                                    warp_m0, warp_n0, acc);
     }
+  }
+  if constexpr (Cfg::kWgmma) {  // the last K step's wgmma group
+    wgmma_wait_group<0>();
+    wgmma_fence_operands(acc);
   }
   cp_async_wait<0>();
   __syncthreads();  // shared memory is reused below for the column sums

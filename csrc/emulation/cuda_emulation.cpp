@@ -27,6 +27,7 @@ struct RuntimeState {
   std::map<const void*, int> max_dynamic_smem;  // per kernel, set by cudaFuncSetAttribute
   Schedule schedule = Schedule::kForward;
   std::uint64_t seed = 0;
+  bool cp_async_eager = false;
   Stats stats;
 };
 RuntimeState& runtime() {
@@ -613,6 +614,8 @@ void set_schedule(Schedule schedule, std::uint64_t seed) {
   runtime().seed = seed;
 }
 
+void set_cp_async_eager(bool eager) { runtime().cp_async_eager = eager; }
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
   if (bytes < 0 || bytes > kMaxDynamicSmemOptin) {
     record_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more dynamic shared memory than the device has");
@@ -717,6 +720,13 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
   if (reinterpret_cast<std::uintptr_t>(smem) % 16 != 0 || (valid && reinterpret_cast<std::uintptr_t>(gmem) % 16 != 0))
     fault(cudaErrorMisalignedAddress, "cp.async: address not 16-byte aligned");
   if (!in_smem(smem, 16)) fault(cudaErrorIllegalAddress, "cp.async: destination outside the block's shared memory");
+  if (runtime().cp_async_eager) {
+    if (valid)
+      std::memcpy(smem, gmem, 16);
+    else
+      std::memset(smem, 0, 16);
+    return;
+  }
   self().pending.push_back(PendingCopy{smem, valid ? gmem : nullptr});
 }
 

@@ -17,7 +17,8 @@
 //     deadlocks; the launch fails with cudaErrorLaunchFailure naming where each thread waits;
 //   - cp.async copies land at the latest moment the PTX rules allow (cp.async.wait_group), so a
 //     read of a tile before its wait sees the poison dynamic shared memory is filled with
-//     (0xFF bytes: NaN);
+//     (0xFF bytes: NaN); or, selectably, at the earliest (the instruction), so that a copy into a
+//     stage an asynchronous reader (wgmma) has yet to read changes the result;
 //   - shared-memory races between barriers: the order in which threads run between barriers is
 //     selectable (forward, reverse, seeded shuffle); a race gives order-dependent results;
 //   - misaligned or out-of-shared-memory cp.async / ldmatrix addresses, launches with invalid
@@ -200,6 +201,12 @@ Stats& stats();
 // Order in which the scheduler resumes the runnable threads of a block between barriers.
 enum class Schedule { kForward = 0, kReverse = 1, kShuffle = 2 };
 void set_schedule(Schedule schedule, std::uint64_t seed);
+
+// When cp.async copies land: at the cp.async.wait_group that retires them, the latest moment (the
+// default: a read of a tile before its wait sees the poison), or at the instruction, the earliest
+// (an overwrite of a tile that an earlier, asynchronous reader such as wgmma is still to read
+// shows up). Correct code gives the same results either way.
+void set_cp_async_eager(bool eager);
 
 // Per-thread and per-block coordinates of the running fiber.
 struct ThreadCoords {

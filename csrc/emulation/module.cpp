@@ -141,6 +141,10 @@ PYBIND11_MODULE(_cuda_emulated, m) {
       "Order in which the threads of a block run between barriers: a shared-memory race gives "
       "results that depend on it.");
 
+  m.def("set_cp_async_eager", &cnk_emu::set_cp_async_eager, py::arg("eager"),
+        "True: cp.async copies land at the instruction (the earliest moment); False (default): at the "
+        "cp.async.wait_group that retires them (the latest). Correct kernels give the same results.");
+
   m.def(
       "stats",
       [](bool reset) {

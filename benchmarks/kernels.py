@@ -21,10 +21,10 @@ Providers:
                  (what the ops do) or reading it from a buffer the forward wrote (the
                  stored-activation variant). Same harness for both, so the pair answers which
                  is faster at each shape.
-  cuda_mma_sync  mlp_layerscale, GPU with the cuda backend: fused_cuda with its GEMMs on mma.sync
-                 (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's two-GEMM forward and
-                 backward GEMMs use wgmma, so the pair answers whether wgmma pays at each shape
-                 (the fused forward, C <= 384, is mma.sync in both).
+  cuda_mma_sync  mlp_layerscale, GPU with the cuda backend: fused_cuda with its kernels on mma.sync
+                 (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's kernels (fused or
+                 two-GEMM forward, backward GEMMs) use wgmma, so the pair answers whether wgmma
+                 pays at each shape.
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
 read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:

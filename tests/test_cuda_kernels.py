@@ -413,28 +413,33 @@ def _check_mlp_fwd(target, shape, dtype, with_gamma=True, with_drop=True):
 # ------------------------------------------------------------------------------------------------
 # mlp_layerscale GEMMs: wgmma (sm_90a, the default on an H100) vs mma.sync
 # ------------------------------------------------------------------------------------------------
-# The fp16 / bf16 GEMMs of the backward and of the two-GEMM forward run wgmma where the extension
-# was built for sm_90a and the device is compute capability 9.0 (the emulator: an H100);
-# CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0 keeps them on mma.sync. Shapes: partial row and column tiles,
-# the any-alignment element-wise tile loads (C = 13), and the ConvNeXt-T stages on a GPU.
+# The fp16 / bf16 kernels of mlp_layerscale (the fused forward, the two-GEMM forward's GEMMs and the
+# backward's) run wgmma where the extension was built for sm_90a and the device is compute
+# capability 9.0 (the emulator: an H100); CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0 keeps them on mma.sync.
+# Shapes: partial row and column tiles, the any-alignment element-wise tile loads (C = 13, never
+# fused), fused channel tiles whose GEMM2 takes n32 (96), n64 (136 -> 192) and n128 (40 -> 64 rows:
+# n64; 384: two warpgroups side by side, n64 x 3) instructions, and the ConvNeXt-T stages on a GPU.
 MLP_WGMMA_ENV = "CONVNEXT_KERNELS_CUDA_MLP_WGMMA"
 
 
 @pytest.mark.parametrize("gemm", ["wgmma", "mma_sync"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gemm"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 5, 6, 13), (2, 9, 11, 136)] + STAGE_SHAPES, ids=_shape_id)
-def test_mlp_layerscale_gemm_paths(target, shape, dtype, gemm, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 5, 6, 13), (2, 9, 11, 96), (2, 9, 11, 136), (2, 5, 7, 384)]
+                         + STAGE_SHAPES, ids=_shape_id)
+def test_mlp_layerscale_gemm_paths(target, shape, dtype, fused, gemm, monkeypatch):
     if shape in STAGE_SHAPES:
         target.gpu_only("a ConvNeXt-T stage shape")
-    monkeypatch.setenv(MLP_FUSED_ENV, "0")  # the two-GEMM forward: both GEMMs take the path too
+    monkeypatch.setenv(MLP_FUSED_ENV, "1" if fused else "0")
     monkeypatch.setenv(MLP_WGMMA_ENV, "1" if gemm == "wgmma" else "0")
     if target.gpu:
         # The path asked for is the path that ran: the GEMM kernels' names carry their MathMode
-        # (kWgmma16 = 3); wgmma only where the device can run it.
+        # (kWgmma16 = 3), the fused forward's its own; wgmma only where the device can run it.
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _check_mlp(target, shape, dtype)
-        names = {e.name for e in prof.events() if "mlp_layerscale_gemm_kernel" in e.name}
-        wgmma_ran = any(re.search(r"MathMode\)3|MathMode::kWgmma16", n) for n in names)
+        names = {e.name for e in prof.events()
+                 if "mlp_layerscale_gemm_kernel" in e.name or "mlp_layerscale_fused_fwd" in e.name}
+        wgmma_ran = any(re.search(r"MathMode\)3|MathMode::kWgmma16|fused_fwd_wgmma_kernel", n) for n in names)
         expect = gemm == "wgmma" and target.module.mlp_layerscale_cuda_wgmma_supported()
         assert names and wgmma_ran == expect, sorted(names)[:4]
         return

@@ -71,8 +71,8 @@ def _mlp_fused_allowed() -> bool:
 def _mlp_wgmma_allowed() -> bool:
     """False when CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0: the mlp GEMMs then use mma.sync on an H100 too.
 
-    Otherwise the fp16 / bf16 GEMMs of the backward and of the two-GEMM forward use wgmma where the
-    extension was built for sm_90a and the device has compute capability 9.0.
+    Otherwise the fp16 / bf16 kernels (the fused forward, the two-GEMM forward's and the backward's
+    GEMMs) use wgmma where the extension was built for sm_90a and the device has compute capability 9.0.
     """
     return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "1").strip() != "0"
 

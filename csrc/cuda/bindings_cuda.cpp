@@ -49,7 +49,7 @@ void register_cuda_bindings(pybind11::module_& m) {
         "allow_fused: fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned tensors run the "
         "back-to-back fused kernel (hidden kept on chip); False forces the two-GEMM path. ValueError if "
         "workspace_bytes is below what the path taken needs (see mlp_layerscale_fwd_cuda_workspace_bytes). "
-        "allow_wgmma: the two-GEMM path's fp16 / bf16 GEMMs use wgmma where mlp_layerscale_cuda_wgmma_supported().");
+        "allow_wgmma: the fp16 / bf16 kernels (fused or two-GEMM) use wgmma where mlp_layerscale_cuda_wgmma_supported().");
 
   m.def("mlp_layerscale_bwd_cuda_workspace_bytes", &ck::mlp_layerscale_bwd_workspace_bytes, py::arg("N"),
         py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"),

@@ -40,9 +40,9 @@ void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t co
 // device): 0 bytes when the fused kernel will run (workspace may then be 0), rows * 4C elements
 // otherwise. The forward throws std::invalid_argument if workspace_bytes is below what the path it
 // takes needs, so a query made with other arguments (or on another device) cannot be overrun.
-// allow_wgmma (forward and backward): the fp16 / bf16 GEMMs of the two-GEMM forward and of the
-// backward use wgmma on a compute capability 9.0 device when the extension was built for sm_90a
-// (mma.sync otherwise, or when false). The fused forward kernel is mma.sync either way.
+// allow_wgmma (forward and backward): the fp16 / bf16 kernels (the fused forward, the two-GEMM
+// forward's GEMMs, the backward's GEMMs) use wgmma on a compute capability 9.0 device when the
+// extension was built for sm_90a (mma.sync otherwise, or when false).
 int64_t mlp_layerscale_fwd_workspace_bytes(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_t fc1_weight,
                                            std::uintptr_t fc1_bias, std::uintptr_t fc2_weight,
                                            std::uintptr_t fc2_bias, std::uintptr_t gamma,

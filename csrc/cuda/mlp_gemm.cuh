@@ -72,9 +72,10 @@ __device__ __forceinline__ int smem_offset(int mn, int k) { return kKMajor ? mn 
 // no-swizzle canonical layout (16-bit types): 8 x 8 "core matrices" of 128 contiguous bytes,
 // K-major [mn/8][k/8][mn%8][k%8], MN-major [k/8][mn/8][k%8][mn%8]; a descriptor gives the byte
 // distance between core matrices adjacent along K (LBO) and along M/N (SBO).
-template <typename T, bool kKMajor, int kRows, bool kCanonical = false>
+// kBlockK_: the tile's K extent (the GEMM kernel's K step; the fused forward's whole K).
+template <typename T, bool kKMajor, int kRows, bool kCanonical = false, int kBlockK_ = block_k<T>()>
 struct SmemTile {
-  static constexpr int kBlockK = block_k<T>();
+  static constexpr int kBlockK = kBlockK_;
   // Padded: K-major [kRows][kBlockK + pad], MN-major [kBlockK][kRows + pad].
   static constexpr int kStride = kKMajor ? kBlockK + GemmConfig<T>::kPadKMajor : kRows + GemmConfig<T>::kPadMNMajor;
   static constexpr int kElems = kCanonical ? kRows * kBlockK : kKMajor ? kRows * kStride : kBlockK * kStride;
@@ -191,13 +192,14 @@ __device__ __forceinline__ void fence_proxy_async_shared() {}
 __device__ __forceinline__ void wgmma_commit_group() { ::cnk_emu::wgmma_commit_group(); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait_group() { ::cnk_emu::wgmma_wait_group(N); }
-template <int kFragsN>
-__device__ __forceinline__ void wgmma_fence_operands(float (&)[1][kFragsN][4]) {}
-// acc += A (64 x 16) B (16 x 128): A M-major when kTransA, B N-major when kTransB (else K-major).
-template <typename T, bool kTransA, bool kTransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&acc)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
-  ::cnk_emu::wgmma(std::is_same_v<T, __half> ? ::cnk_emu::WgmmaKind::kF16 : ::cnk_emu::WgmmaKind::kBF16, 128,
-                   &acc[0][0][0], desc_a, desc_b, true, kTransA, kTransB);
+template <int kFrags>
+__device__ __forceinline__ void wgmma_fence_operands(float (&)[kFrags][4]) {}
+// acc += A (64 x 16) B (16 x kN): A M-major when kTransA, B N-major when kTransB (else K-major);
+// acc[j][i] in the accumulator fragment layout (n8 fragment j).
+template <typename T, int kN, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&acc)[kN / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  ::cnk_emu::wgmma(std::is_same_v<T, __half> ? ::cnk_emu::WgmmaKind::kF16 : ::cnk_emu::WgmmaKind::kBF16, kN,
+                   &acc[0][0], desc_a, desc_b, true, kTransA, kTransB);
 }
 #else
 // wgmma and the async-proxy fence exist on sm_90a only; the sm_80 build never launches the wgmma
@@ -237,57 +239,63 @@ __device__ __forceinline__ void wgmma_wait_group() {
 #endif
 }
 // Keeps the compiler from moving accumulator reads / writes across the asynchronous region.
-template <int kFragsN>
-__device__ __forceinline__ void wgmma_fence_operands(float (&acc)[1][kFragsN][4]) {
+template <int kFrags>
+__device__ __forceinline__ void wgmma_fence_operands(float (&acc)[kFrags][4]) {
 #pragma unroll
-  for (int j = 0; j < kFragsN; ++j)
+  for (int j = 0; j < kFrags; ++j)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[0][j][r])::"memory");
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[j][r])::"memory");
 }
-// D += A B with scale-d = 1 (a predicate set from %66), imm-scale-a = imm-scale-b = 1 (no negation),
-// imm-trans-a / imm-trans-b = kTransA / kTransB.
-#define CNK_WGMMA_M64N128K16(TYPE)                                                          \
-  asm volatile(                                                                             \
-      "{\n"                                                                                 \
-      ".reg .pred p;\n"                                                                     \
-      "setp.ne.b32 p, %66, 0;\n"                                                            \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                     \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "              \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "   \
-      "%64, %65, p, 1, 1, %67, %68;\n"                                                      \
-      "}\n"                                                                                 \
-      : "+f"(acc[0][0][0]), "+f"(acc[0][0][1]), "+f"(acc[0][0][2]), "+f"(acc[0][0][3]),     \
-        "+f"(acc[0][1][0]), "+f"(acc[0][1][1]), "+f"(acc[0][1][2]), "+f"(acc[0][1][3]),     \
-        "+f"(acc[0][2][0]), "+f"(acc[0][2][1]), "+f"(acc[0][2][2]), "+f"(acc[0][2][3]),     \
-        "+f"(acc[0][3][0]), "+f"(acc[0][3][1]), "+f"(acc[0][3][2]), "+f"(acc[0][3][3]),     \
-        "+f"(acc[0][4][0]), "+f"(acc[0][4][1]), "+f"(acc[0][4][2]), "+f"(acc[0][4][3]),     \
-        "+f"(acc[0][5][0]), "+f"(acc[0][5][1]), "+f"(acc[0][5][2]), "+f"(acc[0][5][3]),     \
-        "+f"(acc[0][6][0]), "+f"(acc[0][6][1]), "+f"(acc[0][6][2]), "+f"(acc[0][6][3]),     \
-        "+f"(acc[0][7][0]), "+f"(acc[0][7][1]), "+f"(acc[0][7][2]), "+f"(acc[0][7][3]),     \
-        "+f"(acc[0][8][0]), "+f"(acc[0][8][1]), "+f"(acc[0][8][2]), "+f"(acc[0][8][3]),     \
-        "+f"(acc[0][9][0]), "+f"(acc[0][9][1]), "+f"(acc[0][9][2]), "+f"(acc[0][9][3]),     \
-        "+f"(acc[0][10][0]), "+f"(acc[0][10][1]), "+f"(acc[0][10][2]), "+f"(acc[0][10][3]), \
-        "+f"(acc[0][11][0]), "+f"(acc[0][11][1]), "+f"(acc[0][11][2]), "+f"(acc[0][11][3]), \
-        "+f"(acc[0][12][0]), "+f"(acc[0][12][1]), "+f"(acc[0][12][2]), "+f"(acc[0][12][3]), \
-        "+f"(acc[0][13][0]), "+f"(acc[0][13][1]), "+f"(acc[0][13][2]), "+f"(acc[0][13][3]), \
-        "+f"(acc[0][14][0]), "+f"(acc[0][14][1]), "+f"(acc[0][14][2]), "+f"(acc[0][14][3]), \
-        "+f"(acc[0][15][0]), "+f"(acc[0][15][1]), "+f"(acc[0][15][2]), "+f"(acc[0][15][3])  \
-      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(kTransA)), "n"(int(kTransB)))
-template <typename T, bool kTransA, bool kTransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&acc)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
+// D += A B, D fp32 (64 x N), with scale-d = 1 (a predicate set from the operand after the
+// descriptors), imm-scale-a = imm-scale-b = 1 (no negation), imm-trans-a / imm-trans-b = kTransA /
+// kTransB. REGS lists the N / 2 accumulator operands, DESC / SCALE / TRANS the numbers of the others;
+// the accumulators are the "+f" operands (CNK_WGMMA_ACC16: 4 n8 fragments from fragment j).
+#define CNK_WGMMA_R0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define CNK_WGMMA_R16 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define CNK_WGMMA_R32 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+#define CNK_WGMMA_R48 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define CNK_WGMMA_ACC4(j) "+f"(acc[j][0]), "+f"(acc[j][1]), "+f"(acc[j][2]), "+f"(acc[j][3])
+#define CNK_WGMMA_ACC16(j) CNK_WGMMA_ACC4(j), CNK_WGMMA_ACC4(j + 1), CNK_WGMMA_ACC4(j + 2), CNK_WGMMA_ACC4(j + 3)
+#define CNK_WGMMA_ASM(N, TYPE, REGS, DESC, SCALE, TRANS, ...)                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                    \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " {" REGS "}, " DESC   \
+               ", p, 1, 1, " TRANS ";\n}\n"                                                            \
+               : __VA_ARGS__                                                                         \
+               : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(kTransA)), "n"(int(kTransB)))
+#define CNK_WGMMA_N32(TYPE) \
+  CNK_WGMMA_ASM(32, TYPE, CNK_WGMMA_R0, "%16, %17", "%18", "%19, %20", CNK_WGMMA_ACC16(0))
+#define CNK_WGMMA_N64(TYPE)                                                                      \
+  CNK_WGMMA_ASM(64, TYPE, CNK_WGMMA_R0 ", " CNK_WGMMA_R16, "%32, %33", "%34", "%35, %36", CNK_WGMMA_ACC16(0), \
+                CNK_WGMMA_ACC16(4))
+#define CNK_WGMMA_N128(TYPE)                                                                                   \
+  CNK_WGMMA_ASM(128, TYPE, CNK_WGMMA_R0 ", " CNK_WGMMA_R16 ", " CNK_WGMMA_R32 ", " CNK_WGMMA_R48, "%64, %65", "%66", \
+                "%67, %68", CNK_WGMMA_ACC16(0), CNK_WGMMA_ACC16(4), CNK_WGMMA_ACC16(8), CNK_WGMMA_ACC16(12))
+template <typename T, int kN, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&acc)[kN / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(kN == 32 || kN == 64 || kN == 128, "instantiated for n = 32, 64, 128");
 #ifdef CNK_WGMMA_DEVICE
-  if constexpr (std::is_same_v<T, __half>) {
-    CNK_WGMMA_M64N128K16("f16");
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (kN == 32) {
+    if constexpr (kHalf) CNK_WGMMA_N32("f16"); else CNK_WGMMA_N32("bf16");
+  } else if constexpr (kN == 64) {
+    if constexpr (kHalf) CNK_WGMMA_N64("f16"); else CNK_WGMMA_N64("bf16");
   } else {
-    CNK_WGMMA_M64N128K16("bf16");
+    if constexpr (kHalf) CNK_WGMMA_N128("f16"); else CNK_WGMMA_N128("bf16");
   }
 #else
   __trap();
 #endif
 }
-#undef CNK_WGMMA_M64N128K16
+#undef CNK_WGMMA_N32
+#undef CNK_WGMMA_N64
+#undef CNK_WGMMA_N128
+#undef CNK_WGMMA_ASM
+#undef CNK_WGMMA_ACC16
+#undef CNK_WGMMA_ACC4
+#undef CNK_WGMMA_R0
+#undef CNK_WGMMA_R16
+#undef CNK_WGMMA_R32
+#undef CNK_WGMMA_R48
 #endif  // CNK_CUDA_EMULATION
 
 // ------------------------------------------------------------------------------------------------
@@ -504,17 +512,17 @@ __device__ __forceinline__ void warpgroup_mma_step(const T* sA, const T* sB, flo
   constexpr uint32_t kLboA = TileA::kKGroupStride * sizeof(T), kSboA = TileA::kMNGroupStride * sizeof(T);
   constexpr uint32_t kLboB = TileB::kKGroupStride * sizeof(T), kSboB = TileB::kMNGroupStride * sizeof(T);
   const int wg = static_cast<int>(threadIdx.x) / 128;
-  wgmma_fence_operands(acc);
+  wgmma_fence_operands(acc[0]);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < block_k<T>(); kk += 16) {
     const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(wg * 64, kk), kLboA, kSboA);
     const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(0, kk), kLboB, kSboB);
-    wgmma_m64n128k16<T, !kAKMajor, !kBKMajor>(acc, desc_a, desc_b);
+    wgmma_m64nNk16<T, 128, !kAKMajor, !kBKMajor>(acc[0], desc_a, desc_b);
   }
   wgmma_commit_group();
   wgmma_wait_group<1>();
-  wgmma_fence_operands(acc);
+  wgmma_fence_operands(acc[0]);
 }
 
 template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor>
@@ -599,7 +607,7 @@ __global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, 
   }
   if constexpr (Cfg::kWgmma) {  // the last K step's wgmma group
     wgmma_wait_group<0>();
-    wgmma_fence_operands(acc);
+    wgmma_fence_operands(acc[0]);
   }
   cp_async_wait<0>();
   __syncthreads();  // shared memory is reused below for the column sums

@@ -112,10 +112,10 @@ void mlp_layerscale_fwd(std::uintptr_t x, std::uintptr_t shortcut, std::uintptr_
   a.vec_loads = C % 8 == 0 && all_aligned16({x, fc1_weight, fc2_weight, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool fused = plan.fused;
-  const bool use_wgmma = allow_wgmma && !fused && dtype != kDTypeFloat32 && mlp_layerscale_wgmma_supported();
+  const bool use_wgmma = allow_wgmma && dtype != kDTypeFloat32 && mlp_layerscale_wgmma_supported();
   CNK_DTYPE_SWITCH(dtype, T, [&] {
     if constexpr (sizeof(T) == 2) {
-      if (fused) return run_fused_fwd<T>(a, s);
+      if (fused) return run_fused_fwd<T>(a, use_wgmma, s);
     }
     run_fwd<T>(a, allow_tf32, use_wgmma, s);
   });

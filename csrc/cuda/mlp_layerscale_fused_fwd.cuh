@@ -136,24 +136,60 @@ inline bool fused_fwd_eligible(const FwdArgs& a, int64_t elem_bytes) {
 // Device helpers
 // ------------------------------------------------------------------------------------------------
 
-// cp.async of a kRows x kCols tile: global g (tile origin, row stride ld elements) -> shared
-// s[kRows][kStride]. Rows >= rows_valid and columns >= cols_valid are zero-filled (cols_valid is a
-// multiple of 8, so a 16-byte chunk is entirely in or entirely out).
-template <typename T, int kRows, int kCols, int kStride, int kThreads>
+// cp.async of a kRows x kCols tile: global g (tile origin, row stride ld elements) -> shared s,
+// laid out as SmemTile<T, K-major, kRows, kCanonical, kCols>: padded rows [kRows][kCols + 8] for the
+// mma kernel, wgmma's canonical core matrices for the wgmma kernel (8 consecutive threads fill one
+// 128-byte core matrix: conflict-free 16-byte stores). Rows >= rows_valid and columns >= cols_valid
+// are zero-filled (cols_valid is a multiple of 8, so a 16-byte chunk is entirely in or entirely out).
+template <typename T, int kRows, int kCols, bool kCanonical, int kThreads>
 __device__ __forceinline__ void fused_copy_tile(T* s, const T* __restrict__ g, int64_t ld, int rows_valid,
                                                 int cols_valid) {
+  using Tile = SmemTile<T, true, kRows, kCanonical, kCols>;
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kCols % 8 == 0, "whole 16-byte chunks per row");
+  static_assert(kCols % 8 == 0 && kRows % 8 == 0, "whole 16-byte chunks per row, whole core matrices");
   // Not unrolled: the per-chunk addresses are loop-invariant across hidden chunks, and an
   // unrolled copy lets the compiler keep all of them live in registers next to acc2.
 #pragma unroll 1
   for (int chunk = static_cast<int>(threadIdx.x); chunk < kChunks; chunk += kThreads) {
-    const int row = chunk / kChunksPerRow;
-    const int col = (chunk % kChunksPerRow) * 8;
+    const int row = kCanonical ? (chunk / (8 * kChunksPerRow)) * 8 + chunk % 8 : chunk / kChunksPerRow;
+    const int col = (kCanonical ? (chunk / 8) % kChunksPerRow : chunk % kChunksPerRow) * 8;
     const bool valid = row < rows_valid && col < cols_valid;
     const T* src = valid ? g + static_cast<int64_t>(row) * ld + col : g;  // not read when !valid
-    cp_async_16(s + row * kStride + col, src, valid);
+    cp_async_16(s + Tile::offset(row, col), src, valid);
+  }
+}
+
+// y = shortcut + s * gamma * z for the CTA's rows, z = acc2 + b2 staged in fp32 in sY[row][col]
+// (row stride Cfg::kStrideY): 8 channels per thread and step, 16-byte loads / stores.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void fused_store_output(const FwdArgs& a, const float* sY, int64_t m0, int rows_here) {
+  constexpr int kChunksPerRow = Cfg::kCTile / 8;
+  static_assert((Cfg::kBlockM * kChunksPerRow) % Cfg::kThreads == 0, "output chunks must divide evenly over the threads");
+  const int C = static_cast<int>(a.C);
+  const T* shortcut = static_cast<const T*>(a.shortcut);
+  T* y = static_cast<T*>(a.y);
+#pragma unroll 4
+  for (int i = 0; i < Cfg::kBlockM * kChunksPerRow / Cfg::kThreads; ++i) {
+    const int chunk = static_cast<int>(threadIdx.x) + i * Cfg::kThreads;
+    const int row = chunk / kChunksPerRow;
+    const int col = (chunk % kChunksPerRow) * 8;
+    if (row >= rows_here || col >= C) continue;
+    const int64_t grow = m0 + row;
+    const int64_t off = grow * C + col;
+    float z[8], r[8], gm[8], out[8];
+    load_f32<8>(sY + row * Cfg::kStrideY + col, z);
+    load_as_float<T, 8>(shortcut + off, r);
+    if (a.gamma != nullptr) {
+      load_f32<8>(a.gamma + col, gm);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) gm[e] = 1.0f;
+    }
+    const float s = a.drop_scale != nullptr ? a.drop_scale[grow / a.rows_per_sample] : 1.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = fmaf(s * gm[e], z[e], r[e]);
+    store_from_float<T, 8>(y + off, out);
   }
 }
 
@@ -193,8 +229,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
   const int warp_c0 = (warp % Cfg::kWarpsN) * Cfg::kWarpTileC;  // GEMM2 columns (channels)
 
   // Prologue: x tile and W1 chunk 0, one group.
-  fused_copy_tile<T, kBlockM, kCTile, Cfg::kStrideX, kThreads>(sX, x + m0 * C, C, rows_here, C);
-  fused_copy_tile<T, kBlockH, kCTile, Cfg::kStrideX, kThreads>(sW1, w1, C, H4, C);
+  fused_copy_tile<T, kBlockM, kCTile, false, kThreads>(sX, x + m0 * C, C, rows_here, C);
+  fused_copy_tile<T, kBlockH, kCTile, false, kThreads>(sW1, w1, C, H4, C);
   cp_async_commit();
 
   float acc2[Cfg::kFragsM][Cfg::kFragsC][4];
@@ -213,7 +249,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
     cp_async_wait<0>();  // W1 chunk j (and, for j == 0, sX) has landed for this thread
     __syncthreads();     // S1 (see the header comment)
     // W2[0:C, h0 : h0+kBlockH] -> sW2[n][k]: row n = output channel, k = hidden column.
-    fused_copy_tile<T, kCTile, kBlockH, Cfg::kStrideH, kThreads>(sW2, w2 + h0, H4, C, h_valid);
+    fused_copy_tile<T, kCTile, kBlockH, false, kThreads>(sW2, w2 + h0, H4, C, h_valid);
     cp_async_commit();
 
     // GEMM1: acc1 = x_tile . W1_chunk^T over K = kCTile (padded channels are zero on both sides).
@@ -251,8 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
     __syncthreads();     // S2
     if (j + 1 < num_chunks) {
       const int h1 = h0 + kBlockH;
-      fused_copy_tile<T, kBlockH, kCTile, Cfg::kStrideX, kThreads>(sW1, w1 + static_cast<int64_t>(h1) * C, C,
-                                                                  H4 - h1, C);
+      fused_copy_tile<T, kBlockH, kCTile, false, kThreads>(sW1, w1 + static_cast<int64_t>(h1) * C, C, H4 - h1, C);
     }
     cp_async_commit();  // possibly empty: group counting stays uniform
 
@@ -283,43 +318,193 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
   }
   __syncthreads();
 
-  // y = shortcut + s * gamma * z, 8 channels per thread and step: 16-byte loads / stores.
-  const T* shortcut = static_cast<const T*>(a.shortcut);
-  T* y = static_cast<T*>(a.y);
-  constexpr int kChunksPerRow = kCTile / 8;
-  static_assert((kBlockM * kChunksPerRow) % kThreads == 0, "output chunks must divide evenly over the threads");
-#pragma unroll 4
-  for (int i = 0; i < kBlockM * kChunksPerRow / kThreads; ++i) {
-    const int chunk = static_cast<int>(threadIdx.x) + i * kThreads;
-    const int row = chunk / kChunksPerRow;
-    const int col = (chunk % kChunksPerRow) * 8;
-    if (row >= rows_here || col >= C) continue;
-    const int64_t grow = m0 + row;
-    const int64_t off = grow * C + col;
-    float z[8], r[8], gm[8], out[8];
-    load_f32<8>(sY + row * Cfg::kStrideY + col, z);
-    load_as_float<T, 8>(shortcut + off, r);
-    if (a.gamma != nullptr) {
-      load_f32<8>(a.gamma + col, gm);
-    } else {
+  fused_store_output<T, Cfg>(a, sY, m0, rows_here);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The kernel on wgmma (sm_90a): the same tiles, loop and barriers as above. Both GEMMs read their
+// operands from shared memory in wgmma's canonical K-major layout (sX, sW1, sW2 and sH), each
+// warpgroup multiplying 64 rows; a GEMM's wgmma group is waited for before the next barrier, so
+// S1 / S2 keep their meaning. fence.proxy.async before each barrier makes the cp.async landings and
+// the sH stores (generic proxy) visible to wgmma (async proxy).
+// ------------------------------------------------------------------------------------------------
+template <typename Cfg>
+struct FusedWgmmaShape {
+  static constexpr int kWgM = Cfg::kBlockM / 64;      // warpgroups along the rows: 2 (128 rows) or 1 (64 rows)
+  static constexpr int kWgN = 2 / kWgM;               // ... along the columns of both GEMMs
+  static constexpr int kN1 = Cfg::kBlockH / kWgN;     // GEMM1 columns per warpgroup: one m64nNk16 per k16
+  static constexpr int kN2 = Cfg::kCTile / kWgN;      // GEMM2 columns per warpgroup (acc2)
+  static constexpr int kInstrN2 = kN2 % 128 == 0 ? 128 : kN2 % 64 == 0 ? 64 : 32;  // GEMM2 n per instruction
+  static constexpr int kMainBytes = 2 * (Cfg::kBlockM * Cfg::kCTile + Cfg::kBlockH * Cfg::kCTile +
+                                         Cfg::kCTile * Cfg::kBlockH + Cfg::kBlockM * Cfg::kBlockH);
+  static constexpr int kSmemBytes = kMainBytes > Cfg::kStageBytes ? kMainBytes : Cfg::kStageBytes;
+  static_assert(Cfg::kBlockM == 64 || Cfg::kBlockM == 128, "one or two warpgroups of 64 rows");
+  static_assert(kN1 == 32 || kN1 == 64 || kN1 == 128, "GEMM1: an instantiated wgmma n");
+  static_assert(kN2 % kInstrN2 == 0 && kN2 / 2 <= 96, "GEMM2: whole instructions; acc2 at most 96 fp32 per thread");
+  static_assert(kSmemBytes <= Cfg::kSmemBytes, "no more shared memory than the mma kernel (its eligibility check)");
+};
+
+template <int kFrags>
+__device__ __forceinline__ void fill_fragments(float (&acc)[kFrags][4], float v) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) gm[e] = 1.0f;
+  for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = v;
+}
+
+// acc += A (64 rows of sA from row a_row, K = kK) . B (kN rows of sB from row b_row)^T, both canonical
+// K-major tiles, as kK / 16 x (kN / kInstrN) wgmma; committed and waited for.
+template <typename T, typename TileA, typename TileB, int kN, int kInstrN>
+__device__ __forceinline__ void fused_warpgroup_gemm(const T* sA, int a_row, const T* sB, int b_row,
+                                                     float (&acc)[kN / 8][4]) {
+  static_assert(TileA::kBlockK == TileB::kBlockK && TileA::kBlockK % 16 == 0, "same K, whole k16 steps");
+  constexpr uint32_t kLboA = TileA::kKGroupStride * sizeof(T), kSboA = TileA::kMNGroupStride * sizeof(T);
+  constexpr uint32_t kLboB = TileB::kKGroupStride * sizeof(T), kSboB = TileB::kMNGroupStride * sizeof(T);
+  constexpr int kFragsPerInstr = kInstrN / 8;
+  wgmma_fence_operands(acc);
+  wgmma_fence();
+  // Fully unrolled: with a runtime loop around wgmma, ptxas serialises the wgmma (C7520).
+#pragma unroll
+  for (int kk = 0; kk < TileA::kBlockK; kk += 16) {
+    const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(a_row, kk), kLboA, kSboA);
+#pragma unroll
+    for (int n = 0; n < kN / kInstrN; ++n) {
+      const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(b_row + n * kInstrN, kk), kLboB, kSboB);
+      wgmma_m64nNk16<T, kInstrN, false, false>(
+          *reinterpret_cast<float(*)[kFragsPerInstr][4]>(&acc[n * kFragsPerInstr][0]), desc_a, desc_b);
     }
-    const float s = a.drop_scale != nullptr ? a.drop_scale[grow / a.rows_per_sample] : 1.0f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = fmaf(s * gm[e], z[e], r[e]);
-    store_from_float<T, 8>(y + off, out);
   }
+  wgmma_commit_group();
+  wgmma_wait_group<0>();
+  wgmma_fence_operands(acc);
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
+    mlp_layerscale_fused_fwd_wgmma_kernel(FwdArgs a) {
+  static_assert(sizeof(T) == 2, "fused forward: fp16 / bf16 only");
+  using Shape = FusedWgmmaShape<Cfg>;
+  constexpr int kBlockM = Cfg::kBlockM;
+  constexpr int kBlockH = Cfg::kBlockH;
+  constexpr int kCTile = Cfg::kCTile;
+  constexpr int kThreads = Cfg::kThreads;
+  using TileX = SmemTile<T, true, kBlockM, true, kCTile>;    // x rows, K = channels
+  using TileW1 = SmemTile<T, true, kBlockH, true, kCTile>;   // W1 chunk rows (hidden), K = channels
+  using TileW2 = SmemTile<T, true, kCTile, true, kBlockH>;   // W2 chunk rows (channels), K = hidden
+  using TileH = SmemTile<T, true, kBlockM, true, kBlockH>;   // h rows, K = hidden
+
+  CNK_DYNAMIC_SMEM(float4, fused_smem_raw);  // 16-byte aligned: cp.async, wgmma descriptors
+  T* sX = reinterpret_cast<T*>(fused_smem_raw);
+  T* sW1 = sX + TileX::kElems;
+  T* sW2 = sW1 + TileW1::kElems;
+  T* sH = sW2 + TileW2::kElems;
+
+  const int C = static_cast<int>(a.C);  // <= kFusedMaxC
+  const int H4 = 4 * C;
+  const int64_t M = a.rows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int rows_here = M - m0 < kBlockM ? static_cast<int>(M - m0) : kBlockM;
+  const T* x = static_cast<const T*>(a.x);
+  const T* w1 = static_cast<const T*>(a.fc1_weight);
+  const T* w2 = static_cast<const T*>(a.fc2_weight);
+
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int wg = warp / 4;
+  const int wg_m = wg % Shape::kWgM;  // the warpgroup's 64 rows
+  const int wg_n = wg / Shape::kWgM;  // ... and its share of each GEMM's columns
+  const int row0 = 64 * wg_m;
+  const int warp_row0 = row0 + 16 * (warp % 4);  // accumulator rows of this warp: + g, + g + 8
+  const int h_col0 = wg_n * Shape::kN1;           // GEMM1 columns within the chunk
+  const int c_col0 = wg_n * Shape::kN2;           // GEMM2 columns (channels)
+
+  fused_copy_tile<T, kBlockM, kCTile, true, kThreads>(sX, x + m0 * C, C, rows_here, C);
+  fused_copy_tile<T, kBlockH, kCTile, true, kThreads>(sW1, w1, C, H4, C);
+  cp_async_commit();
+
+  float acc2[Shape::kN2 / 8][4];
+  fill_fragments(acc2, 0.0f);
+
+  const int num_chunks = (H4 + kBlockH - 1) / kBlockH;
+  for (int j = 0; j < num_chunks; ++j) {
+    const int h0 = j * kBlockH;
+    const int h_valid = H4 - h0;
+
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    __syncthreads();  // S1
+    fused_copy_tile<T, kCTile, kBlockH, true, kThreads>(sW2, w2 + h0, H4, C, h_valid);
+    cp_async_commit();
+
+    float acc1[Shape::kN1 / 8][4];
+    fill_fragments(acc1, 0.0f);
+    fused_warpgroup_gemm<T, TileX, TileW1, Shape::kN1, Shape::kN1>(sX, row0, sW1, h_col0, acc1);
+
+    // Epilogue 1: h = gelu(acc1 + b1) -> sH (see the mma kernel for the columns >= 4C).
+#pragma unroll
+    for (int fn = 0; fn < Shape::kN1 / 8; ++fn) {
+      const int hc = h_col0 + fn * 8 + 2 * t;
+      const bool ok = hc < h_valid;
+      const float bias0 = ok ? a.fc1_bias[h0 + hc] : 0.0f;
+      const float bias1 = ok ? a.fc1_bias[h0 + hc + 1] : 0.0f;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = warp_row0 + g + 8 * half;
+        store_pair(sH + TileH::offset(row, hc), gelu_erf(acc1[fn][2 * half] + bias0),
+                   gelu_erf(acc1[fn][2 * half + 1] + bias1), true);
+      }
+    }
+
+    cp_async_wait<0>();
+    fence_proxy_async_shared();  // this thread's sH stores and W2 landings, for wgmma
+    __syncthreads();             // S2
+    if (j + 1 < num_chunks) {
+      const int h1 = h0 + kBlockH;
+      fused_copy_tile<T, kBlockH, kCTile, true, kThreads>(sW1, w1 + static_cast<int64_t>(h1) * C, C, H4 - h1, C);
+    }
+    cp_async_commit();
+
+    fused_warpgroup_gemm<T, TileH, TileW2, Shape::kN2, Shape::kInstrN2>(sH, row0, sW2, c_col0, acc2);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done with the tiles: the staging buffer overlays them
+
+  float* sY = reinterpret_cast<float*>(fused_smem_raw);
+#pragma unroll
+  for (int fn = 0; fn < Shape::kN2 / 8; ++fn) {
+    const int col = c_col0 + fn * 8 + 2 * t;
+    const bool ok = col < C;
+    const float bias0 = ok ? a.fc2_bias[col] : 0.0f;
+    const float bias1 = ok ? a.fc2_bias[col + 1] : 0.0f;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + g + 8 * half;
+      *reinterpret_cast<float2*>(sY + row * Cfg::kStrideY + col) =
+          make_float2(acc2[fn][2 * half] + bias0, acc2[fn][2 * half + 1] + bias1);
+    }
+  }
+  __syncthreads();
+  fused_store_output<T, Cfg>(a, sY, m0, rows_here);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Host launch (the caller checked fused_fwd_eligible).
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename Cfg>
-void launch_fused_fwd(const FwdArgs& a, cudaStream_t stream) {
+void launch_fused_fwd(const FwdArgs& a, bool use_wgmma, cudaStream_t stream) {
   const int64_t blocks = ceil_div(a.rows, Cfg::kBlockM);
   if (blocks > std::numeric_limits<int>::max()) {
     throw std::invalid_argument("mlp_layerscale: problem too large for the launch grid");
+  }
+  if (use_wgmma) {
+    constexpr int kSmem = FusedWgmmaShape<Cfg>::kSmemBytes;
+    auto kernel = mlp_layerscale_fused_fwd_wgmma_kernel<T, Cfg>;
+    set_dynamic_smem(kernel, kSmem, "mlp_layerscale_fused_fwd_wgmma_kernel");
+    CNK_LAUNCH(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, kSmem, stream)(a);
+    CNK_CHECK_LAUNCH("mlp_layerscale_fused_fwd_wgmma_kernel");
+    return;
   }
   auto kernel = mlp_layerscale_fused_fwd_kernel<T, Cfg>;
   set_dynamic_smem(kernel, Cfg::kSmemBytes, "mlp_layerscale_fused_fwd_kernel");
@@ -327,13 +512,14 @@ void launch_fused_fwd(const FwdArgs& a, cudaStream_t stream) {
   CNK_CHECK_LAUNCH("mlp_layerscale_fused_fwd_kernel");
 }
 
+// use_wgmma: the sm_90a kernel (the caller checked the device).
 template <typename T>
-void run_fused_fwd(const FwdArgs& a, cudaStream_t stream) {
-  with_fused_config(a.C, [&](auto cfg) { launch_fused_fwd<T, decltype(cfg)>(a, stream); });
+void run_fused_fwd(const FwdArgs& a, bool use_wgmma, cudaStream_t stream) {
+  with_fused_config(a.C, [&](auto cfg) { launch_fused_fwd<T, decltype(cfg)>(a, use_wgmma, stream); });
 }
 
-extern template void run_fused_fwd<__half>(const FwdArgs&, cudaStream_t);
-extern template void run_fused_fwd<__nv_bfloat16>(const FwdArgs&, cudaStream_t);
+extern template void run_fused_fwd<__half>(const FwdArgs&, bool, cudaStream_t);
+extern template void run_fused_fwd<__nv_bfloat16>(const FwdArgs&, bool, cudaStream_t);
 
 }  // namespace mlp
 }  // namespace cuda

@@ -5,7 +5,7 @@ namespace convnext_kernels {
 namespace cuda {
 namespace mlp {
 
-template void run_fused_fwd<__half>(const FwdArgs& a, cudaStream_t stream);
+template void run_fused_fwd<__half>(const FwdArgs& a, bool use_wgmma, cudaStream_t stream);
 
 }  // namespace mlp
 }  // namespace cuda

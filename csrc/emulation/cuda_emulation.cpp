@@ -558,7 +558,8 @@ bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::v
   std::vector<int> order(static_cast<std::size_t>(nthreads));
   for (int i = 0; i < nthreads; ++i) order[static_cast<std::size_t>(i)] = i;
   const Schedule schedule = runtime().schedule;
-  if (schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+  if (schedule == Schedule::kReverse || schedule == Schedule::kGreedyReverse) std::reverse(order.begin(), order.end());
+  const bool greedy = schedule == Schedule::kGreedy || schedule == Schedule::kGreedyReverse;
 
   Block* outer_block = g_block;
   ThreadCoords* outer_coords = g_coords;
@@ -574,7 +575,7 @@ bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::v
       g_coords = &f.coords;
       switch_context(b.scheduler, f.ctx);
       ran = true;
-      if (!b.fault.empty()) break;
+      if (!b.fault.empty() || greedy) break;  // greedy: rescan from the first thread in order
     }
     if (!b.fault.empty()) {
       record_error(b.fault_code, block_name(name, proto.block_idx) + ": " + b.fault);

@@ -20,7 +20,7 @@
 //     (0xFF bytes: NaN); or, selectably, at the earliest (the instruction), so that a copy into a
 //     stage an asynchronous reader (wgmma) has yet to read changes the result;
 //   - shared-memory races between barriers: the order in which threads run between barriers is
-//     selectable (forward, reverse, seeded shuffle); a race gives order-dependent results;
+//     selectable (forward, reverse, seeded shuffle, greedy); a race gives order-dependent results;
 //   - misaligned or out-of-shared-memory cp.async / ldmatrix addresses, launches with invalid
 //     configurations or more dynamic shared memory than opted into: the CUDA error, as a GPU
 //     would report it, from cudaGetLastError (so CNK_CHECK_LAUNCH turns it into RuntimeError).
@@ -198,8 +198,12 @@ struct Stats {
 };
 Stats& stats();
 
-// Order in which the scheduler resumes the runnable threads of a block between barriers.
-enum class Schedule { kForward = 0, kReverse = 1, kShuffle = 2 };
+// Order in which the scheduler resumes the runnable threads of a block between barriers: each
+// runnable thread in turn (forward, reverse, seeded shuffle), or greedily: after every switch the
+// lowest (highest) numbered runnable thread runs next, so one warp or warpgroup gets as far as
+// collectives allow before the others move (a consumer that skips a barrier then reads before the
+// producers in other warps have written).
+enum class Schedule { kForward = 0, kReverse = 1, kShuffle = 2, kGreedy = 3, kGreedyReverse = 4 };
 void set_schedule(Schedule schedule, std::uint64_t seed);
 
 // When cp.async copies land: at the cp.async.wait_group that retires them, the latest moment (the

@@ -133,13 +133,18 @@ PYBIND11_MODULE(_cuda_emulated, m) {
           cnk_emu::set_schedule(cnk_emu::Schedule::kReverse, seed);
         } else if (order == "shuffle") {
           cnk_emu::set_schedule(cnk_emu::Schedule::kShuffle, seed);
+        } else if (order == "greedy") {
+          cnk_emu::set_schedule(cnk_emu::Schedule::kGreedy, seed);
+        } else if (order == "greedy_reverse") {
+          cnk_emu::set_schedule(cnk_emu::Schedule::kGreedyReverse, seed);
         } else {
-          throw std::invalid_argument("schedule must be 'forward', 'reverse' or 'shuffle', got '" + order + "'");
+          throw std::invalid_argument("schedule must be 'forward', 'reverse', 'shuffle', 'greedy' or 'greedy_reverse', got '" +
+                                      order + "'");
         }
       },
       py::arg("order"), py::arg("seed") = 0,
-      "Order in which the threads of a block run between barriers: a shared-memory race gives "
-      "results that depend on it.");
+      "Order in which the threads of a block run between barriers (greedy: the lowest, greedy_reverse: the "
+      "highest numbered runnable thread after every switch): a shared-memory race gives results that depend on it.");
 
   m.def("set_cp_async_eager", &cnk_emu::set_cp_async_eager, py::arg("eager"),
         "True: cp.async copies land at the instruction (the earliest moment); False (default): at the "

@@ -248,10 +248,12 @@ def _all_outputs(device_dtype, shape, fused: bool, monkeypatch, wgmma: bool = Tr
 @pytest.mark.parametrize("dtype,shape,fused,wgmma", [
     (torch.float16, (2, 5, 7, 40), True, False),    # fused MLP forward, C padded to the 64-channel tile
     (torch.float16, (2, 5, 7, 40), True, True),     # the same on wgmma (an H100's default)
+    (torch.float16, (2, 5, 7, 200), True, True),    # 64-row tiles: each warpgroup reads the other's h
     (torch.bfloat16, (2, 9, 11, 96), False, False),  # two-GEMM forward, cp.async + ldmatrix + mma.sync GEMMs
     (torch.bfloat16, (2, 9, 11, 96), False, True),   # the same GEMMs on wgmma
     (torch.float32, (2, 5, 6, 13), False, False),   # scalar paths (C % 8 != 0), FFMA GEMMs
-], ids=["fp16-fused", "fp16-fused-wgmma", "bf16-two_gemm", "bf16-two_gemm-wgmma", "fp32-scalar"])
+], ids=["fp16-fused", "fp16-fused-wgmma", "fp16-fused-wgmma-64rows", "bf16-two_gemm", "bf16-two_gemm-wgmma",
+        "fp32-scalar"])
 def test_cuda_kernels_do_not_depend_on_thread_order(dtype, shape, fused, wgmma, schedule, monkeypatch):
     """The racecheck of the emulator: every output bit-identical whether a block's threads run
     forward, in reverse or shuffled between barriers."""
@@ -277,9 +279,10 @@ def cp_async_eager():
 @pytest.mark.parametrize("dtype,shape,fused,wgmma", [
     (torch.float16, (2, 5, 7, 40), True, False),
     (torch.float16, (2, 5, 7, 40), True, True),
+    (torch.float16, (2, 5, 7, 200), True, True),
     (torch.bfloat16, (3, 13, 17, 40), False, False),
     (torch.bfloat16, (3, 13, 17, 40), False, True),
-], ids=["fp16-fused", "fp16-fused-wgmma", "bf16-two_gemm", "bf16-two_gemm-wgmma"])
+], ids=["fp16-fused", "fp16-fused-wgmma", "fp16-fused-wgmma-64rows", "bf16-two_gemm", "bf16-two_gemm-wgmma"])
 def test_cuda_kernels_do_not_depend_on_when_cp_async_lands(dtype, shape, fused, wgmma, monkeypatch, request):
     """The other half of the cp.async check: landing at the wait catches a read before it; landing
     at the instruction catches a copy into a stage that a reader has yet to read (wgmma reads its

@@ -417,16 +417,18 @@ def _check_mlp_fwd(target, shape, dtype, with_gamma=True, with_drop=True):
 # backward's) run wgmma where the extension was built for sm_90a and the device is compute
 # capability 9.0 (the emulator: an H100); CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0 keeps them on mma.sync.
 # Shapes: partial row and column tiles, the any-alignment element-wise tile loads (C = 13, never
-# fused), fused channel tiles whose GEMM2 takes n32 (96), n64 (136 -> 192) and n128 (40 -> 64 rows:
-# n64; 384: two warpgroups side by side, n64 x 3) instructions, and the ConvNeXt-T stages on a GPU.
+# fused), and every channel tile of the fused forward: 40 -> 64 (GEMM2 one n64), 96 (n32 x 3),
+# 120 -> 128 (GEMM1 n64, GEMM2 n128), 136 -> 192 (n64 x 3); 200 -> 256 and 384, 64-row tiles with the
+# two warpgroups side by side (GEMM2 n128, n64 x 3; at 200 the last hidden chunk leaves the second
+# warpgroup's GEMM1 columns all masked); and the ConvNeXt-T stages on a GPU.
 MLP_WGMMA_ENV = "CONVNEXT_KERNELS_CUDA_MLP_WGMMA"
 
 
 @pytest.mark.parametrize("gemm", ["wgmma", "mma_sync"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gemm"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 5, 6, 13), (2, 9, 11, 96), (2, 9, 11, 136), (2, 5, 7, 384)]
-                         + STAGE_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", [(3, 13, 17, 40), (2, 5, 6, 13), (2, 9, 11, 96), (2, 5, 7, 120), (2, 9, 11, 136),
+                                   (2, 5, 7, 200), (2, 5, 7, 384)] + STAGE_SHAPES, ids=_shape_id)
 def test_mlp_layerscale_gemm_paths(target, shape, dtype, fused, gemm, monkeypatch):
     if shape in STAGE_SHAPES:
         target.gpu_only("a ConvNeXt-T stage shape")

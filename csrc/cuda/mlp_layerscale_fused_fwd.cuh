@@ -370,8 +370,8 @@ __device__ __forceinline__ void fused_warpgroup_gemm(const T* sA, int a_row, con
 #pragma unroll
     for (int n = 0; n < kN / kInstrN; ++n) {
       const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(b_row + n * kInstrN, kk), kLboB, kSboB);
-      wgmma_m64nNk16<T, kInstrN, false, false>(
-          *reinterpret_cast<float(*)[kFragsPerInstr][4]>(&acc[n * kFragsPerInstr][0]), desc_a, desc_b);
+      wgmma_m64nNk16<T, kInstrN, false, false>(reinterpret_cast<float(&)[kFragsPerInstr][4]>(acc[n * kFragsPerInstr]),
+                                               desc_a, desc_b);
     }
   }
   wgmma_commit_group();

@@ -63,18 +63,23 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def _switch_on(name: str) -> bool:
+    """An on-by-default environment switch, read at each call: off only when set to 0."""
+    return os.environ.get(name, "1").strip() != "0"
+
+
 def _mlp_fused_allowed() -> bool:
     """False when CONVNEXT_KERNELS_CUDA_MLP_FUSED=0: the mlp forward then always runs two GEMMs."""
-    return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_FUSED", "1").strip() != "0"
+    return _switch_on("CONVNEXT_KERNELS_CUDA_MLP_FUSED")
 
 
 def _mlp_wgmma_allowed() -> bool:
-    """False when CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0: the mlp GEMMs then use mma.sync on an H100 too.
+    """False when CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0: the mlp kernels then use mma.sync on an H100 too.
 
     Otherwise the fp16 / bf16 kernels (the fused forward, the two-GEMM forward's and the backward's
     GEMMs) use wgmma where the extension was built for sm_90a and the device has compute capability 9.0.
     """
-    return os.environ.get("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "1").strip() != "0"
+    return _switch_on("CONVNEXT_KERNELS_CUDA_MLP_WGMMA")
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:

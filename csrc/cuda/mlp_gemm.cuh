@@ -75,6 +75,7 @@ __device__ __forceinline__ int smem_offset(int mn, int k) { return kKMajor ? mn 
 // kBlockK_: the tile's K extent (the GEMM kernel's K step; the fused forward's whole K).
 template <typename T, bool kKMajor, int kRows, bool kCanonical = false, int kBlockK_ = block_k<T>()>
 struct SmemTile {
+  static constexpr bool kIsKMajor = kKMajor;
   static constexpr int kBlockK = kBlockK_;
   // Padded: K-major [kRows][kBlockK + pad], MN-major [kBlockK][kRows + pad].
   static constexpr int kStride = kKMajor ? kBlockK + GemmConfig<T>::kPadKMajor : kRows + GemmConfig<T>::kPadMNMajor;
@@ -90,6 +91,28 @@ struct SmemTile {
       return (mn / 8) * kMNGroupStride + (k / 8) * kKGroupStride + within;
     } else {
       return smem_offset<kKMajor, kStride>(mn, k);
+    }
+  }
+  // Tile position (mn, k) of 16-byte chunk `chunk` (0 .. kRows * kBlockK / kChunkElems - 1), in the
+  // order threads fill the tile with cp.async. Padded: along the contiguous dimension. Canonical:
+  // 8 consecutive chunks fill one core matrix (128 contiguous bytes), so each 8-thread phase of a
+  // warp's 16-byte stores hits all 32 banks once; along a global row they still read whole chunks.
+  __device__ static __forceinline__ void chunk_origin(int chunk, int& mn, int& k) {
+    constexpr int kChunk = GemmConfig<T>::kChunkElems;
+    if constexpr (kCanonical && kKMajor) {  // a core matrix: 8 rows (mn) of one 8-wide k chunk
+      constexpr int kChunksK = kBlockK / kChunk;
+      mn = (chunk / (8 * kChunksK)) * 8 + chunk % 8;
+      k = ((chunk / 8) % kChunksK) * kChunk;
+    } else if constexpr (kCanonical) {  // MN-major: 8 k rows of one 8-wide mn chunk
+      constexpr int kGroupsMN = kRows / kChunk;
+      k = chunk % 8 + (chunk / (8 * kGroupsMN)) * 8;
+      mn = ((chunk / 8) % kGroupsMN) * kChunk;
+    } else {
+      constexpr int kChunksPerLine = (kKMajor ? kBlockK : kRows) / kChunk;
+      const int line = chunk / kChunksPerLine;
+      const int within = (chunk % kChunksPerLine) * kChunk;
+      mn = kKMajor ? line : within;
+      k = kKMajor ? within : line;
     }
   }
 };
@@ -330,25 +353,8 @@ __device__ __forceinline__ void load_operand_tile(T* smem, const T* __restrict__
   if (vec_loads) {
 #pragma unroll
     for (int i = 0; i < kChunks / Cfg::kThreads; ++i) {
-      const int chunk = threadIdx.x + i * Cfg::kThreads;
       int mn, k;
-      // Canonical layouts: 8 consecutive threads fill one core matrix (128 contiguous bytes), so
-      // each 8-thread phase of a warp's 16-byte stores hits all 32 banks once; along a global row
-      // they still read whole 16-byte chunks.
-      if constexpr (kCanonical && kKMajor) {  // a core matrix: 8 rows (mn) of one 8-wide k chunk
-        constexpr int kChunksK = kBlockK / kChunk;
-        mn = (chunk / (8 * kChunksK)) * 8 + chunk % 8;
-        k = ((chunk / 8) % kChunksK) * kChunk;
-      } else if constexpr (kCanonical) {  // MN-major: 8 k rows of one 8-wide mn chunk
-        constexpr int kGroupsMN = kRows / kChunk;
-        k = chunk % 8 + (chunk / (8 * kGroupsMN)) * 8;
-        mn = ((chunk / 8) % kGroupsMN) * kChunk;
-      } else {
-        const int line = chunk / kChunksPerLine;
-        const int within = (chunk % kChunksPerLine) * kChunk;
-        mn = kKMajor ? line : within;
-        k = kKMajor ? within : line;
-      }
+      Tile::chunk_origin(threadIdx.x + i * Cfg::kThreads, mn, k);
       // The contiguous extent is a multiple of kChunk here, so a chunk is all in or all out.
       const bool valid = (mn0 + mn < mn_end) && (k0 + k < k_end);
       const T* src = valid ? (kKMajor ? g + (mn0 + mn) * ld + (k0 + k) : g + (k0 + k) * ld + (mn0 + mn)) : g;
@@ -498,31 +504,34 @@ __device__ __forceinline__ void warp_mma_step(const T* sA, const T* sB, int warp
   }
 }
 
-// One K step (kBlockK) of the CTA tile with wgmma: warpgroup wg multiplies rows 64 wg .. 64 wg + 63
-// of the A tile by the whole B tile, kBlockK / 16 instructions, then waits for the previous K
-// step's group only, so this one runs on while the next barrier and prefetch happen. A stage is
-// overwritten two K steps after it was read (GemmConfig: kStages = kPrefetch + 2), after a barrier
-// that every thread reaches past the wait that retired its reads.
-template <typename T, bool kAKMajor, bool kBKMajor>
-__device__ __forceinline__ void warpgroup_mma_step(const T* sA, const T* sB, float (&acc)[1][16][4]) {
-  using Cfg = GemmConfig<T, MathMode::kWgmma16>;
-  using TileA = SmemTile<T, kAKMajor, Cfg::kBlockM, true>;
-  using TileB = SmemTile<T, kBKMajor, Cfg::kBlockN, true>;
-  static_assert(Cfg::kBlockN == 128 && Cfg::kBlockM == 128 && Cfg::kThreads == 256, "two m64n128 warpgroups");
+// acc += A . B^T for one warpgroup: 64 rows of the canonical tile A from row a_row, times kN rows of
+// the canonical tile B from row b_row, over the tiles' whole K, as K / 16 x kN / kInstrN wgmma (the
+// transpose flags from the tiles' majorness) in one commit group; returns once at most
+// kPendingGroups groups of this warpgroup are still running (their operands and accumulators must
+// then stay untouched until a later wait retires them).
+template <typename T, typename TileA, typename TileB, int kN, int kInstrN, int kPendingGroups>
+__device__ __forceinline__ void warpgroup_gemm(const T* sA, int a_row, const T* sB, int b_row, float (&acc)[kN / 8][4]) {
+  static_assert(TileA::kBlockK == TileB::kBlockK && TileA::kBlockK % 16 == 0, "same K, whole k16 steps");
+  static_assert(kN % kInstrN == 0, "whole instructions");
   constexpr uint32_t kLboA = TileA::kKGroupStride * sizeof(T), kSboA = TileA::kMNGroupStride * sizeof(T);
   constexpr uint32_t kLboB = TileB::kKGroupStride * sizeof(T), kSboB = TileB::kMNGroupStride * sizeof(T);
-  const int wg = static_cast<int>(threadIdx.x) / 128;
-  wgmma_fence_operands(acc[0]);
+  constexpr int kFragsPerInstr = kInstrN / 8;
+  wgmma_fence_operands(acc);
   wgmma_fence();
+  // Fully unrolled: with a runtime loop around wgmma, ptxas serialises the wgmma (C7520).
 #pragma unroll
-  for (int kk = 0; kk < block_k<T>(); kk += 16) {
-    const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(wg * 64, kk), kLboA, kSboA);
-    const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(0, kk), kLboB, kSboB);
-    wgmma_m64nNk16<T, 128, !kAKMajor, !kBKMajor>(acc[0], desc_a, desc_b);
+  for (int kk = 0; kk < TileA::kBlockK; kk += 16) {
+    const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(a_row, kk), kLboA, kSboA);
+#pragma unroll
+    for (int n = 0; n < kN / kInstrN; ++n) {
+      const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(b_row + n * kInstrN, kk), kLboB, kSboB);
+      wgmma_m64nNk16<T, kInstrN, !TileA::kIsKMajor, !TileB::kIsKMajor>(
+          reinterpret_cast<float(&)[kFragsPerInstr][4]>(acc[n * kFragsPerInstr]), desc_a, desc_b);
+    }
   }
   wgmma_commit_group();
-  wgmma_wait_group<1>();
-  wgmma_fence_operands(acc[0]);
+  wgmma_wait_group<kPendingGroups>();
+  wgmma_fence_operands(acc);
 }
 
 template <typename T, MathMode kMode, bool kAKMajor, bool kBKMajor>
@@ -599,7 +608,14 @@ __global__ void __launch_bounds__(GemmConfig<T, kMode>::kThreads, GemmConfig<T, 
     cp_async_commit();
     const int stage = kt % Cfg::kStages;
     if constexpr (Cfg::kWgmma) {
-      warpgroup_mma_step<T, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems, acc);
+      // Warpgroup wg: rows 64 wg .. 64 wg + 63 by the whole B tile. Only the previous K step's group
+      // is waited for, so this one runs on across the next barrier and prefetch: a stage is
+      // rewritten two K steps after it was read (kStages = kPrefetch + 2), after a barrier that every
+      // thread reaches past the wait that retired its reads.
+      static_assert(Cfg::kBlockN == 128 && Cfg::kThreads == 256, "two m64n128 warpgroups");
+      warpgroup_gemm<T, TileA, TileB, Cfg::kBlockN, Cfg::kBlockN, 1>(smem_a + stage * TileA::kElems,
+                                                                     64 * (static_cast<int>(threadIdx.x) / 128),
+                                                                     smem_b + stage * TileB::kElems, 0, acc[0]);
     } else {
       warp_mma_step<T, kMode, kAKMajor, kBKMajor>(smem_a + stage * TileA::kElems, smem_b + stage * TileB::kElems,
                                                    warp_m0, warp_n0, acc);

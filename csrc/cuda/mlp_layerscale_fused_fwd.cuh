@@ -152,8 +152,8 @@ __device__ __forceinline__ void fused_copy_tile(T* s, const T* __restrict__ g, i
   // unrolled copy lets the compiler keep all of them live in registers next to acc2.
 #pragma unroll 1
   for (int chunk = static_cast<int>(threadIdx.x); chunk < kChunks; chunk += kThreads) {
-    const int row = kCanonical ? (chunk / (8 * kChunksPerRow)) * 8 + chunk % 8 : chunk / kChunksPerRow;
-    const int col = (kCanonical ? (chunk / 8) % kChunksPerRow : chunk % kChunksPerRow) * 8;
+    int row, col;
+    Tile::chunk_origin(chunk, row, col);
     const bool valid = row < rows_valid && col < cols_valid;
     const T* src = valid ? g + static_cast<int64_t>(row) * ld + col : g;  // not read when !valid
     cp_async_16(s + Tile::offset(row, col), src, valid);
@@ -352,33 +352,6 @@ __device__ __forceinline__ void fill_fragments(float (&acc)[kFrags][4], float v)
     for (int i = 0; i < 4; ++i) acc[j][i] = v;
 }
 
-// acc += A (64 rows of sA from row a_row, K = kK) . B (kN rows of sB from row b_row)^T, both canonical
-// K-major tiles, as kK / 16 x (kN / kInstrN) wgmma; committed and waited for.
-template <typename T, typename TileA, typename TileB, int kN, int kInstrN>
-__device__ __forceinline__ void fused_warpgroup_gemm(const T* sA, int a_row, const T* sB, int b_row,
-                                                     float (&acc)[kN / 8][4]) {
-  static_assert(TileA::kBlockK == TileB::kBlockK && TileA::kBlockK % 16 == 0, "same K, whole k16 steps");
-  constexpr uint32_t kLboA = TileA::kKGroupStride * sizeof(T), kSboA = TileA::kMNGroupStride * sizeof(T);
-  constexpr uint32_t kLboB = TileB::kKGroupStride * sizeof(T), kSboB = TileB::kMNGroupStride * sizeof(T);
-  constexpr int kFragsPerInstr = kInstrN / 8;
-  wgmma_fence_operands(acc);
-  wgmma_fence();
-  // Fully unrolled: with a runtime loop around wgmma, ptxas serialises the wgmma (C7520).
-#pragma unroll
-  for (int kk = 0; kk < TileA::kBlockK; kk += 16) {
-    const uint64_t desc_a = wgmma_descriptor(sA + TileA::offset(a_row, kk), kLboA, kSboA);
-#pragma unroll
-    for (int n = 0; n < kN / kInstrN; ++n) {
-      const uint64_t desc_b = wgmma_descriptor(sB + TileB::offset(b_row + n * kInstrN, kk), kLboB, kSboB);
-      wgmma_m64nNk16<T, kInstrN, false, false>(reinterpret_cast<float(&)[kFragsPerInstr][4]>(acc[n * kFragsPerInstr]),
-                                               desc_a, desc_b);
-    }
-  }
-  wgmma_commit_group();
-  wgmma_wait_group<0>();
-  wgmma_fence_operands(acc);
-}
-
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
     mlp_layerscale_fused_fwd_wgmma_kernel(FwdArgs a) {
@@ -440,7 +413,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
 
     float acc1[Shape::kN1 / 8][4];
     fill_fragments(acc1, 0.0f);
-    fused_warpgroup_gemm<T, TileX, TileW1, Shape::kN1, Shape::kN1>(sX, row0, sW1, h_col0, acc1);
+    warpgroup_gemm<T, TileX, TileW1, Shape::kN1, Shape::kN1, 0>(sX, row0, sW1, h_col0, acc1);
 
     // Epilogue 1: h = gelu(acc1 + b1) -> sH (see the mma kernel for the columns >= 4C).
 #pragma unroll
@@ -466,7 +439,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
     }
     cp_async_commit();
 
-    fused_warpgroup_gemm<T, TileH, TileW2, Shape::kN2, Shape::kInstrN2>(sH, row0, sW2, c_col0, acc2);
+    warpgroup_gemm<T, TileH, TileW2, Shape::kN2, Shape::kInstrN2, 0>(sH, row0, sW2, c_col0, acc2);
   }
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the tiles: the staging buffer overlays them

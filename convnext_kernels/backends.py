@@ -52,6 +52,22 @@ def _extension() -> tuple[Optional[ModuleType], str]:
     return _EXTENSION
 
 
+def _find_cuda_kernels() -> str:
+    """Empty when the extension holds the CUDA kernels, else why not. Asked once, here: a call
+    into the extension during backend resolution would stop a torch.compile(fullgraph=True)
+    trace (dynamo cannot trace a pybind11 function)."""
+    ext, why = _EXTENSION
+    if ext is None:
+        return why
+    if not ext.build_info().get("cuda_kernels", False):
+        return ("the compiled extension was built without CUDA (nvcc was not found at build time); "
+                "reinstall with CONVNEXT_KERNELS_CUDA=1 where nvcc is on PATH")
+    return ""
+
+
+_CUDA_KERNELS_MISSING = _find_cuda_kernels()
+
+
 def build_info() -> dict:
     """What the compiled extension was built with (compiler, OpenMP, CUDA, archs), and whether the
     host-emulated CUDA kernels (convnext_kernels._cuda_emulated, for tests) were built."""
@@ -136,13 +152,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
             hint = (f"; set {ENV_CUDA_EMULATE}=1 to run the CUDA kernels on the CPU in the emulator (tests)"
                     if dev == "cpu" else "")
             return f"backend 'cuda' needs CUDA tensors (got {dev} tensors){hint}"
-        ext, why = _extension()
-        if ext is None:
-            return why
-        if not ext.build_info().get("cuda_kernels", False):
-            return ("the compiled extension was built without CUDA (nvcc was not found at build time); "
-                    "reinstall with CONVNEXT_KERNELS_CUDA=1 where nvcc is on PATH")
-        return ""
+        return _CUDA_KERNELS_MISSING
     if backend == "cpu":
         if dev != "cpu":
             return f"backend 'cpu' needs CPU tensors (got {dev} tensors)"

@@ -445,6 +445,25 @@ def test_env_overrides_auto(monkeypatch):
     ck.dwconv_layernorm(x, w, b, nw, nb)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_backend_resolution_traces_under_fullgraph(device, monkeypatch):
+    """Every op call resolves its backend inside the user's torch.compile trace, so the resolution
+    must trace for every backend on every device, GPU branches included, which this machine reaches
+    by asking about a "cuda" device it does not have. (It once called into the extension there,
+    which dynamo cannot trace: fullgraph training with backend "cuda" would fail on the GPU.)"""
+    from convnext_kernels.backends import BACKENDS, unavailable_reason
+    monkeypatch.delenv("CONVNEXT_KERNELS_CUDA_EMULATE", raising=False)  # the real-CUDA branches
+    dev = torch.device(device)
+    expected = {b: unavailable_reason(b, dev) for b in BACKENDS}
+
+    def reasons(x):
+        return x + sum(len(unavailable_reason(b, dev)) for b in BACKENDS)
+
+    torch._dynamo.reset()
+    traced = torch.compile(reasons, fullgraph=True, backend="eager")(torch.zeros(()))
+    assert traced.item() == sum(len(r) for r in expected.values())
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------

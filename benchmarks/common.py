@@ -7,6 +7,7 @@ scripts run as `python benchmarks/<name>.py`, so this directory is on sys.path a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -157,6 +158,21 @@ def finish_environment(payload: dict) -> None:
     """Add what is only known at the end of a run (the load it ran under)."""
     if hasattr(os, "getloadavg"):
         payload["host"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+
+
+@contextlib.contextmanager
+def keep_results_on_interrupt(payload: dict, records: list[dict]):
+    """Ends a measuring loop on Ctrl-C or SIGINT (gpu_pass.sh's time limit sends SIGINT) so the
+    caller still writes what was measured: records not finished get error "interrupted", and the
+    payload says the run was cut short."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted: writing the results measured so far", flush=True)
+        payload["interrupted"] = True
+        for r in records:
+            if not r.get("error") and r.get("img_per_s", r.get("ms")) is None:
+                r["error"] = "interrupted"
 
 
 def fused_backends(ck, device) -> list[str]:
@@ -431,5 +447,7 @@ def markdown_header(title: str, payload: dict) -> str:
         f"convnext_kernels {v['package']}",
         f"- git commit: {payload['git_commit']}; date: {payload['date']}",
         f"- command: `{payload['command']}`",
+        *(["- **interrupted** (time limit or Ctrl-C): results measured before that"] if payload.get("interrupted")
+          else []),
         "",
     ])

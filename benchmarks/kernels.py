@@ -232,6 +232,8 @@ def op_function(op: str, provider: str):
 
 def preact_launcher_step(provider: str, inputs: dict, dy: torch.Tensor):
     """One fwd+bwd of the Triton mlp_layerscale launchers, pre-activation recomputed or stored."""
+    from torch._library.triton import set_wrap_triton_enabled
+
     from convnext_kernels.triton import mlp_layerscale_bwd, mlp_layerscale_fwd
 
     x = inputs["x"]
@@ -241,9 +243,12 @@ def preact_launcher_step(provider: str, inputs: dict, dy: torch.Tensor):
     rows, hidden = x.numel() // x.shape[-1], inputs["fc1_weight"].shape[0]
 
     def step():
-        preact = torch.empty((rows, hidden), dtype=x.dtype, device=x.device) if stored else None
-        mlp_layerscale_fwd(x, inputs["shortcut"], *params, preact_out=preact)
-        mlp_layerscale_bwd(dy, x, *params, preact=preact)
+        # Launched as the ops launch them: outside a triton_op, wrap_triton would send every
+        # launch through torch's higher-order op (Python cost per launch, where not graphed).
+        with set_wrap_triton_enabled(False):
+            preact = torch.empty((rows, hidden), dtype=x.dtype, device=x.device) if stored else None
+            mlp_layerscale_fwd(x, inputs["shortcut"], *params, preact_out=preact)
+            mlp_layerscale_bwd(dy, x, *params, preact=preact)
     return step
 
 
@@ -434,7 +439,7 @@ def main(argv=None) -> int:
 
     cases = [(op, pass_, stage) for op in args.ops for pass_ in args.passes for stage in args.stages]
     records = []
-    with common.Progress(len(cases), "kernels") as bar:
+    with common.keep_results_on_interrupt(payload, records), common.Progress(len(cases), "kernels") as bar:
         for op, pass_, stage in cases:
             bar.set(f"{op} {pass_} stage {stage}")
             records += run_case(op, pass_, stage, args, ceilings)

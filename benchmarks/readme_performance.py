@@ -5,7 +5,8 @@
 
 Only the text between `<!-- performance:start -->` and `<!-- performance:end -->` changes. Runs made
 with --quick are left out. Where several runs cover the same device, model, image size and dtype,
-each (bench, provider) figure comes from the latest of them.
+each (bench, provider) figure comes from the latest of them, among the runs with that bench's
+latest batch size and compile mode.
 """
 
 from __future__ import annotations
@@ -64,17 +65,28 @@ def _model_rank(model: str) -> int:
 
 
 def throughput_groups(runs: list[dict]) -> dict:
-    """{(device_type, device, model, img_size, dtype): {"records": {(bench, provider): rec}, "runs": [...]}}"""
+    """{(device_type, device, model, img_size, dtype): {"records": {(bench, provider): rec}, "runs": [...]}}
+
+    Runs are merged (a GPU pass times infer and train in separate calls, and may split providers)
+    but never across batch sizes or compile modes: a bench's records all come from runs with the
+    batch size and compile mode of its latest run, so every ratio compares like with like."""
     groups: dict = {}
     for run in runs:
         if run["kind"] != "throughput":
             continue
         c = run["config"]
         key = (run["device_type"], run["device"], c["model"], c["img_size"], c["dtype"])
-        group = groups.setdefault(key, {"records": {}, "runs": []})
+        group = groups.setdefault(key, {"records": {}, "runs": [], "setting": {}})
         group["runs"].append(run)
-        for rec in run["results"]:
-            group["records"][(rec["bench"], rec["provider"])] = rec  # runs are in date order: latest wins
+        for rec in run["results"]:  # runs are in date order: latest wins
+            setting = (rec["batch_size"], c.get("compile_mode", "default"))
+            if group["setting"].setdefault(rec["bench"], setting) != setting:  # older figures of that bench go
+                group["records"] = {k: r for k, r in group["records"].items() if k[0] != rec["bench"]}
+                group["setting"][rec["bench"]] = setting
+            group["records"][(rec["bench"], rec["provider"])] = rec
+    for group in groups.values():  # only the runs whose figures are shown
+        shown = {id(r) for r in group["records"].values()}
+        group["runs"] = [run for run in group["runs"] if any(id(r) in shown for r in run["results"])]
     order = sorted(groups, key=lambda k: (k[0] != "cuda", k[1], _model_rank(k[2]), k[3], k[4]))
     return {k: groups[k] for k in order}
 

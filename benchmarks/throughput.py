@@ -255,9 +255,9 @@ def finish(record: dict, times: list[float], peak_mb=None) -> None:
         record["peak_mem_mb_per_img"] = peak_mb / record["batch_size"]
 
 
-def run_one_at_a_time(bench: str, args, bar) -> list[dict]:
-    """GPU: each provider alone on the device (its own peak memory), freed before the next."""
-    records = []
+def run_one_at_a_time(bench: str, args, bar, records: list[dict]) -> None:
+    """GPU: each provider alone on the device (its own peak memory), freed before the next. Each
+    record goes into `records` before it is measured, so an interrupted run keeps the ones done."""
     lost = None  # set once the CUDA context is unusable (a sticky error such as an illegal access)
     for provider in args.providers:
         bar.set(f"{bench} {provider}")
@@ -273,7 +273,7 @@ def run_one_at_a_time(bench: str, args, bar) -> list[dict]:
                 if args.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(args.device)
                 times = common.time_iterations(step, args.device, args.warmup, args.iters)
-                peak = torch.cuda.max_memory_allocated(args.device) / 2**20 if args.device.type == "cuda" else None
+                peak = torch.cuda.max_memory_allocated(args.device) / 1e6 if args.device.type == "cuda" else None
                 finish(record, times, peak)
             except Exception as e:
                 record["error"] = common.short_error(e)
@@ -282,12 +282,12 @@ def run_one_at_a_time(bench: str, args, bar) -> list[dict]:
             release_memory(args.device)
         except Exception as e:  # the rest are recorded as not run; main still writes the results
             lost = common.short_error(e)
-    return records
 
 
-def run_interleaved(bench: str, args, bar) -> list[dict]:
+def run_interleaved(bench: str, args, bar, records: list[dict]) -> None:
     """CPU: all providers built first, then timed taking turns (common.time_interleaved)."""
-    records = [new_record(p, bench, args) for p in args.providers]
+    mine = [new_record(p, bench, args) for p in args.providers]
+    records += mine
     steps = {}
     for record in records:
         bar.set(f"{bench} {record['provider']}: set-up")
@@ -303,14 +303,13 @@ def run_interleaved(bench: str, args, bar) -> list[dict]:
         bar.advance()
 
     times, errors = common.time_interleaved(steps, args.warmup, args.iters, on_round=on_round)
-    for record in records:
+    for record in mine:
         if record["provider"] in errors:
             record["error"] = common.short_error(errors[record["provider"]])
         elif record["provider"] in times:
             finish(record, times[record["provider"]])
     steps.clear()
     release_memory(args.device)
-    return records
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -384,10 +383,11 @@ def main(argv=None) -> int:
     interleave = args.device.type == "cpu"
     steps_per_bench = len(args.providers) + (args.warmup + args.iters if interleave else 0)
     records = []
-    with common.Progress(len(benches) * steps_per_bench, "throughput") as bar:
+    with common.keep_results_on_interrupt(payload, records), \
+            common.Progress(len(benches) * steps_per_bench, "throughput") as bar:
         for bench in benches:
             try:
-                records += (run_interleaved if interleave else run_one_at_a_time)(bench, args, bar)
+                (run_interleaved if interleave else run_one_at_a_time)(bench, args, bar, records)
             except Exception as e:  # keep what was measured: the results below are still written
                 print(f"{bench}: stopped by {common.short_error(e)}", flush=True)
     add_ratios(records)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import package_subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -24,15 +25,16 @@ KERNEL_FIELDS = {"op", "pass", "shape", "provider", "backend", "dtype", "ms", "g
                  "tflop_per_s", "pct_matmul_peak", "bound_ms", "pct_roofline", "speedup_vs_eager", "error"}
 
 
+def script_env() -> dict:
+    """The environment for a benchmark script: conftest.py turns on Triton's interpreter and
+    NaN-poisoned outputs for the kernel tests; the benchmarks must run the kernels as users do."""
+    return package_subprocess_env(drop=("TRITON_INTERPRET", "CONVNEXT_KERNELS_POISON_OUTPUTS",
+                                        "CONVNEXT_KERNELS_BACKEND"))
+
+
 def run_script(name: str, *args: str, timeout: int = 300) -> str:
-    env = dict(os.environ)
-    # conftest.py turns on Triton's interpreter and NaN-poisoned outputs for the kernel tests;
-    # the benchmarks must run the kernels as users do.
-    env.pop("TRITON_INTERPRET", None)
-    env.pop("CONVNEXT_KERNELS_POISON_OUTPUTS", None)
-    env.pop("CONVNEXT_KERNELS_BACKEND", None)
-    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -88,6 +90,47 @@ def test_kernels_quick_cpu(tmp_path):
             assert r["error"] is None and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0
 
 
+# Runs a benchmark script's main with SIGINT sent to itself when the `hook` function is first
+# called the second time: what gpu_pass.sh's time limit does to a step that runs too long.
+_INTERRUPT_DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {bench!r})
+import {module} as script
+real, calls = script.{hook}, []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+script.{hook} = hooked
+sys.exit(script.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module, hook, args", [
+    ("kernels", "run_case", ["--stages", "1,4", "--passes", "fwd", "--ops", "dwconv_layernorm"]),
+    ("throughput", "prepare", ["--bench", "infer", "--providers", "eager,eager_channels_last,fused_torch"]),
+])
+def test_interrupted_benchmark_writes_what_it_measured(tmp_path, module, hook, args):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_INTERRUPT_DRIVER.format(bench=str(BENCH), module=module, hook=hook))
+    proc = subprocess.run([sys.executable, str(driver), "--quick", "--device", "cpu", "--threads", "1",
+                           "--out", str(tmp_path), *args], cwd=REPO, env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interrupted" in proc.stdout
+    (json_path,) = tmp_path.glob(f"{module}_*.json")
+    payload = json.loads(json_path.read_text())
+    assert payload["interrupted"] is True
+    assert "**interrupted**" in json_path.with_suffix(".md").read_text()
+    records = payload["results"]
+    if module == "kernels":  # the first case measured, the second never finished
+        assert {r["stage"] for r in records} == {1} and all(r["ms"] for r in records)
+    else:  # CPU: providers are timed together, after all are set up, so none was timed
+        assert [r["provider"] for r in records] == ["eager", "eager_channels_last", "fused_torch"]
+        assert all(r["error"] == "interrupted" and r["img_per_s"] is None for r in records)
+
+
 def test_kernels_preact_pair_only_times_mlp_training(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import kernels
@@ -96,6 +139,28 @@ def test_kernels_preact_pair_only_times_mlp_training(monkeypatch):
     assert kernels.providers_for("mlp_layerscale", "fwd+bwd", everyone) == everyone
     for op, pass_ in (("mlp_layerscale", "fwd"), ("dwconv_layernorm", "fwd+bwd")):
         assert kernels.providers_for(op, pass_, everyone) == ["eager", "fused_triton"]
+
+
+def test_kernels_preact_pair_steps_run(monkeypatch):
+    """The triton_recompute / triton_stored steps (GPU-only providers) run the launchers, here
+    through Triton's interpreter, and both backward forms give the same gradients."""
+    from conftest import TRITON_CPU_MISSING
+    if TRITON_CPU_MISSING:
+        pytest.skip(TRITON_CPU_MISSING)
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    import convnext_kernels.triton as launchers
+
+    inputs = kernels.make_inputs("mlp_layerscale", 1, 5, 40, torch.float32, True, torch.device("cpu"))
+    dy = torch.randn_like(inputs["x"])
+    real_bwd, grads = launchers.mlp_layerscale_bwd, []
+    monkeypatch.setattr(launchers, "mlp_layerscale_bwd", lambda *a, **k: grads.append(real_bwd(*a, **k)))
+    for provider in ("triton_recompute", "triton_stored"):
+        kernels.preact_launcher_step(provider, inputs, dy)()
+    assert len(grads) == 2
+    for recomputed, stored in zip(*grads):
+        torch.testing.assert_close(stored, recomputed, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_gemm_variant_provider(monkeypatch):
@@ -140,7 +205,7 @@ def _environment(kind, device, device_type, config, date):
             "config": config}
 
 
-def _throughput_run(date, infer, train, quick=False):
+def _throughput_run(date, infer, train, quick=False, infer_batch=256):
     """infer / train: {provider: (img_per_s, peak MB per image)}."""
     config = {"model": "convnext_tiny", "img_size": 224, "dtype": "bfloat16", "quick": quick}
     run = _environment("throughput", "NVIDIA H100 80GB HBM3", "cuda", config, date)
@@ -150,7 +215,7 @@ def _throughput_run(date, infer, train, quick=False):
         for provider, (ips, mem) in figures.items():
             run["results"].append({
                 "model": "convnext_tiny", "bench": bench, "provider": provider, "backend": "x", "dtype": "bfloat16",
-                "batch_size": 256 if bench == "infer" else 128, "img_size": 224, "img_per_s": ips,
+                "batch_size": infer_batch if bench == "infer" else 128, "img_size": 224, "img_per_s": ips,
                 "peak_mem_mb_per_img": mem, "speedup_vs_eager_channels_last": ips / base[0], "error": None})
     return run
 
@@ -177,6 +242,11 @@ def test_readme_performance(tmp_path):
     kernels["results"] = [{"op": "mlp_layerscale", "pass": "fwd", "stage": 1, "shape": [128, 56, 56, 96],
                            "provider": p, "ms": ms, "bound_ms": 0.5, "pct_roofline": 50 / ms, "error": None}
                           for p, ms in (("eager", 2.0), ("fused_triton", 0.75))]
+    # A later run at another inference batch, fused only: it must not be divided by the baseline
+    # of the batch-256 run, so it supersedes that bench's older figures (here leaving no baseline).
+    other_batch = _throughput_run("2026-02-15T00:00:00+00:00", {"eager_channels_last": (1.0, 1.0), "fused_cuda": (7777.0, 1.0)},
+                                  {"eager_channels_last": (1.0, 1.0)}, infer_batch=32)
+    other_batch["results"] = [r for r in other_batch["results"] if r["provider"] == "fused_cuda"]  # infer only
     for name, run in (("throughput_a", old), ("throughput_b", new), ("throughput_c_quick", quick), ("kernels_a", kernels)):
         (results / f"{name}.json").write_text(json.dumps(run))
 
@@ -198,6 +268,14 @@ def test_readme_performance(tmp_path):
     assert "0.60× (fused_triton) | **no**" in section
     assert "0.75 (67%)" in section  # kernels table: ms (% roofline)
     assert readme_performance.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+
+    (results / "throughput_d_batch32.json").write_text(json.dumps(other_batch))
+    assert readme_performance.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    section = text[text.index("<!-- performance:start -->"):text.index("<!-- performance:end -->")]
+    assert "7777" in section and "2345.6" not in section  # inference: only the batch-32 run
+    assert "2.35× (fused_triton)" not in section and "7.78" not in section  # no cross-batch ratio
+    assert "1.50× (fused_triton) | **no**" in section  # training untouched
 
 
 def test_readme_performance_section_is_current():

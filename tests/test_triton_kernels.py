@@ -28,6 +28,10 @@ from convnext_kernels.triton.mlp_layerscale import (  # noqa: E402
     mlp_layerscale_fwd,
 )
 
+# Without the interpreter every test here runs the kernels on the GPU: all are GPU tests then
+# (`pytest -m cuda` selects them), as the stage-shape test always is.
+pytestmark = [] if triton_interpreted() else [pytest.mark.cuda]
+
 EPS = 1e-6
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -239,7 +243,9 @@ MLP_SHAPES = [
 ]
 
 
-def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True):
+def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True, tf32=False):
+    """Launch forward (and backward) and check every output by the pass rule. tf32: fp32 under
+    torch's TF32 switch (set by the caller), held to fp16's rule against torch's own TF32 GEMMs."""
     N, H, W, C, has_gamma, has_drop = shape
     x, sc, w1, b1, w2, b2, gamma, drop, dy = _mlp_layerscale_case(N, H, W, C, has_gamma, has_drop, dtype)
 
@@ -260,15 +266,16 @@ def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True):
     tensors = (x, w1, b1, w2, b2, gamma)
     y64, g64 = _autograd(lambda *p: ref(*p, sc.double(), as64(drop)), dy.double(),
                          *[as64(t) for t in tensors])
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not tf32:
         y_e, g_e = y64, g64
     else:
         lo = [t.to(dtype) if t is not None else None for t in tensors]
         drop_lo = drop.to(dtype) if drop is not None else None
         y_e, g_e = _autograd(lambda *p: ref(*p, sc, drop_lo), dy, *lo)
+    rule = torch.float16 if tf32 else dtype  # TF32 keeps 10 mantissa bits, as fp16 does
 
     assert y.dtype == dtype
-    _check("y", y, y64, y_e, dtype)
+    _check("y", y, y64, y_e, rule)
     if not backward:
         return
     dx, dw1, db1, dw2, db2, dgamma = grads
@@ -276,9 +283,9 @@ def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True):
     assert all(t.dtype == torch.float32 for t in (dw1, db1, dw2, db2, dgamma))
     for name, got, i in (("dx", dx, 0), ("dfc1_weight", dw1, 1), ("dfc1_bias", db1, 2),
                          ("dfc2_weight", dw2, 3), ("dfc2_bias", db2, 4)):
-        _check(name, got, g64[i], g_e[i], dtype)
+        _check(name, got, g64[i], g_e[i], rule)
     if has_gamma:
-        _check("dgamma", dgamma, g64[5], g_e[5], dtype)
+        _check("dgamma", dgamma, g64[5], g_e[5], rule)
     else:
         assert dgamma.shape == (C,) and torch.isfinite(dgamma).all()
 
@@ -286,6 +293,21 @@ def _run_mlp_layerscale(shape, dtype, stored_preact=False, backward=True):
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
 def test_mlp_layerscale_fp32(shape):
     _run_mlp_layerscale(shape, torch.float32)
+
+
+@pytest.mark.skipif(triton_interpreted(), reason="TF32 is a GPU mode: the interpreter's dots are exact fp32")
+# C = 40, 96, 192: the fused forward's TF32 lists; 400: the two-GEMM forward; all: the backward.
+@pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 5, 17, 96, True, True),
+                                   (4, 14, 14, 192, True, False), (1, 2, 5, 400, True, True)],
+                         ids=lambda s: "x".join(map(str, s[:4])))
+def test_mlp_layerscale_tf32(shape, monkeypatch):
+    """fp32 with torch's TF32 switch on: the kernels' "tf32" dot mode and autotune lists, which
+    only a GPU runs, against torch's own TF32 GEMMs."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert m._input_precision(torch.float32) == "tf32"
+    _run_mlp_layerscale(shape, torch.float32, tf32=True)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
@@ -336,6 +358,21 @@ def test_mlp_paths_cover_both_sides_of_threshold():
     assert any(s[3] > FUSED_MAX_C for s in MLP_SHAPES)
 
 
+def test_autotune_keys_name_real_parameters_and_the_preact_flags():
+    """The autotuner keeps one choice per key. The flags that change a kernel's memory traffic
+    (storing or reading the (M, 4C) pre-activation) must be in the key, or the stored form reuses
+    configs timed for the recomputing one; and triton silently drops a key that names no
+    parameter, so each must be a real one."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    producers = [t for per_c in m._fused_fwd_kernels.values() for t in per_c.values()] + list(m._matmul.values())
+    readers = list(m._bwd_hidden.values())
+    assert all("STORE_PREACT" in t.keys for t in producers)
+    assert all("PREACT_STORED" in t.keys for t in readers)
+    for t in producers + readers:
+        assert set(t.keys) <= set(t.arg_names), (t.fn.__name__, sorted(set(t.keys) - set(t.arg_names)))
+
+
 def _gpu_config_cases():
     """(kernel, dot mode, fused width key, config) for each tile shape of the GPU autotune lists
     (configs differing only in num_warps / num_stages run alike in the interpreter: once)."""
@@ -362,7 +399,8 @@ def _config_id(case):
 _WIDTH_TO_C = {128: 96, 192: 160, 256: 224, 384: 320}
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="on a GPU the autotuner runs every config anyway")
+@pytest.mark.skipif(not triton_interpreted(), reason="checks the tile shapes, which the interpreter runs on CPU "
+                    "in CI; on a GPU only the autotuner's pick runs (in the other tests)")
 @pytest.mark.parametrize("case", _gpu_config_cases(), ids=_config_id)
 def test_every_gpu_autotune_config(case, monkeypatch):
     """Each GPU autotune config's tile shape (BLOCK_M / H / K / N, GROUP_M) gives the right

@@ -478,19 +478,21 @@ def _mlp_layerscale_bwd_hidden_kernel(
     tl.store(db1_part_ptr + pid_m.to(tl.int64) * HID + offs_h, tl.sum(da, axis=0), mask=mask_h)
 
 
+# The keys name the constexpr flags that change a kernel's memory traffic (storing or reading the
+# (M, 4C) pre-activation), so the stored and recomputed forms are tuned apart.
 _fused_fwd_kernels = {
     mode: {
-        c: autotune(cfgs, key=["M", "C"])(_mlp_layerscale_fwd_kernel)
+        c: autotune(cfgs, key=["M", "C", "STORE_PREACT"])(_mlp_layerscale_fwd_kernel)
         for c, cfgs in per_c.items()
     }
     for mode, per_c in _FUSED_FWD_CONFIGS.items()
 }
 _matmul = {
-    mode: autotune(cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE"])(_matmul_kernel)
+    mode: autotune(cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE", "STORE_PREACT"])(_matmul_kernel)
     for mode, cfgs in _MATMUL_CONFIGS.items()
 }
 _bwd_hidden = {
-    mode: autotune(cfgs, key=["M", "C"])(_mlp_layerscale_bwd_hidden_kernel)
+    mode: autotune(cfgs, key=["M", "C", "PREACT_STORED"])(_mlp_layerscale_bwd_hidden_kernel)
     for mode, cfgs in _BWD_HIDDEN_CONFIGS.items()
 }
 

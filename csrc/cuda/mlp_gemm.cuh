@@ -152,7 +152,10 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait() {
+  // "memory": no shared-memory load of the landed data may be hoisted above the wait.
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -229,6 +232,11 @@ __device__ __forceinline__ void wgmma_m64nNk16(float (&acc)[kN / 8][4], uint64_t
 // kernels (the host checks the device), so there they trap.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define CNK_WGMMA_DEVICE 1
+#endif
+// The host dispatches to wgmma on a 9.0 device when CNK_CUDA_HAS_SM90A is defined; a 9.0 image
+// compiled without the "a" features would hold only the traps below (a lost CUDA context).
+#if defined(CNK_CUDA_HAS_SM90A) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(CNK_WGMMA_DEVICE)
+#error "CNK_CUDA_HAS_SM90A is defined but this sm_90 image is not compute_90a: build for 90a, not 90"
 #endif
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef CNK_WGMMA_DEVICE

@@ -63,15 +63,21 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
     return drop_scale.repeat_interleave(H * W).unsqueeze(1)
 
 
+def _linear_fp32(inp, weight, bias, out=None):
+    """inp @ weight.T + bias in fp32: one addmm for fp32 inputs (into out when given); 16-bit
+    inputs add the fp32 bias after the GEMM instead (out, if given, receives the sum)."""
+    if inp.dtype == torch.float32:
+        return torch.addmm(bias, inp, weight.t(), out=out)
+    a = F.linear(inp, weight).float().add_(bias)
+    if out is not None:
+        out.copy_(a)
+    return a
+
+
 def _hidden(x2, fc1_weight, fc1_bias, out=None):
     """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear; a is also written
     into out (a (rows, 4C) tensor of x's dtype) when given, by the GEMM itself for fp32."""
-    if x2.dtype == torch.float32:  # one addmm; 16-bit inputs add the fp32 bias after the GEMM instead
-        a = torch.addmm(fc1_bias, x2, fc1_weight.t(), out=out)
-    else:
-        a = F.linear(x2, fc1_weight).float() + fc1_bias
-        if out is not None:
-            out.copy_(a)
+    a = _linear_fp32(x2, fc1_weight, fc1_bias, out=out)
     return a, F.gelu(a).to(x2.dtype)
 
 
@@ -94,13 +100,32 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
         _, h = _hidden(x2[rows], fc1_weight, fc1_bias, out=None if preact_out is None else preact_out[rows])
-        z = F.linear(h, fc2_weight).float().add_(fc2_bias)
-        if gamma is not None:
-            z.mul_(gamma)
+        z = _linear_fp32(h, fc2_weight, fc2_bias)
         if s is not None:
             z.mul_(s[rows])
-        y[rows] = z.add_(shortcut2[rows])
+        # The residual add writes y's rows directly (no fp32 sum tensor, no copy).
+        if gamma is not None:
+            torch.addcmul(shortcut2[rows], z, gamma, out=y[rows])
+        else:
+            torch.add(shortcut2[rows], z, out=y[rows])
     return y.view(x.shape)
+
+
+def _rowwise_dot(a, b):
+    """(a * b).sum(1) for (R, K) fp32 tensors. On the CPU in blocks of rows: the product of a
+    whole (C, 4C) pair is a fresh allocation of several MB, paid in page faults on every call."""
+    if a.device.type != "cpu":
+        return torch.linalg.vecdot(a, b)
+    out = a.new_empty(a.shape[0])
+    step = max(1, (1 << 16) // max(a.shape[1], 1))
+    for i in range(0, a.shape[0], step):
+        torch.linalg.vecdot(a[i:i + step], b[i:i + step], out=out[i:i + step])
+    return out
+
+
+def _accumulate_mm(acc, a, b):
+    """a @ b, added into acc (fp32) unless acc is None (the first chunk)."""
+    return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
 
 
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
@@ -108,10 +133,12 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
     s = _row_scale(drop_scale, x)
     f32 = dict(dtype=torch.float32, device=x.device)
-    dfc1_weight, dfc1_bias = torch.zeros(fc1_weight.shape, **f32), torch.zeros(fc1_bias.shape, **f32)
+    dfc1_bias, dys_sum = torch.zeros(fc1_bias.shape, **f32), torch.zeros(C, **f32)
     # With dys = dy * s: G = dys.T @ h gives dW2 = gamma * G and, since z = h @ W2.T + b2,
     # dgamma = sum(dys * z) = rowsum(W2 * G) + b2 * colsum(dys): no second pass through fc2.
-    g, dys_sum = torch.zeros(fc2_weight.shape, **f32), torch.zeros(C, **f32)
+    # G and dW1 are written by the first chunk's GEMM and accumulated into by the others (no
+    # zero fill of two (4C, C) buffers).
+    g = dfc1_weight = None
     dx = torch.empty_like(x2)
     # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
     for rows in _row_chunks(x2.shape[0], x.device):
@@ -124,14 +151,18 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
             a = preact[rows].float()
             h = F.gelu(a).to(x.dtype)
         dys_sum += dys.sum(0)
-        g.addmm_(dys.t(), h.float())
+        g = _accumulate_mm(g, dys.t(), h.float())
         dz = dys.mul_(gamma) if gamma is not None else dys
-        # aten's fused exact-erf GELU backward: dh * (Phi(a) + a * phi(a)) in one pass.
-        da = torch.ops.aten.gelu_backward((dz.to(x.dtype) @ fc2_weight).float(), a)
+        # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, written
+        # over dh when that is a fresh fp32 tensor (16-bit inputs: .float() made it one).
+        dh = (dz.to(x.dtype) @ fc2_weight).float()
+        da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
         dfc1_bias += da.sum(0)
-        dfc1_weight.addmm_(da.t(), x2[rows].float())
-        dx[rows] = da.to(x.dtype) @ fc1_weight
-    dgamma = (g * fc2_weight.float()).sum(1) + fc2_bias * dys_sum
+        dfc1_weight = _accumulate_mm(dfc1_weight, da.t(), x2[rows].float())
+        torch.mm(da.to(x.dtype), fc1_weight, out=dx[rows])
+    if g is None:  # no rows
+        g, dfc1_weight = torch.zeros(fc2_weight.shape, **f32), torch.zeros(fc1_weight.shape, **f32)
+    dgamma = _rowwise_dot(g, fc2_weight.float()).add_(fc2_bias * dys_sum)
     if gamma is None:
         return dx.view(x.shape), dfc1_weight, dfc1_bias, g, dys_sum, dgamma
-    return dx.view(x.shape), dfc1_weight, dfc1_bias, g * gamma[:, None], dys_sum * gamma, dgamma
+    return dx.view(x.shape), dfc1_weight, dfc1_bias, g.mul_(gamma[:, None]), dys_sum.mul_(gamma), dgamma

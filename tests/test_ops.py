@@ -187,6 +187,39 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
+def test_autocast_stops_at_the_ops(backend, op_name):
+    """Under autocast an op casts its activations to the autocast dtype and computes as for that
+    dtype: bit for bit what it gives for bf16 activations outside autocast, with backward inside
+    or outside the region. Autocast must not reach into the op bodies, where it would recast the
+    launchers' fp32 math (the torch backend's conv ran in bf16; a backward inside the region
+    crashed on bf16 weight gradients)."""
+    args = _op_args(op_name, (2, 3, 5, 40))
+    fn = getattr(ck, op_name)
+    dy = torch.randn(2, 3, 5, 40, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def run(autocast, backward_inside):
+        leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                  for a in args]
+        x = leaves[0] if autocast else leaves[0].to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x, *leaves[1:], backend=backend)
+            if backward_inside:
+                y.backward(dy)
+        if not backward_inside:
+            y.backward(dy)
+        return [y] + [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    expected = run(autocast=False, backward_inside=False)
+    assert expected[0].dtype == torch.bfloat16
+    assert all(g is not None and g.dtype == torch.float32 for g in expected[1:])
+    for inside in (False, True):
+        got = run(autocast=True, backward_inside=inside)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (inside, i)
+
+
 def test_non_contiguous_input_is_copied():
     inputs, _ = _dwconv_layernorm_inputs((2, 5, 6, 40), "cpu")
     x, w, b, nw, nb = [t.float() for t in inputs]

@@ -7,12 +7,25 @@ dtype with fp32 epilogues, weight gradients reduced in fp32. Backward is written
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 _PAD = 3  # 7x7 kernel, "same" zero padding
+
+
+def _own_dtypes(launcher):
+    """Runs a launcher with autocast off on its tensors' device and without autograd. The op
+    bodies run inside the caller's autocast region, which would recast the launchers' chosen
+    dtypes (the conv and the fp32 epilogues and accumulators); the op layer has already cast the
+    activations to the autocast dtype."""
+    @functools.wraps(launcher)
+    def run(first, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False), torch.no_grad():
+            return launcher(first, *args, **kwargs)
+    return run
 
 
 def _conv_out_fp32(x, conv_weight, conv_bias):
@@ -27,6 +40,7 @@ def _stats(z, eps):
     return mean, torch.rsqrt(var + eps)
 
 
+@_own_dtypes
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     z = _conv_out_fp32(x, conv_weight, conv_bias)
     mean, rstd = _stats(z, eps)
@@ -35,6 +49,7 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
     return y, mean.contiguous(), rstd.contiguous()
 
 
+@_own_dtypes
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     C = x.shape[-1]
     z = _conv_out_fp32(x, conv_weight, conv_bias)
@@ -92,6 +107,7 @@ def _row_chunks(M: int, device: torch.device):
     return [slice(i, min(i + step, M)) for i in range(0, M, step)]
 
 
+@_own_dtypes
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
                        preact_out=None):
     C = x.shape[-1]
@@ -103,7 +119,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
         z = _linear_fp32(h, fc2_weight, fc2_bias)
         if s is not None:
             z.mul_(s[rows])
-        # The residual add writes y's rows directly (no fp32 sum tensor, no copy).
+        # The residual add writes y's rows directly (fp32: no sum tensor and no copy).
         if gamma is not None:
             torch.addcmul(shortcut2[rows], z, gamma, out=y[rows])
         else:
@@ -128,6 +144,7 @@ def _accumulate_mm(acc, a, b):
     return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
 
 
+@_own_dtypes
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
     C = x.shape[-1]
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)

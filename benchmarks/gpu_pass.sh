@@ -48,7 +48,8 @@ run() {
   # the results measured so far (KeyboardInterrupt); whatever still runs 15 s later is killed.
   timeout -s INT -k 15 "$left" "$@" > "$work/logs/$name.log" 2>&1
   local status=$?
-  [ $status -eq 124 ] && echo "$name: stopped at the time limit (${left}s)" >> "$work/logs/$name.log"
+  # 124: stopped by SIGINT at the limit; 137: killed 15 s later, still running.
+  { [ $status -eq 124 ] || [ $status -eq 137 ]; } && echo "$name: stopped at the time limit (${left}s)" >> "$work/logs/$name.log"
   [ $status -ne 0 ] && rc=$status
   echo "== $name (exit $status)"
   tail -30 "$work/logs/$name.log" | tr '\r' '\n' | tail -30
@@ -83,14 +84,16 @@ case "$step" in
     run kernels python benchmarks/kernels.py --out "$results" "$@" ;;
   sanitize)
     tool=${1:-memcheck}
-    # GPU target only; not the test that launches an invalid configuration on purpose, nor the one
-    # that reads kernel names through the profiler (CUPTI and the sanitizer exclude each other).
-    # Without torch's caching allocator every tensor is its own cudaMalloc, so an access past
-    # one is out of bounds for memcheck (inside a cached segment it would look valid). API errors
-    # are torch's and the libraries' business, not this package's.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "sanitize_$tool" compute-sanitizer --tool "$tool" \
-      --error-exitcode 9 --report-api-errors no \
-      pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "gpu and not 32x and not cuda_error and not gemm_paths" -x ;;
+    # GPU target only; not the test that launches an invalid configuration on purpose. The GEMM
+    # path test (the only one on mma.sync for 16-bit on an H100) runs without its profiler check:
+    # CUPTI and the sanitizer exclude each other. Without torch's caching allocator every tensor
+    # is its own cudaMalloc, so an access past one is out of bounds for memcheck (inside a cached
+    # segment it would look valid). API errors are not reported: torch and the CUDA libraries
+    # make some on purpose (probes); the package's own launches are checked after each call and
+    # raise in the tests.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 CONVNEXT_KERNELS_TEST_PROFILER=0 run "sanitize_$tool" \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 --report-api-errors no \
+      pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "gpu and not 32x and not cuda_error" -x ;;
   train)
     for backend in triton cuda; do
       run "train_$backend" python examples/train.py --backend "$backend" --compare-reference \

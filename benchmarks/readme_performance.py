@@ -64,6 +64,14 @@ def _model_rank(model: str) -> int:
     return MODEL_ORDER.index(size) if size in MODEL_ORDER else len(MODEL_ORDER)
 
 
+def _drop_superseded_runs(groups: dict) -> None:
+    """Keeps in each group's "runs" (the commands, ceilings and charts the section cites) only the
+    runs that still provide one of its records."""
+    for group in groups.values():
+        shown = {id(r) for r in group["records"].values()}
+        group["runs"] = [run for run in group["runs"] if any(id(r) in shown for r in run["results"])]
+
+
 def throughput_groups(runs: list[dict]) -> dict:
     """{(device_type, device, model, img_size, dtype): {"records": {(bench, provider): rec}, "runs": [...]}}
 
@@ -79,14 +87,14 @@ def throughput_groups(runs: list[dict]) -> dict:
         group = groups.setdefault(key, {"records": {}, "runs": [], "setting": {}})
         group["runs"].append(run)
         for rec in run["results"]:  # runs are in date order: latest wins
+            if rec.get("error") == "interrupted":  # never measured: keeps what an earlier run had
+                continue
             setting = (rec["batch_size"], c.get("compile_mode", "default"))
             if group["setting"].setdefault(rec["bench"], setting) != setting:  # older figures of that bench go
                 group["records"] = {k: r for k, r in group["records"].items() if k[0] != rec["bench"]}
                 group["setting"][rec["bench"]] = setting
             group["records"][(rec["bench"], rec["provider"])] = rec
-    for group in groups.values():  # only the runs whose figures are shown
-        shown = {id(r) for r in group["records"].values()}
-        group["runs"] = [run for run in group["runs"] if any(id(r) in shown for r in run["results"])]
+    _drop_superseded_runs(groups)
     order = sorted(groups, key=lambda k: (k[0] != "cuda", k[1], _model_rank(k[2]), k[3], k[4]))
     return {k: groups[k] for k in order}
 
@@ -185,7 +193,9 @@ def kernel_groups(runs: list[dict]) -> dict:
         group = groups.setdefault(key, {"records": {}, "runs": []})
         group["runs"].append(run)
         for r in run["results"]:
-            group["records"][(r["op"], r["pass"], r["stage"], r["provider"])] = r
+            if r.get("error") != "interrupted":  # never measured: keeps what an earlier run had
+                group["records"][(r["op"], r["pass"], r["stage"], r["provider"])] = r
+    _drop_superseded_runs(groups)
     return {k: groups[k] for k in sorted(groups, key=lambda k: (k[0] != "cuda", k[1], k[2], k[3]))}
 
 

@@ -289,7 +289,7 @@ def run_interleaved(bench: str, args, bar, records: list[dict]) -> None:
     mine = [new_record(p, bench, args) for p in args.providers]
     records += mine
     steps = {}
-    for record in records:
+    for record in mine:
         bar.set(f"{bench} {record['provider']}: set-up")
         step = prepare(record, args)
         if step is not None:
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     written = common.write_results(args.out, stem, payload, markdown(payload, records, f"{stem}.png", args),
                                    lambda path: chart(path, records, args, device_label))
     print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    return 130 if payload.get("interrupted") else 0  # the shell's status for an interrupt
 
 
 if __name__ == "__main__":

@@ -140,10 +140,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.run = model
         if args.compile and name == "fused":
-            # Inductor otherwise replaces torch.rand with its own generator, so the compiled
-            # model's drop-path masks would differ from the reference's for the same seed.
-            import torch._inductor.config as inductor_config
-            inductor_config.fallback_random = True
+            if args.compare_reference:
+                # Inductor otherwise replaces torch.rand with its own generator, so the compiled
+                # model's drop-path masks would differ from the reference's for the same seed.
+                import torch._inductor.config as inductor_config
+                inductor_config.fallback_random = True
             self.run = torch.compile(model, fullgraph=True)
 
     def autocast(self):

@@ -26,10 +26,11 @@ KERNEL_FIELDS = {"op", "pass", "shape", "provider", "backend", "dtype", "ms", "g
 
 
 def script_env() -> dict:
-    """The environment for a benchmark script: conftest.py turns on Triton's interpreter and
-    NaN-poisoned outputs for the kernel tests; the benchmarks must run the kernels as users do."""
+    """The environment for a benchmark script: conftest.py turns on Triton's interpreter, the
+    CUDA emulator and NaN-poisoned outputs for the kernel tests; the benchmarks must run the
+    kernels as users do."""
     return package_subprocess_env(drop=("TRITON_INTERPRET", "CONVNEXT_KERNELS_POISON_OUTPUTS",
-                                        "CONVNEXT_KERNELS_BACKEND"))
+                                        "CONVNEXT_KERNELS_BACKEND", "CONVNEXT_KERNELS_CUDA_EMULATE"))
 
 
 def run_script(name: str, *args: str, timeout: int = 300) -> str:
@@ -72,6 +73,22 @@ def test_throughput_quick_cpu(tmp_path):
             assert r["peak_mem_mb_per_img"] is None  # not measured on CPU, so not reported
     base = {r["bench"]: r for r in records if r["provider"] == "eager_channels_last"}
     assert all(base[b]["img_per_s"] and base[b]["speedup_vs_eager_channels_last"] == 1.0 for b in base)
+
+
+def test_throughput_sets_up_each_provider_once_per_bench(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import throughput
+
+    calls = []
+
+    def prepare(record, args):
+        calls.append((record["bench"], record["provider"]))
+        record["error"] = "not built (test)"
+
+    monkeypatch.setattr(throughput, "prepare", prepare)
+    assert throughput.main(["--quick", "--device", "cpu", "--bench", "both", "--providers", "eager,fused_torch",
+                            "--out", str(tmp_path)]) == 0
+    assert calls == [("infer", "eager"), ("infer", "fused_torch"), ("train", "eager"), ("train", "fused_torch")]
 
 
 def test_kernels_quick_cpu(tmp_path):
@@ -117,7 +134,7 @@ def test_interrupted_benchmark_writes_what_it_measured(tmp_path, module, hook, a
     proc = subprocess.run([sys.executable, str(driver), "--quick", "--device", "cpu", "--threads", "1",
                            "--out", str(tmp_path), *args], cwd=REPO, env=script_env(), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]  # as for Ctrl-C, files written
     assert "interrupted" in proc.stdout
     (json_path,) = tmp_path.glob(f"{module}_*.json")
     payload = json.loads(json_path.read_text())
@@ -247,6 +264,12 @@ def test_readme_performance(tmp_path):
     other_batch = _throughput_run("2026-02-15T00:00:00+00:00", {"eager_channels_last": (1.0, 1.0), "fused_cuda": (7777.0, 1.0)},
                                   {"eager_channels_last": (1.0, 1.0)}, infer_batch=32)
     other_batch["results"] = [r for r in other_batch["results"] if r["provider"] == "fused_cuda"]  # infer only
+    # A run cut short at yet another batch, before it measured anything: it changes nothing.
+    cut = _throughput_run("2026-02-20T00:00:00+00:00", {"eager_channels_last": (1.0, 1.0)},
+                          {"eager_channels_last": (1.0, 1.0)}, infer_batch=8)
+    cut["interrupted"] = True
+    for r in cut["results"]:
+        r.update(img_per_s=None, peak_mem_mb_per_img=None, error="interrupted")
     for name, run in (("throughput_a", old), ("throughput_b", new), ("throughput_c_quick", quick), ("kernels_a", kernels)):
         (results / f"{name}.json").write_text(json.dumps(run))
 
@@ -270,12 +293,17 @@ def test_readme_performance(tmp_path):
     assert readme_performance.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
 
     (results / "throughput_d_batch32.json").write_text(json.dumps(other_batch))
+    (results / "throughput_e_cut.json").write_text(json.dumps(cut))
+    kernels_cut = dict(kernels, date="2026-03-01T00:00:00+00:00", interrupted=True,
+                       results=[dict(kernels["results"][1], ms=None, pct_roofline=None, error="interrupted")])
+    (results / "kernels_b_cut.json").write_text(json.dumps(kernels_cut))
     assert readme_performance.main(["--readme", str(readme), "--results", str(results)]) == 0
     text = readme.read_text()
     section = text[text.index("<!-- performance:start -->"):text.index("<!-- performance:end -->")]
     assert "7777" in section and "2345.6" not in section  # inference: only the batch-32 run
     assert "2.35× (fused_triton)" not in section and "7.78" not in section  # no cross-batch ratio
     assert "1.50× (fused_triton) | **no**" in section  # training untouched
+    assert "0.75 (67%)" in section and "kernels_b_cut" not in section  # an interrupted record is no figure
 
 
 def test_readme_performance_section_is_current():

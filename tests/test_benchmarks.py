@@ -306,6 +306,25 @@ def test_readme_performance(tmp_path):
     assert "0.75 (67%)" in section and "kernels_b_cut" not in section  # an interrupted record is no figure
 
 
+def test_readme_performance_targets_from_another_gpu(tmp_path, monkeypatch):
+    """With no H100 run, an H200 run is shown against the H100 targets, named, with no verdict."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import readme_performance
+
+    results = tmp_path / "results"
+    results.mkdir()
+    run = _throughput_run("2026-02-01T00:00:00+00:00", {"eager_channels_last": (1000.0, 5.0), "fused_triton": (2500.0, 4.0)},
+                          {"eager_channels_last": (300.0, 100.0), "fused_triton": (450.0, 60.0)})
+    run["device"] = "NVIDIA H200"
+    (results / "throughput_h200.json").write_text(json.dumps(run))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- performance:start -->\n<!-- performance:end -->\n")
+    assert readme_performance.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| H100 ConvNeXt-T inference vs eager"))
+    assert "measured on NVIDIA H200, not an H100" in row and "2.50× (fused_triton) | – |" in row
+
+
 def test_readme_performance_section_is_current():
     """The README's Performance section is what readme_performance.py makes of benchmarks/results/."""
     proc = subprocess.run([sys.executable, str(BENCH / "readme_performance.py"), "--check"], cwd=REPO,

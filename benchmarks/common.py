@@ -160,6 +160,9 @@ def finish_environment(payload: dict) -> None:
         payload["host"]["load_avg_1m_at_end"] = os.getloadavg()[0]
 
 
+INTERRUPTED = "interrupted"  # the error of a record that a cut-short run never finished
+
+
 @contextlib.contextmanager
 def keep_results_on_interrupt(payload: dict, records: list[dict]):
     """Ends a measuring loop on Ctrl-C or SIGINT (gpu_pass.sh's time limit sends SIGINT) so the
@@ -172,7 +175,12 @@ def keep_results_on_interrupt(payload: dict, records: list[dict]):
         payload["interrupted"] = True
         for r in records:
             if not r.get("error") and r.get("img_per_s", r.get("ms")) is None:
-                r["error"] = "interrupted"
+                r["error"] = INTERRUPTED
+
+
+def exit_status(payload: dict) -> int:
+    """A script's exit status: 130 (the shell's for an interrupt) when the run was cut short."""
+    return 130 if payload.get("interrupted") else 0
 
 
 def fused_backends(ck, device) -> list[str]:

@@ -87,7 +87,7 @@ def throughput_groups(runs: list[dict]) -> dict:
         group = groups.setdefault(key, {"records": {}, "runs": [], "setting": {}})
         group["runs"].append(run)
         for rec in run["results"]:  # runs are in date order: latest wins
-            if rec.get("error") == "interrupted":  # never measured: keeps what an earlier run had
+            if rec.get("error") == common.INTERRUPTED:  # never measured: keeps what an earlier run had
                 continue
             setting = (rec["batch_size"], c.get("compile_mode", "default"))
             if group["setting"].setdefault(rec["bench"], setting) != setting:  # older figures of that bench go
@@ -204,7 +204,7 @@ def kernel_groups(runs: list[dict]) -> dict:
         group = groups.setdefault(key, {"records": {}, "runs": []})
         group["runs"].append(run)
         for r in run["results"]:
-            if r.get("error") != "interrupted":  # never measured: keeps what an earlier run had
+            if r.get("error") != common.INTERRUPTED:  # never measured: keeps what an earlier run had
                 group["records"][(r["op"], r["pass"], r["stage"], r["provider"])] = r
     _drop_superseded_runs(groups)
     return {k: groups[k] for k in sorted(groups, key=lambda k: (k[0] != "cuda", k[1], k[2], k[3]))}

@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     written = common.write_results(args.out, stem, payload, markdown(payload, records, f"{stem}.png", args),
                                    lambda path: chart(path, records, args, device_label))
     print("wrote " + ", ".join(str(p) for p in written))
-    return 130 if payload.get("interrupted") else 0  # the shell's status for an interrupt
+    return common.exit_status(payload)
 
 
 if __name__ == "__main__":

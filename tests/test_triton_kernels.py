@@ -373,6 +373,36 @@ def test_autotune_keys_name_real_parameters_and_the_preact_flags():
         assert set(t.keys) <= set(t.arg_names), (t.fn.__name__, sorted(set(t.keys) - set(t.arg_names)))
 
 
+def test_autotune_tunes_once_per_size_octave(monkeypatch):
+    """A new row count (batch or image size) in the same power of two reuses the tuned choice of
+    every autotuned kernel; the next power of two tunes again. Each kernel is given two configs
+    (one config is never timed) and a stand-in timer that counts what it is asked to time."""
+    from convnext_kernels.triton import mlp_layerscale as m
+
+    mode = m._dot_mode(torch.float32, "ieee")
+    tuned = {"fused": m._fused_fwd_kernels[mode][128], "matmul": m._matmul[mode],
+             "bwd_hidden": m._bwd_hidden[mode]}
+    timed = []
+    for name, t in tuned.items():
+        cfg = t.configs[0]
+        twin = triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages + 1)
+        monkeypatch.setattr(t, "configs", [cfg, twin])
+        monkeypatch.setattr(t, "cache", {})
+        monkeypatch.setattr(t, "_bench", lambda *a, config, _n=name, **k: timed.append(_n) or [1.0, 1.0, 1.0])
+
+    def tunings(rows_h):
+        timed.clear()
+        _run_mlp_layerscale((1, rows_h, 29, 40, True, True), torch.float32)
+        return sorted(set(timed)), {name: len(t.cache) for name, t in tuned.items()}
+
+    # 145 rows: the fused forward, the backward hidden kernel and three backward GEMMs tune.
+    kernels, first = tunings(5)
+    assert kernels == ["bwd_hidden", "fused", "matmul"] and first == {"fused": 1, "matmul": 3, "bwd_hidden": 1}
+    assert tunings(6) == ([], first)  # 174 rows: the same octave (<= 256)
+    kernels, third = tunings(9)  # 261 rows: the next one
+    assert kernels == ["bwd_hidden", "fused", "matmul"] and third == {"fused": 2, "matmul": 6, "bwd_hidden": 2}
+
+
 def _gpu_config_cases():
     """(kernel, dot mode, fused width key, config) for each tile shape of the GPU autotune lists
     (configs differing only in num_warps / num_stages run alike in the interpreter: once)."""

@@ -267,6 +267,7 @@ def _mlp_layerscale_fwd_kernel(
     preact_ptr,      # (M, HID) out, only when STORE_PREACT: x @ W1.T + b1 in x.dtype
     M, C, HID,       # rows, channels, hidden width (4C)
     ROWS_PER_SAMPLE,  # H * W: row m belongs to sample m // ROWS_PER_SAMPLE
+    M_KEY,           # autotune key only (_autotune_bucket(M)); unused by the body
     HAS_GAMMA: tl.constexpr,        # apply layer scale
     HAS_ROW_SCALE: tl.constexpr,    # apply drop-path scale
     STORE_PREACT: tl.constexpr,     # save the pre-activation for a backward that reads it
@@ -340,6 +341,7 @@ def _matmul_kernel(
     M, N, K,         # problem size
     K_PER_SPLIT,     # reduction length per program_id(1); K when not split
     ROWS_PER_SAMPLE,  # H * W for the drop scale
+    M_KEY, N_KEY, K_KEY,  # autotune keys only (_autotune_bucket of M, N, K); unused by the body
     stride_am, stride_ak, stride_bk, stride_bn,  # element strides of A and B
     EPILOGUE: tl.constexpr,         # EPILOGUE_PARTIAL / _GELU / _RESIDUAL / _STORE
     HAS_GAMMA: tl.constexpr,        # RESIDUAL: apply layer scale
@@ -416,6 +418,7 @@ def _mlp_layerscale_bwd_hidden_kernel(
     preact_ptr,      # (M, HID) saved pre-activation a, x.dtype; read only when PREACT_STORED
     M, C, HID,       # rows, channels, hidden width
     ROWS_PER_SAMPLE,  # H * W
+    M_KEY,           # autotune key only (_autotune_bucket(M)); unused by the body
     HAS_GAMMA: tl.constexpr,        # apply layer scale to dz
     HAS_ROW_SCALE: tl.constexpr,    # apply the drop scale (and write dys)
     PREACT_STORED: tl.constexpr,    # load a from preact_ptr instead of recomputing x @ W1.T + b1
@@ -478,21 +481,31 @@ def _mlp_layerscale_bwd_hidden_kernel(
     tl.store(db1_part_ptr + pid_m.to(tl.int64) * HID + offs_h, tl.sum(da, axis=0), mask=mask_h)
 
 
-# The keys name the constexpr flags that change a kernel's memory traffic (storing or reading the
-# (M, 4C) pre-activation), so the stored and recomputed forms are tuned apart.
+def _autotune_bucket(n):
+    """An autotune key for a problem size: the next power of two, at least 16. One tuning then
+    serves every size up to twice the one it was timed at, so a model that meets new batch or
+    image sizes (detection at varying resolutions, a last partial batch) tunes once per octave,
+    not once per shape (each tuning compiles and times every config of the list). Never below 16,
+    so that this int argument is not specialised (== 1) into another compiled variant."""
+    return max(16, triton.next_power_of_2(n))
+
+
+# The sizes enter the keys bucketed (_autotune_bucket). The keys also name the constexpr flags
+# that change a kernel's memory traffic (storing or reading the (M, 4C) pre-activation), so the
+# stored and recomputed forms are tuned apart.
 _fused_fwd_kernels = {
     mode: {
-        c: autotune(cfgs, key=["M", "C", "STORE_PREACT"])(_mlp_layerscale_fwd_kernel)
+        c: autotune(cfgs, key=["M_KEY", "C", "STORE_PREACT"])(_mlp_layerscale_fwd_kernel)
         for c, cfgs in per_c.items()
     }
     for mode, per_c in _FUSED_FWD_CONFIGS.items()
 }
 _matmul = {
-    mode: autotune(cfgs, key=["M", "N", "K", "K_PER_SPLIT", "EPILOGUE", "STORE_PREACT"])(_matmul_kernel)
+    mode: autotune(cfgs, key=["M_KEY", "N_KEY", "K_KEY", "EPILOGUE", "STORE_PREACT"])(_matmul_kernel)
     for mode, cfgs in _MATMUL_CONFIGS.items()
 }
 _bwd_hidden = {
-    mode: autotune(cfgs, key=["M", "C", "PREACT_STORED"])(_mlp_layerscale_bwd_hidden_kernel)
+    mode: autotune(cfgs, key=["M_KEY", "C", "PREACT_STORED"])(_mlp_layerscale_bwd_hidden_kernel)
     for mode, cfgs in _BWD_HIDDEN_CONFIGS.items()
 }
 
@@ -545,6 +558,7 @@ def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_b
         residual if residual is not None else dummy,
         preact if preact is not None else dummy,
         M, N, K, K if k_per_split is None else k_per_split, rows_per_sample,
+        _autotune_bucket(M), _autotune_bucket(N), _autotune_bucket(K),
         stride_am, stride_ak, stride_bk, stride_bn,
         EPILOGUE=epilogue, HAS_GAMMA=gamma is not None, HAS_ROW_SCALE=row_scale is not None,
         STORE_PREACT=preact is not None, INPUT_PRECISION=precision,
@@ -587,7 +601,7 @@ def mlp_layerscale_fwd(
             drop_scale if has_row_scale else fc2_bias,
             shortcut, y,
             preact_out if preact_out is not None else y,
-            M, C, HID, H * W,
+            M, C, HID, H * W, _autotune_bucket(M),
             HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale, STORE_PREACT=preact_out is not None,
             INPUT_PRECISION=precision, BLOCK_C0=block_c0, BLOCK_C1=block_c1,
         )
@@ -654,7 +668,7 @@ def mlp_layerscale_bwd(
         x, dy, fc1_weight, fc1_bias, fc2_weight, gamma_arg, row_scale_arg,
         h, da, db1_part, dys, dys_part,
         preact if preact is not None else h,
-        M, C, HID, H * W,
+        M, C, HID, H * W, _autotune_bucket(M),
         HAS_GAMMA=has_gamma, HAS_ROW_SCALE=has_row_scale, PREACT_STORED=preact is not None,
         INPUT_PRECISION=precision, BLOCK_M=block_m,
     )

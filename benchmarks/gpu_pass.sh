@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU pass, in steps that each fit one device call (10 minutes; the machine starts bare, so
-# every step installs first: about a minute with 16 cores). Extra arguments go to the step's
-# command.
+# every step installs first). Extra arguments go to the step's command.
 #
+#   bash benchmarks/gpu_pass.sh all                    # tests, kernels, inference throughput in one
+#                                                      #   call, each part under its own cap (below)
 #   bash benchmarks/gpu_pass.sh tests                  # build + the GPU tests (pytest tests -m cuda)
 #   bash benchmarks/gpu_pass.sh tests tests/test_ops.py -k cuda   # or other pytest arguments
 #   bash benchmarks/gpu_pass.sh bench --bench infer    # throughput.py, ConvNeXt-T unless --model says
@@ -16,9 +17,16 @@
 # Logs and result files are packed into $OUT/gpu_pass_<step>.tar.gz (the device tool brings back
 # at most 8 files) when the step ends, however it ends: each command runs under a time limit that
 # leaves the packing its time (GPU_PASS_BUDGET_S, default 560 s from the start of this script).
-# Unpack its results/ into benchmarks/results/ and run `python benchmarks/readme_performance.py`.
+# logs/timeline.txt says how long each part ran (for sizing the next pass). Unpack its results/
+# into benchmarks/results/ and run `python benchmarks/readme_performance.py`.
+#
+# A task lent a GPU gets 15 minutes of device time in all, the machine's start (a minute or two)
+# included, at most 10 minutes a call. So: `all` first (timeout_s 600); then, while the machine
+# is still warm (30 s) and time is left, one more step with GPU_PASS_BUDGET_S set to fit, e.g.
+# `bench --bench train`. A second call on the warm machine rebuilds little: pip builds in the
+# source tree's build/ (ignored, so it stays between calls) and ninja recompiles nothing.
 set -uo pipefail
-step=${1:?usage: gpu_pass.sh tests|bench|kernels|sanitize|train [arguments]}
+step=${1:?usage: gpu_pass.sh all|tests|bench|kernels|sanitize|train [arguments]}
 shift
 out=${OUT:-/tmp/gpu_pass_out}
 work=$(mktemp -d)
@@ -33,12 +41,14 @@ pack() {
 }
 trap pack EXIT
 
-# run NAME CMD...: CMD under the time left, output to logs/NAME.log, its tail printed.
+# run NAME CMD...: CMD under the time left (or under $cap seconds where that is less), output to
+# logs/NAME.log, its tail printed, its exit status and seconds appended to logs/timeline.txt.
 rc=0
 run() {
   local name=$1
   shift
   local left=$((budget - SECONDS))
+  if [ -n "${cap:-}" ] && [ "$cap" -lt "$left" ]; then left=$cap; fi
   if [ "$left" -le 10 ]; then
     echo "$name: skipped, no time left" | tee "$work/logs/$name.log"
     rc=124
@@ -46,8 +56,10 @@ run() {
   fi
   # SIGINT, not SIGTERM: pytest then prints its failure summary, and the benchmark scripts write
   # the results measured so far (KeyboardInterrupt); whatever still runs 15 s later is killed.
+  local start=$SECONDS
   timeout -s INT -k 15 "$left" "$@" > "$work/logs/$name.log" 2>&1
   local status=$?
+  echo "$name exit=$status seconds=$((SECONDS - start)) limit=$left" >> "$work/logs/timeline.txt"
   # 124: stopped by SIGINT at the limit; 137: killed 15 s later, still running.
   { [ $status -eq 124 ] || [ $status -eq 137 ]; } && echo "$name: stopped at the time limit (${left}s)" >> "$work/logs/$name.log"
   [ $status -ne 0 ] && rc=$status
@@ -67,16 +79,28 @@ nvidia-smi > "$work/logs/nvidia-smi.txt" 2>&1
 (cd /tmp && python -c "import convnext_kernels as c; print(c.build_info(), c.available_backends('cuda'))") \
   > "$work/logs/build_info.txt" 2>&1
 
+# Plain pytest: the installed package, not the source tree. Slowest tests listed for tuning.
+# The GPU tests are mostly Triton compiles (CPU-bound): spread over worker processes
+# (pytest-xdist, on the image) they share the one GPU. GPU_PASS_WORKERS=0: one process.
+workers=${GPU_PASS_WORKERS:-8}
+xdist=()
+if [ "$workers" != 0 ] && python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
+pytest_cmd=(pytest -q -p no:cacheprovider --durations=25 "${xdist[@]}")
+
 case "$step" in
+  all)
+    # Correctness first, then the kernel timings (issues 3 and 6), then inference images/s with
+    # the baseline and the fused backends ahead of the compile providers (minutes each), so
+    # that a cut leaves the figures that matter most. Every part keeps what it finished when its
+    # cap stops it (pytest's summary; the scripts' records). Caps in seconds; the last part
+    # gets what is left of GPU_PASS_BUDGET_S.
+    cap=${GPU_PASS_TESTS_S:-220} run tests "${pytest_cmd[@]}" tests -m cuda
+    cap=${GPU_PASS_KERNELS_S:-150} run kernels python benchmarks/kernels.py --out "$results"
+    run throughput python benchmarks/throughput.py --out "$results" --model tiny --bench infer \
+      --providers eager_channels_last,fused_triton,fused_cuda,compile,fused_compile,eager,resnet50 ;;
   tests)
-    # Plain pytest: the installed package, not the source tree. Slowest tests listed for tuning.
-    # The GPU tests are mostly Triton compiles (CPU-bound): spread over worker processes
-    # (pytest-xdist, on the image) they share the one GPU. GPU_PASS_WORKERS=0: one process.
     [ $# -gt 0 ] || set -- tests -m cuda
-    workers=${GPU_PASS_WORKERS:-8}
-    xdist=()
-    if [ "$workers" != 0 ] && python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
-    run tests pytest -q -p no:cacheprovider --durations=25 "${xdist[@]}" "$@" ;;
+    run tests "${pytest_cmd[@]}" "$@" ;;
   bench)
     [ $# -gt 0 ] || set -- --model tiny --bench infer  # infer + train would not fit one call
     run throughput python benchmarks/throughput.py --out "$results" "$@" ;;

@@ -118,6 +118,7 @@ DWCONV_SHAPES = [
     # 3 tiles of 32 / 4 pixels (the last partial), in all three kernels / those two.
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
+    (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two)
 ]
 
 
@@ -170,6 +171,22 @@ def test_dwconv_layernorm_fp32(shape):
                          ids=lambda s: "x".join(map(str, s[:4])))
 def test_dwconv_layernorm_low_precision(shape, dtype):
     _run_dwconv_layernorm(shape, dtype)
+
+
+def test_dwconv_layernorm_channel_tiles():
+    """The forward and backward-norm kernels hold all of C as two power-of-two tiles: exactly C at
+    every ConvNeXt width (3 or 5 times a power of 2; one tile at a power of 2), never wider than
+    one next_power_of_2(C) tile, and a pixel tile within _tile_elems."""
+    from convnext_kernels.triton import dwconv_layernorm as m
+
+    for C in range(1, 2049):
+        block_w, c0, c1, _ = m._row_tiling(56, C)
+        assert c0 & (c0 - 1) == 0 and c0 <= C and (c1 == 0 or c1 & (c1 - 1) == 0), (C, c0, c1)
+        assert C <= c0 + c1 <= triton.next_power_of_2(C), (C, c0, c1)
+        assert block_w & (block_w - 1) == 0 and (block_w == 1 or block_w * (c0 + c1) <= m._tile_elems(C))
+    for C in (40, 48, 64, 80, 96, 160, 192, 320, 384, 640, 768, 1024, 1536, 2048):
+        assert sum(m._row_tiling(56, C)[1:3]) == C, C
+    assert m._row_tiling(56, 128)[1:3] == (128, 0)
 
 
 def test_dwconv_layernorm_bwd_rows_per_program_on_gpu_shapes():
@@ -341,7 +358,7 @@ def test_mlp_layerscale_bwd_reads_stored_preact():
 def test_fused_forward_width_split():
     """The fused forward's two accumulator tiles cover C with powers of 2 >= 16, never wider than
     one next_power_of_2(C) tile, and fit ConvNeXt's widths (3 or 5 times a power of 2) exactly."""
-    from convnext_kernels.triton.mlp_layerscale import _split_width
+    from convnext_kernels.triton._tiling import split_width as _split_width
 
     for C in range(1, FUSED_MAX_C + 1):
         c0, c1 = _split_width(C)

@@ -1,10 +1,14 @@
 """Triton kernels for the fused depthwise 7x7 conv + LayerNorm over C (NHWC).
 
 Forward: one program owns BLOCK_W consecutive pixels of one (n, h) row and all
-C channels (BLOCK_C = next_power_of_2(C), masked), so the LayerNorm statistics
-over C are computed from registers in a single pass. The tile is sized so that
-BLOCK_W * BLOCK_C stays at about _TILE_ELEMS fp32 values: large C simply gets
-fewer pixels per program (C = 2048 -> 2 pixels), no second pass is needed.
+C channels, so the LayerNorm statistics over C are computed from registers in a
+single pass. The channels are held as two power-of-two tiles, BLOCK_C0 +
+BLOCK_C1 (_tiling.split_width: 96 = 64 + 32, 768 = 512 + 256), not one
+next_power_of_2(C) tile: at every ConvNeXt width that tile would be a quarter
+padding, and the conv's loads, conversions and FMAs run on every lane, padded or
+not. The tile is sized so that BLOCK_W * (BLOCK_C0 + BLOCK_C1) stays at about
+_TILE_ELEMS fp32 values: large C simply gets fewer pixels per program (C = 2048
+-> 2 pixels), no second pass is needed.
 
 Backward:
   1. ``_dwconv_layernorm_bwd_norm_kernel`` (same tiling as the forward)
@@ -27,6 +31,7 @@ import triton.language as tl
 
 from ..launchers import dwconv_layernorm_fwd_outputs, empty_output
 from ._compat import wrap_triton
+from ._tiling import split_width
 
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -41,20 +46,31 @@ _MAX_PROGRAMS = 2**31 - 1
 
 
 @triton.jit
-def _dwconv7x7_tile(
+def _dwconv7x7_tiles(
     x_ptr,        # (N, H, W, C) input
     taps_ptr,     # (49, C) fp32 conv weight, tap-major: each tap is a contiguous C vector
+    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
     sample_row0,  # int64: n * H, the first image row of this sample
     h,            # int64: output row
     offs_w,       # (BLOCK_W,) output columns
-    offs_c,       # (BLOCK_C,) channels
-    mask_c,       # (BLOCK_C,) channel validity
+    offs_c0,      # (BLOCK_C0,) channels of the first tile
+    mask_c0,      # (BLOCK_C0,) their validity
+    offs_c1,      # (BLOCK_C1,) channels of the second tile (anything when BLOCK_C1 == 0)
+    mask_c1,      # (BLOCK_C1,) their validity
     H, W, C,
+    HAS_BIAS: tl.constexpr,
     BLOCK_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,  # 0: no second tile (z1 is then z0, unused)
 ):
-    """fp32 depthwise 7x7 conv (zero padding 3) of one row segment, all channels."""
-    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    """(z0, z1): fp32 depthwise 7x7 conv (zero padding 3) + bias of one row segment, both
+    channel tiles in one pass over the taps (the masks and addresses of a tap serve both); 0 in
+    padded channels."""
+    z0 = tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
+    if BLOCK_C1 > 0:
+        z1 = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
+    else:
+        z1 = z0
     for kh in range(7):
         ih = h + kh - 3
         # A row outside the image has no valid column. (Folding the row test
@@ -65,12 +81,54 @@ def _dwconv7x7_tile(
         for kw in tl.static_range(7):
             iw = offs_w + (kw - 3)
             m = (iw >= 0) & (iw < w_hi)
-            ptrs = x_ptr + (row_base + iw)[:, None] * C + offs_c[None, :]
+            pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
+            tap_ptr = taps_ptr + (kh * 7 + kw) * C
             # Convert right after the load: all arithmetic is fp32.
-            xv = tl.load(ptrs, mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(taps_ptr + (kh * 7 + kw) * C + offs_c, mask=mask_c, other=0.0)
-            acc += xv * wv[None, :]
-    return acc
+            xv = tl.load(pix_ptrs + offs_c0[None, :], mask=m[:, None] & mask_c0[None, :], other=0.0)
+            z0 += xv.to(tl.float32) * tl.load(tap_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
+            if BLOCK_C1 > 0:
+                xv = tl.load(pix_ptrs + offs_c1[None, :], mask=m[:, None] & mask_c1[None, :], other=0.0)
+                z1 += xv.to(tl.float32) * tl.load(tap_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
+    if HAS_BIAS:
+        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
+        if BLOCK_C1 > 0:
+            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
+    return z0, z1
+
+
+@triton.jit
+def _channel_tiles(
+    C,
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """(offs_c0, mask_c0, offs_c1, mask_c1) of the two channel tiles; with BLOCK_C1 == 0 the
+    second pair repeats the first (a placeholder the kernels never use)."""
+    offs_c0 = tl.arange(0, BLOCK_C0)
+    mask_c0 = offs_c0 < C
+    if BLOCK_C1 > 0:
+        offs_c1 = BLOCK_C0 + tl.arange(0, BLOCK_C1)
+        mask_c1 = offs_c1 < C
+    else:
+        offs_c1 = offs_c0
+        mask_c1 = mask_c0
+    return offs_c0, mask_c0, offs_c1, mask_c1
+
+
+@triton.jit
+def _layernorm_store_tile(
+    y_ptr, norm_w_ptr, norm_b_ptr,  # as in the forward kernel
+    zc,           # (BLOCK_W, BLOCK_C) centred conv output, 0 in padded channels
+    rstd,         # (BLOCK_W,) fp32
+    pix,          # (BLOCK_W,) int64 pixel indices
+    mask_w,       # (BLOCK_W,) pixel validity
+    offs_c, mask_c, C,
+):
+    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
+    nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0)
+    y = zc * rstd[:, None] * nw[None, :] + nb[None, :]
+    tl.store(y_ptr + pix[:, None] * C + offs_c[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_w[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -87,7 +145,8 @@ def _dwconv_layernorm_fwd_kernel(
     eps,            # LayerNorm epsilon
     HAS_BIAS: tl.constexpr,  # conv has a bias
     BLOCK_W: tl.constexpr,   # pixels of one row per program
-    BLOCK_C: tl.constexpr,   # next_power_of_2(C): the whole channel vector
+    BLOCK_C0: tl.constexpr,  # first channel tile: the largest power of 2 <= C
+    BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2; 0 if none
 ):
     # One grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65535, which N * H passes at
     # batch 1171 at 224 px): program = row * w tiles + w tile, int64 so offsets never overflow.
@@ -98,31 +157,67 @@ def _dwconv_layernorm_fwd_kernel(
     h = row % H
     sample_row0 = row - h
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_c = tl.arange(0, BLOCK_C)
     mask_w = offs_w < W
-    mask_c = offs_c < C
+    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
 
-    z = _dwconv7x7_tile(x_ptr, taps_ptr, sample_row0, h, offs_w, offs_c, mask_c,
-                        H, W, C, BLOCK_W, BLOCK_C)
-    if HAS_BIAS:
-        z += tl.load(conv_bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-
-    # Padded channels of z are exactly 0, so the plain sum gives the mean;
+    # Padded channels of z are exactly 0, so the plain sums give the mean;
     # they must be masked out of the centred values for the variance.
-    mean = tl.sum(z, axis=1) / C
-    zc = tl.where(mask_c[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(zc * zc, axis=1) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-
-    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
-    nb = tl.load(norm_b_ptr + offs_c, mask=mask_c, other=0.0)
-    y = zc * rstd[:, None] * nw[None, :] + nb[None, :]
+    z0, z1 = _dwconv7x7_tiles(x_ptr, taps_ptr, conv_bias_ptr, sample_row0, h, offs_w, offs_c0, mask_c0,
+                              offs_c1, mask_c1, H, W, C, HAS_BIAS, BLOCK_W, BLOCK_C0, BLOCK_C1)
+    total = tl.sum(z0, axis=1)
+    if BLOCK_C1 > 0:
+        total += tl.sum(z1, axis=1)
+    mean = total / C
+    zc0 = tl.where(mask_c0[None, :], z0 - mean[:, None], 0.0)
+    squares = tl.sum(zc0 * zc0, axis=1)
+    if BLOCK_C1 > 0:
+        zc1 = tl.where(mask_c1[None, :], z1 - mean[:, None], 0.0)
+        squares += tl.sum(zc1 * zc1, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / C + eps)
 
     pix = row * W + offs_w  # int64 pixel index
-    mask = mask_w[:, None] & mask_c[None, :]
-    tl.store(y_ptr + pix[:, None] * C + offs_c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc0, rstd, pix, mask_w, offs_c0, mask_c0, C)
+    if BLOCK_C1 > 0:
+        _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc1, rstd, pix, mask_w, offs_c1, mask_c1, C)
     tl.store(mean_ptr + pix, mean, mask=mask_w)
     tl.store(rstd_ptr + pix, rstd, mask=mask_w)
+
+
+@triton.jit
+def _bwd_norm_tile_inputs(
+    z,            # (BLOCK_W, BLOCK_C) recomputed conv output (+ bias) of one channel tile
+    dy_ptr, norm_w_ptr,  # as in the kernel below
+    pix, mask_w,  # this program's pixels
+    mean, rstd,   # (BLOCK_W,) fp32 saved statistics
+    offs_c, mask_c, C,  # this channel tile
+):
+    """(xhat, dy, dy * norm_weight) of one channel tile, fp32. Invalid pixels / channels get
+    xhat = 0 and dy = 0, so they add nothing to the sums."""
+    mask = mask_w[:, None] & mask_c[None, :]
+    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    dy = tl.load(dy_ptr + pix[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
+    return xhat, dy, dy * nw[None, :]
+
+
+@triton.jit
+def _bwd_norm_tile_store(
+    g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr,  # as in the kernel below
+    pid,          # int64 program id: the partials' row
+    pix, mask_w,  # this program's pixels
+    offs_c, mask_c,  # this channel tile
+    xhat, dy, dyw,   # from _bwd_norm_tile_inputs
+    c1, c2,       # (BLOCK_W,) mean_C(dyw * xhat), mean_C(dyw) over all of C
+    rstd, C,
+):
+    """g of one channel tile, and its columns' partial sums of dnorm_weight, dnorm_bias and
+    dconv_bias."""
+    mask = mask_w[:, None] & mask_c[None, :]
+    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+    tl.store(g_ptr + pix[:, None] * C + offs_c[None, :], g, mask=mask)
+    tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dy * xhat, axis=0), mask=mask_c)
+    tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dy, axis=0), mask=mask_c)
+    tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -141,7 +236,8 @@ def _dwconv_layernorm_bwd_norm_kernel(
     H, W, C,        # sizes
     HAS_BIAS: tl.constexpr,  # conv has a bias
     BLOCK_W: tl.constexpr,   # pixels of one row per program
-    BLOCK_C: tl.constexpr,   # next_power_of_2(C)
+    BLOCK_C0: tl.constexpr,  # channel tiles, as in the forward
+    BLOCK_C1: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # row * w tiles + w tile, as in the forward
     num_w_tiles = tl.cdiv(W, BLOCK_W)
@@ -150,34 +246,31 @@ def _dwconv_layernorm_bwd_norm_kernel(
     h = row % H
     sample_row0 = row - h
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_c = tl.arange(0, BLOCK_C)
     mask_w = offs_w < W
-    mask_c = offs_c < C
-    mask = mask_w[:, None] & mask_c[None, :]
-
-    z = _dwconv7x7_tile(x_ptr, taps_ptr, sample_row0, h, offs_w, offs_c, mask_c,
-                        H, W, C, BLOCK_W, BLOCK_C)
-    if HAS_BIAS:
-        z += tl.load(conv_bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-
     pix = row * W + offs_w
     mean = tl.load(mean_ptr + pix, mask=mask_w, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=mask_w, other=0.0)
-    # Invalid pixels / channels get xhat = 0 and dy = 0, so they add nothing below.
-    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-    offs = pix[:, None] * C + offs_c[None, :]
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    nw = tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0)
 
-    dyw = dy * nw[None, :]
-    c1 = tl.sum(dyw * xhat, axis=1) / C
-    c2 = tl.sum(dyw, axis=1) / C
-    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
-    tl.store(g_ptr + offs, g, mask=mask)
-
-    tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dy * xhat, axis=0), mask=mask_c)
-    tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dy, axis=0), mask=mask_c)
-    tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    # g = rstd * (dyw - mean_C(dyw) - xhat * mean_C(dyw * xhat)), dyw = dy * norm_weight: the
+    # two means over C sum both channel tiles.
+    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
+    z0, z1 = _dwconv7x7_tiles(x_ptr, taps_ptr, conv_bias_ptr, sample_row0, h, offs_w, offs_c0, mask_c0,
+                              offs_c1, mask_c1, H, W, C, HAS_BIAS, BLOCK_W, BLOCK_C0, BLOCK_C1)
+    xhat0, dy0, dyw0 = _bwd_norm_tile_inputs(z0, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c0, mask_c0, C)
+    c1 = tl.sum(dyw0 * xhat0, axis=1)
+    c2 = tl.sum(dyw0, axis=1)
+    if BLOCK_C1 > 0:
+        xhat1, dy1, dyw1 = _bwd_norm_tile_inputs(z1, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c1,
+                                                 mask_c1, C)
+        c1 += tl.sum(dyw1 * xhat1, axis=1)
+        c2 += tl.sum(dyw1, axis=1)
+    c1 = c1 / C
+    c2 = c2 / C
+    _bwd_norm_tile_store(g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, pix, mask_w, offs_c0, mask_c0,
+                         xhat0, dy0, dyw0, c1, c2, rstd, C)
+    if BLOCK_C1 > 0:
+        _bwd_norm_tile_store(g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, pix, mask_w, offs_c1, mask_c1,
+                             xhat1, dy1, dyw1, c1, c2, rstd, C)
 
 
 @triton.jit
@@ -261,11 +354,13 @@ def _tile_elems(C):
 
 
 def _row_tiling(W, C):
-    """(BLOCK_W, BLOCK_C, num_warps) for the kernels that hold all of C."""
-    block_c = triton.next_power_of_2(C)
-    block_w = max(1, min(triton.next_power_of_2(W), _tile_elems(C) // block_c))
-    num_warps = 4 if block_w * block_c <= 2048 and C % 16 == 0 else 8
-    return block_w, block_c, num_warps
+    """(BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the kernels that hold all of C."""
+    block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
+    width = block_c0 + block_c1
+    per_tile = _tile_elems(C) // width
+    block_w = max(1, min(triton.next_power_of_2(W), 1 << (max(per_tile, 1).bit_length() - 1)))
+    num_warps = 4 if block_w * width <= 2048 and C % 16 == 0 else 8
+    return block_w, block_c0, block_c1, num_warps
 
 
 def _grid(programs: int, x: Tensor) -> Tuple[int]:
@@ -294,13 +389,13 @@ def dwconv_layernorm_fwd(
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     taps = _taps(conv_weight)
     has_bias = conv_bias is not None
-    block_w, block_c, num_warps = _row_tiling(W, C)
+    block_w, block_c0, block_c1, num_warps = _row_tiling(W, C)
     grid = _grid(triton.cdiv(W, block_w) * N * H, x)
     wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
         x, taps, conv_bias if has_bias else taps, norm_weight, norm_bias,
         y, mean, rstd,
         H, W, C, eps,
-        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -333,7 +428,7 @@ def dwconv_layernorm_bwd(
     has_bias = conv_bias is not None
 
     # Kernel 1: gradient w.r.t. the conv output + LayerNorm / bias partials.
-    block_w, block_c, num_warps = _row_tiling(W, C)
+    block_w, block_c0, block_c1, num_warps = _row_tiling(W, C)
     programs1 = triton.cdiv(W, block_w) * N * H
     grid1 = _grid(programs1, x)
     g = empty_output((N, H, W, C), torch.float32, dev)
@@ -344,7 +439,7 @@ def dwconv_layernorm_bwd(
         dy, x, taps, conv_bias if has_bias else taps, norm_weight, mean, rstd,
         g, dnw_part, dnb_part, dcb_part,
         H, W, C,
-        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
     )
 
     # Kernel 2: dx (transposed conv of g) + conv-weight partials.

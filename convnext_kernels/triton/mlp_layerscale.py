@@ -7,7 +7,7 @@ Forward:
     accumulators; it walks the hidden in BLOCK_H chunks:
     h = gelu(x @ W1[chunk].T + b1[chunk]) -> x.dtype -> acc += h @ W2[:, chunk].T,
     then the layer-scale / residual epilogue. The output width is held as two
-    power-of-two parts, BLOCK_C0 + BLOCK_C1 (_split_width): ConvNeXt widths are
+    power-of-two parts, BLOCK_C0 + BLOCK_C1 (_tiling.split_width): ConvNeXt widths are
     3 * 2^k or 5 * 2^k (96 = 64 + 32, 384 = 256 + 128, 40 = 32 + 8 -> 32 + 16),
     so one next_power_of_2(C) accumulator would pad a quarter or more of GEMM2's
     columns and registers with zeros.
@@ -54,6 +54,7 @@ import triton.language as tl
 from ..backends import triton_interpreted
 from ..launchers import empty_output, tf32_matmul_allowed
 from ._compat import autotune, wrap_triton
+from ._tiling import split_width
 
 # Largest C for which the forward keeps the hidden on chip (accumulator width
 # BLOCK_C0 + BLOCK_C1 <= 384); fp32 inputs stop at 256 (see _fused_max_c).
@@ -524,15 +525,6 @@ def _dot_mode(dtype, precision):
     return "tf32" if precision == "tf32" else "fma"
 
 
-def _split_width(C):
-    """(BLOCK_C0, BLOCK_C1): the fused forward's output width as two power-of-two tiles, the
-    first the largest power of 2 <= C, the second the rest (0 when C is a power of 2), each
-    at least 16 (tl.dot's minimum)."""
-    c0 = max(16, 1 << (max(C, 1).bit_length() - 1))
-    rest = C - c0
-    return c0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
-
-
 def _fused_list_key(keys, width):
     """Which of the fused forward's config lists (keys) serves an accumulator of this width
     (BLOCK_C0 + BLOCK_C1): the smallest key >= it."""
@@ -591,7 +583,7 @@ def mlp_layerscale_fwd(
     has_row_scale = drop_scale is not None
     mode = _dot_mode(x.dtype, precision)
     if C <= _fused_max_c(x.dtype):
-        block_c0, block_c1 = _split_width(C)
+        block_c0, block_c1 = split_width(C)
         kernels = _fused_fwd_kernels[mode]
         kernel = kernels[_fused_list_key(kernels, block_c0 + block_c1)]
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)

@@ -113,9 +113,9 @@ DWCONV_SHAPES = [
     (1, 1, 1, 40, True),
     (1, 13, 1, 40, True),
     (1, 3, 4, 768, True),
-    # Several pixel tiles per image row, as every ConvNeXt-T stage shape has on a GPU in the
-    # forward and backward-norm kernels (2 there; the backward conv kernel at 56x56 only):
-    # 3 tiles of 32 / 4 pixels (the last partial), in all three kernels / those two.
+    # Several pixel tiles per image row, the last partial, as the ConvNeXt-T stage shapes have on
+    # a GPU: forward 9 tiles of 8 / 1 pixel; backward-norm 3 of 32 / 4; backward conv 3 of 32.
+    # (And H = 17 above: two forward row chunks, 9 + 8 rows.)
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
     (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two)
@@ -187,6 +187,12 @@ def test_dwconv_layernorm_channel_tiles():
     for C in (40, 48, 64, 80, 96, 160, 192, 320, 384, 640, 768, 1024, 1536, 2048):
         assert sum(m._row_tiling(56, C)[1:3]) == C, C
     assert m._row_tiling(56, 128)[1:3] == (128, 0)
+    # The forward at the ConvNeXt-T stage shapes: C exactly, pixel tiles and row chunks that
+    # divide the image (no padded column or row), seven accumulators within registers.
+    for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
+        rows, block_w, c0, c1, num_warps = m._fwd_tiling(hw, hw, C)
+        assert c0 + c1 == C and hw % block_w == 0 and hw % rows == 0 and rows <= 16, (hw, C)
+        assert block_w * C <= m._FWD_TILE_ELEMS and block_w * C // (32 * num_warps) <= 8, (hw, C)
 
 
 def test_dwconv_layernorm_bwd_rows_per_program_on_gpu_shapes():

@@ -1,20 +1,21 @@
 """Triton kernels for the fused depthwise 7x7 conv + LayerNorm over C (NHWC).
 
-Forward: one program owns BLOCK_W consecutive pixels of one (n, h) row and all
-C channels, so the LayerNorm statistics over C are computed from registers in a
-single pass. The channels are held as two power-of-two tiles, BLOCK_C0 +
-BLOCK_C1 (_tiling.split_width: 96 = 64 + 32, 768 = 512 + 256), not one
+Forward: one program owns a BLOCK_W-wide strip of ROWS output rows of one
+sample, all C channels, so the LayerNorm statistics over C come from registers.
+It walks its input rows once, top to bottom: each row's 7 column taps are loaded
+and converted to fp32 once and feed all 7 kernel rows, into a ring of 7 row
+accumulators (output rows ih - 3 .. ih + 3); the top one is then complete, is
+normalised and stored, and the ring moves down. Rows outside the image are
+skipped, not masked. The channels are held as two power-of-two tiles, BLOCK_C0
++ BLOCK_C1 (_tiling.split_width: 96 = 64 + 32, 768 = 512 + 256), not one
 next_power_of_2(C) tile: at every ConvNeXt width that tile would be a quarter
-padding, and the conv's loads, conversions and FMAs run on every lane, padded or
-not. The tile is sized so that BLOCK_W * (BLOCK_C0 + BLOCK_C1) stays at about
-_TILE_ELEMS fp32 values: large C simply gets fewer pixels per program (C = 2048
--> 2 pixels), no second pass is needed.
+padding, and the conv's loads, conversions and FMAs run on every lane.
 
 Backward:
-  1. ``_dwconv_layernorm_bwd_norm_kernel`` (same tiling as the forward)
-     recomputes the conv output z and xhat, writes the gradient with respect to
-     z, g = rstd * (dy*nw - mean_C(dy*nw) - xhat * mean_C(dy*nw*xhat)), into an
-     fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
+  1. ``_dwconv_layernorm_bwd_norm_kernel`` (BLOCK_W pixels of one row, both
+     channel tiles, about _TILE_ELEMS values) recomputes the conv output z and
+     xhat, writes the gradient with respect to z, g = rstd * (dy*nw -
+     mean_C(dy*nw) - xhat * mean_C(dy*nw*xhat)), into an fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
      dnorm_bias and dconv_bias.
   2. ``_dwconv_layernorm_bwd_conv_kernel`` is purely per channel, so it tiles C
      too: dx = transposed depthwise conv of g, and per-program fp32 partials of
@@ -25,6 +26,7 @@ Backward:
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 import triton
 import triton.language as tl
@@ -39,6 +41,8 @@ TAPS = KERNEL_SIZE * KERNEL_SIZE
 # fp32 elements per program tile (pixels x channels) in the kernels that need
 # all of C; 4096 keeps the accumulator at 16 registers/thread with 8 warps.
 _TILE_ELEMS = 4096
+# The forward holds seven such tiles (one per output row in flight): about 1024 each.
+_FWD_TILE_ELEMS = 1024
 # Channel block of the per-channel backward conv kernel.
 _CONV_BWD_BLOCK_C = 128
 # A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
@@ -103,9 +107,11 @@ def _channel_tiles(
     BLOCK_C1: tl.constexpr,
 ):
     """(offs_c0, mask_c0, offs_c1, mask_c1) of the two channel tiles; with BLOCK_C1 == 0 the
-    second pair repeats the first (a placeholder the kernels never use)."""
+    second pair repeats the first (a placeholder the kernels never use). The first tile is never
+    wider than C (split_width(C, min_tile=1)): its mask is a constant, which the compiler folds
+    out of every load, select and store."""
     offs_c0 = tl.arange(0, BLOCK_C0)
-    mask_c0 = offs_c0 < C
+    mask_c0 = tl.full([BLOCK_C0], True, tl.int1)
     if BLOCK_C1 > 0:
         offs_c1 = BLOCK_C0 + tl.arange(0, BLOCK_C1)
         mask_c1 = offs_c1 < C
@@ -132,38 +138,22 @@ def _layernorm_store_tile(
 
 
 @triton.jit
-def _dwconv_layernorm_fwd_kernel(
-    x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
-    taps_ptr,       # (49, C) fp32 conv weight, tap-major
-    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
-    norm_w_ptr,     # (C,) fp32 LayerNorm weight
-    norm_b_ptr,     # (C,) fp32 LayerNorm bias
-    y_ptr,          # (N, H, W, C) output, x.dtype
-    mean_ptr,       # (N, H, W) fp32 mean over C of the conv output
-    rstd_ptr,       # (N, H, W) fp32 1/sqrt(var + eps)
-    H, W, C,        # sizes
-    eps,            # LayerNorm epsilon
-    HAS_BIAS: tl.constexpr,  # conv has a bias
-    BLOCK_W: tl.constexpr,   # pixels of one row per program
-    BLOCK_C0: tl.constexpr,  # first channel tile: the largest power of 2 <= C
-    BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2; 0 if none
+def _layernorm_store_row(
+    y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr,  # as in the forward kernel
+    z0, z1,       # conv output of one row segment, both channel tiles (bias not yet added)
+    pix,          # (BLOCK_W,) int64 pixel indices
+    mask_w, offs_c0, mask_c0, offs_c1, mask_c1,
+    C, eps,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
 ):
-    # One grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65535, which N * H passes at
-    # batch 1171 at 224 px): program = row * w tiles + w tile, int64 so offsets never overflow.
-    pid = tl.program_id(0).to(tl.int64)
-    num_w_tiles = tl.cdiv(W, BLOCK_W)
-    pid_w = pid % num_w_tiles
-    row = pid // num_w_tiles  # n * H + h
-    h = row % H
-    sample_row0 = row - h
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = offs_w < W
-    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-
+    """Bias, LayerNorm over C (both channel tiles) and the stores of one finished output row."""
+    if HAS_BIAS:
+        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
+        if BLOCK_C1 > 0:
+            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
     # Padded channels of z are exactly 0, so the plain sums give the mean;
     # they must be masked out of the centred values for the variance.
-    z0, z1 = _dwconv7x7_tiles(x_ptr, taps_ptr, conv_bias_ptr, sample_row0, h, offs_w, offs_c0, mask_c0,
-                              offs_c1, mask_c1, H, W, C, HAS_BIAS, BLOCK_W, BLOCK_C0, BLOCK_C1)
     total = tl.sum(z0, axis=1)
     if BLOCK_C1 > 0:
         total += tl.sum(z1, axis=1)
@@ -174,13 +164,113 @@ def _dwconv_layernorm_fwd_kernel(
         zc1 = tl.where(mask_c1[None, :], z1 - mean[:, None], 0.0)
         squares += tl.sum(zc1 * zc1, axis=1)
     rstd = 1.0 / tl.sqrt(squares / C + eps)
-
-    pix = row * W + offs_w  # int64 pixel index
     _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc0, rstd, pix, mask_w, offs_c0, mask_c0, C)
     if BLOCK_C1 > 0:
         _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc1, rstd, pix, mask_w, offs_c1, mask_c1, C)
     tl.store(mean_ptr + pix, mean, mask=mask_w)
     tl.store(rstd_ptr + pix, rstd, mask=mask_w)
+
+
+@triton.jit
+def _tap(column_taps, kh: tl.constexpr, taps_stride: tl.constexpr, offs_c):
+    """(1, BLOCK_C) fp32 weights of kernel row kh in one kernel column for these channels (the
+    padded taps need no mask)."""
+    return tl.load(column_taps + kh * 7 * taps_stride + offs_c)[None, :]
+
+
+@triton.jit
+def _dwconv_layernorm_fwd_kernel(
+    x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
+    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
+    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
+    norm_w_ptr,     # (C,) fp32 LayerNorm weight
+    norm_b_ptr,     # (C,) fp32 LayerNorm bias
+    y_ptr,          # (N, H, W, C) output, x.dtype
+    mean_ptr,       # (N, H, W) fp32 mean over C of the conv output
+    rstd_ptr,       # (N, H, W) fp32 1/sqrt(var + eps)
+    H, W, C,        # sizes
+    eps,            # LayerNorm epsilon
+    ROWS,           # output rows per program: a chunk of one sample's rows
+    HAS_BIAS: tl.constexpr,  # conv has a bias
+    BLOCK_W: tl.constexpr,   # pixels of each row per program
+    BLOCK_C0: tl.constexpr,  # first channel tile: the largest power of 2 <= C
+    BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2; 0 if none
+):
+    # One grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65535): program = (n, row chunk) *
+    # w tiles + w tile, int64 so offsets never overflow.
+    pid = tl.program_id(0).to(tl.int64)
+    num_w_tiles = tl.cdiv(W, BLOCK_W)
+    num_chunks = tl.cdiv(H, ROWS)
+    pid_w = pid % num_w_tiles
+    chunk = pid // num_w_tiles
+    sample_row0 = (chunk // num_chunks) * H  # n * H
+    h_begin = ((chunk % num_chunks) * ROWS).to(tl.int32)
+    h_end = tl.minimum(h_begin + ROWS, H)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask_w = offs_w < W
+    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
+    TAPS_STRIDE: tl.constexpr = BLOCK_C0 + BLOCK_C1  # the padded taps' row length
+
+    # The program walks its input rows once, top to bottom. Each row's 7 column taps are loaded
+    # and converted once and serve all 7 kernel rows: kernel row kh sends input row ih to output
+    # row ih + 3 - kh, whose accumulator is a{6 - kh} (b{..} for the second channel tile): a0
+    # holds output row ih - 3, a6 row ih + 3. After row ih, a0 has all 7 kernel rows: it is
+    # normalised and stored, and the ring moves down one row. (The one-row form loaded and
+    # converted every input element 7 times, once per kernel row.)
+    a0 = tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    a4 = a0
+    a5 = a0
+    a6 = a0
+    if BLOCK_C1 > 0:
+        b0 = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
+    else:
+        b0 = tl.zeros([1, 1], dtype=tl.float32)  # no second tile: a placeholder, never used
+    b1 = b0
+    b2 = b0
+    b3 = b0
+    b4 = b0
+    b5 = b0
+    b6 = b0
+    for ih in range(h_begin - 3, h_end + 3):
+        if (ih >= 0) & (ih < H):  # rows outside the image add nothing (zero padding)
+            row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
+            # A loop, not unrolled: the weights of one kernel column (7 taps) are live at a time.
+            # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
+            # and spills at C = 96).
+            for kw in range(7):
+                column_taps = taps_ptr + kw * TAPS_STRIDE
+                iw = offs_w + (kw - 3)
+                m = (iw >= 0) & (iw < W)
+                pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
+                # Convert right after the load: all arithmetic is fp32.
+                xv = tl.load(pix_ptrs + offs_c0[None, :], mask=m[:, None] & mask_c0[None, :],
+                             other=0.0).to(tl.float32)
+                a6 += xv * _tap(column_taps, 0, TAPS_STRIDE, offs_c0)
+                a5 += xv * _tap(column_taps, 1, TAPS_STRIDE, offs_c0)
+                a4 += xv * _tap(column_taps, 2, TAPS_STRIDE, offs_c0)
+                a3 += xv * _tap(column_taps, 3, TAPS_STRIDE, offs_c0)
+                a2 += xv * _tap(column_taps, 4, TAPS_STRIDE, offs_c0)
+                a1 += xv * _tap(column_taps, 5, TAPS_STRIDE, offs_c0)
+                a0 += xv * _tap(column_taps, 6, TAPS_STRIDE, offs_c0)
+                if BLOCK_C1 > 0:
+                    xv = tl.load(pix_ptrs + offs_c1[None, :], mask=m[:, None] & mask_c1[None, :],
+                                 other=0.0).to(tl.float32)
+                    b6 += xv * _tap(column_taps, 0, TAPS_STRIDE, offs_c1)
+                    b5 += xv * _tap(column_taps, 1, TAPS_STRIDE, offs_c1)
+                    b4 += xv * _tap(column_taps, 2, TAPS_STRIDE, offs_c1)
+                    b3 += xv * _tap(column_taps, 3, TAPS_STRIDE, offs_c1)
+                    b2 += xv * _tap(column_taps, 4, TAPS_STRIDE, offs_c1)
+                    b1 += xv * _tap(column_taps, 5, TAPS_STRIDE, offs_c1)
+                    b0 += xv * _tap(column_taps, 6, TAPS_STRIDE, offs_c1)
+        if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
+            _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0,
+                                 (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1,
+                                 mask_c1, C, eps, HAS_BIAS, BLOCK_C1)
+        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
+        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, tl.zeros_like(b0)
 
 
 @triton.jit
@@ -353,8 +443,27 @@ def _tile_elems(C):
     return _TILE_ELEMS if C % 16 == 0 else _TILE_ELEMS // 2
 
 
+def _fwd_tiling(H, W, C):
+    """(ROWS, BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the forward kernel, whose program holds
+    seven row accumulators of BLOCK_W x C (about _FWD_TILE_ELEMS fp32 values each)."""
+    block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
+    width = block_c0 + block_c1
+    per_tile = max(1, (_FWD_TILE_ELEMS if C % 16 == 0 else _FWD_TILE_ELEMS // 2) // width)
+    block_w = min(triton.next_power_of_2(W), 1 << (per_tile.bit_length() - 1))
+    # Padded columns cost a whole tile's work: narrow the tile until they are at most 1/8 of W
+    # (ConvNeXt's W = 7 * 2^k then gets 2^k-wide tiles, no padding at all).
+    while block_w > 1 and (triton.cdiv(W, block_w) * block_w - W) * 8 > W:
+        block_w //= 2
+    # Rows in chunks of at most 16 (each chunk re-reads 6 halo rows): enough programs to fill
+    # the GPU at the ConvNeXt stage shapes.
+    rows = triton.cdiv(H, triton.cdiv(H, 16))
+    # About 8 accumulator values per thread, 1 to 8 warps.
+    num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 256)))
+    return rows, block_w, block_c0, block_c1, num_warps
+
+
 def _row_tiling(W, C):
-    """(BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the kernels that hold all of C."""
+    """(BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the backward-norm kernel, which holds all of C."""
     block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
     width = block_c0 + block_c1
     per_tile = _tile_elems(C) // width
@@ -370,10 +479,12 @@ def _grid(programs: int, x: Tensor) -> Tuple[int]:
     return (programs,)
 
 
-def _taps(conv_weight):
-    # (C, 1, 7, 7) -> (49, C): each tap's weights become one contiguous C vector.
+def _taps(conv_weight, width=None):
+    # (C, 1, 7, 7) -> (49, C): each tap's weights become one contiguous C vector; with width,
+    # (49, width), zero past C.
     C = conv_weight.shape[0]
-    return conv_weight.reshape(C, TAPS).t().contiguous()
+    taps = conv_weight.reshape(C, TAPS).t()
+    return taps.contiguous() if width is None or width == C else F.pad(taps, (0, width - C))
 
 
 def dwconv_layernorm_fwd(
@@ -387,14 +498,14 @@ def dwconv_layernorm_fwd(
     """y = LayerNorm_C(dwconv7x7(x) + conv_bias); returns (y, mean, rstd)."""
     N, H, W, C = x.shape
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
-    taps = _taps(conv_weight)
     has_bias = conv_bias is not None
-    block_w, block_c0, block_c1, num_warps = _row_tiling(W, C)
-    grid = _grid(triton.cdiv(W, block_w) * N * H, x)
+    rows, block_w, block_c0, block_c1, num_warps = _fwd_tiling(H, W, C)
+    taps = _taps(conv_weight, block_c0 + block_c1)
+    grid = _grid(triton.cdiv(W, block_w) * N * triton.cdiv(H, rows), x)
     wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
         x, taps, conv_bias if has_bias else taps, norm_weight, norm_bias,
         y, mean, rstd,
-        H, W, C, eps,
+        H, W, C, eps, rows,
         HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
     )
     return y, mean, rstd

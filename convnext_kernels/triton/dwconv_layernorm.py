@@ -179,6 +179,24 @@ def _tap(column_taps, kh: tl.constexpr, taps_stride: tl.constexpr, offs_c):
 
 
 @triton.jit
+def _ring_column(
+    pix_ptrs,     # (BLOCK_W, 1) pointers to the pixels of one input row at one kernel column
+    m,            # (BLOCK_W,) their validity (zero padding at the image's sides)
+    offs_c, mask_c,  # one channel tile
+    column_taps,  # that kernel column's taps: kernel row kh at + kh * 7 * taps_stride
+    taps_stride: tl.constexpr,
+    r0, r1, r2, r3, r4, r5, r6,  # the ring: output rows ih - 3 .. ih + 3
+):
+    """One kernel column of one input row into the ring: the pixels are loaded and converted to
+    fp32 once (all arithmetic is fp32), and kernel row kh sends them to r{6 - kh}."""
+    xv = tl.load(pix_ptrs + offs_c[None, :], mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return (r0 + xv * _tap(column_taps, 6, taps_stride, offs_c), r1 + xv * _tap(column_taps, 5, taps_stride, offs_c),
+            r2 + xv * _tap(column_taps, 4, taps_stride, offs_c), r3 + xv * _tap(column_taps, 3, taps_stride, offs_c),
+            r4 + xv * _tap(column_taps, 2, taps_stride, offs_c), r5 + xv * _tap(column_taps, 1, taps_stride, offs_c),
+            r6 + xv * _tap(column_taps, 0, taps_stride, offs_c))
+
+
+@triton.jit
 def _dwconv_layernorm_fwd_kernel(
     x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
     taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
@@ -245,26 +263,11 @@ def _dwconv_layernorm_fwd_kernel(
                 iw = offs_w + (kw - 3)
                 m = (iw >= 0) & (iw < W)
                 pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
-                # Convert right after the load: all arithmetic is fp32.
-                xv = tl.load(pix_ptrs + offs_c0[None, :], mask=m[:, None] & mask_c0[None, :],
-                             other=0.0).to(tl.float32)
-                a6 += xv * _tap(column_taps, 0, TAPS_STRIDE, offs_c0)
-                a5 += xv * _tap(column_taps, 1, TAPS_STRIDE, offs_c0)
-                a4 += xv * _tap(column_taps, 2, TAPS_STRIDE, offs_c0)
-                a3 += xv * _tap(column_taps, 3, TAPS_STRIDE, offs_c0)
-                a2 += xv * _tap(column_taps, 4, TAPS_STRIDE, offs_c0)
-                a1 += xv * _tap(column_taps, 5, TAPS_STRIDE, offs_c0)
-                a0 += xv * _tap(column_taps, 6, TAPS_STRIDE, offs_c0)
+                a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps, TAPS_STRIDE,
+                                                          a0, a1, a2, a3, a4, a5, a6)
                 if BLOCK_C1 > 0:
-                    xv = tl.load(pix_ptrs + offs_c1[None, :], mask=m[:, None] & mask_c1[None, :],
-                                 other=0.0).to(tl.float32)
-                    b6 += xv * _tap(column_taps, 0, TAPS_STRIDE, offs_c1)
-                    b5 += xv * _tap(column_taps, 1, TAPS_STRIDE, offs_c1)
-                    b4 += xv * _tap(column_taps, 2, TAPS_STRIDE, offs_c1)
-                    b3 += xv * _tap(column_taps, 3, TAPS_STRIDE, offs_c1)
-                    b2 += xv * _tap(column_taps, 4, TAPS_STRIDE, offs_c1)
-                    b1 += xv * _tap(column_taps, 5, TAPS_STRIDE, offs_c1)
-                    b0 += xv * _tap(column_taps, 6, TAPS_STRIDE, offs_c1)
+                    b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
+                                                              TAPS_STRIDE, b0, b1, b2, b3, b4, b5, b6)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
             _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0,
                                  (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1,

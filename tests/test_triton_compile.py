@@ -55,13 +55,16 @@ SPILL_EXCEPTIONS = {
     # triton 3.9; 0 for sm_90 under 3.9 and for both archs under 3.6 (2026-11-24).
     ("_dwconv_layernorm_bwd_conv_kernel", "bf16:256"): 8,
     ("_dwconv_layernorm_bwd_conv_kernel", "bf16:384"): 8,
-    # dwconv backward-norm (two channel tiles): ptxas settles at 98-171 registers (the one-tile
-    # form took up to 202) and keeps up to 20 B of values live across the conv loop in local
-    # memory: stored before the loop, reloaded after it, never inside it (SASS for sm_90 bf16 and
-    # sm_80 fp32, triton 3.9, 2026-12-05).
+    # dwconv forward / backward-norm (seven row accumulators of 8 pixels x C up to C = 384):
+    # 128-255 registers, 0 spills for sm_90 at the ConvNeXt-T widths; 8 B at C = 256 (sm_90) and
+    # 16 B at C = 384 (sm_80) in the forward; the backward-norm keeps up to 20 B live across its
+    # loop, and 152 B for sm_80 at C = 384, reloaded once per output row, outside the conv's
+    # column loop (SASS, triton 3.9, 2026-12-05).
     **{("_dwconv_layernorm_bwd_norm_kernel", case): 32
-       for case in ("bf16:96", "bf16:96:b128", "bf16:192", "bf16:256", "bf16:384", "fp16:768", "tf32:96",
-                    "tf32:192")},
+       for case in ("bf16:96", "bf16:96:b128", "bf16:192", "bf16:256", "fp16:768", "tf32:96", "tf32:192")},
+    ("_dwconv_layernorm_bwd_norm_kernel", "bf16:384"): 160,
+    ("_dwconv_layernorm_fwd_kernel", "bf16:256"): 16,
+    ("_dwconv_layernorm_fwd_kernel", "bf16:384"): 16,
     # The fused forward's 384-wide accumulator keeps it at 255 registers, where ptxas spills
     # 0-16 B by shape and triton version (0 at batch 128; one 512-wide tile spilled ~550 B
     # under triton 3.6).

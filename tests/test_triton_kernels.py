@@ -114,8 +114,8 @@ DWCONV_SHAPES = [
     (1, 13, 1, 40, True),
     (1, 3, 4, 768, True),
     # Several pixel tiles per image row, the last partial, as the ConvNeXt-T stage shapes have on
-    # a GPU: forward 9 tiles of 8 / 1 pixel; backward-norm 3 of 32 / 4; backward conv 3 of 32.
-    # (And H = 17 above: two forward row chunks, 9 + 8 rows.)
+    # a GPU: forward and backward-norm 9 tiles of 8 / 1 pixel; backward conv 3 of 32.
+    # (And H = 17 above: two row chunks in the forward and backward-norm, 9 + 8 rows.)
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
     (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two)
@@ -176,23 +176,24 @@ def test_dwconv_layernorm_low_precision(shape, dtype):
 def test_dwconv_layernorm_channel_tiles():
     """The forward and backward-norm kernels hold all of C as two power-of-two tiles: exactly C at
     every ConvNeXt width (3 or 5 times a power of 2; one tile at a power of 2), never wider than
-    one next_power_of_2(C) tile, and a pixel tile within _tile_elems."""
+    one next_power_of_2(C) tile, the first never wider than C (its mask is a constant); pixel
+    tiles of 8 up to C = 512, then about _RING_TILE_ELEMS values; rows in chunks of at most 16."""
     from convnext_kernels.triton import dwconv_layernorm as m
 
     for C in range(1, 2049):
-        block_w, c0, c1, _ = m._row_tiling(56, C)
+        rows, block_w, c0, c1, num_warps = m._ring_tiling(13, 56, C)
         assert c0 & (c0 - 1) == 0 and c0 <= C and (c1 == 0 or c1 & (c1 - 1) == 0), (C, c0, c1)
         assert C <= c0 + c1 <= triton.next_power_of_2(C), (C, c0, c1)
-        assert block_w & (block_w - 1) == 0 and (block_w == 1 or block_w * (c0 + c1) <= m._tile_elems(C))
+        assert block_w & (block_w - 1) == 0 and (block_w == 8 if c0 + c1 <= 512 else
+                                                  block_w == 1 or block_w * (c0 + c1) <= m._RING_TILE_ELEMS)
+        assert rows == 13 and num_warps in (1, 2, 4, 8)
     for C in (40, 48, 64, 80, 96, 160, 192, 320, 384, 640, 768, 1024, 1536, 2048):
-        assert sum(m._row_tiling(56, C)[1:3]) == C, C
-    assert m._row_tiling(56, 128)[1:3] == (128, 0)
-    # The forward at the ConvNeXt-T stage shapes: C exactly, pixel tiles and row chunks that
-    # divide the image (no padded column or row), seven accumulators within registers.
-    for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
-        rows, block_w, c0, c1, num_warps = m._fwd_tiling(hw, hw, C)
-        assert c0 + c1 == C and hw % block_w == 0 and hw % rows == 0 and rows <= 16, (hw, C)
-        assert block_w * C <= m._FWD_TILE_ELEMS and block_w * C // (32 * num_warps) <= 8, (hw, C)
+        assert sum(m._ring_tiling(56, 56, C)[2:4]) == C, C
+    assert m._ring_tiling(56, 56, 128)[2:4] == (128, 0)
+    # At the ConvNeXt-T stage shapes: row chunks that divide the image, the tiles the SASS was
+    # checked for (see _ring_tiling).
+    assert [m._ring_tiling(hw, hw, C)[:2] + m._ring_tiling(hw, hw, C)[4:]
+            for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768))] == [(14, 8, 4), (14, 8, 8), (14, 8, 8), (7, 1, 4)]
 
 
 def test_dwconv_layernorm_bwd_rows_per_program_on_gpu_shapes():
@@ -602,8 +603,9 @@ def test_launch_grids_fit_cuda_limits(shape):
 def test_launch_grid_overflow_is_an_error():
     from triton_aot import capture
 
-    with pytest.raises(ValueError, match="split the batch"):  # 2^32 pixels at C = 2048: 2 per program
-        capture(("bf16", 2**13, 2**9, 2**10, 2048))
+    # 2^36 pixels at C = 2048: the forward's programs take 1 pixel x 16 rows, 2^32 of them.
+    with pytest.raises(ValueError, match="split the batch"):
+        capture(("bf16", 2**17, 2**9, 2**10, 2048))
 
 
 # --------------------------------------------------------------------------- GPU: ConvNeXt-T stages

@@ -12,10 +12,10 @@ next_power_of_2(C) tile: at every ConvNeXt width that tile would be a quarter
 padding, and the conv's loads, conversions and FMAs run on every lane.
 
 Backward:
-  1. ``_dwconv_layernorm_bwd_norm_kernel`` (BLOCK_W pixels of one row, both
-     channel tiles, about _TILE_ELEMS values) recomputes the conv output z and
-     xhat, writes the gradient with respect to z, g = rstd * (dy*nw -
-     mean_C(dy*nw) - xhat * mean_C(dy*nw*xhat)), into an fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
+  1. ``_dwconv_layernorm_bwd_norm_kernel`` (the forward's programs and ring)
+     recomputes the conv output z and xhat, writes the gradient with respect to
+     z, g = rstd * (dy*nw - mean_C(dy*nw) - xhat * mean_C(dy*nw*xhat)), into an
+     fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
      dnorm_bias and dconv_bias.
   2. ``_dwconv_layernorm_bwd_conv_kernel`` is purely per channel, so it tiles C
      too: dx = transposed depthwise conv of g, and per-program fp32 partials of
@@ -38,66 +38,15 @@ from ._tiling import split_width
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
 
-# fp32 elements per program tile (pixels x channels) in the kernels that need
-# all of C; 4096 keeps the accumulator at 16 registers/thread with 8 warps.
+# fp32 elements per program tile (pixels x channels) of the backward conv kernel.
 _TILE_ELEMS = 4096
-# The forward holds seven such tiles (one per output row in flight): about 1024 each.
-_FWD_TILE_ELEMS = 1024
+# The forward and backward-norm kernels hold seven tiles (one per output row in flight) of
+# BLOCK_W pixels x all C: above C = 512, about 1024 fp32 elements each.
+_RING_TILE_ELEMS = 1024
 # Channel block of the per-channel backward conv kernel.
 _CONV_BWD_BLOCK_C = 128
 # A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
 _MAX_PROGRAMS = 2**31 - 1
-
-
-@triton.jit
-def _dwconv7x7_tiles(
-    x_ptr,        # (N, H, W, C) input
-    taps_ptr,     # (49, C) fp32 conv weight, tap-major: each tap is a contiguous C vector
-    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
-    sample_row0,  # int64: n * H, the first image row of this sample
-    h,            # int64: output row
-    offs_w,       # (BLOCK_W,) output columns
-    offs_c0,      # (BLOCK_C0,) channels of the first tile
-    mask_c0,      # (BLOCK_C0,) their validity
-    offs_c1,      # (BLOCK_C1,) channels of the second tile (anything when BLOCK_C1 == 0)
-    mask_c1,      # (BLOCK_C1,) their validity
-    H, W, C,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_C0: tl.constexpr,
-    BLOCK_C1: tl.constexpr,  # 0: no second tile (z1 is then z0, unused)
-):
-    """(z0, z1): fp32 depthwise 7x7 conv (zero padding 3) + bias of one row segment, both
-    channel tiles in one pass over the taps (the masks and addresses of a tap serve both); 0 in
-    padded channels."""
-    z0 = tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
-    if BLOCK_C1 > 0:
-        z1 = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
-    else:
-        z1 = z0
-    for kh in range(7):
-        ih = h + kh - 3
-        # A row outside the image has no valid column. (Folding the row test
-        # into the column bound avoids scalar-bool & vector-bool, which the
-        # triton interpreter mis-types.)
-        w_hi = tl.where((ih >= 0) & (ih < H), W, 0)
-        row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
-        for kw in tl.static_range(7):
-            iw = offs_w + (kw - 3)
-            m = (iw >= 0) & (iw < w_hi)
-            pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
-            tap_ptr = taps_ptr + (kh * 7 + kw) * C
-            # Convert right after the load: all arithmetic is fp32.
-            xv = tl.load(pix_ptrs + offs_c0[None, :], mask=m[:, None] & mask_c0[None, :], other=0.0)
-            z0 += xv.to(tl.float32) * tl.load(tap_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
-            if BLOCK_C1 > 0:
-                xv = tl.load(pix_ptrs + offs_c1[None, :], mask=m[:, None] & mask_c1[None, :], other=0.0)
-                z1 += xv.to(tl.float32) * tl.load(tap_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
-    if HAS_BIAS:
-        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
-        if BLOCK_C1 > 0:
-            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
-    return z0, z1
 
 
 @triton.jit
@@ -197,6 +146,82 @@ def _ring_column(
 
 
 @triton.jit
+def _ring_program(
+    H, W,
+    ROWS,         # output rows per program
+    BLOCK_W: tl.constexpr,
+):
+    """(pid, sample_row0, h_begin, h_end, offs_w, mask_w) of this program: one grid axis
+    (2^31 - 1 programs; axes 1 and 2 stop at 65535), program = (n, row chunk) * w tiles + w
+    tile, int64 so offsets never overflow; its output rows are [h_begin, h_end) of sample n
+    (image rows from sample_row0 = n * H)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_w_tiles = tl.cdiv(W, BLOCK_W)
+    num_chunks = tl.cdiv(H, ROWS)
+    pid_w = pid % num_w_tiles
+    chunk = pid // num_w_tiles
+    sample_row0 = (chunk // num_chunks) * H
+    h_begin = ((chunk % num_chunks) * ROWS).to(tl.int32)
+    h_end = tl.minimum(h_begin + ROWS, H)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    return pid, sample_row0, h_begin, h_end, offs_w, offs_w < W
+
+
+@triton.jit
+def _ring_row(
+    x_ptr, taps_ptr,  # input; (49, BLOCK_C0 + BLOCK_C1) padded taps
+    sample_row0, ih,  # this input row: image row ih of the sample
+    H, W, C,
+    offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
+    a0, a1, a2, a3, a4, a5, a6,  # the ring, first channel tile: output rows ih - 3 .. ih + 3
+    b0, b1, b2, b3, b4, b5, b6,  # the same, second tile (placeholders when BLOCK_C1 == 0)
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """Input row ih into the ring (rows outside the image add nothing: zero padding)."""
+    if (ih >= 0) & (ih < H):
+        row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
+        # A loop, not unrolled: the weights of one kernel column (7 taps) are live at a time.
+        # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
+        # and spills at C = 96).
+        for kw in range(7):
+            column_taps = taps_ptr + kw * (BLOCK_C0 + BLOCK_C1)
+            iw = offs_w + (kw - 3)
+            m = (iw >= 0) & (iw < W)
+            pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
+            a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps,
+                                                      BLOCK_C0 + BLOCK_C1, a0, a1, a2, a3, a4, a5, a6)
+            if BLOCK_C1 > 0:
+                b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
+                                                          BLOCK_C0 + BLOCK_C1, b0, b1, b2, b3, b4, b5, b6)
+    return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
+
+
+@triton.jit
+def _ring_zeros(
+    BLOCK_W: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """A new ring row: zero accumulators for both channel tiles (a (1, 1) placeholder for the
+    second when BLOCK_C1 == 0)."""
+    if BLOCK_C1 > 0:
+        b = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
+    else:
+        b = tl.zeros([1, 1], dtype=tl.float32)
+    return tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32), b
+
+
+# Both the forward and the backward-norm kernel recompute the conv as a ring: a program walks
+# its input rows once, top to bottom. Each row's 7 column taps are loaded and converted once and
+# serve all 7 kernel rows: kernel row kh sends input row ih to output row ih + 3 - kh, whose
+# accumulator is a{6 - kh} (b{..} for the second channel tile): a0 holds output row ih - 3, a6
+# row ih + 3. After row ih, a0 has all 7 kernel rows: the kernel finishes that output row, and
+# the ring moves down one row. (The one-row form loaded and converted every input element 7
+# times, once per kernel row, and masked, rather than skipped, the rows outside the image.)
+
+
+@triton.jit
 def _dwconv_layernorm_fwd_kernel(
     x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
     taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
@@ -214,66 +239,22 @@ def _dwconv_layernorm_fwd_kernel(
     BLOCK_C0: tl.constexpr,  # first channel tile: the largest power of 2 <= C
     BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2; 0 if none
 ):
-    # One grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65535): program = (n, row chunk) *
-    # w tiles + w tile, int64 so offsets never overflow.
-    pid = tl.program_id(0).to(tl.int64)
-    num_w_tiles = tl.cdiv(W, BLOCK_W)
-    num_chunks = tl.cdiv(H, ROWS)
-    pid_w = pid % num_w_tiles
-    chunk = pid // num_w_tiles
-    sample_row0 = (chunk // num_chunks) * H  # n * H
-    h_begin = ((chunk % num_chunks) * ROWS).to(tl.int32)
-    h_end = tl.minimum(h_begin + ROWS, H)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = offs_w < W
+    _, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
     offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    TAPS_STRIDE: tl.constexpr = BLOCK_C0 + BLOCK_C1  # the padded taps' row length
-
-    # The program walks its input rows once, top to bottom. Each row's 7 column taps are loaded
-    # and converted once and serve all 7 kernel rows: kernel row kh sends input row ih to output
-    # row ih + 3 - kh, whose accumulator is a{6 - kh} (b{..} for the second channel tile): a0
-    # holds output row ih - 3, a6 row ih + 3. After row ih, a0 has all 7 kernel rows: it is
-    # normalised and stored, and the ring moves down one row. (The one-row form loaded and
-    # converted every input element 7 times, once per kernel row.)
-    a0 = tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    a4 = a0
-    a5 = a0
-    a6 = a0
-    if BLOCK_C1 > 0:
-        b0 = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
-    else:
-        b0 = tl.zeros([1, 1], dtype=tl.float32)  # no second tile: a placeholder, never used
-    b1 = b0
-    b2 = b0
-    b3 = b0
-    b4 = b0
-    b5 = b0
-    b6 = b0
+    a0, b0 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    a1, a2, a3, a4, a5, a6 = a0, a0, a0, a0, a0, a0
+    b1, b2, b3, b4, b5, b6 = b0, b0, b0, b0, b0, b0
     for ih in range(h_begin - 3, h_end + 3):
-        if (ih >= 0) & (ih < H):  # rows outside the image add nothing (zero padding)
-            row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
-            # A loop, not unrolled: the weights of one kernel column (7 taps) are live at a time.
-            # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
-            # and spills at C = 96).
-            for kw in range(7):
-                column_taps = taps_ptr + kw * TAPS_STRIDE
-                iw = offs_w + (kw - 3)
-                m = (iw >= 0) & (iw < W)
-                pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
-                a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps, TAPS_STRIDE,
-                                                          a0, a1, a2, a3, a4, a5, a6)
-                if BLOCK_C1 > 0:
-                    b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
-                                                              TAPS_STRIDE, b0, b1, b2, b3, b4, b5, b6)
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
+            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_C0, BLOCK_C1)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
             _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0,
                                  (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1,
                                  mask_c1, C, eps, HAS_BIAS, BLOCK_C1)
-        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32)
-        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, tl.zeros_like(b0)
+        new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, new_a
+        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, new_b
 
 
 @triton.jit
@@ -294,61 +275,25 @@ def _bwd_norm_tile_inputs(
 
 
 @triton.jit
-def _bwd_norm_tile_store(
-    g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr,  # as in the kernel below
-    pid,          # int64 program id: the partials' row
-    pix, mask_w,  # this program's pixels
-    offs_c, mask_c,  # this channel tile
-    xhat, dy, dyw,   # from _bwd_norm_tile_inputs
-    c1, c2,       # (BLOCK_W,) mean_C(dyw * xhat), mean_C(dyw) over all of C
-    rstd, C,
-):
-    """g of one channel tile, and its columns' partial sums of dnorm_weight, dnorm_bias and
-    dconv_bias."""
-    mask = mask_w[:, None] & mask_c[None, :]
-    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
-    tl.store(g_ptr + pix[:, None] * C + offs_c[None, :], g, mask=mask)
-    tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dy * xhat, axis=0), mask=mask_c)
-    tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dy, axis=0), mask=mask_c)
-    tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=mask_c)
-
-
-@triton.jit
-def _dwconv_layernorm_bwd_norm_kernel(
-    dy_ptr,         # (N, H, W, C) upstream gradient, x.dtype
-    x_ptr,          # (N, H, W, C) forward input (the conv output is recomputed)
-    taps_ptr,       # (49, C) fp32 conv weight, tap-major
-    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
-    norm_w_ptr,     # (C,) fp32 LayerNorm weight
-    mean_ptr,       # (N, H, W) fp32 saved mean
-    rstd_ptr,       # (N, H, W) fp32 saved rstd
-    g_ptr,          # (N, H, W, C) fp32 workspace: gradient w.r.t. the conv output
-    dnw_part_ptr,   # (programs, C) fp32 partial sums of dy * xhat
-    dnb_part_ptr,   # (programs, C) fp32 partial sums of dy
-    dcb_part_ptr,   # (programs, C) fp32 partial sums of g
-    H, W, C,        # sizes
-    HAS_BIAS: tl.constexpr,  # conv has a bias
-    BLOCK_W: tl.constexpr,   # pixels of one row per program
-    BLOCK_C0: tl.constexpr,  # channel tiles, as in the forward
+def _norm_grad_row(
+    z0, z1,       # recomputed conv output of one finished row, both channel tiles (no bias yet)
+    dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,  # as in the kernel below
+    pix, mask_w,  # (BLOCK_W,) int64 pixel indices of the row, their validity
+    offs_c0, mask_c0, offs_c1, mask_c1,
+    C,
+    HAS_BIAS: tl.constexpr,
     BLOCK_C1: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # row * w tiles + w tile, as in the forward
-    num_w_tiles = tl.cdiv(W, BLOCK_W)
-    pid_w = pid % num_w_tiles
-    row = pid // num_w_tiles
-    h = row % H
-    sample_row0 = row - h
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = offs_w < W
-    pix = row * W + offs_w
+    """g = rstd * (dyw - mean_C(dyw) - xhat * mean_C(dyw * xhat)), dyw = dy * norm_weight, of
+    one row, stored; returns dy * xhat, dy and g of each tile (what dnorm_weight, dnorm_bias and
+    dconv_bias sum)."""
+    if HAS_BIAS:
+        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
+        if BLOCK_C1 > 0:
+            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
     mean = tl.load(mean_ptr + pix, mask=mask_w, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=mask_w, other=0.0)
-
-    # g = rstd * (dyw - mean_C(dyw) - xhat * mean_C(dyw * xhat)), dyw = dy * norm_weight: the
-    # two means over C sum both channel tiles.
-    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    z0, z1 = _dwconv7x7_tiles(x_ptr, taps_ptr, conv_bias_ptr, sample_row0, h, offs_w, offs_c0, mask_c0,
-                              offs_c1, mask_c1, H, W, C, HAS_BIAS, BLOCK_W, BLOCK_C0, BLOCK_C1)
+    # The two means over C sum both channel tiles.
     xhat0, dy0, dyw0 = _bwd_norm_tile_inputs(z0, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c0, mask_c0, C)
     c1 = tl.sum(dyw0 * xhat0, axis=1)
     c2 = tl.sum(dyw0, axis=1)
@@ -359,11 +304,88 @@ def _dwconv_layernorm_bwd_norm_kernel(
         c2 += tl.sum(dyw1, axis=1)
     c1 = c1 / C
     c2 = c2 / C
-    _bwd_norm_tile_store(g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, pix, mask_w, offs_c0, mask_c0,
-                         xhat0, dy0, dyw0, c1, c2, rstd, C)
+    g0 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c0, mask_c0, xhat0, dyw0, c1, c2, rstd, C)
     if BLOCK_C1 > 0:
-        _bwd_norm_tile_store(g_ptr, dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, pix, mask_w, offs_c1, mask_c1,
-                             xhat1, dy1, dyw1, c1, c2, rstd, C)
+        g1 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c1, mask_c1, xhat1, dyw1, c1, c2, rstd, C)
+    else:
+        xhat1, dy1, g1 = z1, z1, z1  # placeholders, never used
+    return dy0 * xhat0, dy0, g0, dy1 * xhat1, dy1, g1
+
+
+@triton.jit
+def _norm_grad_tile(
+    g_ptr,        # (N, H, W, C) fp32 out
+    pix, mask_w,  # the row's pixels
+    offs_c, mask_c,  # one channel tile
+    xhat, dyw,    # from _bwd_norm_tile_inputs
+    c1, c2,       # (BLOCK_W,) mean_C(dyw * xhat), mean_C(dyw) over all of C
+    rstd, C,
+):
+    """g of one channel tile, stored and returned (0 at invalid pixels / channels)."""
+    mask = mask_w[:, None] & mask_c[None, :]
+    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+    tl.store(g_ptr + pix[:, None] * C + offs_c[None, :], g, mask=mask)
+    return g
+
+
+@triton.jit
+def _dwconv_layernorm_bwd_norm_kernel(
+    dy_ptr,         # (N, H, W, C) upstream gradient, x.dtype
+    x_ptr,          # (N, H, W, C) forward input (the conv output is recomputed)
+    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
+    conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
+    norm_w_ptr,     # (C,) fp32 LayerNorm weight
+    mean_ptr,       # (N, H, W) fp32 saved mean
+    rstd_ptr,       # (N, H, W) fp32 saved rstd
+    g_ptr,          # (N, H, W, C) fp32 workspace: gradient w.r.t. the conv output
+    dnw_part_ptr,   # (programs, C) fp32 partial sums of dy * xhat
+    dnb_part_ptr,   # (programs, C) fp32 partial sums of dy
+    dcb_part_ptr,   # (programs, C) fp32 partial sums of g
+    H, W, C,        # sizes
+    ROWS,           # output rows per program, as in the forward
+    HAS_BIAS: tl.constexpr,  # conv has a bias
+    BLOCK_W: tl.constexpr,   # pixels of each row per program
+    BLOCK_C0: tl.constexpr,  # channel tiles, as in the forward
+    BLOCK_C1: tl.constexpr,
+):
+    # The forward's ring (see above it). Each finished row gives g; dy * xhat, dy and g add up
+    # elementwise over the program's rows and are summed over its pixels once, at the end, into
+    # one partial row per program (a reduction across threads per row would cost more than the
+    # row's own arithmetic).
+    pid, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
+    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
+    a0, b0 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    a1, a2, a3, a4, a5, a6 = a0, a0, a0, a0, a0, a0
+    b1, b2, b3, b4, b5, b6 = b0, b0, b0, b0, b0, b0
+    dnw0, dnw1 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    dnb0, dcb0 = dnw0, dnw0
+    dnb1, dcb1 = dnw1, dnw1
+    for ih in range(h_begin - 3, h_end + 3):
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
+            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_C0, BLOCK_C1)
+        if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
+            s0, s1, s2, s3, s4, s5 = _norm_grad_row(
+                a0, b0, dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,
+                (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1, mask_c1, C,
+                HAS_BIAS, BLOCK_C1)
+            dnw0 += s0
+            dnb0 += s1
+            dcb0 += s2
+            if BLOCK_C1 > 0:
+                dnw1 += s3
+                dnb1 += s4
+                dcb1 += s5
+        new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, new_a
+        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, new_b
+    tl.store(dnw_part_ptr + pid * C + offs_c0, tl.sum(dnw0, axis=0), mask=mask_c0)
+    tl.store(dnb_part_ptr + pid * C + offs_c0, tl.sum(dnb0, axis=0), mask=mask_c0)
+    tl.store(dcb_part_ptr + pid * C + offs_c0, tl.sum(dcb0, axis=0), mask=mask_c0)
+    if BLOCK_C1 > 0:
+        tl.store(dnw_part_ptr + pid * C + offs_c1, tl.sum(dnw1, axis=0), mask=mask_c1)
+        tl.store(dnb_part_ptr + pid * C + offs_c1, tl.sum(dnb1, axis=0), mask=mask_c1)
+        tl.store(dcb_part_ptr + pid * C + offs_c1, tl.sum(dcb1, axis=0), mask=mask_c1)
 
 
 @triton.jit
@@ -446,33 +468,22 @@ def _tile_elems(C):
     return _TILE_ELEMS if C % 16 == 0 else _TILE_ELEMS // 2
 
 
-def _fwd_tiling(H, W, C):
-    """(ROWS, BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the forward kernel, whose program holds
-    seven row accumulators of BLOCK_W x C (about _FWD_TILE_ELEMS fp32 values each)."""
+def _ring_tiling(H, W, C):
+    """(ROWS, BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the forward and backward-norm kernels,
+    whose programs hold seven row accumulators of BLOCK_W pixels x C."""
     block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
     width = block_c0 + block_c1
-    per_tile = max(1, (_FWD_TILE_ELEMS if C % 16 == 0 else _FWD_TILE_ELEMS // 2) // width)
-    block_w = min(triton.next_power_of_2(W), 1 << (per_tile.bit_length() - 1))
-    # Padded columns cost a whole tile's work: narrow the tile until they are at most 1/8 of W
-    # (ConvNeXt's W = 7 * 2^k then gets 2^k-wide tiles, no padding at all).
-    while block_w > 1 and (triton.cdiv(W, block_w) * block_w - W) * 8 > W:
-        block_w //= 2
+    # Chosen from the sm_90 SASS of the ConvNeXt-T stage shapes (triton 3.9, 2026-12-05): 8-pixel
+    # tiles up to C = 384 and one pixel above, with about 6 values of each accumulator per thread
+    # (12 at C = 384), keep the conv loop free of layout conversions through shared memory;
+    # 4-pixel tiles at C = 192 and 2-pixel tiles at C = 384 put 14-40 barriers into every
+    # kernel column.
+    block_w = min(8 if width <= 512 else max(1, _RING_TILE_ELEMS // width), triton.next_power_of_2(W))
+    num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 192)))
     # Rows in chunks of at most 16 (each chunk re-reads 6 halo rows): enough programs to fill
     # the GPU at the ConvNeXt stage shapes.
     rows = triton.cdiv(H, triton.cdiv(H, 16))
-    # About 8 accumulator values per thread, 1 to 8 warps.
-    num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 256)))
     return rows, block_w, block_c0, block_c1, num_warps
-
-
-def _row_tiling(W, C):
-    """(BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the backward-norm kernel, which holds all of C."""
-    block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
-    width = block_c0 + block_c1
-    per_tile = _tile_elems(C) // width
-    block_w = max(1, min(triton.next_power_of_2(W), 1 << (max(per_tile, 1).bit_length() - 1)))
-    num_warps = 4 if block_w * width <= 2048 and C % 16 == 0 else 8
-    return block_w, block_c0, block_c1, num_warps
 
 
 def _grid(programs: int, x: Tensor) -> Tuple[int]:
@@ -502,7 +513,7 @@ def dwconv_layernorm_fwd(
     N, H, W, C = x.shape
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     has_bias = conv_bias is not None
-    rows, block_w, block_c0, block_c1, num_warps = _fwd_tiling(H, W, C)
+    rows, block_w, block_c0, block_c1, num_warps = _ring_tiling(H, W, C)
     taps = _taps(conv_weight, block_c0 + block_c1)
     grid = _grid(triton.cdiv(W, block_w) * N * triton.cdiv(H, rows), x)
     wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
@@ -542,17 +553,17 @@ def dwconv_layernorm_bwd(
     has_bias = conv_bias is not None
 
     # Kernel 1: gradient w.r.t. the conv output + LayerNorm / bias partials.
-    block_w, block_c0, block_c1, num_warps = _row_tiling(W, C)
-    programs1 = triton.cdiv(W, block_w) * N * H
+    rows1, block_w, block_c0, block_c1, num_warps = _ring_tiling(H, W, C)
+    programs1 = triton.cdiv(W, block_w) * N * triton.cdiv(H, rows1)
     grid1 = _grid(programs1, x)
     g = empty_output((N, H, W, C), torch.float32, dev)
     dnw_part = empty_output((programs1, C), torch.float32, dev)
     dnb_part = empty_output((programs1, C), torch.float32, dev)
     dcb_part = empty_output((programs1, C), torch.float32, dev)
     wrap_triton(_dwconv_layernorm_bwd_norm_kernel)[grid1](
-        dy, x, taps, conv_bias if has_bias else taps, norm_weight, mean, rstd,
+        dy, x, _taps(conv_weight, block_c0 + block_c1), conv_bias if has_bias else taps, norm_weight, mean, rstd,
         g, dnw_part, dnb_part, dcb_part,
-        H, W, C,
+        H, W, C, rows1,
         HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
     )
 

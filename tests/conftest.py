@@ -1,6 +1,7 @@
 """Shared test set-up: Triton's interpreter on CPU-only machines, the CUDA emulator for CPU
 tensors, poisoned outputs, the pass rule."""
 
+import contextlib
 import os
 
 import torch
@@ -76,6 +77,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """torch's TF32 switch for CUDA matmuls set to `enabled` in the block, restored after it even
+    when the block fails. Not monkeypatch.setattr: pytest 9.2 looks the old value up statically,
+    misses this attribute (torch computes it on access) and so deletes it on undo, which raises."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def package_subprocess_env(drop=(), **overrides) -> dict:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from convnext_kernels.backends import emulated_cuda_extension
 
-from conftest import package_subprocess_env
+from conftest import package_subprocess_env, tf32_matmul
 
 
 def _cuda_backend_ready() -> bool:
@@ -342,17 +342,17 @@ def test_mlp_layerscale_optional_params(target, dtype, with_gamma, with_drop):
     _check_mlp(target, (3, 13, 17, 40), dtype, with_gamma, with_drop)
 
 
-def test_mlp_layerscale_tf32(target, monkeypatch):
+def test_mlp_layerscale_tf32(target):
     """With allow_tf32 the fp32 path uses TF32 tensor cores: compare to torch's own TF32 GEMMs."""
     L = _launchers()
     shape = (4, 14, 14, 96) if target.gpu else (2, 9, 11, 96)
     x, sc, w1, b1, w2, b2, gamma, s, dy = _mlp_inputs(target, shape, torch.float32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # restored even on failure
-    y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
-    grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
-    ye, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    y64, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float64)
+    with tf32_matmul(True):
+        y = L.mlp_layerscale_fwd(x, sc, w1, b1, w2, b2, gamma, s)
+        grads = L.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, s)
+        ye, ge = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float32)
+    with tf32_matmul(False):
+        y64, g64 = _run_mlp_reference(x, sc, w1, b1, w2, b2, gamma, s, dy, torch.float64)
     # TF32 has a 10-bit mantissa, like fp16: hold it to fp16's rule against torch's TF32.
     _check("y", y, y64, ye, torch.float16)
     for name, got, r64, e in zip(("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dgamma"),

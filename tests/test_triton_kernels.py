@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from conftest import TRITON_INTERPRETER_BF16_MISSING  # noqa: E402
+from conftest import TRITON_INTERPRETER_BF16_MISSING, tf32_matmul  # noqa: E402
 from convnext_kernels.backends import triton_interpreted  # noqa: E402
 from convnext_kernels.triton.dwconv_layernorm import (  # noqa: E402
     dwconv_layernorm_bwd,
     dwconv_layernorm_fwd,
 )
+from convnext_kernels.triton._tiling import split_width  # noqa: E402
 from convnext_kernels.triton.mlp_layerscale import (  # noqa: E402
     FUSED_MAX_C,
     mlp_layerscale_bwd,
@@ -324,14 +325,14 @@ def test_mlp_layerscale_fp32(shape):
 @pytest.mark.parametrize("shape", [(2, 5, 13, 40, True, True), (1, 5, 17, 96, True, True),
                                    (4, 14, 14, 192, True, False), (1, 2, 5, 400, True, True)],
                          ids=lambda s: "x".join(map(str, s[:4])))
-def test_mlp_layerscale_tf32(shape, monkeypatch):
+def test_mlp_layerscale_tf32(shape):
     """fp32 with torch's TF32 switch on: the kernels' "tf32" dot mode and autotune lists, which
     only a GPU runs, against torch's own TF32 GEMMs."""
     from convnext_kernels.triton import mlp_layerscale as m
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert m._input_precision(torch.float32) == "tf32"
-    _run_mlp_layerscale(shape, torch.float32, tf32=True)
+    with tf32_matmul(True):
+        assert m._input_precision(torch.float32) == "tf32"
+        _run_mlp_layerscale(shape, torch.float32, tf32=True)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:], ids=str)
@@ -365,16 +366,14 @@ def test_mlp_layerscale_bwd_reads_stored_preact():
 def test_fused_forward_width_split():
     """The fused forward's two accumulator tiles cover C with powers of 2 >= 16, never wider than
     one next_power_of_2(C) tile, and fit ConvNeXt's widths (3 or 5 times a power of 2) exactly."""
-    from convnext_kernels.triton._tiling import split_width as _split_width
-
     for C in range(1, FUSED_MAX_C + 1):
-        c0, c1 = _split_width(C)
+        c0, c1 = split_width(C)
         assert c0 >= 16 and c0 & (c0 - 1) == 0 and c0 <= max(C, 16), (C, c0, c1)
         assert c1 == 0 or (c1 >= 16 and c1 & (c1 - 1) == 0), (C, c0, c1)
         assert C <= c0 + c1 <= max(16, 1 << (C - 1).bit_length()), (C, c0, c1)
     for C in (48, 80, 96, 160, 192, 320, 384):  # atto/femto/nano/ConvNeXt-T widths <= 384
-        assert sum(_split_width(C)) == C
-    assert _split_width(40) == (32, 16) and _split_width(128) == (128, 0)
+        assert sum(split_width(C)) == C
+    assert split_width(40) == (32, 16) and split_width(128) == (128, 0)
 
 
 def test_mlp_paths_cover_both_sides_of_threshold():
@@ -470,7 +469,7 @@ def test_every_gpu_autotune_config(case, monkeypatch):
         C = _WIDTH_TO_C[width]
         # On a GPU this C selects this width's list.
         assert C <= m._fused_max_c(dtype)
-        assert m._fused_list_key(m._GPU_FUSED_FWD_CONFIGS[mode], sum(m._split_width(C))) == width
+        assert m._fused_list_key(m._GPU_FUSED_FWD_CONFIGS[mode], sum(split_width(C))) == width
         tuned = list(m._fused_fwd_kernels[run_mode].values())
     else:
         tuned = [(m._matmul if kernel == "matmul" else m._bwd_hidden)[run_mode]]

@@ -218,14 +218,15 @@ def test_dwconv_layernorm_extreme_shapes(target, shape, dtype):
     test_dwconv_layernorm(target, shape, dtype)
 
 
-# Shapes where the backward's blocks loop, which none of the above reaches (each runs one tile per
-# block and at most 4 rows per row group), while on a GPU every stage shape at batch 32 does. The
-# recompute kernel runs max(64, min(2048, 196608 // C)) persistent blocks (96 at C = 2044 and
-# 2048), fewer than these shapes' 98 tiles (one per row: W = 2 fits a tile); the dweight kernel
-# aims at 1024 / ceil(C / 32) = 16 row groups of the 98 rows: 7 rows each (14 groups), more than
-# its 4 concurrent row slots. C = 2048 takes the 16-byte path, C = 2044 the scalar one.
+# Shapes where the backward's blocks loop, which none of the above reaches, while on a GPU every
+# stage shape at batch 32 does. The recompute kernel runs max(64, min(2048, 196608 // C))
+# persistent blocks (96 at C = 2044 and 2048), fewer than these shapes' 98 tiles (one per row:
+# W = 2 fits a tile). The conv kernel splits the 49 rows into 3 chunks of 17 (N * ceil(C / 32) =
+# 128 blocks is below its 512, and chunks keep at least 14 rows), its ring walking past its period
+# of 7 rows, the last chunk partial; at 1024 x 1 x 1 x 64 (2048 whole images) each block takes 2
+# samples. C = 2048 takes the 16-byte path, C = 2044 the scalar one.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 49, 2, 2048), (2, 49, 2, 2044)], ids=_shape_id)
+@pytest.mark.parametrize("shape", [(2, 49, 2, 2048), (2, 49, 2, 2044), (1024, 1, 1, 64)], ids=_shape_id)
 def test_dwconv_layernorm_bwd_blocks_loop(target, shape, dtype):
     test_dwconv_layernorm(target, shape, dtype)
 

@@ -10,8 +10,8 @@
 // two passes over shared memory: mean, then centred variance).
 //
 // Backward: recompute kernel -> g = dL/dz (fp32 workspace) + per-block partials of dnorm_weight,
-// dnorm_bias, dconv_bias; dx kernel = conv of g with the flipped taps (same tiling as forward);
-// dweight kernel -> per-block partials of dconv_weight; reduce kernel sums partials in fixed order.
+// dnorm_bias, dconv_bias; conv kernel -> dx (the transposed conv of g) and per-block partials of
+// dconv_weight in one pass over g; reduce kernel sums partials in fixed order.
 #pragma once
 
 #include "cuda_utils.cuh"
@@ -32,11 +32,14 @@ constexpr int segment_width(int vec) { return vec == 8 ? kSegmentVector : kSegme
 constexpr int kMaxSegmentsPerTile = 16;             // tile_w <= 16 * segment pixels
 constexpr int kMaxThreads = 256;                    // conv/LN kernels' block size cap
 constexpr int kMinBlocksPerSm = 2;                  // caps registers at 128/thread: >= 16 warps per SM
-constexpr int kDweightChannels = 32;                // dweight kernel: channels per block (one warp wide)
-constexpr int kDweightRowSlots = 4;                 // dweight kernel: rows processed concurrently per block
-constexpr int kDweightTargetBlocks = 1024;          // dweight kernel: enough blocks to fill the GPU
-// dweight kernel: its [row slot][channel][tap] reduction buffer (25 KB, dynamic shared memory).
-constexpr int kDweightSmemBytes = kDweightRowSlots * kDweightChannels * kTaps * static_cast<int>(sizeof(float));
+// The backward conv kernel (dx and dconv_weight):
+constexpr int kConvBwdChannels = 32;       // channels per block: a warp, one channel a lane
+constexpr int kConvBwdPixels = 4;          // pixel pairs walked at once: a warp each
+constexpr int kConvBwdPair = 2;            // pixels a thread walks side by side (they share its registers)
+constexpr int kConvBwdTargetBlocks = 512;  // blocks to aim for: a few per SM
+constexpr int kConvBwdMinRows = 14;        // shortest row chunk (each redoes 6 halo rows)
+// Its [pixel pair][channel][tap] reduction buffer (25 KB, dynamic shared memory).
+constexpr int kConvBwdSmemBytes = kConvBwdPixels * kConvBwdChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
 
 struct ConvTile {
@@ -297,122 +300,129 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
   }
 }
 
-struct BwdDxParams {
-  const float* g;    // [N*H*W][C]
-  const float* wt_flipped;  // [49][C]: wt_flipped[t][c] = w[c][48 - t]
-  void* dx;
-  int H, W, C;
-  int tile_w, tiles_w;
-  int64_t num_tiles;
-};
-
-// dx = transposed conv of g = conv of g with the flipped taps (same tiling as the forward).
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_bwd_dx_kernel(BwdDxParams p) {
-  const int C = p.C;
-  const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
-  constexpr int kSegment = segment_width(VEC);
-  const int cvecs = C / VEC;
-  const int segs = (tile.n_valid + kSegment - 1) / kSegment;
-  const float* g_n = p.g + tile.n * p.H * p.W * static_cast<int64_t>(C);
-  const int64_t pix0 = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin;
-  T* dx = static_cast<T*>(p.dx);
-  for (int item = threadIdx.x; item < cvecs * segs; item += blockDim.x) {
-    const int c = (item % cvecs) * VEC;
-    const int seg = item / cvecs;
-    float acc[kSegment][VEC];
-    dwconv7x7_segment<float, VEC>(g_n, p.wt_flipped, tile.h, tile.w_begin + seg * kSegment, c, p.H, p.W, C, acc);
-#pragma unroll
-    for (int s = 0; s < kSegment; ++s) {
-      const int pl = seg * kSegment + s;
-      if (pl < tile.n_valid) store_from_float<T, VEC>(dx + (pix0 + pl) * C + c, acc[s]);
-    }
-  }
-}
-
-struct BwdDweightParams {
+struct BwdConvParams {
   const void* x;
-  const float* g;
-  float* partials;  // [row_groups][C][49]
+  const float* g;            // [N*H*W][C] dL/dz
+  const float* conv_weight;  // [C][49] as given: a thread's 49 taps are contiguous
+  void* dx;
+  float* partials;           // [parts][C][49]: dconv_weight's layout
+  int64_t N;
   int H, W, C;
-  int64_t rows;            // N * H image rows
-  int64_t rows_per_group;  // rows handled by one blockIdx.y
+  int64_t samples;           // samples per block
+  int rows;                  // rows per block: a chunk of each of its samples' rows
+  int chunks;                // row chunks per sample
 };
 
-// dconv_weight[c][r][k] partial over a group of image rows: sum_p g[p][c] * x[p + (r-3, k-3)][c].
-// Thread = one channel and one row slot; 49 accumulators plus a 7x7 register window of x that
-// slides along W (7 new loads + 1 load of g per 49 FMAs).
+// dx = transposed conv of g, and partials of dconv_weight[c][r][k] = sum_p g[p][c] * x[p + (r-3, k-3)][c],
+// in one pass over g. Thread = one channel and a pair of pixel columns w, w + 1; it keeps its
+// channel's 49 taps and 49 dconv_weight sums in registers and walks g rows gr = h_begin - 3 ..
+// h_end + 2 of its columns, each loaded at its 8 column shifts (g_cur[j] = g[gr][w + j - 3]; pixel
+// w + q takes g_cur[j + q]):
+//   dx: g row gr feeds dx rows gr - 3 .. gr + 3 (kernel row r: row gr + r - 3, weight [r][6 - j]);
+//       a ring of 7 row accumulators, the top one complete after the step;
+//   dw: [r][6 - j] += x[gr + r - 3][w + q] * g_cur[j + q], x rows gr - 3 .. gr + 3 in a second ring
+//       (only the block's own rows: each x pixel is counted by one block).
+// The row loop is unrolled by the ring's period, 7, so ring slots are registers, not moves. sm_90
+// SASS (nvcc 13.0): 2 x 98 FMAs in about 284 instructions a step, 198 registers, no spills; one
+// pixel a thread took 197 for 98 (the weights and sums are shared by the pair, the 8 loads of g
+// serve 14 shifts). Hence 2 blocks an SM (__launch_bounds__'s 2: up to 255 registers; with 3, 168
+// registers spilled).
 template <typename T>
-__global__ void __launch_bounds__(kDweightChannels* kDweightRowSlots) dwconv_layernorm_bwd_dweight_kernel(BwdDweightParams p) {
-  CNK_DYNAMIC_SMEM(float, red);  // [kDweightRowSlots][kDweightChannels][kTaps]; odd stride 49: no bank conflicts
-  const int C = p.C, H = p.H, W = p.W;
+__global__ void __launch_bounds__(kConvBwdChannels* kConvBwdPixels, 2)
+    dwconv_layernorm_bwd_conv_kernel(BwdConvParams p) {
+  CNK_DYNAMIC_SMEM(float, red);  // [kConvBwdPixels][kConvBwdChannels][kTaps]; odd stride 49: no bank conflicts
+  const int H = p.H, W = p.W, C = p.C;
   const int lane = threadIdx.x;  // channel within the block
-  const int slot = threadIdx.y;
-  const int c0 = blockIdx.x * kDweightChannels;
+  const int slot = threadIdx.y;  // pixel pair within a step
+  const int c0 = blockIdx.x * kConvBwdChannels;
   const int c = c0 + lane;
+  const int64_t part = blockIdx.y;  // at most ~2 * kConvBwdTargetBlocks: within gridDim.y's 65535
+  const int h_begin = static_cast<int>(part % p.chunks) * p.rows;
+  const int h_end = min(H, h_begin + p.rows);
+  const int64_t n_begin = part / p.chunks * p.samples;
+  const int64_t n_end = min(p.N, n_begin + p.samples);
   const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.dx);
 
-  float acc[kTaps];
+  float dw[kTaps];
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) acc[t] = 0.0f;
+  for (int t = 0; t < kTaps; ++t) dw[t] = 0.0f;
 
   if (c < C) {
-    const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * p.rows_per_group;
-    const int64_t row_end = min(p.rows, row_begin + p.rows_per_group);
-    for (int64_t row = row_begin + slot; row < row_end; row += kDweightRowSlots) {
-      const int h = static_cast<int>(row % H);
-      const int64_t n = row / H;
-      const T* x_n = x + n * H * W * static_cast<int64_t>(C) + c;
-      const float* g_row = p.g + row * W * static_cast<int64_t>(C) + c;
-      const T* x_rows[kKernelSize];
-      bool row_ok[kKernelSize];
+    float wt[kTaps];
 #pragma unroll
-      for (int r = 0; r < kKernelSize; ++r) {
-        const int ih = h + r - kPad;
-        row_ok[r] = ih >= 0 && ih < H;
-        x_rows[r] = x_n + static_cast<int64_t>(row_ok[r] ? ih : 0) * W * C;
-      }
-      // win[r][k] = x[h + r - 3][w + k - 3]; preload columns -3..2 into k = 1..6.
-      float win[kKernelSize][kKernelSize];
+    for (int t = 0; t < kTaps; ++t) wt[t] = p.conv_weight[static_cast<int64_t>(c) * kTaps + t];
+    const int64_t row_stride = static_cast<int64_t>(W) * C;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      for (int w = kConvBwdPair * slot; w < W; w += kConvBwdPair * kConvBwdPixels) {
+        // Which of the 8 column shifts fall inside the row (bit j: column w + j - 3), and whether
+        // the pair's second pixel w + 1 does.
+        unsigned cols = 0;
 #pragma unroll
-      for (int r = 0; r < kKernelSize; ++r) {
-        win[r][0] = 0.0f;
+        for (int j = 0; j < kKernelSize + 1; ++j) cols |= (w + j - kPad >= 0 && w + j - kPad < W ? 1u : 0u) << j;
+        const bool second = w + 1 < W;
+        // Element index of (n, row, w, c) for the step's g row gr (row h_begin - 3 at first): the
+        // x row gr + 3 and the dx row gr - 3 are +-3 rows from it. One int64 add a step.
+        int64_t e = ((n * H + h_begin - kPad) * W + w) * C + c;
+        float ring_dx[kKernelSize][kConvBwdPair], ring_x[kKernelSize][kConvBwdPair];
 #pragma unroll
-        for (int k = 1; k < kKernelSize; ++k) {
-          const int iw = k - 1 - kPad;
-          win[r][k] = (row_ok[r] && iw >= 0 && iw < W) ? to_float(x_rows[r][static_cast<int64_t>(iw) * C]) : 0.0f;
+        for (int i = 0; i < kKernelSize; ++i)
+#pragma unroll
+          for (int q = 0; q < kConvBwdPair; ++q) ring_dx[i][q] = ring_x[i][q] = 0.0f;
+        for (int gr0 = h_begin - kPad; gr0 < h_end + kPad; gr0 += kKernelSize) {
+#pragma unroll
+          for (int s = 0; s < kKernelSize; ++s) {
+            // Ring slot of the row gr + r - 3 (kernel row r) is (s + r + 4) % 7: compile-time.
+            const int gr = gr0 + s;
+            if (gr >= h_end + kPad) break;
+            const int in = (s + 3) % kKernelSize;  // x row gr + 3: only the block's own rows
+            const bool x_row = gr + kPad >= h_begin && gr + kPad < h_end;
+            ring_x[in][0] = x_row ? to_float(x[e + kPad * row_stride]) : 0.0f;
+            ring_x[in][1] = x_row && second ? to_float(x[e + kPad * row_stride + C]) : 0.0f;
+            if (gr >= 0 && gr < H) {
+              // g row gr at 8 shifts, g_cur[j] = g[gr][w + j - 3]: pixel w takes g_cur[0..6],
+              // pixel w + 1 g_cur[1..7].
+              float g_cur[kKernelSize + 1];
+              const float* g_pix = p.g + (e - kPad * C);
+#pragma unroll
+              for (int j = 0; j < kKernelSize + 1; ++j, g_pix += C) g_cur[j] = cols >> j & 1u ? *g_pix : 0.0f;
+#pragma unroll
+              for (int r = 0; r < kKernelSize; ++r) {
+                const int ring = (s + r + 4) % kKernelSize;
+#pragma unroll
+                for (int j = 0; j < kKernelSize; ++j) {
+                  const int t = r * kKernelSize + kKernelSize - 1 - j;
+                  ring_dx[ring][0] = fmaf(g_cur[j], wt[t], ring_dx[ring][0]);
+                  ring_dx[ring][1] = fmaf(g_cur[j + 1], wt[t], ring_dx[ring][1]);
+                  dw[t] = fmaf(ring_x[ring][1], g_cur[j + 1], fmaf(ring_x[ring][0], g_cur[j], dw[t]));
+                }
+              }
+            }
+            const int top = (s + 4) % kKernelSize;  // dx row gr - 3: complete
+            if (gr - kPad >= h_begin) {
+              dx[e - kPad * row_stride] = from_float<T>(ring_dx[top][0]);
+              if (second) dx[e - kPad * row_stride + C] = from_float<T>(ring_dx[top][1]);
+            }
+            ring_dx[top][0] = ring_dx[top][1] = 0.0f;
+            e += row_stride;
+          }
         }
-      }
-#pragma unroll 1
-      for (int w = 0; w < W; ++w) {
-        const int iw = w + kPad;
-#pragma unroll
-        for (int r = 0; r < kKernelSize; ++r) {
-#pragma unroll
-          for (int k = 0; k < kKernelSize - 1; ++k) win[r][k] = win[r][k + 1];
-          win[r][kKernelSize - 1] = (row_ok[r] && iw < W) ? to_float(x_rows[r][static_cast<int64_t>(iw) * C]) : 0.0f;
-        }
-        const float gv = g_row[static_cast<int64_t>(w) * C];
-#pragma unroll
-        for (int r = 0; r < kKernelSize; ++r)
-#pragma unroll
-          for (int k = 0; k < kKernelSize; ++k) acc[r * kKernelSize + k] = fmaf(gv, win[r][k], acc[r * kKernelSize + k]);
       }
     }
   }
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) red[(slot * kDweightChannels + lane) * kTaps + t] = acc[t];
+  for (int t = 0; t < kTaps; ++t) red[(slot * kConvBwdChannels + lane) * kTaps + t] = dw[t];
   __syncthreads();
-  // Fixed-order sum over the row slots; partial layout [group][c][tap] = dconv_weight's layout.
-  const int tid = slot * kDweightChannels + lane;
-  const int valid_channels = min(kDweightChannels, C - c0);
-  for (int e = tid; e < valid_channels * kTaps; e += kDweightChannels * kDweightRowSlots) {
+  // Fixed-order sum over the pixel pairs; partial layout [part][c][tap] = dconv_weight's layout.
+  const int tid = slot * kConvBwdChannels + lane;
+  const int valid_channels = min(kConvBwdChannels, C - c0);
+  for (int e = tid; e < valid_channels * kTaps; e += kConvBwdChannels * kConvBwdPixels) {
     const int cl = e / kTaps;
     const int t = e - cl * kTaps;
-    float s = 0.0f;
+    float sum = 0.0f;
 #pragma unroll
-    for (int sl = 0; sl < kDweightRowSlots; ++sl) s += red[(sl * kDweightChannels + cl) * kTaps + t];
-    p.partials[(static_cast<int64_t>(blockIdx.y) * C + c0) * kTaps + e] = s;
+    for (int sl = 0; sl < kConvBwdPixels; ++sl) sum += red[(sl * kConvBwdChannels + cl) * kTaps + t];
+    p.partials[(part * C + c0) * kTaps + e] = sum;
   }
 }
 
@@ -442,20 +452,26 @@ inline TileConfig make_tile_config(int64_t N, int64_t H, int64_t W, int64_t C, b
   return t;
 }
 
-struct DweightConfig {
+struct ConvBwdConfig {
   int64_t channel_blocks;
-  int64_t row_groups;
-  int64_t rows_per_group;
+  int64_t samples;  // per block
+  int64_t rows;     // per block
+  int64_t chunks;   // row chunks per sample
+  int64_t parts;    // blocks per channel block: partial rows of dconv_weight
 };
 
-inline DweightConfig make_dweight_config(int64_t N, int64_t H, int64_t C) {
-  DweightConfig d;
-  d.channel_blocks = ceil_div(C, kDweightChannels);
-  const int64_t rows = N * H;
-  int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ceil_div(kDweightTargetBlocks, d.channel_blocks),
-                                                          ceil_div(rows, kDweightRowSlots)));
-  d.rows_per_group = ceil_div(rows, groups);
-  d.row_groups = ceil_div(rows, d.rows_per_group);
+// Whole images per block where there are enough blocks (the ring's halo rows outside the image
+// cost nothing); row chunks (at least kConvBwdMinRows rows) to reach kConvBwdTargetBlocks; several
+// samples per block where whole images leave more than twice that (fewer partial rows).
+inline ConvBwdConfig make_conv_bwd_config(int64_t N, int64_t H, int64_t C) {
+  ConvBwdConfig d;
+  d.channel_blocks = ceil_div(C, kConvBwdChannels);
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(kConvBwdTargetBlocks, N * d.channel_blocks), H / kConvBwdMinRows));
+  d.rows = ceil_div(H, chunks);
+  d.chunks = ceil_div(H, d.rows);
+  d.samples = d.chunks == 1 ? std::max<int64_t>(1, N * d.channel_blocks / (2 * kConvBwdTargetBlocks)) : 1;
+  d.parts = ceil_div(N, d.samples) * d.chunks;
   return d;
 }
 
@@ -512,25 +528,23 @@ struct FwdWorkspace {
 
 struct BwdWorkspace {
   float* wt;
-  float* wt_flipped;
   float* g;
   float* stats_partials;
   float* dweight_partials;
   int64_t bytes;
   BwdWorkspace(void* base, int64_t N, int64_t H, int64_t W, int64_t C) {
-    const DweightConfig d = make_dweight_config(N, H, C);
+    const ConvBwdConfig d = make_conv_bwd_config(N, H, C);
     WorkspaceCarver carve(base);
     wt = carve.take<float>(kTaps * C);
-    wt_flipped = carve.take<float>(kTaps * C);
     g = carve.take<float>(N * H * W * C);
     stats_partials = carve.take<float>(3 * stats_blocks_cap(C) * C);
-    dweight_partials = carve.take<float>(d.row_groups * C * kTaps);
+    dweight_partials = carve.take<float>(d.parts * C * kTaps);
     bytes = carve.offset;
   }
 };
 
-// Weight re-layout [C][49] -> [49][C] (and the flipped taps for the backward dx); in dwconv_layernorm_api.cu.
-void launch_transpose_weight(const float* w, float* wt, float* wt_flipped, int64_t C, cudaStream_t stream);
+// Weight re-layout [C][49] -> [49][C] (a tap's channels contiguous); in dwconv_layernorm_api.cu.
+void launch_transpose_weight(const float* w, float* wt, int64_t C, cudaStream_t stream);
 
 template <typename Kernel>
 inline void check_smem_fits(Kernel kernel, std::size_t bytes, const char* name) {
@@ -548,7 +562,7 @@ inline void check_smem_fits(Kernel kernel, std::size_t bytes, const char* name) 
 template <typename T>
 void run_fwd(const FwdArgs& a, cudaStream_t stream) {
   FwdWorkspace ws(a.workspace, a.C);
-  launch_transpose_weight(a.conv_weight, ws.wt, nullptr, a.C, stream);
+  launch_transpose_weight(a.conv_weight, ws.wt, a.C, stream);
   const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
   FwdParams p{a.x, ws.wt, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd,
               static_cast<int>(a.H), static_cast<int>(a.W), static_cast<int>(a.C),
@@ -566,14 +580,14 @@ void run_fwd(const FwdArgs& a, cudaStream_t stream) {
 template <typename T>
 void run_bwd(const BwdArgs& a, cudaStream_t stream) {
   BwdWorkspace ws(a.workspace, a.N, a.H, a.W, a.C);
-  launch_transpose_weight(a.conv_weight, ws.wt, ws.wt_flipped, a.C, stream);
+  launch_transpose_weight(a.conv_weight, ws.wt, a.C, stream);
   const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
   const int64_t blocks = stats_blocks(t, a.C);
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), C = static_cast<int>(a.C);
 
+  // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias
   CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
     constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte channel vectors, or any-C scalar path
-    // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias
     BwdStatsParams sp{a.x, a.dy, ws.wt, a.conv_bias, a.norm_weight, a.mean, a.rstd, ws.g, ws.stats_partials,
                       H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
     const std::size_t smem = (2 * static_cast<std::size_t>(t.tile_w) + 3) * a.C * sizeof(float);
@@ -581,26 +595,21 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
     check_smem_fits(stats_kernel, smem, "dwconv_layernorm_bwd_stats_kernel");
     CNK_LAUNCH(stats_kernel, static_cast<unsigned>(blocks), t.threads, smem, stream)(sp);
     CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_stats_kernel");
-
-    // 2) dx = conv(g, flipped taps)
-    BwdDxParams dp{ws.g, ws.wt_flipped, a.dx, H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
-    auto dx_kernel = dwconv_layernorm_bwd_dx_kernel<T, kVec>;
-    CNK_LAUNCH(dx_kernel, static_cast<unsigned>(t.num_tiles), t.threads, 0, stream)(dp);
-    CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dx_kernel");
   });
 
-  // 3) partials of dconv_weight
-  const DweightConfig d = make_dweight_config(a.N, a.H, a.C);
-  BwdDweightParams wp{a.x, ws.g, ws.dweight_partials, H, W, C, a.N * a.H, d.rows_per_group};
-  const dim3 wgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.row_groups));
-  const dim3 wblock(kDweightChannels, kDweightRowSlots);
-  auto dweight_kernel = dwconv_layernorm_bwd_dweight_kernel<T>;
-  CNK_LAUNCH(dweight_kernel, wgrid, wblock, kDweightSmemBytes, stream)(wp);
-  CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_dweight_kernel");
+  // 2) dx and partials of dconv_weight, one pass over g
+  const ConvBwdConfig d = make_conv_bwd_config(a.N, a.H, a.C);
+  BwdConvParams cp{a.x, ws.g, a.conv_weight, a.dx, ws.dweight_partials, a.N, H, W, C,
+                   d.samples, static_cast<int>(d.rows), static_cast<int>(d.chunks)};
+  const dim3 cgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.parts));
+  const dim3 cblock(kConvBwdChannels, kConvBwdPixels);
+  auto conv_kernel = dwconv_layernorm_bwd_conv_kernel<T>;
+  CNK_LAUNCH(conv_kernel, cgrid, cblock, kConvBwdSmemBytes, stream)(cp);
+  CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_conv_kernel");
 
-  // 4) fixed-order sums of all partials into the fp32 gradients
+  // 3) fixed-order sums of all partials into the fp32 gradients
   PartialSumBatch batch;
-  batch.add(ws.dweight_partials, a.dconv_weight, a.C * kTaps, d.row_groups, a.C * kTaps);
+  batch.add(ws.dweight_partials, a.dconv_weight, a.C * kTaps, d.parts, a.C * kTaps);
   batch.add(ws.stats_partials, a.dnorm_weight, a.C, blocks, a.C);
   batch.add(ws.stats_partials + blocks * a.C, a.dnorm_bias, a.C, blocks, a.C);
   batch.add(ws.stats_partials + 2 * blocks * a.C, a.dconv_bias, a.C, blocks, a.C);

@@ -7,22 +7,20 @@ namespace convnext_kernels {
 namespace cuda {
 namespace dwconv {
 
-__global__ void dwconv_weight_transpose_kernel(const float* __restrict__ w, float* __restrict__ wt,
-                                               float* __restrict__ wt_flipped, int64_t C) {
+__global__ void dwconv_weight_transpose_kernel(const float* __restrict__ w, float* __restrict__ wt, int64_t C) {
   const int64_t total = kTaps * C;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = e / C;
     const int64_t c = e - t * C;
     wt[e] = w[c * kTaps + t];
-    if (wt_flipped != nullptr) wt_flipped[e] = w[c * kTaps + (kTaps - 1 - t)];
   }
 }
 
-void launch_transpose_weight(const float* w, float* wt, float* wt_flipped, int64_t C, cudaStream_t stream) {
+void launch_transpose_weight(const float* w, float* wt, int64_t C, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>(1024, ceil_div(kTaps * C, kThreads));
-  CNK_LAUNCH(dwconv_weight_transpose_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream)(w, wt, wt_flipped, C);
+  CNK_LAUNCH(dwconv_weight_transpose_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream)(w, wt, C);
   CNK_CHECK_LAUNCH("dwconv_weight_transpose_kernel");
 }
 

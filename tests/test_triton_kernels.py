@@ -115,11 +115,12 @@ DWCONV_SHAPES = [
     (1, 13, 1, 40, True),
     (1, 3, 4, 768, True),
     # Several pixel tiles per image row, the last partial, as the ConvNeXt-T stage shapes have on
-    # a GPU: forward and backward-norm 9 tiles of 8 / 1 pixel; backward conv 3 of 32.
-    # (And H = 17 above: two row chunks in the forward and backward-norm, 9 + 8 rows.)
+    # a GPU: forward and backward-norm 9 tiles of 8 / 1 pixel; backward conv 5 steps of 16 / 3
+    # of 4. (And H = 17 above: two row chunks in the forward and backward-norm, 9 + 8 rows.)
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
     (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two)
+    (2, 4, 6, 20, True),  # 8 does not divide C: padded channel tiles in every kernel
 ]
 
 
@@ -197,34 +198,42 @@ def test_dwconv_layernorm_channel_tiles():
             for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768))] == [(14, 8, 4), (14, 8, 8), (14, 8, 8), (7, 1, 4)]
 
 
-def test_dwconv_layernorm_bwd_rows_per_program_on_gpu_shapes():
-    """The backward conv kernel's ROWS (image rows per program) grows with the problem: 16 / 14 /
-    10 / 7 at the ConvNeXt-T stage shapes at batch 128, 1 at every shape small enough for the
-    interpreter. The test below forces ROWS > 1 there."""
+def test_dwconv_layernorm_bwd_conv_tiling():
+    """The backward conv kernel's programs: whole images at the ConvNeXt-T stage shapes at batch
+    128 (28-row halves at stage 1, to have enough programs), 3 samples per program at stage 4,
+    channel tiles that divide C (32, or 8 at atto's 40), one value per thread. The interpreter's
+    shapes take one whole image per program; the test below forces the other cases there."""
     from convnext_kernels.triton import dwconv_layernorm as m
 
-    assert [m._conv_bwd_tiling(128, hw, hw, c)[0] for hw, c in ((56, 96), (28, 192), (14, 384), (7, 768))] \
-        == [16, 14, 10, 7]
-    assert m._conv_bwd_tiling(2, 13, 5, 40)[0] == 1
+    assert [m._conv_bwd_tiling(128, hw, hw, c) for hw, c in ((56, 96), (28, 192), (14, 384), (7, 768))] \
+        == [(1, 28, 4, 32, 4), (1, 28, 4, 32, 4), (1, 14, 4, 32, 4), (3, 7, 4, 32, 4)]
+    assert m._conv_bwd_tiling(2, 13, 5, 40) == (1, 13, 8, 8, 2)
+    assert m._conv_bwd_tiling(2, 4, 6, 20) == (1, 4, 4, 32, 4)
+    for C in range(1, 1025):
+        _, _, block_w, block_c, num_warps = m._conv_bwd_tiling(8, 56, 56, C)
+        assert block_c & (block_c - 1) == 0 and block_w * block_c == 32 * num_warps <= 128, C
+        assert C % block_c == 0 or block_c == min(32, triton.next_power_of_2(C)), C
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [3, 13])
-def test_dwconv_layernorm_bwd_rows_per_program(rows, dtype, monkeypatch):
-    """ROWS > 1 at a small shape: H = 13 leaves a partial last chunk for ROWS = 3 (1 row), ROWS = H
-    makes one chunk per sample; two samples check that chunks never cross them."""
+@pytest.mark.parametrize("samples,rows", [(1, 3), (2, 13), (2, 5)])
+def test_dwconv_layernorm_bwd_rows_per_program(samples, rows, dtype, monkeypatch):
+    """Programs that take part of an image, or several images: H = 13 leaves a partial last
+    chunk for ROWS = 3 (1 row) and 5 (3 rows); 2 samples a program with 3 samples leave a
+    partial last group. Each x pixel's dconv_weight terms must be counted by one program, each dx
+    row written by one."""
     from convnext_kernels.triton import dwconv_layernorm as m
 
     real, used = m._conv_bwd_tiling, []
 
     def forced(N, H, W, C):
-        _, block_w, block_c, num_warps = real(N, H, W, C)
-        used.append(rows)
-        return rows, block_w, block_c, num_warps
+        _, _, block_w, block_c, num_warps = real(N, H, W, C)
+        used.append((samples, rows))
+        return samples, rows, block_w, block_c, num_warps
 
     monkeypatch.setattr(m, "_conv_bwd_tiling", forced)
-    _run_dwconv_layernorm((2, 13, 5, 40, True), dtype)
-    assert used == [rows]
+    _run_dwconv_layernorm((3, 13, 5, 40, True), dtype)
+    assert used == [(samples, rows)]
 
 
 # --------------------------------------------------------------------------- MLP + layer scale

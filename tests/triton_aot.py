@@ -36,9 +36,11 @@ from concurrent.futures import ProcessPoolExecutor
 # TF32 off (the launchers' input_precision "ieee" path), tf32 is fp32 with TF32 on.
 CASES = {
     "bf16:96": ("bf16", 2, 56, 56, 96),
-    # Batch 128: the backward conv kernel's ROWS = 16 (1 at the small shapes); everything else
-    # specialises as at batch 2 and is compiled once.
+    # Batch 128: the backward conv kernel's programs take half an image here and 3 images at
+    # 7x7 (SAMPLES, specialised when 1); everything else specialises as at batch 2 and is
+    # compiled once.
     "bf16:96:b128": ("bf16", 128, 56, 56, 96),
+    "fp16:768:b128": ("fp16", 128, 7, 7, 768),
     "bf16:192": ("bf16", 2, 28, 28, 192),
     "bf16:256": ("bf16", 2, 14, 14, 256),
     "bf16:384": ("bf16", 2, 14, 14, 384),

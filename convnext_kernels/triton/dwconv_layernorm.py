@@ -18,9 +18,13 @@ Backward:
      fp32 workspace, and per-program fp32 partial sums of dnorm_weight,
      dnorm_bias and dconv_bias.
   2. ``_dwconv_layernorm_bwd_conv_kernel`` is purely per channel, so it tiles C
-     too: dx = transposed depthwise conv of g, and per-program fp32 partials of
-     dconv_weight[c, tap] = sum_p g[p, c] * x[p + off(tap), c] over a chunk of
-     rows (the chunk keeps the (programs, 49, C) partial buffer small).
+     too, one value per thread: each thread holds its channel's 49 weights and
+     49 dconv_weight sums in registers, and walks g rows once, each loaded at its
+     7 column shifts: dx = transposed depthwise conv of g (a ring, as in the
+     forward), and dconv_weight[c, tap] = sum_p g[p, c] * x[p + off(tap), c]
+     summed elementwise, then once per program over its pixels into an fp32
+     partial row (a program takes whole images where there are enough of them:
+     few partials).
   Partials are summed with torch in a fixed order: deterministic, no atomics.
 """
 from typing import Optional, Tuple
@@ -38,13 +42,14 @@ from ._tiling import split_width
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
 
-# fp32 elements per program tile (pixels x channels) of the backward conv kernel.
-_TILE_ELEMS = 4096
 # The forward and backward-norm kernels hold seven tiles (one per output row in flight) of
 # BLOCK_W pixels x all C: above C = 512, about 1024 fp32 elements each.
 _RING_TILE_ELEMS = 1024
-# Channel block of the per-channel backward conv kernel.
-_CONV_BWD_BLOCK_C = 128
+# The backward conv kernel: values per program (one per thread, 4 warps), its widest channel
+# tile, and the programs it aims for (a few per SM on an H100's 132 SMs).
+_CONV_BWD_THREADS = 128
+_CONV_BWD_BLOCK_C = 32
+_CONV_BWD_PROGRAMS = 512
 # A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
 _MAX_PROGRAMS = 2**31 - 1
 
@@ -87,6 +92,21 @@ def _layernorm_store_tile(
 
 
 @triton.jit
+def _add_conv_bias(
+    z0, z1,       # conv output of one row, both channel tiles
+    conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """z + conv_bias, both tiles (unchanged without a bias; z1 a placeholder when BLOCK_C1 == 0)."""
+    if HAS_BIAS:
+        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
+        if BLOCK_C1 > 0:
+            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
+    return z0, z1
+
+
+@triton.jit
 def _layernorm_store_row(
     y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr,  # as in the forward kernel
     z0, z1,       # conv output of one row segment, both channel tiles (bias not yet added)
@@ -97,10 +117,7 @@ def _layernorm_store_row(
     BLOCK_C1: tl.constexpr,
 ):
     """Bias, LayerNorm over C (both channel tiles) and the stores of one finished output row."""
-    if HAS_BIAS:
-        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
-        if BLOCK_C1 > 0:
-            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
+    z0, z1 = _add_conv_bias(z0, z1, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, HAS_BIAS, BLOCK_C1)
     # Padded channels of z are exactly 0, so the plain sums give the mean;
     # they must be masked out of the centred values for the variance.
     total = tl.sum(z0, axis=1)
@@ -121,10 +138,14 @@ def _layernorm_store_row(
 
 
 @triton.jit
-def _tap(column_taps, kh: tl.constexpr, taps_stride: tl.constexpr, offs_c):
-    """(1, BLOCK_C) fp32 weights of kernel row kh in one kernel column for these channels (the
-    padded taps need no mask)."""
-    return tl.load(column_taps + kh * 7 * taps_stride + offs_c)[None, :]
+def _tap(column_taps, kh: tl.constexpr, taps_stride: tl.constexpr, offs_c, BLOCK_W: tl.constexpr):
+    """(BLOCK_W, BLOCK_C) fp32 weights of kernel row kh in one kernel column for these channels,
+    the same in every pixel row (the padded taps need no mask). Loaded as a 2-D tile, not as a
+    (BLOCK_C,) vector broadcast afterwards: the vector gets a layout of its own (one value per
+    thread once BLOCK_C reaches the thread count), and at C = 384 each of the 7 taps of a column
+    went through shared memory into the accumulators' layout (14 barriers per column, sm_90
+    SASS); the tile loads straight into a layout the FMAs take."""
+    return tl.load(column_taps + kh * 7 * taps_stride + offs_c[None, :] + tl.zeros([BLOCK_W, 1], dtype=tl.int32))
 
 
 @triton.jit
@@ -135,14 +156,18 @@ def _ring_column(
     column_taps,  # that kernel column's taps: kernel row kh at + kh * 7 * taps_stride
     taps_stride: tl.constexpr,
     r0, r1, r2, r3, r4, r5, r6,  # the ring: output rows ih - 3 .. ih + 3
+    BLOCK_W: tl.constexpr,
 ):
     """One kernel column of one input row into the ring: the pixels are loaded and converted to
     fp32 once (all arithmetic is fp32), and kernel row kh sends them to r{6 - kh}."""
     xv = tl.load(pix_ptrs + offs_c[None, :], mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    return (r0 + xv * _tap(column_taps, 6, taps_stride, offs_c), r1 + xv * _tap(column_taps, 5, taps_stride, offs_c),
-            r2 + xv * _tap(column_taps, 4, taps_stride, offs_c), r3 + xv * _tap(column_taps, 3, taps_stride, offs_c),
-            r4 + xv * _tap(column_taps, 2, taps_stride, offs_c), r5 + xv * _tap(column_taps, 1, taps_stride, offs_c),
-            r6 + xv * _tap(column_taps, 0, taps_stride, offs_c))
+    return (r0 + xv * _tap(column_taps, 6, taps_stride, offs_c, BLOCK_W),
+            r1 + xv * _tap(column_taps, 5, taps_stride, offs_c, BLOCK_W),
+            r2 + xv * _tap(column_taps, 4, taps_stride, offs_c, BLOCK_W),
+            r3 + xv * _tap(column_taps, 3, taps_stride, offs_c, BLOCK_W),
+            r4 + xv * _tap(column_taps, 2, taps_stride, offs_c, BLOCK_W),
+            r5 + xv * _tap(column_taps, 1, taps_stride, offs_c, BLOCK_W),
+            r6 + xv * _tap(column_taps, 0, taps_stride, offs_c, BLOCK_W))
 
 
 @triton.jit
@@ -175,6 +200,7 @@ def _ring_row(
     offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
     a0, a1, a2, a3, a4, a5, a6,  # the ring, first channel tile: output rows ih - 3 .. ih + 3
     b0, b1, b2, b3, b4, b5, b6,  # the same, second tile (placeholders when BLOCK_C1 == 0)
+    BLOCK_W: tl.constexpr,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
 ):
@@ -190,10 +216,10 @@ def _ring_row(
             m = (iw >= 0) & (iw < W)
             pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
             a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps,
-                                                      BLOCK_C0 + BLOCK_C1, a0, a1, a2, a3, a4, a5, a6)
+                                                      BLOCK_C0 + BLOCK_C1, a0, a1, a2, a3, a4, a5, a6, BLOCK_W)
             if BLOCK_C1 > 0:
                 b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
-                                                          BLOCK_C0 + BLOCK_C1, b0, b1, b2, b3, b4, b5, b6)
+                                                          BLOCK_C0 + BLOCK_C1, b0, b1, b2, b3, b4, b5, b6, BLOCK_W)
     return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
 
 
@@ -210,6 +236,29 @@ def _ring_zeros(
     else:
         b = tl.zeros([1, 1], dtype=tl.float32)
     return tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32), b
+
+
+@triton.jit
+def _ring_init(
+    BLOCK_W: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """An empty ring: a0..a6, b0..b6 zero."""
+    a, b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    return a, a, a, a, a, a, a, b, b, b, b, b, b, b
+
+
+@triton.jit
+def _ring_shift(
+    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6,  # the ring after input row ih
+    BLOCK_W: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+):
+    """The ring one row down (a0, finished, dropped; a new zero row at the bottom)."""
+    new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    return a1, a2, a3, a4, a5, a6, new_a, b1, b2, b3, b4, b5, b6, new_b
 
 
 # Both the forward and the backward-norm kernel recompute the conv as a ring: a program walks
@@ -241,20 +290,17 @@ def _dwconv_layernorm_fwd_kernel(
 ):
     _, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
     offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    a0, b0 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    a1, a2, a3, a4, a5, a6 = a0, a0, a0, a0, a0, a0
-    b1, b2, b3, b4, b5, b6 = b0, b0, b0, b0, b0, b0
+    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_init(BLOCK_W, BLOCK_C0, BLOCK_C1)
     for ih in range(h_begin - 3, h_end + 3):
         a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
             x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_C0, BLOCK_C1)
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
             _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0,
                                  (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1,
                                  mask_c1, C, eps, HAS_BIAS, BLOCK_C1)
-        new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, new_a
-        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, new_b
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_shift(
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
 
 
 @triton.jit
@@ -287,10 +333,7 @@ def _norm_grad_row(
     """g = rstd * (dyw - mean_C(dyw) - xhat * mean_C(dyw * xhat)), dyw = dy * norm_weight, of
     one row, stored; returns dy * xhat, dy and g of each tile (what dnorm_weight, dnorm_bias and
     dconv_bias sum)."""
-    if HAS_BIAS:
-        z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
-        if BLOCK_C1 > 0:
-            z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
+    z0, z1 = _add_conv_bias(z0, z1, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, HAS_BIAS, BLOCK_C1)
     mean = tl.load(mean_ptr + pix, mask=mask_w, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=mask_w, other=0.0)
     # The two means over C sum both channel tiles.
@@ -354,16 +397,14 @@ def _dwconv_layernorm_bwd_norm_kernel(
     # row's own arithmetic).
     pid, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
     offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    a0, b0 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    a1, a2, a3, a4, a5, a6 = a0, a0, a0, a0, a0, a0
-    b1, b2, b3, b4, b5, b6 = b0, b0, b0, b0, b0, b0
+    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_init(BLOCK_W, BLOCK_C0, BLOCK_C1)
     dnw0, dnw1 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
     dnb0, dcb0 = dnw0, dnw0
     dnb1, dcb1 = dnw1, dnw1
     for ih in range(h_begin - 3, h_end + 3):
         a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
             x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_C0, BLOCK_C1)
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
             s0, s1, s2, s3, s4, s5 = _norm_grad_row(
                 a0, b0, dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,
@@ -376,9 +417,8 @@ def _dwconv_layernorm_bwd_norm_kernel(
                 dnw1 += s3
                 dnb1 += s4
                 dcb1 += s5
-        new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-        a0, a1, a2, a3, a4, a5, a6 = a1, a2, a3, a4, a5, a6, new_a
-        b0, b1, b2, b3, b4, b5, b6 = b1, b2, b3, b4, b5, b6, new_b
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_shift(
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
     tl.store(dnw_part_ptr + pid * C + offs_c0, tl.sum(dnw0, axis=0), mask=mask_c0)
     tl.store(dnb_part_ptr + pid * C + offs_c0, tl.sum(dnb0, axis=0), mask=mask_c0)
     tl.store(dcb_part_ptr + pid * C + offs_c0, tl.sum(dcb0, axis=0), mask=mask_c0)
@@ -389,83 +429,176 @@ def _dwconv_layernorm_bwd_norm_kernel(
 
 
 @triton.jit
+def _bwd_conv_tap_row(
+    taps_ptr,     # (49, C) fp32 conv weight, tap-major
+    kh: tl.constexpr,  # kernel row
+    offs_c, mask_c, C,
+):
+    """The 7 weights of kernel row kh (kernel columns 0..6) for these channels, (1, BLOCK_C)
+    fp32 each: loaded once per program and held in registers."""
+    row = taps_ptr + kh * 7 * C + offs_c
+    return (tl.load(row, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + C, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + 2 * C, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + 3 * C, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + 4 * C, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + 5 * C, mask=mask_c, other=0.0)[None, :],
+            tl.load(row + 6 * C, mask=mask_c, other=0.0)[None, :])
+
+
+@triton.jit
+def _bwd_conv_kernel_row(
+    g0, g1, g2, g3, g4, g5, g6,  # one g row, shifted by j - 3 pixels (g{j}[w] = g[w + j - 3])
+    xk,           # the x row kernel row kh pairs with it (this program's rows only, else 0)
+    rk,           # the dx row it feeds
+    t0, t1, t2, t3, t4, t5, t6,  # kernel row kh's weights, kernel columns 0..6
+    d0, d1, d2, d3, d4, d5, d6,  # elementwise dconv_weight sums of kernel row kh, columns 0..6
+):
+    """Kernel row kh at one g row: dx += g(shifted) * w (the transposed conv), dw += x * g(shifted).
+    Kernel column kw meets shift j = 6 - kw in both."""
+    rk = rk + g0 * t6 + g1 * t5 + g2 * t4 + g3 * t3 + g4 * t2 + g5 * t1 + g6 * t0
+    return (rk, d0 + xk * g6, d1 + xk * g5, d2 + xk * g4, d3 + xk * g3, d4 + xk * g2, d5 + xk * g1,
+            d6 + xk * g0)
+
+
+@triton.jit
+def _bwd_conv_store_tap_row(
+    dw_part_ptr, part, kh: tl.constexpr, offs_c, mask_c, C,
+    d0, d1, d2, d3, d4, d5, d6,  # kernel row kh's elementwise sums
+):
+    """Kernel row kh's sums over the program's pixels into its partial row."""
+    row = dw_part_ptr + (part * 49 + kh * 7) * C + offs_c
+    tl.store(row, tl.sum(d0, axis=0), mask=mask_c)
+    tl.store(row + C, tl.sum(d1, axis=0), mask=mask_c)
+    tl.store(row + 2 * C, tl.sum(d2, axis=0), mask=mask_c)
+    tl.store(row + 3 * C, tl.sum(d3, axis=0), mask=mask_c)
+    tl.store(row + 4 * C, tl.sum(d4, axis=0), mask=mask_c)
+    tl.store(row + 5 * C, tl.sum(d5, axis=0), mask=mask_c)
+    tl.store(row + 6 * C, tl.sum(d6, axis=0), mask=mask_c)
+
+
+@triton.jit
 def _dwconv_layernorm_bwd_conv_kernel(
     g_ptr,          # (N, H, W, C) fp32 gradient w.r.t. the conv output
     x_ptr,          # (N, H, W, C) forward input
     taps_ptr,       # (49, C) fp32 conv weight, tap-major
     dx_ptr,         # (N, H, W, C) output gradient, x.dtype
-    dw_part_ptr,    # (row chunks * w tiles, 49, C) fp32 partials of dconv_weight (tap-major)
-    H, W, C,        # sizes
-    ROWS: tl.constexpr,      # image rows per program (bounds the partial buffer)
-    BLOCK_W: tl.constexpr,   # pixels of one row per program
+    dw_part_ptr,    # (sample groups * row chunks, 49, C) fp32 partials of dconv_weight (tap-major)
+    N, H, W, C,     # sizes
+    SAMPLES,        # samples per program
+    ROWS,           # image rows per program: a chunk of each of its samples' rows
+    BLOCK_W: tl.constexpr,   # pixels of a row per step
     BLOCK_C: tl.constexpr,   # channels per program (the conv is per channel)
 ):
-    # One grid axis, as in the forward: program = (sample, row chunk) * wc tiles + (w tile, c tile).
+    # One value per thread: each thread keeps its channel's 49 weights and 49 dconv_weight sums
+    # in registers for the whole program. A program walks its row strip BLOCK_W pixels at a
+    # time, top to bottom, over g rows gr = h_begin - 3 .. h_end + 2; each g row is loaded at
+    # its 7 column shifts (fp32) and meets every weight once:
+    #   dx:  g row gr feeds dx rows gr - 3 .. gr + 3 (kernel row kh: row gr + kh - 3), a ring of
+    #        7 accumulators r0..r6 whose top row is complete after the step (the forward's ring,
+    #        over g with the flipped kernel);
+    #   dw:  dw[kh, kw] += x[gr + kh - 3, w] * g[gr, w - kw + 3], with x rows gr - 3 .. gr + 3 in
+    #        a ring x0..x6 (only this program's rows: each x pixel is counted by one program).
+    # g rows outside the image are skipped. Partial row per (sample group, row chunk); its c
+    # tiles fill disjoint C slices.
     pid = tl.program_id(0).to(tl.int64)
-    num_w_tiles = tl.cdiv(W, BLOCK_W)
-    num_wc_tiles = num_w_tiles * tl.cdiv(C, BLOCK_C)
-    pid_wc = pid % num_wc_tiles  # w fastest
-    pid_row = pid // num_wc_tiles
-    pid_w = pid_wc % num_w_tiles
-    pid_c = pid_wc // num_w_tiles
-    num_row_chunks = tl.cdiv(H, ROWS)
-    n = pid_row // num_row_chunks
-    h0 = (pid_row % num_row_chunks) * ROWS
-    sample_row0 = n * H
-
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    num_c_tiles = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c_tiles
+    part = pid // num_c_tiles
+    num_chunks = tl.cdiv(H, ROWS)
+    n_begin = (part // num_chunks) * SAMPLES
+    n_end = tl.minimum(n_begin + SAMPLES, N)
+    h_begin = ((part % num_chunks) * ROWS).to(tl.int32)
+    h_end = tl.minimum(h_begin + ROWS, H)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C  # column validity is folded into per-row bounds below
+    mask_c = offs_c < C
 
-    # dx[p] = sum_tap g[p - off(tap)] * w[tap]  (transposed depthwise conv).
-    for r in range(ROWS):
-        h = h0 + r
-        row_valid = h < H
-        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for kh in range(7):
-            gh = h - (kh - 3)
-            w_hi = tl.where(row_valid & (gh >= 0) & (gh < H), W, 0)
-            row_base = (sample_row0 + gh) * W
-            for kw in tl.static_range(7):
-                gw = offs_w - (kw - 3)
-                m = (gw >= 0) & (gw < w_hi)
-                gv = tl.load(g_ptr + (row_base + gw)[:, None] * C + offs_c[None, :],
-                             mask=m[:, None] & mask_c[None, :], other=0.0)
-                wv = tl.load(taps_ptr + (kh * 7 + kw) * C + offs_c, mask=mask_c, other=0.0)
-                acc += gv * wv[None, :]
-        pix = (sample_row0 + h) * W + offs_w
-        tl.store(dx_ptr + pix[:, None] * C + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=(offs_w < tl.where(row_valid, W, 0))[:, None] & mask_c[None, :])
+    t00, t01, t02, t03, t04, t05, t06 = _bwd_conv_tap_row(taps_ptr, 0, offs_c, mask_c, C)
+    t10, t11, t12, t13, t14, t15, t16 = _bwd_conv_tap_row(taps_ptr, 1, offs_c, mask_c, C)
+    t20, t21, t22, t23, t24, t25, t26 = _bwd_conv_tap_row(taps_ptr, 2, offs_c, mask_c, C)
+    t30, t31, t32, t33, t34, t35, t36 = _bwd_conv_tap_row(taps_ptr, 3, offs_c, mask_c, C)
+    t40, t41, t42, t43, t44, t45, t46 = _bwd_conv_tap_row(taps_ptr, 4, offs_c, mask_c, C)
+    t50, t51, t52, t53, t54, t55, t56 = _bwd_conv_tap_row(taps_ptr, 5, offs_c, mask_c, C)
+    t60, t61, t62, t63, t64, t65, t66 = _bwd_conv_tap_row(taps_ptr, 6, offs_c, mask_c, C)
+    zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    d00, d01, d02, d03, d04, d05, d06 = zero, zero, zero, zero, zero, zero, zero
+    d10, d11, d12, d13, d14, d15, d16 = zero, zero, zero, zero, zero, zero, zero
+    d20, d21, d22, d23, d24, d25, d26 = zero, zero, zero, zero, zero, zero, zero
+    d30, d31, d32, d33, d34, d35, d36 = zero, zero, zero, zero, zero, zero, zero
+    d40, d41, d42, d43, d44, d45, d46 = zero, zero, zero, zero, zero, zero, zero
+    d50, d51, d52, d53, d54, d55, d56 = zero, zero, zero, zero, zero, zero, zero
+    d60, d61, d62, d63, d64, d65, d66 = zero, zero, zero, zero, zero, zero, zero
 
-    # dw[c, tap] = sum_p g[p, c] * x[p + off(tap), c] over this program's pixels.
-    # One tap at a time so the accumulator is a single C vector; the g rows it
-    # re-reads per tap were just touched and come from cache.
-    # Partial row per (row chunk, w tile); its c tiles fill disjoint C slices.
-    part = pid_row * num_w_tiles + pid_w
-    for kh in range(7):
-        for kw in tl.static_range(7):
-            dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for r in range(ROWS):
-                h = h0 + r
-                row_valid = h < H
-                g_base = (sample_row0 + h) * W
-                gv = tl.load(g_ptr + (g_base + offs_w)[:, None] * C + offs_c[None, :],
-                             mask=(offs_w < tl.where(row_valid, W, 0))[:, None] & mask_c[None, :],
-                             other=0.0)
-                ih = h + (kh - 3)
-                iw = offs_w + (kw - 3)
-                m = (iw >= 0) & (iw < tl.where(row_valid & (ih >= 0) & (ih < H), W, 0))
-                xv = tl.load(x_ptr + ((sample_row0 + ih) * W + iw)[:, None] * C + offs_c[None, :],
-                             mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-                dw += tl.sum(gv * xv, axis=0)
-            tl.store(dw_part_ptr + (part * 49 + kh * 7 + kw) * C + offs_c, dw, mask=mask_c)
+    for n in range(n_begin, n_end):
+        sample_row0 = n * H
+        for w_begin in range(0, W, BLOCK_W):
+            offs_w = w_begin + tl.arange(0, BLOCK_W)
+            mask_w = offs_w < W
+            r0, r1, r2, r3, r4, r5, r6 = zero, zero, zero, zero, zero, zero, zero
+            x0, x1, x2, x3, x4, x5 = zero, zero, zero, zero, zero, zero
+            for gr in range(h_begin - 3, h_end + 3):
+                x6 = zero
+                if (gr + 3 >= h_begin) & (gr + 3 < h_end):
+                    x6 = tl.load(x_ptr + ((sample_row0 + gr + 3) * W + offs_w)[:, None] * C + offs_c[None, :],
+                                 mask=mask_w[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                if (gr >= 0) & (gr < H):
+                    g_row = g_ptr + (sample_row0 + gr) * W * C
+                    g0 = _shifted_row(g_row, offs_w, -3, W, offs_c, mask_c, C)
+                    g1 = _shifted_row(g_row, offs_w, -2, W, offs_c, mask_c, C)
+                    g2 = _shifted_row(g_row, offs_w, -1, W, offs_c, mask_c, C)
+                    g3 = _shifted_row(g_row, offs_w, 0, W, offs_c, mask_c, C)
+                    g4 = _shifted_row(g_row, offs_w, 1, W, offs_c, mask_c, C)
+                    g5 = _shifted_row(g_row, offs_w, 2, W, offs_c, mask_c, C)
+                    g6 = _shifted_row(g_row, offs_w, 3, W, offs_c, mask_c, C)
+                    r0, d00, d01, d02, d03, d04, d05, d06 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x0, r0, t00, t01, t02, t03, t04, t05, t06,
+                        d00, d01, d02, d03, d04, d05, d06)
+                    r1, d10, d11, d12, d13, d14, d15, d16 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x1, r1, t10, t11, t12, t13, t14, t15, t16,
+                        d10, d11, d12, d13, d14, d15, d16)
+                    r2, d20, d21, d22, d23, d24, d25, d26 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x2, r2, t20, t21, t22, t23, t24, t25, t26,
+                        d20, d21, d22, d23, d24, d25, d26)
+                    r3, d30, d31, d32, d33, d34, d35, d36 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x3, r3, t30, t31, t32, t33, t34, t35, t36,
+                        d30, d31, d32, d33, d34, d35, d36)
+                    r4, d40, d41, d42, d43, d44, d45, d46 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x4, r4, t40, t41, t42, t43, t44, t45, t46,
+                        d40, d41, d42, d43, d44, d45, d46)
+                    r5, d50, d51, d52, d53, d54, d55, d56 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x5, r5, t50, t51, t52, t53, t54, t55, t56,
+                        d50, d51, d52, d53, d54, d55, d56)
+                    r6, d60, d61, d62, d63, d64, d65, d66 = _bwd_conv_kernel_row(
+                        g0, g1, g2, g3, g4, g5, g6, x6, r6, t60, t61, t62, t63, t64, t65, t66,
+                        d60, d61, d62, d63, d64, d65, d66)
+                if gr - 3 >= h_begin:  # r0 is dx row gr - 3, complete (< h_end: gr < h_end + 3)
+                    pix = (sample_row0 + gr - 3) * W + offs_w
+                    tl.store(dx_ptr + pix[:, None] * C + offs_c[None, :], r0.to(dx_ptr.dtype.element_ty),
+                             mask=mask_w[:, None] & mask_c[None, :])
+                r0, r1, r2, r3, r4, r5, r6 = r1, r2, r3, r4, r5, r6, zero
+                x0, x1, x2, x3, x4, x5 = x1, x2, x3, x4, x5, x6
+
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 0, offs_c, mask_c, C, d00, d01, d02, d03, d04, d05, d06)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 1, offs_c, mask_c, C, d10, d11, d12, d13, d14, d15, d16)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 2, offs_c, mask_c, C, d20, d21, d22, d23, d24, d25, d26)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 3, offs_c, mask_c, C, d30, d31, d32, d33, d34, d35, d36)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 4, offs_c, mask_c, C, d40, d41, d42, d43, d44, d45, d46)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 5, offs_c, mask_c, C, d50, d51, d52, d53, d54, d55, d56)
+    _bwd_conv_store_tap_row(dw_part_ptr, part, 6, offs_c, mask_c, C, d60, d61, d62, d63, d64, d65, d66)
 
 
-def _tile_elems(C):
-    # With C % 16 != 0 the channel rows are not 16-byte aligned, so loads are not
-    # vectorised and every element needs its own 64-bit address: a 4096 tile
-    # spilled (AOT-compiled for sm_80 / sm_90, C = 40). Halve it; keep 8 warps.
-    return _TILE_ELEMS if C % 16 == 0 else _TILE_ELEMS // 2
+@triton.jit
+def _shifted_row(
+    row_ptr,      # pixel 0 of one image row
+    offs_w,       # (BLOCK_W,) pixels
+    shift: tl.constexpr,  # columns; pixels shifted outside the row read 0 (zero padding)
+    W, offs_c, mask_c, C,
+):
+    """(BLOCK_W, BLOCK_C) fp32 values of the row at pixels offs_w + shift."""
+    iw = offs_w + shift
+    m = (iw >= 0) & (iw < W)
+    return tl.load(row_ptr + iw[:, None] * C + offs_c[None, :], mask=m[:, None] & mask_c[None, :],
+                   other=0.0).to(tl.float32)
 
 
 def _ring_tiling(H, W, C):
@@ -526,15 +659,22 @@ def dwconv_layernorm_fwd(
 
 
 def _conv_bwd_tiling(N, H, W, C):
-    """(ROWS, BLOCK_W, BLOCK_C, num_warps) for the per-channel backward conv kernel."""
-    block_c = min(triton.next_power_of_2(C), _CONV_BWD_BLOCK_C)
-    block_w = max(1, min(triton.next_power_of_2(W), _tile_elems(C) // block_c))
-    tiles = N * H * triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
-    # More rows per program -> fewer (programs, 49, C) partials; stop at ~512
-    # programs so an H100's 132 SMs still get a few waves.
-    rows = max(1, min(H, 16, tiles // 512))
-    num_warps = 4 if block_w * block_c <= 2048 and C % 16 == 0 else 8
-    return rows, block_w, block_c, num_warps
+    """(SAMPLES, ROWS, BLOCK_W, BLOCK_C, num_warps) for the backward conv kernel."""
+    # Channel tiles that divide C where a power of 2 from 8 up does (ConvNeXt widths: 32 | C, or
+    # 8 | C for atto's 40 / 80); else one padded tile.
+    lowest_bit = C & -C
+    block_c = min(_CONV_BWD_BLOCK_C, lowest_bit if lowest_bit >= 8 else triton.next_power_of_2(C))
+    block_w = max(1, min(_CONV_BWD_THREADS // block_c, triton.next_power_of_2(W)))
+    c_tiles = triton.cdiv(C, block_c)
+    # A program takes whole images where that leaves enough programs: the ring's 6 halo rows
+    # are g rows outside the image, skipped. Split rows only to reach _CONV_BWD_PROGRAMS (at
+    # least 14 rows a chunk: each chunk redoes 6 halo rows), and give a program several samples
+    # where whole images leave more than twice that (fewer (parts, 49, C) partials to sum).
+    chunks = max(1, min(triton.cdiv(_CONV_BWD_PROGRAMS, N * c_tiles), H // 14))
+    rows = triton.cdiv(H, chunks)
+    samples = max(1, N * c_tiles // (2 * _CONV_BWD_PROGRAMS)) if chunks == 1 else 1
+    num_warps = max(1, block_w * block_c // 32)
+    return samples, rows, block_w, block_c, num_warps
 
 
 def dwconv_layernorm_bwd(
@@ -568,15 +708,15 @@ def dwconv_layernorm_bwd(
     )
 
     # Kernel 2: dx (transposed conv of g) + conv-weight partials.
-    rows, block_w2, block_c2, num_warps2 = _conv_bwd_tiling(N, H, W, C)
-    row_chunks, w_tiles2 = N * triton.cdiv(H, rows), triton.cdiv(W, block_w2)
-    grid2 = _grid(w_tiles2 * triton.cdiv(C, block_c2) * row_chunks, x)
+    samples, rows, block_w2, block_c2, num_warps2 = _conv_bwd_tiling(N, H, W, C)
+    parts = triton.cdiv(N, samples) * triton.cdiv(H, rows)
+    grid2 = _grid(parts * triton.cdiv(C, block_c2), x)
     dx = empty_output(x.shape, x.dtype, x.device)
-    dw_part = empty_output((row_chunks * w_tiles2, TAPS, C), torch.float32, dev)
+    dw_part = empty_output((parts, TAPS, C), torch.float32, dev)
     wrap_triton(_dwconv_layernorm_bwd_conv_kernel)[grid2](
         g, x, taps, dx, dw_part,
-        H, W, C,
-        ROWS=rows, BLOCK_W=block_w2, BLOCK_C=block_c2, num_warps=num_warps2,
+        N, H, W, C, samples, rows,
+        BLOCK_W=block_w2, BLOCK_C=block_c2, num_warps=num_warps2,
     )
     # Fixed-order reductions (deterministic).
     dconv_weight = dw_part.sum(0).t().reshape(C, 1, KERNEL_SIZE, KERNEL_SIZE).contiguous()

@@ -215,8 +215,8 @@ def test_dwconv_layernorm_bwd_conv_tiling():
         assert C % block_c == 0 or block_c == min(32, triton.next_power_of_2(C)), C
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("samples,rows", [(1, 3), (2, 13), (2, 5)])
+@pytest.mark.parametrize("samples,rows,dtype", [(1, 3, torch.float32), (2, 13, torch.float16), (2, 5, torch.float32)],
+                         ids=str)
 def test_dwconv_layernorm_bwd_rows_per_program(samples, rows, dtype, monkeypatch):
     """Programs that take part of an image, or several images: H = 13 leaves a partial last
     chunk for ROWS = 3 (1 row) and 5 (3 rows); 2 samples a program with 3 samples leave a

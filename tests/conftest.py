@@ -31,9 +31,12 @@ TRITON_CPU_MISSING = unavailable_reason("triton", torch.device("cpu"))
 # Triton kernels can run here, else why they cannot.
 if not TRITON_CPU_MISSING:
     import triton_interpreter_bf16  # noqa: E402
+    import triton_interpreter_calls  # noqa: E402
     TRITON_INTERPRETER_BF16_MISSING = triton_interpreter_bf16.enable()
+    # Helper calls without the interpreter re-patching triton.language each time (speed only).
+    TRITON_INTERPRETER_CALLS_MISSING = triton_interpreter_calls.enable()
 else:
-    TRITON_INTERPRETER_BF16_MISSING = ""
+    TRITON_INTERPRETER_BF16_MISSING = TRITON_INTERPRETER_CALLS_MISSING = ""
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,13 +1,18 @@
 // dwconv_layernorm: depthwise 7x7 convolution (+bias) followed by LayerNorm over C, NHWC.
 //
-// Tiling (forward, backward recompute and backward dx): a block owns `tile_w` consecutive output
-// pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC channels and
+// Forward (dwconv_layernorm_fwd_ring_kernel): a block walks a strip of pixel columns down a
+// sample's rows, each input row loaded once into a ring of 7 output-row accumulators (per thread:
+// 2 channels x 2 pixels, the channels' 49 taps in registers); complete rows go to shared memory
+// and LayerNorm runs there, one warp a pixel (warp-shuffle sums; two passes: mean, then centred
+// variance). C past the ring's block (more than kRingMaxThreads channel pairs) takes the tile
+// kernel below.
+//
+// Tile kernels (the forward for wide C, the backward recompute): a block owns `tile_w` consecutive
+// output pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC channels and
 // kSegment consecutive output pixels; it streams the 7 input rows through registers (sliding
 // window along W, 16-byte loads when VEC == 8), with the weights pre-transposed to [49][C] so a
-// tap's VEC channels are one vector load. Input re-reads across neighbouring threads / rows hit
-// L1/L2; DRAM traffic stays close to one read of x and one write of y. The conv output of the
-// tile goes to shared memory (fp32) and LayerNorm runs one warp per pixel (warp-shuffle sums,
-// two passes over shared memory: mean, then centred variance).
+// tap's VEC channels are one vector load. The conv output of the tile goes to shared memory (fp32)
+// for the LayerNorm.
 //
 // Backward: recompute kernel -> g = dL/dz (fp32 workspace) + per-block partials of dnorm_weight,
 // dnorm_bias, dconv_bias; conv kernel -> dx (the transposed conv of g) and per-block partials of
@@ -41,6 +46,15 @@ constexpr int kConvBwdMinRows = 14;        // shortest row chunk (each redoes 6 
 // Its [pixel pair][channel][tap] reduction buffer (25 KB, dynamic shared memory).
 constexpr int kConvBwdSmemBytes = kConvBwdPixels * kConvBwdChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
+// The forward's ring kernel:
+constexpr int kRingChannels = 2;       // channels a thread convolves (16-byte path; the scalar path 1)
+constexpr int kRingPixels = 2;         // pixel columns a thread walks side by side (they share its taps)
+// Block size cap: __launch_bounds__(384) caps registers at 168, 2 blocks of 192 threads an SM at
+// C = 96-384. Uncapped the kernel takes 214 (1 block an SM); at 168 ptxas spills ~60 B, 15
+// reloads (L1) per row step against its 196 FMAs.
+constexpr int kRingMaxThreads = 384;
+constexpr int kRingTargetBlocks = 512; // blocks to aim for before splitting rows into chunks
+constexpr int kRingMinRows = 14;       // shortest row chunk (each redoes 6 halo rows)
 
 struct ConvTile {
   int64_t n;
@@ -150,22 +164,23 @@ struct FwdParams {
   float eps;
 };
 
+// LayerNorm of rows x row_pixels pixels whose conv output z (+bias) is in shared memory ([row] at
+// smem_row_stride floats, then [pixel][C] fp32), the first at pixel index pix0 and each row W
+// pixels after the last: one warp a pixel (warp-shuffle sums; two passes over shared memory,
+// mean then the centred variance: no cancellation); y, mean and rstd out. Only whole warps call
+// it (the shuffles take all 32 lanes).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_fwd_kernel(FwdParams p) {
-  CNK_DYNAMIC_SMEM(float4, smem_raw);  // float4: 16-byte aligned for vector access
-  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [tile_w][C]
-  const int C = p.C;
-  const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
-  conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, C, smem_z);
-  __syncthreads();
-
+__device__ __forceinline__ void layernorm_smem_pixels(const float* smem_z, int rows, int row_pixels,
+                                                      int64_t smem_row_stride, int64_t pix0, int W, int C,
+                                                      const float* __restrict__ norm_weight,
+                                                      const float* __restrict__ norm_bias, float eps, T* y,
+                                                      float* mean_out, float* rstd_out, int warp, int num_warps) {
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int num_warps = blockDim.x / 32;
   const float inv_c = 1.0f / static_cast<float>(C);
-  T* y = static_cast<T*>(p.y);
-  for (int pl = warp; pl < tile.n_valid; pl += num_warps) {
-    const float* z = smem_z + static_cast<int64_t>(pl) * C;
+  for (int item = warp; item < rows * row_pixels; item += num_warps) {
+    const int row = item / row_pixels;
+    const int pl = item - row * row_pixels;
+    const float* z = smem_z + row * smem_row_stride + static_cast<int64_t>(pl) * C;
     float sum = 0.0f;
     for (int c = lane * VEC; c < C; c += 32 * VEC) {
       float v[VEC];
@@ -174,7 +189,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
       for (int i = 0; i < VEC; ++i) sum += v[i];
     }
     const float mean = warp_sum(sum) * inv_c;
-    float sq = 0.0f;  // second pass over shared memory: centred, no cancellation
+    float sq = 0.0f;
     for (int c = lane * VEC; c < C; c += 32 * VEC) {
       float v[VEC];
       load_f32<VEC>(z + c, v);
@@ -184,21 +199,201 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
         sq = fmaf(d, d, sq);
       }
     }
-    const float rstd = 1.0f / sqrtf(warp_sum(sq) * inv_c + p.eps);
-    const int64_t pix = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin + pl;
+    const float rstd = 1.0f / sqrtf(warp_sum(sq) * inv_c + eps);
+    const int64_t pix = pix0 + static_cast<int64_t>(row) * W + pl;
     T* y_pix = y + pix * C;
     for (int c = lane * VEC; c < C; c += 32 * VEC) {
       float v[VEC], nw[VEC], nb[VEC], out[VEC];
       load_f32<VEC>(z + c, v);
-      load_f32<VEC>(p.norm_weight + c, nw);
-      load_f32<VEC>(p.norm_bias + c, nb);
+      load_f32<VEC>(norm_weight + c, nw);
+      load_f32<VEC>(norm_bias + c, nb);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) out[i] = fmaf((v[i] - mean) * rstd, nw[i], nb[i]);
       store_from_float<T, VEC>(y_pix + c, out);
     }
     if (lane == 0) {
-      p.mean[pix] = mean;
-      p.rstd[pix] = rstd;
+      mean_out[pix] = mean;
+      rstd_out[pix] = rstd;
+    }
+  }
+}
+
+// The forward for C too wide for the ring kernel below (more than kRingMaxThreads channel groups):
+// one block a tile of a row, its conv into shared memory, then LayerNorm.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm_fwd_kernel(FwdParams p) {
+  CNK_DYNAMIC_SMEM(float4, smem_raw);  // float4: 16-byte aligned for vector access
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [tile_w][C]
+  const ConvTile tile = decode_tile(blockIdx.x, p.tiles_w, p.tile_w, p.H, p.W);
+  conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, p.C, smem_z);
+  __syncthreads();
+  const int64_t pix0 = (tile.n * p.H + tile.h) * static_cast<int64_t>(p.W) + tile.w_begin;
+  layernorm_smem_pixels<T, VEC>(smem_z, 1, tile.n_valid, 0, pix0, p.W, p.C, p.norm_weight, p.norm_bias, p.eps,
+                                static_cast<T*>(p.y), p.mean, p.rstd, threadIdx.x / 32, blockDim.x / 32);
+}
+
+// Two channels of a pixel (kChannels 2: one 4-byte load of bf16 / fp16, 8 bytes of fp32) or one,
+// as floats.
+template <typename T, int kChannels>
+__device__ __forceinline__ void load_channels_as_float(const T* __restrict__ p, float (&out)[kChannels]) {
+  static_assert(kChannels == 1 || kChannels == 2, "one or two channels");
+  if constexpr (kChannels == 1) {
+    out[0] = to_float(p[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    out[0] = v.x;
+    out[1] = v.y;
+  } else {
+    const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+    out[0] = to_float(e[0]);
+    out[1] = to_float(e[1]);
+  }
+}
+
+struct RingFwdParams {
+  const void* x;
+  const float* conv_weight;  // [C][49] as given: a thread's 49 taps of a channel are contiguous
+  const float* conv_bias;    // nullable
+  const float* norm_weight;
+  const float* norm_bias;
+  void* y;
+  float* mean;
+  float* rstd;
+  int H, W, C;
+  int segments;  // pixel pairs per block (a strip of 2 * segments pixels of a row)
+  int strips;    // strips per row
+  int rows;      // output rows per block: a chunk of one sample's rows
+  int chunks;    // row chunks per sample
+  float eps;
+};
+
+// The forward on a ring of row accumulators (the Triton kernel's scheme, and the backward conv
+// kernel's): a block owns a strip of 2 * segments pixels of rows [h_begin, h_end) of one sample,
+// all C channels. Thread = kRingChannels channels and a pair of pixel columns (segment); it keeps
+// its channels' 49 taps in registers and walks input rows ih = h_begin - 3 .. h_end + 2 once,
+// each loaded at its 8 column positions and converted once: kernel row r sends input row ih to
+// output row ih + 3 - r, in a ring of 7 row accumulators, the top one (row ih - 3) complete after
+// the step. Rows outside the image are skipped (zero padding). The row loop is unrolled by the
+// ring's period, 7, so ring slots are registers; each complete output row (+bias) goes to its
+// own shared-memory row, and LayerNorm runs once per 7 rows over all of them, one warp a pixel
+// (two barriers per 7 rows, and more pixels to spread over the warps than one row has).
+// Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,445
+// instructions, 1.78 a FMA (8 two-channel loads and 16 conversions a step); the tile kernel's
+// kernel-row loop takes 457 for 112 FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads
+// per kernel row, 64-bit addressing of each).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_kernel(RingFwdParams p) {
+  constexpr int kCh = VEC == 8 ? kRingChannels : 1;  // channels a thread convolves (scalar path: 1)
+  constexpr int kCols = kRingPixels + kKernelSize - 1;  // input columns a pixel pair reads: 8
+  CNK_DYNAMIC_SMEM(float4, smem_raw);
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: the output rows of one period
+  const int H = p.H, W = p.W, C = p.C;
+  const int groups = C / kCh;  // channel groups: threads per segment
+  const int segment = threadIdx.x / groups;  // >= p.segments: padding threads (LayerNorm only)
+  const int c = (threadIdx.x - segment * groups) * kCh;
+  const int64_t block = blockIdx.x;
+  const int strip = static_cast<int>(block % p.strips);
+  const int64_t sample_chunk = block / p.strips;
+  const int h_begin = static_cast<int>(sample_chunk % p.chunks) * p.rows;
+  const int h_end = min(H, h_begin + p.rows);
+  const int64_t n = sample_chunk / p.chunks;
+  const int strip_w = kRingPixels * p.segments;
+  const int w_strip = strip * strip_w;
+  const int strip_pixels = min(strip_w, W - w_strip);
+  const int64_t smem_row = static_cast<int64_t>(strip_w) * C;
+  const bool conv_thread = segment < p.segments;
+  const int w0 = w_strip + kRingPixels * segment;  // the thread's first pixel column
+
+  float wt[kCh][kTaps];
+  float bias[kCh];
+#pragma unroll
+  for (int v = 0; v < kCh; ++v) {
+    const int cv = conv_thread ? c + v : 0;
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) wt[v][t] = p.conv_weight[static_cast<int64_t>(cv) * kTaps + t];
+    bias[v] = p.conv_bias != nullptr ? p.conv_bias[cv] : 0.0f;
+  }
+  // Bit j: input column w0 + j - 3 inside the row (none for padding threads).
+  unsigned cols = 0;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) cols |= (conv_thread && w0 + j - kPad >= 0 && w0 + j - kPad < W ? 1u : 0u) << j;
+  // The thread's pixels' offsets in a shared-memory row (none for padding threads and pixels
+  // past the strip's end).
+  int z_off[kRingPixels];
+#pragma unroll
+  for (int q = 0; q < kRingPixels; ++q) {
+    const int pl = kRingPixels * segment + q;
+    z_off[q] = conv_thread && pl < strip_pixels ? pl * C + c : -1;
+  }
+
+  const int64_t row_stride = static_cast<int64_t>(W) * C;
+  // Element index of (n, ih, w0 - 3, c) for the step's input row ih (h_begin - 3 at first).
+  int64_t e = ((n * H + h_begin - kPad) * W + w0 - kPad) * C + c;
+  const T* x = static_cast<const T*>(p.x);
+  float ring[kKernelSize][kRingPixels][kCh];
+#pragma unroll
+  for (int i = 0; i < kKernelSize; ++i)
+#pragma unroll
+    for (int q = 0; q < kRingPixels; ++q)
+#pragma unroll
+      for (int v = 0; v < kCh; ++v) ring[i][q][v] = 0.0f;
+
+  for (int ih0 = h_begin - kPad; ih0 < h_end + kPad; ih0 += kKernelSize) {
+#pragma unroll
+    for (int s = 0; s < kKernelSize; ++s) {
+      const int ih = ih0 + s;
+      if (ih >= h_end + kPad) break;
+      if (ih >= 0 && ih < H) {
+        float xin[kCols][kCh];
+        const T* col = x + e;
+#pragma unroll
+        for (int j = 0; j < kCols; ++j, col += C) {
+          if (cols >> j & 1u) {
+            load_channels_as_float<T, kCh>(col, xin[j]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < kCh; ++v) xin[j][v] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kKernelSize; ++r) {
+          const int slot = (s + 2 * kKernelSize + kPad - r) % kKernelSize;  // output row ih + 3 - r
+#pragma unroll
+          for (int k = 0; k < kKernelSize; ++k)
+#pragma unroll
+            for (int q = 0; q < kRingPixels; ++q)
+#pragma unroll
+              for (int v = 0; v < kCh; ++v) ring[slot][q][v] = fmaf(xin[q + k][v], wt[v][r * kKernelSize + k], ring[slot][q][v]);
+        }
+      }
+      const int top = (s + kKernelSize - kPad) % kKernelSize;  // output row ih - 3: complete
+      if (ih - kPad >= h_begin) {
+        float* z_row = smem_z + s * smem_row;
+#pragma unroll
+        for (int q = 0; q < kRingPixels; ++q) {
+          if (z_off[q] >= 0) {
+#pragma unroll
+            for (int v = 0; v < kCh; ++v) z_row[z_off[q] + v] = ring[top][q][v] + bias[v];
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kRingPixels; ++q)
+#pragma unroll
+        for (int v = 0; v < kCh; ++v) ring[top][q][v] = 0.0f;
+      e += row_stride;
+    }
+    // Output rows ih0 + s - 3 of this period's steps s in [s_first, s_last] are in shared memory.
+    const int s_first = max(0, h_begin + kPad - ih0);
+    const int s_last = min(kKernelSize - 1, h_end + kPad - 1 - ih0);
+    if (s_first <= s_last) {  // block-uniform
+      __syncthreads();
+      layernorm_smem_pixels<T, VEC>(smem_z + s_first * smem_row, s_last - s_first + 1, strip_pixels, smem_row,
+                                    (n * H + ih0 + s_first - kPad) * static_cast<int64_t>(W) + w_strip, W, C,
+                                    p.norm_weight, p.norm_bias, p.eps, static_cast<T*>(p.y), p.mean, p.rstd,
+                                    threadIdx.x / 32, blockDim.x / 32);
+      __syncthreads();  // before the next period's writes
     }
   }
 }
@@ -452,6 +647,48 @@ inline TileConfig make_tile_config(int64_t N, int64_t H, int64_t W, int64_t C, b
   return t;
 }
 
+struct RingConfig {
+  bool fits;        // C / channels-per-thread groups fit a block (else the tile kernel)
+  int threads;      // segments * groups, rounded up to whole warps
+  int segments;     // pixel pairs per block
+  int strips;       // strips per row
+  int rows;         // output rows per block
+  int chunks;       // row chunks per sample
+  int64_t blocks;
+};
+
+// Segments per block: as many as fit kRingMaxThreads, with the least idle work (padding threads
+// of the last warp, pixel pairs past the row's end in the last strip); on a tie, more. Whole
+// images per block where there are enough blocks (the ring's halo rows outside the image cost
+// nothing), else row chunks of at least kRingMinRows rows. ConvNeXt-T at batch 128: 4, 2, 1, 1
+// segments (192 threads at C = 96, 192, 384; 384 at 768), 7, 7, 7, 4 strips, whole images.
+inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized) {
+  RingConfig r{};
+  const int64_t groups = C / (vectorized ? kRingChannels : 1);
+  r.fits = groups <= kRingMaxThreads;
+  if (!r.fits) return r;
+  const int64_t pairs = ceil_div(W, kRingPixels);
+  double best = -1.0;
+  for (int64_t s = 1; s <= std::min<int64_t>(pairs, kRingMaxThreads / groups); ++s) {
+    const int64_t threads = round_up(groups * s, 32);
+    if (threads > kRingMaxThreads) break;
+    const int64_t strips = ceil_div(pairs, s);
+    const double used = static_cast<double>(groups * s) / threads * static_cast<double>(pairs) / (strips * s);
+    if (used >= best) {
+      best = used;
+      r.segments = static_cast<int>(s);
+      r.strips = static_cast<int>(strips);
+      r.threads = static_cast<int>(threads);
+    }
+  }
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(kRingTargetBlocks, N * r.strips), H / kRingMinRows));
+  r.rows = static_cast<int>(ceil_div(H, chunks));
+  r.chunks = static_cast<int>(ceil_div(H, r.rows));
+  r.blocks = N * r.chunks * r.strips;
+  return r;
+}
+
 struct ConvBwdConfig {
   int64_t channel_blocks;
   int64_t samples;  // per block
@@ -561,6 +798,21 @@ inline void check_smem_fits(Kernel kernel, std::size_t bytes, const char* name) 
 // Per-dtype entry points, explicitly instantiated in dwconv_layernorm_{fwd,bwd}_{dtype}.cu.
 template <typename T>
 void run_fwd(const FwdArgs& a, cudaStream_t stream) {
+  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized);
+  if (r.fits) {
+    RingFwdParams p{a.x, a.conv_weight, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd,
+                    static_cast<int>(a.H), static_cast<int>(a.W), static_cast<int>(a.C),
+                    r.segments, r.strips, r.rows, r.chunks, a.eps};
+    const std::size_t smem = static_cast<std::size_t>(kKernelSize) * kRingPixels * r.segments * a.C * sizeof(float);
+    CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
+      constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte LayerNorm, or any-C scalar path
+      auto kernel = dwconv_layernorm_fwd_ring_kernel<T, kVec>;
+      check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_ring_kernel");
+      CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(p);
+      CNK_CHECK_LAUNCH("dwconv_layernorm_fwd_ring_kernel");
+    });
+    return;
+  }
   FwdWorkspace ws(a.workspace, a.C);
   launch_transpose_weight(a.conv_weight, ws.wt, a.C, stream);
   const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);

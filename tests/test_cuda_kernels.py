@@ -231,15 +231,17 @@ def test_dwconv_layernorm_bwd_blocks_loop(target, shape, dtype):
     test_dwconv_layernorm(target, shape, dtype)
 
 
-# The forward's ring kernel (C up to 768; 384 on the scalar path) in row chunks, which whole images
-# at ConvNeXt batch sizes never need: one or two samples give fewer than its 512 target blocks,
-# so 31 and 30 rows split into 2 chunks of 16 and 15, each ring starting 3 rows above its chunk
-# (in-image halo rows) and stopping mid-period. 1 x 31 x 9 x 24: 5 pixel pairs of 12 channel
-# pairs in one strip (60 threads and 4 padding ones); 2 x 30 x 3 x 13: the scalar path, 2 pairs
-# (26 threads + 6), the second pair half past the row's end.
+# The ring kernels (forward and backward recompute; C up to 768, 384 on the scalar path) in the
+# block shapes that whole images one a block at ConvNeXt batch sizes never take. Row chunks: one or
+# two samples give fewer than the 512 target blocks, so 31 and 30 rows split into 2 chunks of 16
+# and 15, each ring starting 3 rows above its chunk (in-image halo rows) and stopping mid-period;
+# 1 x 31 x 9 x 24 has 5 pixel pairs of 12 channel pairs in one strip (60 threads and 4 padding
+# ones), 2 x 30 x 3 x 13 is the scalar path, 2 pairs (26 threads + 6), the second half past the
+# row's end. Several samples a block: 2101 whole images leave more than twice the target, so
+# blocks take 2 (the last 1).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 31, 9, 24), (2, 30, 3, 13)], ids=_shape_id)
-def test_dwconv_layernorm_fwd_row_chunks(target, shape, dtype):
+@pytest.mark.parametrize("shape", [(1, 31, 9, 24), (2, 30, 3, 13), (2101, 1, 2, 8)], ids=_shape_id)
+def test_dwconv_layernorm_ring_blocks(target, shape, dtype):
     test_dwconv_layernorm(target, shape, dtype)
 
 

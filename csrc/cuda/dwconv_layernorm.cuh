@@ -1,18 +1,18 @@
 // dwconv_layernorm: depthwise 7x7 convolution (+bias) followed by LayerNorm over C, NHWC.
 //
-// Forward (dwconv_layernorm_fwd_ring_kernel): a block walks a strip of pixel columns down a
-// sample's rows, each input row loaded once into a ring of 7 output-row accumulators (per thread:
-// 2 channels x 2 pixels, the channels' 49 taps in registers); complete rows go to shared memory
-// and LayerNorm runs there, one warp a pixel (warp-shuffle sums; two passes: mean, then centred
-// variance). C past the ring's block (more than kRingMaxThreads channel pairs) takes the tile
-// kernel below.
+// The conv on a ring (ring_conv; the forward and the backward recompute): a block walks a strip of
+// pixel columns down a sample's rows, each input row loaded once into a ring of 7 output-row
+// accumulators (per thread: 2 channels x 2 pixels, the channels' 49 taps in registers); complete
+// rows go to shared memory, where the LayerNorm (forward) or its gradient (backward) runs one warp
+// a pixel (warp-shuffle sums; the forward in two passes: mean, then centred variance). C past the
+// ring's block (more than kRingMaxThreads channel pairs) takes the tile kernels.
 //
-// Tile kernels (the forward for wide C, the backward recompute): a block owns `tile_w` consecutive
-// output pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC channels and
-// kSegment consecutive output pixels; it streams the 7 input rows through registers (sliding
-// window along W, 16-byte loads when VEC == 8), with the weights pre-transposed to [49][C] so a
-// tap's VEC channels are one vector load. The conv output of the tile goes to shared memory (fp32)
-// for the LayerNorm.
+// Tile kernels (the forward and the backward recompute for wide C): a block owns `tile_w`
+// consecutive output pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC
+// channels and kSegment consecutive output pixels; it streams the 7 input rows through registers
+// (sliding window along W, 16-byte loads when VEC == 8), with the weights pre-transposed to
+// [49][C] so a tap's VEC channels are one vector load. The conv output of the tile goes to shared
+// memory (fp32) for the LayerNorm.
 //
 // Backward: recompute kernel -> g = dL/dz (fp32 workspace) + per-block partials of dnorm_weight,
 // dnorm_bias, dconv_bias; conv kernel -> dx (the transposed conv of g) and per-block partials of
@@ -50,8 +50,8 @@ constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persist
 constexpr int kRingChannels = 2;       // channels a thread convolves (16-byte path; the scalar path 1)
 constexpr int kRingPixels = 2;         // pixel columns a thread walks side by side (they share its taps)
 // Block size cap: __launch_bounds__(384) caps registers at 168, 2 blocks of 192 threads an SM at
-// C = 96-384. Uncapped the kernel takes 214 (1 block an SM); at 168 ptxas spills ~60 B, 15
-// reloads (L1) per row step against its 196 FMAs.
+// C = 96-384. Uncapped the forward takes 214 (1 block an SM); at 168 ptxas spills 88 B (forward)
+// and 124 B (backward recompute), 18 and 24 reloads (L1) per row step against its 196 FMAs.
 constexpr int kRingMaxThreads = 384;
 constexpr int kRingTargetBlocks = 512; // blocks to aim for before splitting rows into chunks
 constexpr int kRingMinRows = 14;       // shortest row chunk (each redoes 6 halo rows)
@@ -218,6 +218,44 @@ __device__ __forceinline__ void layernorm_smem_pixels(const float* smem_z, int r
   }
 }
 
+// The LayerNorm backward of one pixel, a warp: z (its conv output +bias, in shared memory) becomes
+// xhat in place, and g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat =
+// dy * norm_weight, goes to g_smem and to the workspace g_pix.
+template <typename T, int VEC>
+__device__ __forceinline__ void layernorm_grad_pixel(float* xh, float* g_smem, float* g_pix, const T* dy_pix,
+                                                     const float* __restrict__ norm_weight, float mean, float rstd,
+                                                     int C) {
+  const int lane = threadIdx.x % 32;
+  const float inv_c = 1.0f / static_cast<float>(C);
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    float z[VEC], d[VEC], nw[VEC];
+    load_f32<VEC>(xh + c, z);
+    load_as_float<T, VEC>(dy_pix + c, d);
+    load_f32<VEC>(norm_weight + c, nw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      z[i] = (z[i] - mean) * rstd;
+      const float dxh = d[i] * nw[i];
+      s1 += dxh;
+      s2 = fmaf(dxh, z[i], s2);
+    }
+    store_f32<VEC>(xh + c, z);  // same lane reads it back below
+  }
+  s1 = warp_sum(s1) * inv_c;
+  s2 = warp_sum(s2) * inv_c;
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    float z[VEC], d[VEC], nw[VEC], g[VEC];
+    load_f32<VEC>(xh + c, z);
+    load_as_float<T, VEC>(dy_pix + c, d);
+    load_f32<VEC>(norm_weight + c, nw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) g[i] = rstd * (d[i] * nw[i] - s1 - z[i] * s2);
+    store_f32<VEC>(g_smem + c, g);
+    store_f32<VEC>(g_pix + c, g);
+  }
+}
+
 // The forward for C too wide for the ring kernel below (more than kRingMaxThreads channel groups):
 // one block a tile of a row, its conv into shared memory, then LayerNorm.
 template <typename T, int VEC>
@@ -251,58 +289,64 @@ __device__ __forceinline__ void load_channels_as_float(const T* __restrict__ p, 
   }
 }
 
-struct RingFwdParams {
-  const void* x;
-  const float* conv_weight;  // [C][49] as given: a thread's 49 taps of a channel are contiguous
-  const float* conv_bias;    // nullable
-  const float* norm_weight;
-  const float* norm_bias;
-  void* y;
-  float* mean;
-  float* rstd;
+// The ring kernels' grid: a block owns a strip of 2 * segments pixels of rows [h_begin, h_end)
+// of `samples` consecutive samples, all C channels.
+struct RingGrid {
+  int64_t N;
   int H, W, C;
-  int segments;  // pixel pairs per block (a strip of 2 * segments pixels of a row)
-  int strips;    // strips per row
-  int rows;      // output rows per block: a chunk of one sample's rows
-  int chunks;    // row chunks per sample
-  float eps;
+  int segments;     // pixel pairs per block
+  int strips;       // strips per row
+  int rows;         // output rows per block: a chunk of each of its samples' rows
+  int chunks;       // row chunks per sample
+  int64_t samples;  // samples per block
 };
 
-// The forward on a ring of row accumulators (the Triton kernel's scheme, and the backward conv
-// kernel's): a block owns a strip of 2 * segments pixels of rows [h_begin, h_end) of one sample,
-// all C channels. Thread = kRingChannels channels and a pair of pixel columns (segment); it keeps
-// its channels' 49 taps in registers and walks input rows ih = h_begin - 3 .. h_end + 2 once,
-// each loaded at its 8 column positions and converted once: kernel row r sends input row ih to
-// output row ih + 3 - r, in a ring of 7 row accumulators, the top one (row ih - 3) complete after
-// the step. Rows outside the image are skipped (zero padding). The row loop is unrolled by the
-// ring's period, 7, so ring slots are registers; each complete output row (+bias) goes to its
-// own shared-memory row, and LayerNorm runs once per 7 rows over all of them, one warp a pixel
-// (two barriers per 7 rows, and more pixels to spread over the warps than one row has).
-// Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,445
-// instructions, 1.78 a FMA (8 two-channel loads and 16 conversions a step); the tile kernel's
-// kernel-row loop takes 457 for 112 FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads
-// per kernel row, 64-bit addressing of each).
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_kernel(RingFwdParams p) {
-  constexpr int kCh = VEC == 8 ? kRingChannels : 1;  // channels a thread convolves (scalar path: 1)
+// One period's complete output rows (+bias) in shared memory, for the kernels' row phase.
+struct RingRows {
+  float* z;          // the first row's strip: [rows][smem_row floats], [pixel][C] in a row
+  int rows;
+  int row_pixels;    // the strip's pixels inside the image
+  int64_t smem_row;  // floats between rows
+  int64_t pix0;      // pixel index of the first row's first pixel; each row W pixels on
+};
+
+// The conv of both ring kernels (the Triton forward's scheme, and the CUDA backward conv's).
+// Thread = kCh channels (2: one 4-byte load of bf16 / fp16, 8 bytes of fp32; 1 on the scalar
+// path) and a pair of pixel columns (segment); it keeps its channels' 49 taps in registers and
+// walks input rows ih = h_begin - 3 .. h_end + 2 of each sample once, each loaded at its 8 column
+// positions and converted once: kernel row r sends input row ih to output row ih + 3 - r, in a
+// ring of 7 row accumulators, the top one (row ih - 3) complete after the step. Rows outside the
+// image are skipped (zero padding). The row loop is unrolled by the ring's period, 7, so ring
+// slots are registers; each complete output row (+bias) goes to its own shared-memory row
+// (smem_z: [7][2 * segments][C]), and after each period of 7 input rows, `rows_done` gets the
+// complete ones (block-uniform: it may hold barriers). Threads past the block's segments pad it
+// to whole warps: they only take part in rows_done.
+// Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,403
+// instructions in the forward, 2,313 in the backward recompute, 1.75 and 1.69 a FMA (8 two-channel
+// loads and 16 conversions a step, the spill reloads above); the tile kernel's kernel-row loop
+// takes 457 for 112 FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads per kernel row,
+// 64-bit addressing of each).
+template <typename T, int kCh, typename RowsDone>
+__device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict__ x,
+                                          const float* __restrict__ conv_weight, const float* __restrict__ conv_bias,
+                                          float* smem_z, RowsDone&& rows_done) {
   constexpr int kCols = kRingPixels + kKernelSize - 1;  // input columns a pixel pair reads: 8
-  CNK_DYNAMIC_SMEM(float4, smem_raw);
-  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: the output rows of one period
-  const int H = p.H, W = p.W, C = p.C;
+  const int H = g.H, W = g.W, C = g.C;
   const int groups = C / kCh;  // channel groups: threads per segment
-  const int segment = threadIdx.x / groups;  // >= p.segments: padding threads (LayerNorm only)
+  const int segment = threadIdx.x / groups;
   const int c = (threadIdx.x - segment * groups) * kCh;
   const int64_t block = blockIdx.x;
-  const int strip = static_cast<int>(block % p.strips);
-  const int64_t sample_chunk = block / p.strips;
-  const int h_begin = static_cast<int>(sample_chunk % p.chunks) * p.rows;
-  const int h_end = min(H, h_begin + p.rows);
-  const int64_t n = sample_chunk / p.chunks;
-  const int strip_w = kRingPixels * p.segments;
+  const int strip = static_cast<int>(block % g.strips);
+  const int64_t part = block / g.strips;
+  const int h_begin = static_cast<int>(part % g.chunks) * g.rows;
+  const int h_end = min(H, h_begin + g.rows);
+  const int64_t n_begin = part / g.chunks * g.samples;
+  const int64_t n_end = min(g.N, n_begin + g.samples);
+  const int strip_w = kRingPixels * g.segments;
   const int w_strip = strip * strip_w;
   const int strip_pixels = min(strip_w, W - w_strip);
   const int64_t smem_row = static_cast<int64_t>(strip_w) * C;
-  const bool conv_thread = segment < p.segments;
+  const bool conv_thread = segment < g.segments;
   const int w0 = w_strip + kRingPixels * segment;  // the thread's first pixel column
 
   float wt[kCh][kTaps];
@@ -311,8 +355,8 @@ __global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_
   for (int v = 0; v < kCh; ++v) {
     const int cv = conv_thread ? c + v : 0;
 #pragma unroll
-    for (int t = 0; t < kTaps; ++t) wt[v][t] = p.conv_weight[static_cast<int64_t>(cv) * kTaps + t];
-    bias[v] = p.conv_bias != nullptr ? p.conv_bias[cv] : 0.0f;
+    for (int t = 0; t < kTaps; ++t) wt[v][t] = conv_weight[static_cast<int64_t>(cv) * kTaps + t];
+    bias[v] = conv_bias != nullptr ? conv_bias[cv] : 0.0f;
   }
   // Bit j: input column w0 + j - 3 inside the row (none for padding threads).
   unsigned cols = 0;
@@ -326,75 +370,166 @@ __global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_
     const int pl = kRingPixels * segment + q;
     z_off[q] = conv_thread && pl < strip_pixels ? pl * C + c : -1;
   }
-
   const int64_t row_stride = static_cast<int64_t>(W) * C;
-  // Element index of (n, ih, w0 - 3, c) for the step's input row ih (h_begin - 3 at first).
-  int64_t e = ((n * H + h_begin - kPad) * W + w0 - kPad) * C + c;
-  const T* x = static_cast<const T*>(p.x);
-  float ring[kKernelSize][kRingPixels][kCh];
-#pragma unroll
-  for (int i = 0; i < kKernelSize; ++i)
-#pragma unroll
-    for (int q = 0; q < kRingPixels; ++q)
-#pragma unroll
-      for (int v = 0; v < kCh; ++v) ring[i][q][v] = 0.0f;
 
-  for (int ih0 = h_begin - kPad; ih0 < h_end + kPad; ih0 += kKernelSize) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    // Element index of (n, ih, w0 - 3, c) for the step's input row ih (h_begin - 3 at first).
+    int64_t e = ((n * H + h_begin - kPad) * W + w0 - kPad) * C + c;
+    float ring[kKernelSize][kRingPixels][kCh];
 #pragma unroll
-    for (int s = 0; s < kKernelSize; ++s) {
-      const int ih = ih0 + s;
-      if (ih >= h_end + kPad) break;
-      if (ih >= 0 && ih < H) {
-        float xin[kCols][kCh];
-        const T* col = x + e;
-#pragma unroll
-        for (int j = 0; j < kCols; ++j, col += C) {
-          if (cols >> j & 1u) {
-            load_channels_as_float<T, kCh>(col, xin[j]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < kCh; ++v) xin[j][v] = 0.0f;
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kKernelSize; ++r) {
-          const int slot = (s + 2 * kKernelSize + kPad - r) % kKernelSize;  // output row ih + 3 - r
-#pragma unroll
-          for (int k = 0; k < kKernelSize; ++k)
-#pragma unroll
-            for (int q = 0; q < kRingPixels; ++q)
-#pragma unroll
-              for (int v = 0; v < kCh; ++v) ring[slot][q][v] = fmaf(xin[q + k][v], wt[v][r * kKernelSize + k], ring[slot][q][v]);
-        }
-      }
-      const int top = (s + kKernelSize - kPad) % kKernelSize;  // output row ih - 3: complete
-      if (ih - kPad >= h_begin) {
-        float* z_row = smem_z + s * smem_row;
-#pragma unroll
-        for (int q = 0; q < kRingPixels; ++q) {
-          if (z_off[q] >= 0) {
-#pragma unroll
-            for (int v = 0; v < kCh; ++v) z_row[z_off[q] + v] = ring[top][q][v] + bias[v];
-          }
-        }
-      }
+    for (int i = 0; i < kKernelSize; ++i)
 #pragma unroll
       for (int q = 0; q < kRingPixels; ++q)
 #pragma unroll
-        for (int v = 0; v < kCh; ++v) ring[top][q][v] = 0.0f;
-      e += row_stride;
+        for (int v = 0; v < kCh; ++v) ring[i][q][v] = 0.0f;
+
+    for (int ih0 = h_begin - kPad; ih0 < h_end + kPad; ih0 += kKernelSize) {
+#pragma unroll
+      for (int s = 0; s < kKernelSize; ++s) {
+        const int ih = ih0 + s;
+        if (ih >= h_end + kPad) break;
+        if (ih >= 0 && ih < H) {
+          float xin[kCols][kCh];
+          const T* col = x + e;
+#pragma unroll
+          for (int j = 0; j < kCols; ++j, col += C) {
+            if (cols >> j & 1u) {
+              load_channels_as_float<T, kCh>(col, xin[j]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < kCh; ++v) xin[j][v] = 0.0f;
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < kKernelSize; ++r) {
+            const int slot = (s + 2 * kKernelSize + kPad - r) % kKernelSize;  // output row ih + 3 - r
+#pragma unroll
+            for (int k = 0; k < kKernelSize; ++k)
+#pragma unroll
+              for (int q = 0; q < kRingPixels; ++q)
+#pragma unroll
+                for (int v = 0; v < kCh; ++v)
+                  ring[slot][q][v] = fmaf(xin[q + k][v], wt[v][r * kKernelSize + k], ring[slot][q][v]);
+          }
+        }
+        const int top = (s + kKernelSize - kPad) % kKernelSize;  // output row ih - 3: complete
+        if (ih - kPad >= h_begin) {
+          float* z_row = smem_z + s * smem_row;
+#pragma unroll
+          for (int q = 0; q < kRingPixels; ++q) {
+            if (z_off[q] >= 0) {
+#pragma unroll
+              for (int v = 0; v < kCh; ++v) z_row[z_off[q] + v] = ring[top][q][v] + bias[v];
+            }
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kRingPixels; ++q)
+#pragma unroll
+          for (int v = 0; v < kCh; ++v) ring[top][q][v] = 0.0f;
+        e += row_stride;
+      }
+      // Output rows ih0 + s - 3 of this period's steps s in [s_first, s_last] are in shared memory.
+      const int s_first = max(0, h_begin + kPad - ih0);
+      const int s_last = min(kKernelSize - 1, h_end + kPad - 1 - ih0);
+      if (s_first <= s_last) {  // block-uniform
+        rows_done(RingRows{smem_z + s_first * smem_row, s_last - s_first + 1, strip_pixels, smem_row,
+                           (n * H + ih0 + s_first - kPad) * static_cast<int64_t>(W) + w_strip});
+      }
     }
-    // Output rows ih0 + s - 3 of this period's steps s in [s_first, s_last] are in shared memory.
-    const int s_first = max(0, h_begin + kPad - ih0);
-    const int s_last = min(kKernelSize - 1, h_end + kPad - 1 - ih0);
-    if (s_first <= s_last) {  // block-uniform
-      __syncthreads();
-      layernorm_smem_pixels<T, VEC>(smem_z + s_first * smem_row, s_last - s_first + 1, strip_pixels, smem_row,
-                                    (n * H + ih0 + s_first - kPad) * static_cast<int64_t>(W) + w_strip, W, C,
-                                    p.norm_weight, p.norm_bias, p.eps, static_cast<T*>(p.y), p.mean, p.rstd,
-                                    threadIdx.x / 32, blockDim.x / 32);
-      __syncthreads();  // before the next period's writes
+  }
+}
+
+struct RingFwdParams {
+  RingGrid grid;
+  const void* x;
+  const float* conv_weight;  // [C][49] as given: a thread's 49 taps of a channel are contiguous
+  const float* conv_bias;    // nullable
+  const float* norm_weight;
+  const float* norm_bias;
+  void* y;
+  float* mean;
+  float* rstd;
+  float eps;
+};
+
+// The forward: the ring's complete rows, LayerNorm once per 7 rows over all of them, one warp a
+// pixel (two barriers per 7 rows, and more pixels to spread over the warps than one row has).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_kernel(RingFwdParams p) {
+  constexpr int kCh = VEC == 8 ? kRingChannels : 1;  // channels a thread convolves (scalar path: 1)
+  CNK_DYNAMIC_SMEM(float4, smem_raw);
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: the output rows of one period
+  ring_conv<T, kCh>(p.grid, static_cast<const T*>(p.x), p.conv_weight, p.conv_bias, smem_z, [&](const RingRows& r) {
+    __syncthreads();
+    layernorm_smem_pixels<T, VEC>(r.z, r.rows, r.row_pixels, r.smem_row, r.pix0, p.grid.W, p.grid.C, p.norm_weight,
+                                  p.norm_bias, p.eps, static_cast<T*>(p.y), p.mean, p.rstd, threadIdx.x / 32,
+                                  blockDim.x / 32);
+    __syncthreads();  // before the next period's writes
+  });
+}
+
+struct RingBwdStatsParams {
+  RingGrid grid;
+  const void* x;
+  const void* dy;
+  const float* conv_weight;  // [C][49] as given
+  const float* conv_bias;    // nullable
+  const float* norm_weight;
+  const float* mean;
+  const float* rstd;
+  float* g;         // [N*H*W][C] dL/dz
+  float* partials;  // [3][blocks][C]: dnorm_weight, dnorm_bias, dconv_bias
+};
+
+// The backward recompute on the ring: z per 7 rows as in the forward; then per pixel (a warp)
+// g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * norm_weight, into
+// the workspace, with xhat and g left in shared memory; then per channel (a thread), in fixed
+// pixel order, the block's sums of dy * xhat, dy and g: one partial row per block.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_bwd_stats_ring_kernel(RingBwdStatsParams p) {
+  constexpr int kCh = VEC == 8 ? kRingChannels : 1;
+  CNK_DYNAMIC_SMEM(float4, smem_raw);
+  const int C = p.grid.C, W = p.grid.W;
+  const int64_t period_floats = kKernelSize * static_cast<int64_t>(kRingPixels) * p.grid.segments * C;
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: z, then xhat
+  float* smem_g = smem_z + period_floats;               // the same layout: g
+  float* smem_acc = smem_g + period_floats;             // [3][C], each channel's thread's own
+  for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) smem_acc[c] = 0.0f;  // before the first period's barrier
+  const T* dy = static_cast<const T*>(p.dy);
+  const int num_warps = blockDim.x / 32;
+  ring_conv<T, kCh>(p.grid, static_cast<const T*>(p.x), p.conv_weight, p.conv_bias, smem_z, [&](const RingRows& r) {
+    __syncthreads();
+    for (int item = threadIdx.x / 32; item < r.rows * r.row_pixels; item += num_warps) {
+      const int row = item / r.row_pixels;
+      const int pl = item - row * r.row_pixels;
+      const int64_t at = row * r.smem_row + static_cast<int64_t>(pl) * C;
+      const int64_t pix = r.pix0 + static_cast<int64_t>(row) * W + pl;
+      layernorm_grad_pixel<T, VEC>(r.z + at, smem_g + (r.z - smem_z) + at, p.g + pix * C, dy + pix * C, p.norm_weight,
+                                   p.mean[pix], p.rstd[pix], C);
     }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      float a_nw = 0.0f, a_nb = 0.0f, a_cb = 0.0f;
+      for (int row = 0; row < r.rows; ++row) {
+        for (int pl = 0; pl < r.row_pixels; ++pl) {
+          const int64_t at = row * r.smem_row + static_cast<int64_t>(pl) * C + c;
+          const float d = to_float(dy[(r.pix0 + static_cast<int64_t>(row) * W + pl) * C + c]);
+          a_nw = fmaf(d, r.z[at], a_nw);
+          a_nb += d;
+          a_cb += smem_g[(r.z - smem_z) + at];
+        }
+      }
+      smem_acc[c] += a_nw;
+      smem_acc[C + c] += a_nb;
+      smem_acc[2 * C + c] += a_cb;
+    }
+    __syncthreads();  // before the next period's writes
+  });
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      p.partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = smem_acc[k * C + c];
   }
 }
 
@@ -424,10 +559,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
   for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) smem_acc[c] = 0.0f;
 
   const T* dy = static_cast<const T*>(p.dy);
-  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int num_warps = blockDim.x / 32;
-  const float inv_c = 1.0f / static_cast<float>(C);
 
   for (int64_t t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
     const ConvTile tile = decode_tile(t, p.tiles_w, p.tile_w, p.H, p.W);
@@ -435,41 +568,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
     conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, C, smem_xhat);
     __syncthreads();
 
-    // Per pixel: g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * norm_weight.
     for (int pl = warp; pl < tile.n_valid; pl += num_warps) {
       const int64_t pix = pix0 + pl;
-      const float mean = p.mean[pix];
-      const float rstd = p.rstd[pix];
-      float* xh = smem_xhat + static_cast<int64_t>(pl) * C;
-      const T* dy_pix = dy + pix * C;
-      float s1 = 0.0f, s2 = 0.0f;
-      for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float z[VEC], d[VEC], nw[VEC];
-        load_f32<VEC>(xh + c, z);
-        load_as_float<T, VEC>(dy_pix + c, d);
-        load_f32<VEC>(p.norm_weight + c, nw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          z[i] = (z[i] - mean) * rstd;
-          const float dxh = d[i] * nw[i];
-          s1 += dxh;
-          s2 = fmaf(dxh, z[i], s2);
-        }
-        store_f32<VEC>(xh + c, z);  // same lane reads it back below
-      }
-      s1 = warp_sum(s1) * inv_c;
-      s2 = warp_sum(s2) * inv_c;
-      float* g_pix = p.g + pix * C;
-      for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float z[VEC], d[VEC], nw[VEC], g[VEC];
-        load_f32<VEC>(xh + c, z);
-        load_as_float<T, VEC>(dy_pix + c, d);
-        load_f32<VEC>(p.norm_weight + c, nw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) g[i] = rstd * (d[i] * nw[i] - s1 - z[i] * s2);
-        store_f32<VEC>(smem_g + static_cast<int64_t>(pl) * C + c, g);
-        store_f32<VEC>(g_pix + c, g);
-      }
+      layernorm_grad_pixel<T, VEC>(smem_xhat + static_cast<int64_t>(pl) * C, smem_g + static_cast<int64_t>(pl) * C,
+                                   p.g + pix * C, dy + pix * C, p.norm_weight, p.mean[pix], p.rstd[pix], C);
     }
     __syncthreads();
 
@@ -648,25 +750,30 @@ inline TileConfig make_tile_config(int64_t N, int64_t H, int64_t W, int64_t C, b
 }
 
 struct RingConfig {
-  bool fits;        // C / channels-per-thread groups fit a block (else the tile kernel)
-  int threads;      // segments * groups, rounded up to whole warps
-  int segments;     // pixel pairs per block
-  int strips;       // strips per row
-  int rows;         // output rows per block
-  int chunks;       // row chunks per sample
-  int64_t blocks;
+  bool fits;       // C / channels-per-thread groups fit a block (else the tile kernels)
+  int threads;     // segments * groups, rounded up to whole warps
+  int64_t blocks;  // strips * row chunks * sample groups: also the backward's partial rows
+  RingGrid grid;
 };
 
 // Segments per block: as many as fit kRingMaxThreads, with the least idle work (padding threads
 // of the last warp, pixel pairs past the row's end in the last strip); on a tie, more. Whole
 // images per block where there are enough blocks (the ring's halo rows outside the image cost
-// nothing), else row chunks of at least kRingMinRows rows. ConvNeXt-T at batch 128: 4, 2, 1, 1
-// segments (192 threads at C = 96, 192, 384; 384 at 768), 7, 7, 7, 4 strips, whole images.
+// nothing), else row chunks of at least kRingMinRows rows; several samples per block where whole
+// images leave more than twice kRingTargetBlocks (fewer partial rows in the backward). The rule
+// of the backward conv's make_conv_bwd_config and of the Triton kernels' tilings. ConvNeXt-T at
+// batch 128: 4, 2, 1, 1 segments (192 threads at C = 96, 192, 384; 384 at 768), 7, 7, 7, 4
+// strips, whole images, one a block.
 inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized) {
   RingConfig r{};
   const int64_t groups = C / (vectorized ? kRingChannels : 1);
   r.fits = groups <= kRingMaxThreads;
   if (!r.fits) return r;
+  RingGrid& g = r.grid;
+  g.N = N;
+  g.H = static_cast<int>(H);
+  g.W = static_cast<int>(W);
+  g.C = static_cast<int>(C);
   const int64_t pairs = ceil_div(W, kRingPixels);
   double best = -1.0;
   for (int64_t s = 1; s <= std::min<int64_t>(pairs, kRingMaxThreads / groups); ++s) {
@@ -676,17 +783,25 @@ inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, b
     const double used = static_cast<double>(groups * s) / threads * static_cast<double>(pairs) / (strips * s);
     if (used >= best) {
       best = used;
-      r.segments = static_cast<int>(s);
-      r.strips = static_cast<int>(strips);
+      g.segments = static_cast<int>(s);
+      g.strips = static_cast<int>(strips);
       r.threads = static_cast<int>(threads);
     }
   }
   const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(kRingTargetBlocks, N * r.strips), H / kRingMinRows));
-  r.rows = static_cast<int>(ceil_div(H, chunks));
-  r.chunks = static_cast<int>(ceil_div(H, r.rows));
-  r.blocks = N * r.chunks * r.strips;
+      1, std::min<int64_t>(ceil_div(kRingTargetBlocks, N * g.strips), H / kRingMinRows));
+  g.rows = static_cast<int>(ceil_div(H, chunks));
+  g.chunks = static_cast<int>(ceil_div(H, g.rows));
+  g.samples = g.chunks == 1 ? std::max<int64_t>(1, N * g.strips / (2 * kRingTargetBlocks)) : 1;
+  r.blocks = ceil_div(N, g.samples) * g.chunks * g.strips;
   return r;
+}
+
+// Shared memory of the ring kernels: 7 rows of the strip (the forward; the backward two such
+// buffers, z / xhat and g, and its [3][C] sums).
+inline std::size_t ring_smem_bytes(const RingConfig& r, bool backward) {
+  const std::size_t period = static_cast<std::size_t>(kKernelSize) * kRingPixels * r.grid.segments * r.grid.C;
+  return (backward ? 2 * period + 3 * static_cast<std::size_t>(r.grid.C) : period) * sizeof(float);
 }
 
 struct ConvBwdConfig {
@@ -763,6 +878,18 @@ struct FwdWorkspace {
   }
 };
 
+// Partial rows of the recompute kernel, whichever runs (the ring kernel's blocks depend on
+// whether the 16-byte path is taken, which the workspace size, from the sizes alone, cannot know).
+inline int64_t stats_partial_rows(int64_t N, int64_t H, int64_t W, int64_t C) {
+  int64_t rows = stats_blocks_cap(C);
+  for (bool vectorized : {false, true}) {
+    if (vectorized && C % 8 != 0) continue;
+    const RingConfig r = make_ring_config(N, H, W, C, vectorized);
+    if (r.fits) rows = std::max(rows, r.blocks);
+  }
+  return rows;
+}
+
 struct BwdWorkspace {
   float* wt;
   float* g;
@@ -774,7 +901,7 @@ struct BwdWorkspace {
     WorkspaceCarver carve(base);
     wt = carve.take<float>(kTaps * C);
     g = carve.take<float>(N * H * W * C);
-    stats_partials = carve.take<float>(3 * stats_blocks_cap(C) * C);
+    stats_partials = carve.take<float>(3 * stats_partial_rows(N, H, W, C) * C);
     dweight_partials = carve.take<float>(d.parts * C * kTaps);
     bytes = carve.offset;
   }
@@ -800,15 +927,12 @@ template <typename T>
 void run_fwd(const FwdArgs& a, cudaStream_t stream) {
   const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized);
   if (r.fits) {
-    RingFwdParams p{a.x, a.conv_weight, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd,
-                    static_cast<int>(a.H), static_cast<int>(a.W), static_cast<int>(a.C),
-                    r.segments, r.strips, r.rows, r.chunks, a.eps};
-    const std::size_t smem = static_cast<std::size_t>(kKernelSize) * kRingPixels * r.segments * a.C * sizeof(float);
+    RingFwdParams p{r.grid, a.x, a.conv_weight, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd, a.eps};
     CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
       constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte LayerNorm, or any-C scalar path
       auto kernel = dwconv_layernorm_fwd_ring_kernel<T, kVec>;
-      check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_ring_kernel");
-      CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(p);
+      check_smem_fits(kernel, ring_smem_bytes(r, false), "dwconv_layernorm_fwd_ring_kernel");
+      CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, ring_smem_bytes(r, false), stream)(p);
       CNK_CHECK_LAUNCH("dwconv_layernorm_fwd_ring_kernel");
     });
     return;
@@ -832,14 +956,26 @@ void run_fwd(const FwdArgs& a, cudaStream_t stream) {
 template <typename T>
 void run_bwd(const BwdArgs& a, cudaStream_t stream) {
   BwdWorkspace ws(a.workspace, a.N, a.H, a.W, a.C);
-  launch_transpose_weight(a.conv_weight, ws.wt, a.C, stream);
-  const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
-  const int64_t blocks = stats_blocks(t, a.C);
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), C = static_cast<int>(a.C);
 
-  // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias
+  // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias: on the ring,
+  // or (C too wide for it) the tile kernel
+  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized);
+  int64_t blocks = r.blocks;
   CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
-    constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte channel vectors, or any-C scalar path
+    constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte vectors, or any-C scalar path
+    if (r.fits) {
+      RingBwdStatsParams sp{r.grid, a.x, a.dy, a.conv_weight, a.conv_bias, a.norm_weight, a.mean, a.rstd,
+                            ws.g, ws.stats_partials};
+      auto stats_kernel = dwconv_layernorm_bwd_stats_ring_kernel<T, kVec>;
+      check_smem_fits(stats_kernel, ring_smem_bytes(r, true), "dwconv_layernorm_bwd_stats_ring_kernel");
+      CNK_LAUNCH(stats_kernel, static_cast<unsigned>(r.blocks), r.threads, ring_smem_bytes(r, true), stream)(sp);
+      CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_stats_ring_kernel");
+      return;
+    }
+    launch_transpose_weight(a.conv_weight, ws.wt, a.C, stream);
+    const TileConfig t = make_tile_config(a.N, a.H, a.W, a.C, a.vectorized);
+    blocks = stats_blocks(t, a.C);
     BwdStatsParams sp{a.x, a.dy, ws.wt, a.conv_bias, a.norm_weight, a.mean, a.rstd, ws.g, ws.stats_partials,
                       H, W, C, t.tile_w, t.tiles_w, t.num_tiles};
     const std::size_t smem = (2 * static_cast<std::size_t>(t.tile_w) + 3) * a.C * sizeof(float);

@@ -46,12 +46,12 @@ constexpr int kConvBwdMinRows = 14;        // shortest row chunk (each redoes 6 
 // Its [pixel pair][channel][tap] reduction buffer (25 KB, dynamic shared memory).
 constexpr int kConvBwdSmemBytes = kConvBwdPixels * kConvBwdChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
-// The forward's ring kernel:
+// The ring kernels (forward and backward recompute):
 constexpr int kRingChannels = 2;       // channels a thread convolves (16-byte path; the scalar path 1)
 constexpr int kRingPixels = 2;         // pixel columns a thread walks side by side (they share its taps)
 // Block size cap: __launch_bounds__(384) caps registers at 168, 2 blocks of 192 threads an SM at
 // C = 96-384. Uncapped the forward takes 214 (1 block an SM); at 168 ptxas spills 88 B (forward)
-// and 124 B (backward recompute), 18 and 24 reloads (L1) per row step against its 196 FMAs.
+// and 112 B (backward recompute), 18 and 24 reloads (L1) per row step against its 196 FMAs.
 constexpr int kRingMaxThreads = 384;
 constexpr int kRingTargetBlocks = 512; // blocks to aim for before splitting rows into chunks
 constexpr int kRingMinRows = 14;       // shortest row chunk (each redoes 6 halo rows)
@@ -256,6 +256,40 @@ __device__ __forceinline__ void layernorm_grad_pixel(float* xh, float* g_smem, f
   }
 }
 
+// The recompute kernels' per-block sums, a thread a channel, in fixed pixel order (deterministic):
+// acc[0 / 1 / 2][c] += sums of dy * xhat, dy and g over rows x row_pixels pixels, whose xhat and g
+// are in shared memory ([row] at smem_row floats, then [pixel][C]) and whose first pixel has
+// index pix0, each row W pixels after the last.
+template <typename T>
+__device__ __forceinline__ void accumulate_norm_grad_sums(const float* xhat, const float* g, int64_t smem_row,
+                                                          int rows, int row_pixels, const T* dy, int64_t pix0, int W,
+                                                          int C, float* acc) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float a_nw = 0.0f, a_nb = 0.0f, a_cb = 0.0f;
+    for (int row = 0; row < rows; ++row) {
+      for (int pl = 0; pl < row_pixels; ++pl) {
+        const int64_t at = row * smem_row + static_cast<int64_t>(pl) * C + c;
+        const float d = to_float(dy[(pix0 + static_cast<int64_t>(row) * W + pl) * C + c]);
+        a_nw = fmaf(d, xhat[at], a_nw);
+        a_nb += d;
+        a_cb += g[at];
+      }
+    }
+    acc[c] += a_nw;
+    acc[C + c] += a_nb;
+    acc[2 * C + c] += a_cb;
+  }
+}
+
+// The block's row of the [3][blocks][C] partials (dnorm_weight, dnorm_bias, dconv_bias).
+__device__ __forceinline__ void store_norm_grad_partials(const float* acc, float* partials, int C) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = acc[k * C + c];
+  }
+}
+
 // The forward for C too wide for the ring kernel below (more than kRingMaxThreads channel groups):
 // one block a tile of a row, its conv into shared memory, then LayerNorm.
 template <typename T, int VEC>
@@ -322,7 +356,7 @@ struct RingRows {
 // complete ones (block-uniform: it may hold barriers). Threads past the block's segments pad it
 // to whole warps: they only take part in rows_done.
 // Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,403
-// instructions in the forward, 2,313 in the backward recompute, 1.75 and 1.69 a FMA (8 two-channel
+// instructions in the forward, 2,337 in the backward recompute, 1.75 and 1.70 a FMA (8 two-channel
 // loads and 16 conversions a step, the spill reloads above); the tile kernel's kernel-row loop
 // takes 457 for 112 FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads per kernel row,
 // 64-bit addressing of each).
@@ -509,28 +543,11 @@ __global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_bwd_stats
                                    p.mean[pix], p.rstd[pix], C);
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      float a_nw = 0.0f, a_nb = 0.0f, a_cb = 0.0f;
-      for (int row = 0; row < r.rows; ++row) {
-        for (int pl = 0; pl < r.row_pixels; ++pl) {
-          const int64_t at = row * r.smem_row + static_cast<int64_t>(pl) * C + c;
-          const float d = to_float(dy[(r.pix0 + static_cast<int64_t>(row) * W + pl) * C + c]);
-          a_nw = fmaf(d, r.z[at], a_nw);
-          a_nb += d;
-          a_cb += smem_g[(r.z - smem_z) + at];
-        }
-      }
-      smem_acc[c] += a_nw;
-      smem_acc[C + c] += a_nb;
-      smem_acc[2 * C + c] += a_cb;
-    }
+    accumulate_norm_grad_sums(r.z, smem_g + (r.z - smem_z), r.smem_row, r.rows, r.row_pixels, dy, r.pix0, W, C,
+                              smem_acc);
     __syncthreads();  // before the next period's writes
   });
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-#pragma unroll
-    for (int k = 0; k < 3; ++k)
-      p.partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = smem_acc[k * C + c];
-  }
+  store_norm_grad_partials(smem_acc, p.partials, C);
 }
 
 struct BwdStatsParams {
@@ -575,26 +592,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
     }
     __syncthreads();
 
-    // Per channel, fixed pixel order: partial sums of dy * xhat, dy, g.
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      float a_nw = 0.0f, a_nb = 0.0f, a_cb = 0.0f;
-      for (int pl = 0; pl < tile.n_valid; ++pl) {
-        const float d = to_float(dy[(pix0 + pl) * C + c]);
-        a_nw = fmaf(d, smem_xhat[static_cast<int64_t>(pl) * C + c], a_nw);
-        a_nb += d;
-        a_cb += smem_g[static_cast<int64_t>(pl) * C + c];
-      }
-      smem_acc[c] += a_nw;
-      smem_acc[C + c] += a_nb;
-      smem_acc[2 * C + c] += a_cb;
-    }
+    accumulate_norm_grad_sums(smem_xhat, smem_g, 0, 1, tile.n_valid, dy, pix0, p.W, C, smem_acc);
     __syncthreads();  // before the next tile overwrites shared memory
   }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-#pragma unroll
-    for (int k = 0; k < 3; ++k)
-      p.partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = smem_acc[k * C + c];
-  }
+  store_norm_grad_partials(smem_acc, p.partials, C);
 }
 
 struct BwdConvParams {
@@ -931,8 +932,9 @@ void run_fwd(const FwdArgs& a, cudaStream_t stream) {
     CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
       constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte LayerNorm, or any-C scalar path
       auto kernel = dwconv_layernorm_fwd_ring_kernel<T, kVec>;
-      check_smem_fits(kernel, ring_smem_bytes(r, false), "dwconv_layernorm_fwd_ring_kernel");
-      CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, ring_smem_bytes(r, false), stream)(p);
+      const std::size_t smem = ring_smem_bytes(r, false);
+      check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_ring_kernel");
+      CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(p);
       CNK_CHECK_LAUNCH("dwconv_layernorm_fwd_ring_kernel");
     });
     return;
@@ -968,8 +970,9 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
       RingBwdStatsParams sp{r.grid, a.x, a.dy, a.conv_weight, a.conv_bias, a.norm_weight, a.mean, a.rstd,
                             ws.g, ws.stats_partials};
       auto stats_kernel = dwconv_layernorm_bwd_stats_ring_kernel<T, kVec>;
-      check_smem_fits(stats_kernel, ring_smem_bytes(r, true), "dwconv_layernorm_bwd_stats_ring_kernel");
-      CNK_LAUNCH(stats_kernel, static_cast<unsigned>(r.blocks), r.threads, ring_smem_bytes(r, true), stream)(sp);
+      const std::size_t smem = ring_smem_bytes(r, true);
+      check_smem_fits(stats_kernel, smem, "dwconv_layernorm_bwd_stats_ring_kernel");
+      CNK_LAUNCH(stats_kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(sp);
       CNK_CHECK_LAUNCH("dwconv_layernorm_bwd_stats_ring_kernel");
       return;
     }

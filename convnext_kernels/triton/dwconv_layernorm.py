@@ -671,6 +671,7 @@ def _conv_bwd_tiling(N, H, W, C):
     # are g rows outside the image, skipped. Split rows only to reach _CONV_BWD_PROGRAMS (at
     # least 14 rows a chunk: each chunk redoes 6 halo rows), and give a program several samples
     # where whole images leave more than twice that (fewer (parts, 49, C) partials to sum).
+    # The CUDA kernels' split_rows (csrc/cuda/dwconv_layernorm.cuh) is the same rule: change both.
     chunks = max(1, min(triton.cdiv(_CONV_BWD_PROGRAMS, N * c_tiles), H // 14))
     rows = triton.cdiv(H, chunks)
     samples = max(1, N * c_tiles // (2 * _CONV_BWD_PROGRAMS)) if chunks == 1 else 1

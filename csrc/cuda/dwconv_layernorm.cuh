@@ -41,8 +41,6 @@ constexpr int kMinBlocksPerSm = 2;                  // caps registers at 128/thr
 constexpr int kConvBwdChannels = 32;       // channels per block: a warp, one channel a lane
 constexpr int kConvBwdPixels = 4;          // pixel pairs walked at once: a warp each
 constexpr int kConvBwdPair = 2;            // pixels a thread walks side by side (they share its registers)
-constexpr int kConvBwdTargetBlocks = 512;  // blocks to aim for: a few per SM
-constexpr int kConvBwdMinRows = 14;        // shortest row chunk (each redoes 6 halo rows)
 // Its [pixel pair][channel][tap] reduction buffer (25 KB, dynamic shared memory).
 constexpr int kConvBwdSmemBytes = kConvBwdPixels * kConvBwdChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
@@ -53,8 +51,9 @@ constexpr int kRingPixels = 2;         // pixel columns a thread walks side by s
 // C = 96-384. Uncapped the forward takes 214 (1 block an SM); at 168 ptxas spills 88 B (forward)
 // and 112 B (backward recompute), 18 and 24 reloads (L1) per row step against its 196 FMAs.
 constexpr int kRingMaxThreads = 384;
-constexpr int kRingTargetBlocks = 512; // blocks to aim for before splitting rows into chunks
-constexpr int kRingMinRows = 14;       // shortest row chunk (each redoes 6 halo rows)
+// How the ring kernels and the backward conv share out the batch's rows (split_rows):
+constexpr int kTargetBlocks = 512;     // blocks to aim for before splitting rows into chunks: a few per SM
+constexpr int kMinRowChunk = 14;       // shortest row chunk (each redoes 6 halo rows)
 
 struct ConvTile {
   int64_t n;
@@ -325,14 +324,49 @@ __device__ __forceinline__ void load_channels_as_float(const T* __restrict__ p, 
 
 // The ring kernels' grid: a block owns a strip of 2 * segments pixels of rows [h_begin, h_end)
 // of `samples` consecutive samples, all C channels.
+// A block's share of the batch's rows: its part (a group of samples x a chunk of their rows).
+struct RowSplit {
+  int64_t samples;  // samples per part
+  int rows;         // rows per part: a chunk of each of its samples' rows
+  int chunks;       // row chunks per sample
+  int64_t parts;    // sample groups x row chunks
+};
+
+// Whole images per part where there are enough blocks (a ring's halo rows outside the image cost
+// nothing); else row chunks of at least kMinRowChunk rows, enough for kTargetBlocks; several
+// samples per part where whole images leave more than twice kTargetBlocks (fewer partial rows).
+// lanes: blocks that share one part (strips of a row, channel blocks). The Triton backward conv's
+// _conv_bwd_tiling follows the same rule.
+inline RowSplit split_rows(int64_t N, int64_t H, int64_t lanes) {
+  RowSplit s;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(kTargetBlocks, N * lanes), H / kMinRowChunk));
+  s.rows = static_cast<int>(ceil_div(H, chunks));
+  s.chunks = static_cast<int>(ceil_div(H, s.rows));
+  s.samples = s.chunks == 1 ? std::max<int64_t>(1, N * lanes / (2 * kTargetBlocks)) : 1;
+  s.parts = ceil_div(N, s.samples) * s.chunks;
+  return s;
+}
+
+// Samples [n_begin, n_end) and rows [h_begin, h_end) of part `part`.
+struct PartRows {
+  int64_t n_begin, n_end;
+  int h_begin, h_end;
+};
+__device__ __forceinline__ PartRows part_rows(const RowSplit& s, int64_t part, int64_t N, int H) {
+  PartRows r;
+  r.h_begin = static_cast<int>(part % s.chunks) * s.rows;
+  r.h_end = min(H, r.h_begin + s.rows);
+  r.n_begin = part / s.chunks * s.samples;
+  r.n_end = min(N, r.n_begin + s.samples);
+  return r;
+}
+
 struct RingGrid {
   int64_t N;
   int H, W, C;
-  int segments;     // pixel pairs per block
-  int strips;       // strips per row
-  int rows;         // output rows per block: a chunk of each of its samples' rows
-  int chunks;       // row chunks per sample
-  int64_t samples;  // samples per block
+  int segments;  // pixel pairs per block
+  int strips;    // strips per row
+  RowSplit split;
 };
 
 // One period's complete output rows (+bias) in shared memory, for the kernels' row phase.
@@ -371,11 +405,9 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
   const int c = (threadIdx.x - segment * groups) * kCh;
   const int64_t block = blockIdx.x;
   const int strip = static_cast<int>(block % g.strips);
-  const int64_t part = block / g.strips;
-  const int h_begin = static_cast<int>(part % g.chunks) * g.rows;
-  const int h_end = min(H, h_begin + g.rows);
-  const int64_t n_begin = part / g.chunks * g.samples;
-  const int64_t n_end = min(g.N, n_begin + g.samples);
+  const PartRows rows = part_rows(g.split, block / g.strips, g.N, H);
+  const int h_begin = rows.h_begin, h_end = rows.h_end;
+  const int64_t n_begin = rows.n_begin, n_end = rows.n_end;
   const int strip_w = kRingPixels * g.segments;
   const int w_strip = strip * strip_w;
   const int strip_pixels = min(strip_w, W - w_strip);
@@ -606,9 +638,7 @@ struct BwdConvParams {
   float* partials;           // [parts][C][49]: dconv_weight's layout
   int64_t N;
   int H, W, C;
-  int64_t samples;           // samples per block
-  int rows;                  // rows per block: a chunk of each of its samples' rows
-  int chunks;                // row chunks per sample
+  RowSplit split;            // a block's samples and rows
 };
 
 // dx = transposed conv of g, and partials of dconv_weight[c][r][k] = sum_p g[p][c] * x[p + (r-3, k-3)][c],
@@ -634,11 +664,10 @@ __global__ void __launch_bounds__(kConvBwdChannels* kConvBwdPixels, 2)
   const int slot = threadIdx.y;  // pixel pair within a step
   const int c0 = blockIdx.x * kConvBwdChannels;
   const int c = c0 + lane;
-  const int64_t part = blockIdx.y;  // at most ~2 * kConvBwdTargetBlocks: within gridDim.y's 65535
-  const int h_begin = static_cast<int>(part % p.chunks) * p.rows;
-  const int h_end = min(H, h_begin + p.rows);
-  const int64_t n_begin = part / p.chunks * p.samples;
-  const int64_t n_end = min(p.N, n_begin + p.samples);
+  const int64_t part = blockIdx.y;  // at most ~2 * kTargetBlocks: within gridDim.y's 65535
+  const PartRows rows = part_rows(p.split, part, p.N, H);
+  const int h_begin = rows.h_begin, h_end = rows.h_end;
+  const int64_t n_begin = rows.n_begin, n_end = rows.n_end;
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.dx);
 
@@ -758,11 +787,8 @@ struct RingConfig {
 };
 
 // Segments per block: as many as fit kRingMaxThreads, with the least idle work (padding threads
-// of the last warp, pixel pairs past the row's end in the last strip); on a tie, more. Whole
-// images per block where there are enough blocks (the ring's halo rows outside the image cost
-// nothing), else row chunks of at least kRingMinRows rows; several samples per block where whole
-// images leave more than twice kRingTargetBlocks (fewer partial rows in the backward). The rule
-// of the backward conv's make_conv_bwd_config and of the Triton kernels' tilings. ConvNeXt-T at
+// of the last warp, pixel pairs past the row's end in the last strip); on a tie, more. Rows by
+// split_rows, the strips of a row sharing each part. ConvNeXt-T at
 // batch 128: 4, 2, 1, 1 segments (192 threads at C = 96, 192, 384; 384 at 768), 7, 7, 7, 4
 // strips, whole images, one a block.
 inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized) {
@@ -789,12 +815,8 @@ inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, b
       r.threads = static_cast<int>(threads);
     }
   }
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(kRingTargetBlocks, N * g.strips), H / kRingMinRows));
-  g.rows = static_cast<int>(ceil_div(H, chunks));
-  g.chunks = static_cast<int>(ceil_div(H, g.rows));
-  g.samples = g.chunks == 1 ? std::max<int64_t>(1, N * g.strips / (2 * kRingTargetBlocks)) : 1;
-  r.blocks = ceil_div(N, g.samples) * g.chunks * g.strips;
+  g.split = split_rows(N, H, g.strips);
+  r.blocks = g.split.parts * g.strips;
   return r;
 }
 
@@ -807,24 +829,14 @@ inline std::size_t ring_smem_bytes(const RingConfig& r, bool backward) {
 
 struct ConvBwdConfig {
   int64_t channel_blocks;
-  int64_t samples;  // per block
-  int64_t rows;     // per block
-  int64_t chunks;   // row chunks per sample
-  int64_t parts;    // blocks per channel block: partial rows of dconv_weight
+  RowSplit split;  // its parts: blocks per channel block, partial rows of dconv_weight
 };
 
-// Whole images per block where there are enough blocks (the ring's halo rows outside the image
-// cost nothing); row chunks (at least kConvBwdMinRows rows) to reach kConvBwdTargetBlocks; several
-// samples per block where whole images leave more than twice that (fewer partial rows).
+// Rows by split_rows, the channel blocks sharing each part.
 inline ConvBwdConfig make_conv_bwd_config(int64_t N, int64_t H, int64_t C) {
   ConvBwdConfig d;
   d.channel_blocks = ceil_div(C, kConvBwdChannels);
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(kConvBwdTargetBlocks, N * d.channel_blocks), H / kConvBwdMinRows));
-  d.rows = ceil_div(H, chunks);
-  d.chunks = ceil_div(H, d.rows);
-  d.samples = d.chunks == 1 ? std::max<int64_t>(1, N * d.channel_blocks / (2 * kConvBwdTargetBlocks)) : 1;
-  d.parts = ceil_div(N, d.samples) * d.chunks;
+  d.split = split_rows(N, H, d.channel_blocks);
   return d;
 }
 
@@ -903,7 +915,7 @@ struct BwdWorkspace {
     wt = carve.take<float>(kTaps * C);
     g = carve.take<float>(N * H * W * C);
     stats_partials = carve.take<float>(3 * stats_partial_rows(N, H, W, C) * C);
-    dweight_partials = carve.take<float>(d.parts * C * kTaps);
+    dweight_partials = carve.take<float>(d.split.parts * C * kTaps);
     bytes = carve.offset;
   }
 };
@@ -990,9 +1002,8 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
 
   // 2) dx and partials of dconv_weight, one pass over g
   const ConvBwdConfig d = make_conv_bwd_config(a.N, a.H, a.C);
-  BwdConvParams cp{a.x, ws.g, a.conv_weight, a.dx, ws.dweight_partials, a.N, H, W, C,
-                   d.samples, static_cast<int>(d.rows), static_cast<int>(d.chunks)};
-  const dim3 cgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.parts));
+  BwdConvParams cp{a.x, ws.g, a.conv_weight, a.dx, ws.dweight_partials, a.N, H, W, C, d.split};
+  const dim3 cgrid(static_cast<unsigned>(d.channel_blocks), static_cast<unsigned>(d.split.parts));
   const dim3 cblock(kConvBwdChannels, kConvBwdPixels);
   auto conv_kernel = dwconv_layernorm_bwd_conv_kernel<T>;
   CNK_LAUNCH(conv_kernel, cgrid, cblock, kConvBwdSmemBytes, stream)(cp);
@@ -1000,7 +1011,7 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
 
   // 3) fixed-order sums of all partials into the fp32 gradients
   PartialSumBatch batch;
-  batch.add(ws.dweight_partials, a.dconv_weight, a.C * kTaps, d.parts, a.C * kTaps);
+  batch.add(ws.dweight_partials, a.dconv_weight, a.C * kTaps, d.split.parts, a.C * kTaps);
   batch.add(ws.stats_partials, a.dnorm_weight, a.C, blocks, a.C);
   batch.add(ws.stats_partials + blocks * a.C, a.dnorm_bias, a.C, blocks, a.C);
   batch.add(ws.stats_partials + 2 * blocks * a.C, a.dconv_bias, a.C, blocks, a.C);

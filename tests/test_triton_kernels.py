@@ -616,6 +616,16 @@ def test_launch_grid_overflow_is_an_error():
         capture(("bf16", 2**17, 2**9, 2**10, 2048))
 
 
+def test_row_offset_overflow_is_an_error():
+    """An image row is addressed with int32 offsets from its int64 start: a row of 2^31 elements
+    or more is refused with a clear error, not read at wrapped offsets."""
+    from triton_aot import capture
+
+    with pytest.raises(ValueError, match="elements in an image row"):
+        capture(("bf16", 1, 2, 2**21, 1024))  # (2^21 + 3) * 1024 > 2^31 - 1
+    capture(("bf16", 1, 2, 2**21 - 3, 1023))  # the largest row that fits: no error
+
+
 # --------------------------------------------------------------------------- GPU: ConvNeXt-T stages
 
 CONVNEXT_T_STAGES = [(32, 56, 56, 96), (32, 28, 28, 192), (32, 14, 14, 384), (32, 7, 7, 768)]

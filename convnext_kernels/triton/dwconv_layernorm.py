@@ -52,6 +52,9 @@ _CONV_BWD_BLOCK_C = 32
 _CONV_BWD_PROGRAMS = 512
 # A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
 _MAX_PROGRAMS = 2**31 - 1
+# The kernels address the pixels of an image row in int32 from the row's int64 start (_shifted_row;
+# int64 there cost the backward conv 17 registers); shifted pixels reach 3 columns past the row.
+_MAX_ROW_ELEMS = 2**31 - 1
 
 
 @triton.jit
@@ -65,7 +68,7 @@ def _channel_tiles(
     wider than C (split_width(C, min_tile=1)): its mask is a constant, which the compiler folds
     out of every load, select and store."""
     offs_c0 = tl.arange(0, BLOCK_C0)
-    mask_c0 = tl.full([BLOCK_C0], True, tl.int1)
+    mask_c0 = offs_c0 < BLOCK_C0  # all true, known at compile time (tl.full of int1 fails in triton 3.3's interpreter)
     if BLOCK_C1 > 0:
         offs_c1 = BLOCK_C0 + tl.arange(0, BLOCK_C1)
         mask_c1 = offs_c1 < C
@@ -222,7 +225,7 @@ def _ring_row(
     BLOCK_C1: tl.constexpr,
 ):
     """Input row ih into the ring (rows outside the image add nothing: zero padding)."""
-    if (ih >= 0) & (ih < H):
+    if ih >= 0 and ih < H:  # `and`: under triton 3.3's interpreter ih is a Python int, and bool & tensor fails
         row_ptr = x_ptr + (sample_row0 + ih) * W * C  # pixel (n, ih, 0); int64 offset
         # A loop, not unrolled: the weights of one kernel column (7 taps) are live at a time.
         # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
@@ -556,7 +559,7 @@ def _dwconv_layernorm_bwd_conv_kernel(
                 if (gr + 3 >= h_begin) & (gr + 3 < h_end):
                     x6 = tl.load(x_ptr + ((sample_row0 + gr + 3) * W + offs_w)[:, None] * C + offs_c[None, :],
                                  mask=mask_w[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-                if (gr >= 0) & (gr < H):
+                if gr >= 0 and gr < H:  # `and`, as in _ring_row
                     g_row = g_ptr + (sample_row0 + gr) * W * C
                     g0 = _shifted_row(g_row, offs_w, -3, W, offs_c, mask_c, C)
                     g1 = _shifted_row(g_row, offs_w, -2, W, offs_c, mask_c, C)
@@ -621,6 +624,11 @@ def _ring_tiling(H, W, C):
 
 
 def _grid(programs: int, x: Tensor) -> Tuple[int]:
+    _, _, W, C = x.shape
+    if (W + 3) * C > _MAX_ROW_ELEMS:
+        raise ValueError(f"dwconv_layernorm: x of shape {tuple(x.shape)} has W * C = {W * C} elements in an image "
+                         f"row; the triton backend takes rows of fewer than 2^31 (with 3 columns of padding): "
+                         f"use backend 'cuda'")
     if programs > _MAX_PROGRAMS:
         raise ValueError(f"dwconv_layernorm: x of shape {tuple(x.shape)} needs {programs} programs, more than a "
                          f"launch grid holds ({_MAX_PROGRAMS}); split the batch")

@@ -52,8 +52,8 @@ _CONV_BWD_BLOCK_C = 32
 _CONV_BWD_PROGRAMS = 512
 # A CUDA grid's x dimension; the kernels use that axis alone (axes 1 and 2 stop at 65535).
 _MAX_PROGRAMS = 2**31 - 1
-# The kernels address the pixels of an image row in int32 from the row's int64 start (_shifted_row;
-# int64 there cost the backward conv 17 registers); shifted pixels reach 3 columns past the row.
+# The backward conv addresses the pixels of an image row in int32 from the row's int64 start
+# (_shifted_row; int64 there cost it 17 registers); shifted pixels reach 3 columns past the row.
 _MAX_ROW_ELEMS = 2**31 - 1
 
 
@@ -152,27 +152,10 @@ def _tap(column_taps, kh: tl.constexpr, taps_stride: tl.constexpr, offs_c, BLOCK
 
 
 @triton.jit
-def _shifted_row(
-    row_ptr,      # pixel 0 of one image row
-    offs_w,       # (BLOCK_W,) pixels
-    shift,        # columns; pixels shifted outside the row read 0 (zero padding)
-    W, offs_c, mask_c, C,
-):
-    """(BLOCK_W, BLOCK_C) fp32 values of the row at pixels offs_w + shift: the forward's ring
-    loads its input rows and the backward conv its g rows through it."""
-    iw = offs_w + shift
-    m = (iw >= 0) & (iw < W)
-    return tl.load(row_ptr + iw[:, None] * C + offs_c[None, :], mask=m[:, None] & mask_c[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _ring_column(
-    row_ptr,      # pixel 0 of one input row
-    offs_w,       # (BLOCK_W,) output pixels
-    shift,        # kernel column - 3: the input pixels are offs_w + shift
-    W,
-    offs_c, mask_c, C,  # one channel tile
+    pix_ptrs,     # (BLOCK_W, 1) pointers to the pixels of one input row at one kernel column
+    m,            # (BLOCK_W,) their validity (zero padding at the image's sides)
+    offs_c, mask_c,  # one channel tile
     column_taps,  # that kernel column's taps: kernel row kh at + kh * 7 * taps_stride
     taps_stride: tl.constexpr,
     r0, r1, r2, r3, r4, r5, r6,  # the ring: output rows ih - 3 .. ih + 3
@@ -180,7 +163,7 @@ def _ring_column(
 ):
     """One kernel column of one input row into the ring: the pixels are loaded and converted to
     fp32 once (all arithmetic is fp32), and kernel row kh sends them to r{6 - kh}."""
-    xv = _shifted_row(row_ptr, offs_w, shift, W, offs_c, mask_c, C)
+    xv = tl.load(pix_ptrs + offs_c[None, :], mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     return (r0 + xv * _tap(column_taps, 6, taps_stride, offs_c, BLOCK_W),
             r1 + xv * _tap(column_taps, 5, taps_stride, offs_c, BLOCK_W),
             r2 + xv * _tap(column_taps, 4, taps_stride, offs_c, BLOCK_W),
@@ -226,18 +209,20 @@ def _ring_row(
 ):
     """Input row ih into the ring (rows outside the image add nothing: zero padding)."""
     if ih >= 0 and ih < H:  # `and`: under triton 3.3's interpreter ih is a Python int, and bool & tensor fails
-        row_ptr = x_ptr + (sample_row0 + ih) * W * C  # pixel (n, ih, 0); int64 offset
+        row_base = (sample_row0 + ih) * W  # int64 pixel index of (n, ih, 0)
         # A loop, not unrolled: the weights of one kernel column (7 taps) are live at a time.
         # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
         # and spills at C = 96).
         for kw in range(7):
             column_taps = taps_ptr + kw * (BLOCK_C0 + BLOCK_C1)
-            a0, a1, a2, a3, a4, a5, a6 = _ring_column(row_ptr, offs_w, kw - 3, W, offs_c0, mask_c0, C, column_taps,
+            iw = offs_w + (kw - 3)
+            m = (iw >= 0) & (iw < W)
+            pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
+            a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps,
                                                       BLOCK_C0 + BLOCK_C1, a0, a1, a2, a3, a4, a5, a6, BLOCK_W)
             if BLOCK_C1 > 0:
-                b0, b1, b2, b3, b4, b5, b6 = _ring_column(row_ptr, offs_w, kw - 3, W, offs_c1, mask_c1, C,
-                                                          column_taps, BLOCK_C0 + BLOCK_C1,
-                                                          b0, b1, b2, b3, b4, b5, b6, BLOCK_W)
+                b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
+                                                          BLOCK_C0 + BLOCK_C1, b0, b1, b2, b3, b4, b5, b6, BLOCK_W)
     return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
 
 
@@ -603,6 +588,20 @@ def _dwconv_layernorm_bwd_conv_kernel(
     _bwd_conv_store_tap_row(dw_part_ptr, part, 4, offs_c, mask_c, C, d40, d41, d42, d43, d44, d45, d46)
     _bwd_conv_store_tap_row(dw_part_ptr, part, 5, offs_c, mask_c, C, d50, d51, d52, d53, d54, d55, d56)
     _bwd_conv_store_tap_row(dw_part_ptr, part, 6, offs_c, mask_c, C, d60, d61, d62, d63, d64, d65, d66)
+
+
+@triton.jit
+def _shifted_row(
+    row_ptr,      # pixel 0 of one image row
+    offs_w,       # (BLOCK_W,) pixels
+    shift: tl.constexpr,  # columns; pixels shifted outside the row read 0 (zero padding)
+    W, offs_c, mask_c, C,
+):
+    """(BLOCK_W, BLOCK_C) fp32 values of the row at pixels offs_w + shift."""
+    iw = offs_w + shift
+    m = (iw >= 0) & (iw < W)
+    return tl.load(row_ptr + iw[:, None] * C + offs_c[None, :], mask=m[:, None] & mask_c[None, :],
+                   other=0.0).to(tl.float32)
 
 
 def _ring_tiling(H, W, C):

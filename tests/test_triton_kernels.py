@@ -644,7 +644,7 @@ def test_row_offset_overflow_is_an_error():
 
     with pytest.raises(ValueError, match="elements in an image row"):
         capture(("bf16", 1, 2, 2**21, 1024))  # (2^21 + 3) * 1024 > 2^31 - 1
-    capture(("bf16", 1, 2, 2**21 - 3, 1023))  # the largest row that fits: no error
+    capture(("bf16", 1, 2, 2**21 - 3, 1023))  # (W + 3) * C = 2^21 * 1023, just under the limit: no error
 
 
 # --------------------------------------------------------------------------- GPU: ConvNeXt-T stages

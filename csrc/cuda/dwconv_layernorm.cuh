@@ -322,8 +322,6 @@ __device__ __forceinline__ void load_channels_as_float(const T* __restrict__ p, 
   }
 }
 
-// The ring kernels' grid: a block owns a strip of 2 * segments pixels of rows [h_begin, h_end)
-// of `samples` consecutive samples, all C channels.
 // A block's share of the batch's rows: its part (a group of samples x a chunk of their rows).
 struct RowSplit {
   int64_t samples;  // samples per part
@@ -361,6 +359,8 @@ __device__ __forceinline__ PartRows part_rows(const RowSplit& s, int64_t part, i
   return r;
 }
 
+// The ring kernels' grid: a block owns a strip of 2 * segments pixels of rows [h_begin, h_end)
+// of its part's samples (split.samples consecutive ones), all C channels.
 struct RingGrid {
   int64_t N;
   int H, W, C;

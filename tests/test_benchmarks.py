@@ -75,6 +75,23 @@ def test_throughput_quick_cpu(tmp_path):
     assert all(base[b]["img_per_s"] and base[b]["speedup_vs_eager_channels_last"] == 1.0 for b in base)
 
 
+def test_throughput_default_providers(monkeypatch):
+    """The CPU default leaves fused_compile out (it is what keeps the default CPU run within three
+    minutes); a GPU default has it, and every compile provider is out under --quick."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import throughput
+
+    monkeypatch.setattr(throughput.common, "fused_backends", lambda ck, device: ["cpu"] if device.type == "cpu"
+                        else ["triton", "cuda"])
+    monkeypatch.setattr(throughput, "torchvision_missing", lambda: "")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert throughput.default_providers(cpu, quick=False) == ["eager", "eager_channels_last", "compile", "fused_cpu"]
+    assert throughput.default_providers(gpu, quick=False) == [
+        "eager", "eager_channels_last", "compile", "fused_triton", "fused_cuda", "fused_compile", "resnet50"]
+    assert throughput.default_providers(gpu, quick=True) == [
+        "eager", "eager_channels_last", "fused_triton", "fused_cuda", "resnet50"]
+
+
 def test_throughput_sets_up_each_provider_once_per_bench(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import throughput

@@ -432,6 +432,21 @@ def _dwconv_layernorm_bwd_norm_kernel(
 
 
 @triton.jit
+def _shifted_row(
+    row_ptr,      # pixel 0 of one image row
+    offs_w,       # (BLOCK_W,) pixels
+    shift: tl.constexpr,  # columns; pixels shifted outside the row read 0 (zero padding)
+    W, offs_c, mask_c, C,
+):
+    """(BLOCK_W, BLOCK_C) fp32 values of the row at pixels offs_w + shift: the backward conv's
+    g-row load."""
+    iw = offs_w + shift
+    m = (iw >= 0) & (iw < W)
+    return tl.load(row_ptr + iw[:, None] * C + offs_c[None, :], mask=m[:, None] & mask_c[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _bwd_conv_tap_row(
     taps_ptr,     # (49, C) fp32 conv weight, tap-major
     kh: tl.constexpr,  # kernel row
@@ -588,20 +603,6 @@ def _dwconv_layernorm_bwd_conv_kernel(
     _bwd_conv_store_tap_row(dw_part_ptr, part, 4, offs_c, mask_c, C, d40, d41, d42, d43, d44, d45, d46)
     _bwd_conv_store_tap_row(dw_part_ptr, part, 5, offs_c, mask_c, C, d50, d51, d52, d53, d54, d55, d56)
     _bwd_conv_store_tap_row(dw_part_ptr, part, 6, offs_c, mask_c, C, d60, d61, d62, d63, d64, d65, d66)
-
-
-@triton.jit
-def _shifted_row(
-    row_ptr,      # pixel 0 of one image row
-    offs_w,       # (BLOCK_W,) pixels
-    shift: tl.constexpr,  # columns; pixels shifted outside the row read 0 (zero padding)
-    W, offs_c, mask_c, C,
-):
-    """(BLOCK_W, BLOCK_C) fp32 values of the row at pixels offs_w + shift."""
-    iw = offs_w + shift
-    m = (iw >= 0) & (iw < W)
-    return tl.load(row_ptr + iw[:, None] * C + offs_c[None, :], mask=m[:, None] & mask_c[None, :],
-                   other=0.0).to(tl.float32)
 
 
 def _ring_tiling(H, W, C):

@@ -119,8 +119,13 @@ DWCONV_SHAPES = [
     # of 4. (And H = 17 above: two row chunks in the forward and backward-norm, 9 + 8 rows.)
     (1, 3, 70, 40, True),
     (1, 2, 9, 768, True),
-    (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two)
-    (2, 4, 6, 20, True),  # 8 does not divide C: padded channel tiles in every kernel
+    (1, 5, 6, 64, True),  # C a power of 2: one channel tile (the others have two or three)
+    (2, 4, 6, 20, True),  # 8 does not divide C: padded channel tiles in the backward conv
+    # Forward / backward-norm channel tiles that pass C, the last one masked: three of 16 (44),
+    # 32 + 8 (37), one of 16 (13).
+    (1, 4, 5, 44, True),
+    (1, 3, 6, 37, False),
+    (2, 3, 5, 13, True),
 ]
 
 
@@ -176,26 +181,45 @@ def test_dwconv_layernorm_low_precision(shape, dtype):
 
 
 def test_dwconv_layernorm_channel_tiles():
-    """The forward and backward-norm kernels hold all of C as two power-of-two tiles: exactly C at
-    every ConvNeXt width (3 or 5 times a power of 2; one tile at a power of 2), never wider than
-    one next_power_of_2(C) tile, the first never wider than C (its mask is a constant); pixel
-    tiles of 8 up to C = 512, then about _RING_TILE_ELEMS values; rows in chunks of at most 16."""
+    """The forward and backward-norm kernels hold all of C as up to three power-of-two tiles side
+    by side: never wider than one next_power_of_2(C) tile, exactly C at every ConvNeXt width,
+    three of one width at 3 * 2^k (one layout), every tile but the last within C (its mask is a
+    constant); pixel tiles of 8 up to C = 512, then about _RING_TILE_ELEMS values; rows in chunks
+    of at most 16; the backward-norm kernel's programs those of the forward."""
     from convnext_kernels.triton import dwconv_layernorm as m
 
     for C in range(1, 2049):
-        rows, block_w, c0, c1, num_warps = m._ring_tiling(13, 56, C)
-        assert c0 & (c0 - 1) == 0 and c0 <= C and (c1 == 0 or c1 & (c1 - 1) == 0), (C, c0, c1)
-        assert C <= c0 + c1 <= triton.next_power_of_2(C), (C, c0, c1)
-        assert block_w & (block_w - 1) == 0 and (block_w == 8 if c0 + c1 <= 512 else
-                                                  block_w == 1 or block_w * (c0 + c1) <= m._RING_TILE_ELEMS)
+        rows, block_w, tiles, num_warps = m._ring_tiling(13, 56, C)
+        assert m._ring_tiling(13, 56, C, backward=True)[:3] == (rows, block_w, tiles)
+        present = [t for t in tiles if t]
+        assert tiles[0] > 0 and present == list(tiles[:len(present)]), (C, tiles)
+        assert all(t & (t - 1) == 0 for t in present), (C, tiles)
+        assert C <= sum(tiles) <= triton.next_power_of_2(C), (C, tiles)
+        assert sum(present[:-1]) < C, (C, tiles)  # only the last tile may need a mask
+        # The least padding of one tile, three equal ones, or two; tiles of two widths (two
+        # layouts) only where they pad strictly less.
+        one, third = triton.next_power_of_2(C), triton.next_power_of_2(triton.cdiv(C, 3))
+        assert sum(tiles) <= min(one, 3 * third), (C, tiles)
+        assert len(set(present)) == 1 or sum(tiles) < min(one, 3 * third), (C, tiles)
+        width = sum(tiles)
+        assert block_w & (block_w - 1) == 0 and (block_w == 8 if width <= 512 else
+                                                  block_w == 1 or block_w * width <= m._RING_TILE_ELEMS)
         assert rows == 13 and num_warps in (1, 2, 4, 8)
     for C in (40, 48, 64, 80, 96, 160, 192, 320, 384, 640, 768, 1024, 1536, 2048):
-        assert sum(m._ring_tiling(56, 56, C)[2:4]) == C, C
-    assert m._ring_tiling(56, 56, 128)[2:4] == (128, 0)
+        assert sum(m._ring_tiling(56, 56, C)[2]) == C, C
+    assert [m._channel_split(C) for C in (96, 384, 768, 128, 40, 80, 13, 44)] == [
+        (32, 32, 32), (128, 128, 128), (256, 256, 256), (128, 0, 0), (32, 8, 0), (64, 16, 0), (16, 0, 0),
+        (16, 16, 16)]
     # At the ConvNeXt-T stage shapes: row chunks that divide the image, the tiles the SASS was
-    # checked for (see _ring_tiling).
-    assert [m._ring_tiling(hw, hw, C)[:2] + m._ring_tiling(hw, hw, C)[4:]
-            for hw, C in ((56, 96), (28, 192), (14, 384), (7, 768))] == [(14, 8, 4), (14, 8, 8), (14, 8, 8), (7, 1, 4)]
+    # checked for (see _ring_tiling): about 12 values of each accumulator per thread in the
+    # forward, 6 in the backward-norm (12 at C = 384, where the warps run out).
+    stages = ((56, 96), (28, 192), (14, 384), (7, 768))
+    assert [m._ring_tiling(hw, hw, C)[:2] + m._ring_tiling(hw, hw, C)[3:]
+            for hw, C in stages] == [(14, 8, 2), (14, 8, 4), (14, 8, 8), (7, 1, 2)]
+    assert [m._ring_tiling(hw, hw, C, backward=True)[:2] + m._ring_tiling(hw, hw, C, backward=True)[3:]
+            for hw, C in stages] == [(14, 8, 4), (14, 8, 8), (14, 8, 8), (7, 1, 4)]
+    # Tiles of two widths: 6 values in the forward too.
+    assert m._ring_tiling(28, 28, 80)[3] == m._ring_tiling(28, 28, 80, backward=True)[3] == 4
 
 
 def test_dwconv_layernorm_bwd_conv_tiling():

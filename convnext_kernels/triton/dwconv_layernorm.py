@@ -6,10 +6,10 @@ It walks its input rows once, top to bottom: each row's 7 column taps are loaded
 and converted to fp32 once and feed all 7 kernel rows, into a ring of 7 row
 accumulators (output rows ih - 3 .. ih + 3); the top one is then complete, is
 normalised and stored, and the ring moves down. Rows outside the image are
-skipped, not masked. The channels are held as two power-of-two tiles, BLOCK_C0
-+ BLOCK_C1 (_tiling.split_width: 96 = 64 + 32, 768 = 512 + 256), not one
-next_power_of_2(C) tile: at every ConvNeXt width that tile would be a quarter
-padding, and the conv's loads, conversions and FMAs run on every lane.
+skipped, not masked. The channels are held as up to three power-of-two tiles
+(_channel_split: 96 = 3 x 32, 768 = 3 x 256, 40 = 32 + 8), not one
+next_power_of_2(C) tile: at the ConvNeXt widths that tile would be a quarter
+padding or more, and the conv's loads, conversions and FMAs run on every lane.
 
 Backward:
   1. ``_dwconv_layernorm_bwd_norm_kernel`` (the forward's programs and ring)
@@ -37,7 +37,6 @@ import triton.language as tl
 
 from ..launchers import dwconv_layernorm_fwd_outputs, empty_output
 from ._compat import wrap_triton
-from ._tiling import split_width
 
 KERNEL_SIZE = 7
 TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -58,24 +57,62 @@ _MAX_ROW_ELEMS = 2**31 - 1
 
 
 @triton.jit
+def _tile_mask(
+    offs_c,       # (BLOCK_C,) channels of one tile
+    C,
+    END: tl.constexpr,  # where the tile ends: offs_c < END everywhere
+    MASKED: tl.constexpr,  # the tile may pass C
+):
+    """offs_c < C; a compile-time constant (all true, offs_c < END) where the tile ends within C,
+    which the compiler folds out of every load, select and store."""
+    if MASKED:
+        mask = offs_c < C
+    else:
+        mask = offs_c < END  # not tl.full: an int1 tl.full fails in triton 3.3's interpreter
+    return mask
+
+
+@triton.jit
 def _channel_tiles(
     C,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):
-    """(offs_c0, mask_c0, offs_c1, mask_c1) of the two channel tiles; with BLOCK_C1 == 0 the
-    second pair repeats the first (a placeholder the kernels never use). The first tile is never
-    wider than C (split_width(C, min_tile=1)): its mask is a constant, which the compiler folds
-    out of every load, select and store."""
+    """(offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2) of the channel tiles, side by side
+    from channel 0; an absent tile (width 0) repeats the first pair (a placeholder the kernels
+    never use). Only the last tile can pass C (_channel_split)."""
     offs_c0 = tl.arange(0, BLOCK_C0)
-    mask_c0 = offs_c0 < BLOCK_C0  # all true, known at compile time (tl.full of int1 fails in triton 3.3's interpreter)
+    mask_c0 = _tile_mask(offs_c0, C, BLOCK_C0, BLOCK_C1 == 0 and not EVEN_C)
+    offs_c1, mask_c1, offs_c2, mask_c2 = offs_c0, mask_c0, offs_c0, mask_c0
     if BLOCK_C1 > 0:
         offs_c1 = BLOCK_C0 + tl.arange(0, BLOCK_C1)
-        mask_c1 = offs_c1 < C
+        mask_c1 = _tile_mask(offs_c1, C, BLOCK_C0 + BLOCK_C1, BLOCK_C2 == 0 and not EVEN_C)
+    if BLOCK_C2 > 0:
+        offs_c2 = BLOCK_C0 + BLOCK_C1 + tl.arange(0, BLOCK_C2)
+        mask_c2 = _tile_mask(offs_c2, C, BLOCK_C0 + BLOCK_C1 + BLOCK_C2, not EVEN_C)
+    return offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2
+
+
+@triton.jit
+def _sum_tiles(
+    t0, t1, t2,   # (BLOCK_W, BLOCK_Ck) fp32 values of each channel tile (placeholders if absent)
+    BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
+):
+    """(BLOCK_W,) row sums over all the tiles. Tiles of one width share a layout: they are added
+    elementwise and reduced across threads once; tiles of two widths are reduced one by one."""
+    if BLOCK_C1 == 0:
+        total = tl.sum(t0, axis=1)
+    elif BLOCK_C2 == 0:
+        total = tl.sum(t0, axis=1) + tl.sum(t1, axis=1)
+    elif BLOCK_C0 == BLOCK_C1 and BLOCK_C1 == BLOCK_C2:
+        total = tl.sum(t0 + t1 + t2, axis=1)
     else:
-        offs_c1 = offs_c0
-        mask_c1 = mask_c0
-    return offs_c0, mask_c0, offs_c1, mask_c1
+        total = tl.sum(t0, axis=1) + tl.sum(t1, axis=1) + tl.sum(t2, axis=1)
+    return total
 
 
 @triton.jit
@@ -96,46 +133,52 @@ def _layernorm_store_tile(
 
 @triton.jit
 def _add_conv_bias(
-    z0, z1,       # conv output of one row, both channel tiles
-    conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1,
+    z0, z1, z2,   # conv output of one row, the channel tiles (placeholders for absent ones)
+    conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2,
     HAS_BIAS: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
-    """z + conv_bias, both tiles (unchanged without a bias; z1 a placeholder when BLOCK_C1 == 0)."""
+    """z + conv_bias, every tile (unchanged without a bias)."""
     if HAS_BIAS:
         z0 += tl.load(conv_bias_ptr + offs_c0, mask=mask_c0, other=0.0)[None, :]
         if BLOCK_C1 > 0:
             z1 += tl.load(conv_bias_ptr + offs_c1, mask=mask_c1, other=0.0)[None, :]
-    return z0, z1
+        if BLOCK_C2 > 0:
+            z2 += tl.load(conv_bias_ptr + offs_c2, mask=mask_c2, other=0.0)[None, :]
+    return z0, z1, z2
 
 
 @triton.jit
 def _layernorm_store_row(
     y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr,  # as in the forward kernel
-    z0, z1,       # conv output of one row segment, both channel tiles (bias not yet added)
+    z0, z1, z2,   # conv output of one row segment, the channel tiles (bias not yet added)
     pix,          # (BLOCK_W,) int64 pixel indices
-    mask_w, offs_c0, mask_c0, offs_c1, mask_c1,
+    mask_w, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2,
     C, eps,
     HAS_BIAS: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
-    """Bias, LayerNorm over C (both channel tiles) and the stores of one finished output row."""
-    z0, z1 = _add_conv_bias(z0, z1, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, HAS_BIAS, BLOCK_C1)
-    # Padded channels of z are exactly 0, so the plain sums give the mean;
-    # they must be masked out of the centred values for the variance.
-    total = tl.sum(z0, axis=1)
-    if BLOCK_C1 > 0:
-        total += tl.sum(z1, axis=1)
-    mean = total / C
+    """Bias, LayerNorm over C (all channel tiles) and the stores of one finished output row."""
+    z0, z1, z2 = _add_conv_bias(z0, z1, z2, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2,
+                                mask_c2, HAS_BIAS, BLOCK_C1, BLOCK_C2)
+    # Padded channels of z are exactly 0, so the plain sums give the mean; they must be masked
+    # out of the centred values for the variance.
+    mean = _sum_tiles(z0, z1, z2, BLOCK_C0, BLOCK_C1, BLOCK_C2) / C
     zc0 = tl.where(mask_c0[None, :], z0 - mean[:, None], 0.0)
-    squares = tl.sum(zc0 * zc0, axis=1)
+    zc1, zc2 = z1, z2  # placeholders for absent tiles
     if BLOCK_C1 > 0:
         zc1 = tl.where(mask_c1[None, :], z1 - mean[:, None], 0.0)
-        squares += tl.sum(zc1 * zc1, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / C + eps)
+    if BLOCK_C2 > 0:
+        zc2 = tl.where(mask_c2[None, :], z2 - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum_tiles(zc0 * zc0, zc1 * zc1, zc2 * zc2, BLOCK_C0, BLOCK_C1, BLOCK_C2) / C + eps)
     _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc0, rstd, pix, mask_w, offs_c0, mask_c0, C)
     if BLOCK_C1 > 0:
         _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc1, rstd, pix, mask_w, offs_c1, mask_c1, C)
+    if BLOCK_C2 > 0:
+        _layernorm_store_tile(y_ptr, norm_w_ptr, norm_b_ptr, zc2, rstd, pix, mask_w, offs_c2, mask_c2, C)
     tl.store(mean_ptr + pix, mean, mask=mask_w)
     tl.store(rstd_ptr + pix, rstd, mask=mask_w)
 
@@ -197,15 +240,17 @@ def _ring_program(
 
 @triton.jit
 def _ring_row(
-    x_ptr, taps_ptr,  # input; (49, BLOCK_C0 + BLOCK_C1) padded taps
+    x_ptr, taps_ptr,  # input; (49, BLOCK_C0 + BLOCK_C1 + BLOCK_C2) padded taps
     sample_row0, ih,  # this input row: image row ih of the sample
     H, W, C,
-    offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
+    offs_w, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2,
     a0, a1, a2, a3, a4, a5, a6,  # the ring, first channel tile: output rows ih - 3 .. ih + 3
-    b0, b1, b2, b3, b4, b5, b6,  # the same, second tile (placeholders when BLOCK_C1 == 0)
+    b0, b1, b2, b3, b4, b5, b6,  # the same, second and third tiles (placeholders if absent)
+    c0, c1, c2, c3, c4, c5, c6,
     BLOCK_W: tl.constexpr,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
     """Input row ih into the ring (rows outside the image add nothing: zero padding)."""
     if ih >= 0 and ih < H:  # `and`: under triton 3.3's interpreter ih is a Python int, and bool & tensor fails
@@ -214,16 +259,22 @@ def _ring_row(
         # Unrolled, the compiler hoists all 49 taps' loads ahead of their uses (255 registers
         # and spills at C = 96).
         for kw in range(7):
-            column_taps = taps_ptr + kw * (BLOCK_C0 + BLOCK_C1)
+            column_taps = taps_ptr + kw * (BLOCK_C0 + BLOCK_C1 + BLOCK_C2)
             iw = offs_w + (kw - 3)
             m = (iw >= 0) & (iw < W)
             pix_ptrs = x_ptr + (row_base + iw)[:, None] * C
             a0, a1, a2, a3, a4, a5, a6 = _ring_column(pix_ptrs, m, offs_c0, mask_c0, column_taps,
-                                                      BLOCK_C0 + BLOCK_C1, a0, a1, a2, a3, a4, a5, a6, BLOCK_W)
+                                                      BLOCK_C0 + BLOCK_C1 + BLOCK_C2, a0, a1, a2, a3, a4, a5, a6,
+                                                      BLOCK_W)
             if BLOCK_C1 > 0:
                 b0, b1, b2, b3, b4, b5, b6 = _ring_column(pix_ptrs, m, offs_c1, mask_c1, column_taps,
-                                                          BLOCK_C0 + BLOCK_C1, b0, b1, b2, b3, b4, b5, b6, BLOCK_W)
-    return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
+                                                          BLOCK_C0 + BLOCK_C1 + BLOCK_C2, b0, b1, b2, b3, b4, b5,
+                                                          b6, BLOCK_W)
+            if BLOCK_C2 > 0:
+                c0, c1, c2, c3, c4, c5, c6 = _ring_column(pix_ptrs, m, offs_c2, mask_c2, column_taps,
+                                                          BLOCK_C0 + BLOCK_C1 + BLOCK_C2, c0, c1, c2, c3, c4, c5,
+                                                          c6, BLOCK_W)
+    return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6
 
 
 @triton.jit
@@ -231,14 +282,17 @@ def _ring_zeros(
     BLOCK_W: tl.constexpr,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
-    """A new ring row: zero accumulators for both channel tiles (a (1, 1) placeholder for the
-    second when BLOCK_C1 == 0)."""
+    """A new ring row: zero accumulators for each channel tile ((1, 1) placeholders for absent
+    ones)."""
+    b = tl.zeros([1, 1], dtype=tl.float32)
+    c = b
     if BLOCK_C1 > 0:
         b = tl.zeros([BLOCK_W, BLOCK_C1], dtype=tl.float32)
-    else:
-        b = tl.zeros([1, 1], dtype=tl.float32)
-    return tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32), b
+    if BLOCK_C2 > 0:
+        c = tl.zeros([BLOCK_W, BLOCK_C2], dtype=tl.float32)
+    return tl.zeros([BLOCK_W, BLOCK_C0], dtype=tl.float32), b, c
 
 
 @triton.jit
@@ -246,37 +300,41 @@ def _ring_init(
     BLOCK_W: tl.constexpr,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
-    """An empty ring: a0..a6, b0..b6 zero."""
-    a, b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    return a, a, a, a, a, a, a, b, b, b, b, b, b, b
+    """An empty ring: a0..a6, b0..b6, c0..c6 zero."""
+    a, b, c = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+    return a, a, a, a, a, a, a, b, b, b, b, b, b, b, c, c, c, c, c, c, c
 
 
 @triton.jit
 def _ring_shift(
     a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6,  # the ring after input row ih
+    c0, c1, c2, c3, c4, c5, c6,
     BLOCK_W: tl.constexpr,
     BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
-    """The ring one row down (a0, finished, dropped; a new zero row at the bottom)."""
-    new_a, new_b = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    return a1, a2, a3, a4, a5, a6, new_a, b1, b2, b3, b4, b5, b6, new_b
+    """The ring one row down (a0, b0, c0, finished, dropped; a new zero row at the bottom)."""
+    new_a, new_b, new_c = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+    return a1, a2, a3, a4, a5, a6, new_a, b1, b2, b3, b4, b5, b6, new_b, c1, c2, c3, c4, c5, c6, new_c
 
 
 # Both the forward and the backward-norm kernel recompute the conv as a ring: a program walks
 # its input rows once, top to bottom. Each row's 7 column taps are loaded and converted once and
 # serve all 7 kernel rows: kernel row kh sends input row ih to output row ih + 3 - kh, whose
-# accumulator is a{6 - kh} (b{..} for the second channel tile): a0 holds output row ih - 3, a6
-# row ih + 3. After row ih, a0 has all 7 kernel rows: the kernel finishes that output row, and
-# the ring moves down one row. (The one-row form loaded and converted every input element 7
-# times, once per kernel row, and masked, rather than skipped, the rows outside the image.)
+# accumulator is a{6 - kh} (b{..}, c{..} for the other channel tiles): a0 holds output row
+# ih - 3, a6 row ih + 3. After row ih, a0 has all 7 kernel rows: the kernel finishes that output
+# row, and the ring moves down one row. (The one-row form loaded and converted every input
+# element 7 times, once per kernel row, and masked, rather than skipped, the rows outside the
+# image.)
 
 
 @triton.jit
 def _dwconv_layernorm_fwd_kernel(
     x_ptr,          # (N, H, W, C) input, NHWC contiguous, fp32/fp16/bf16
-    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
+    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1 + BLOCK_C2) fp32 conv weight, tap-major, zero past C
     conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
     norm_w_ptr,     # (C,) fp32 LayerNorm weight
     norm_b_ptr,     # (C,) fp32 LayerNorm bias
@@ -288,22 +346,27 @@ def _dwconv_layernorm_fwd_kernel(
     ROWS,           # output rows per program: a chunk of one sample's rows
     HAS_BIAS: tl.constexpr,  # conv has a bias
     BLOCK_W: tl.constexpr,   # pixels of each row per program
-    BLOCK_C0: tl.constexpr,  # first channel tile: the largest power of 2 <= C
-    BLOCK_C1: tl.constexpr,  # the rest, C - BLOCK_C0 padded to a power of 2; 0 if none
+    BLOCK_C0: tl.constexpr,  # channel tiles side by side, powers of 2 (_channel_split); the
+    BLOCK_C1: tl.constexpr,  #   second and third 0 when absent
+    BLOCK_C2: tl.constexpr,
+    EVEN_C: tl.constexpr,    # C == BLOCK_C0 + BLOCK_C1 + BLOCK_C2: no channel masks
 ):
     _, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
-    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_init(BLOCK_W, BLOCK_C0, BLOCK_C1)
+    offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2 = _channel_tiles(C, BLOCK_C0, BLOCK_C1, BLOCK_C2, EVEN_C)
+    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_init(
+        BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
     for ih in range(h_begin - 3, h_end + 3):
-        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
-            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_row(
+            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2,
+            mask_c2, a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6,
+            BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
-            _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0,
+            _layernorm_store_row(y_ptr, mean_ptr, rstd_ptr, conv_bias_ptr, norm_w_ptr, norm_b_ptr, a0, b0, c0,
                                  (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1,
-                                 mask_c1, C, eps, HAS_BIAS, BLOCK_C1)
-        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_shift(
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
+                                 mask_c1, offs_c2, mask_c2, C, eps, HAS_BIAS, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_shift(
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6,
+            BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
 
 
 @triton.jit
@@ -325,37 +388,42 @@ def _bwd_norm_tile_inputs(
 
 @triton.jit
 def _norm_grad_row(
-    z0, z1,       # recomputed conv output of one finished row, both channel tiles (no bias yet)
+    z0, z1, z2,   # recomputed conv output of one finished row, the channel tiles (no bias yet)
     dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,  # as in the kernel below
     pix, mask_w,  # (BLOCK_W,) int64 pixel indices of the row, their validity
-    offs_c0, mask_c0, offs_c1, mask_c1,
+    offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2,
     C,
     HAS_BIAS: tl.constexpr,
+    BLOCK_C0: tl.constexpr,
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
 ):
     """g = rstd * (dyw - mean_C(dyw) - xhat * mean_C(dyw * xhat)), dyw = dy * norm_weight, of
     one row, stored; returns dy * xhat, dy and g of each tile (what dnorm_weight, dnorm_bias and
-    dconv_bias sum)."""
-    z0, z1 = _add_conv_bias(z0, z1, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, HAS_BIAS, BLOCK_C1)
+    dconv_bias sum; placeholders for absent tiles)."""
+    z0, z1, z2 = _add_conv_bias(z0, z1, z2, conv_bias_ptr, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2,
+                                mask_c2, HAS_BIAS, BLOCK_C1, BLOCK_C2)
     mean = tl.load(mean_ptr + pix, mask=mask_w, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=mask_w, other=0.0)
-    # The two means over C sum both channel tiles.
     xhat0, dy0, dyw0 = _bwd_norm_tile_inputs(z0, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c0, mask_c0, C)
-    c1 = tl.sum(dyw0 * xhat0, axis=1)
-    c2 = tl.sum(dyw0, axis=1)
+    xhat1, dy1, dyw1 = z1, z1, z1  # placeholders for absent tiles
+    xhat2, dy2, dyw2 = z2, z2, z2
     if BLOCK_C1 > 0:
         xhat1, dy1, dyw1 = _bwd_norm_tile_inputs(z1, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c1,
                                                  mask_c1, C)
-        c1 += tl.sum(dyw1 * xhat1, axis=1)
-        c2 += tl.sum(dyw1, axis=1)
-    c1 = c1 / C
-    c2 = c2 / C
-    g0 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c0, mask_c0, xhat0, dyw0, c1, c2, rstd, C)
+    if BLOCK_C2 > 0:
+        xhat2, dy2, dyw2 = _bwd_norm_tile_inputs(z2, dy_ptr, norm_w_ptr, pix, mask_w, mean, rstd, offs_c2,
+                                                 mask_c2, C)
+    # The two means over C, over all the tiles.
+    mean_dyw_xhat = _sum_tiles(dyw0 * xhat0, dyw1 * xhat1, dyw2 * xhat2, BLOCK_C0, BLOCK_C1, BLOCK_C2) / C
+    mean_dyw = _sum_tiles(dyw0, dyw1, dyw2, BLOCK_C0, BLOCK_C1, BLOCK_C2) / C
+    g0 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c0, mask_c0, xhat0, dyw0, mean_dyw_xhat, mean_dyw, rstd, C)
+    g1, g2 = z1, z2
     if BLOCK_C1 > 0:
-        g1 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c1, mask_c1, xhat1, dyw1, c1, c2, rstd, C)
-    else:
-        xhat1, dy1, g1 = z1, z1, z1  # placeholders, never used
-    return dy0 * xhat0, dy0, g0, dy1 * xhat1, dy1, g1
+        g1 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c1, mask_c1, xhat1, dyw1, mean_dyw_xhat, mean_dyw, rstd, C)
+    if BLOCK_C2 > 0:
+        g2 = _norm_grad_tile(g_ptr, pix, mask_w, offs_c2, mask_c2, xhat2, dyw2, mean_dyw_xhat, mean_dyw, rstd, C)
+    return dy0 * xhat0, dy0, g0, dy1 * xhat1, dy1, g1, dy2 * xhat2, dy2, g2
 
 
 @triton.jit
@@ -364,21 +432,34 @@ def _norm_grad_tile(
     pix, mask_w,  # the row's pixels
     offs_c, mask_c,  # one channel tile
     xhat, dyw,    # from _bwd_norm_tile_inputs
-    c1, c2,       # (BLOCK_W,) mean_C(dyw * xhat), mean_C(dyw) over all of C
+    mean_dyw_xhat, mean_dyw,  # (BLOCK_W,) mean_C(dyw * xhat), mean_C(dyw) over all of C
     rstd, C,
 ):
     """g of one channel tile, stored and returned (0 at invalid pixels / channels)."""
     mask = mask_w[:, None] & mask_c[None, :]
-    g = tl.where(mask, (dyw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+    g = tl.where(mask, (dyw - mean_dyw[:, None] - xhat * mean_dyw_xhat[:, None]) * rstd[:, None], 0.0)
     tl.store(g_ptr + pix[:, None] * C + offs_c[None, :], g, mask=mask)
     return g
+
+
+@triton.jit
+def _store_partials(
+    dnw_part_ptr, dnb_part_ptr, dcb_part_ptr,  # as in the kernel above
+    pid, C,
+    offs_c, mask_c,  # one channel tile
+    dnw, dnb, dcb,  # (BLOCK_W, BLOCK_C) its sums over the program's rows
+):
+    """This program's partial row of each sum, one channel tile: summed over its pixels."""
+    tl.store(dnw_part_ptr + pid * C + offs_c, tl.sum(dnw, axis=0), mask=mask_c)
+    tl.store(dnb_part_ptr + pid * C + offs_c, tl.sum(dnb, axis=0), mask=mask_c)
+    tl.store(dcb_part_ptr + pid * C + offs_c, tl.sum(dcb, axis=0), mask=mask_c)
 
 
 @triton.jit
 def _dwconv_layernorm_bwd_norm_kernel(
     dy_ptr,         # (N, H, W, C) upstream gradient, x.dtype
     x_ptr,          # (N, H, W, C) forward input (the conv output is recomputed)
-    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1) fp32 conv weight, tap-major, zero past C
+    taps_ptr,       # (49, BLOCK_C0 + BLOCK_C1 + BLOCK_C2) fp32 conv weight, tap-major, zero past C
     conv_bias_ptr,  # (C,) fp32 conv bias; read only when HAS_BIAS
     norm_w_ptr,     # (C,) fp32 LayerNorm weight
     mean_ptr,       # (N, H, W) fp32 saved mean
@@ -393,26 +474,30 @@ def _dwconv_layernorm_bwd_norm_kernel(
     BLOCK_W: tl.constexpr,   # pixels of each row per program
     BLOCK_C0: tl.constexpr,  # channel tiles, as in the forward
     BLOCK_C1: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):
     # The forward's ring (see above it). Each finished row gives g; dy * xhat, dy and g add up
     # elementwise over the program's rows and are summed over its pixels once, at the end, into
     # one partial row per program (a reduction across threads per row would cost more than the
     # row's own arithmetic).
     pid, sample_row0, h_begin, h_end, offs_w, mask_w = _ring_program(H, W, ROWS, BLOCK_W)
-    offs_c0, mask_c0, offs_c1, mask_c1 = _channel_tiles(C, BLOCK_C0, BLOCK_C1)
-    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_init(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    dnw0, dnw1 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1)
-    dnb0, dcb0 = dnw0, dnw0
-    dnb1, dcb1 = dnw1, dnw1
+    offs_c0, mask_c0, offs_c1, mask_c1, offs_c2, mask_c2 = _channel_tiles(C, BLOCK_C0, BLOCK_C1, BLOCK_C2, EVEN_C)
+    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_init(
+        BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+    dnw0, dnw1, dnw2 = _ring_zeros(BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+    dnb0, dnb1, dnb2 = dnw0, dnw1, dnw2
+    dcb0, dcb1, dcb2 = dnw0, dnw1, dnw2
     for ih in range(h_begin - 3, h_end + 3):
-        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_row(
-            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1,
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_row(
+            x_ptr, taps_ptr, sample_row0, ih, H, W, C, offs_w, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2,
+            mask_c2, a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6,
+            BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
         if ih - 3 >= h_begin:  # a0 is output row ih - 3 (< h_end: ih < h_end + 3)
-            s0, s1, s2, s3, s4, s5 = _norm_grad_row(
-                a0, b0, dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,
-                (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1, mask_c1, C,
-                HAS_BIAS, BLOCK_C1)
+            s0, s1, s2, s3, s4, s5, s6, s7, s8 = _norm_grad_row(
+                a0, b0, c0, dy_ptr, g_ptr, conv_bias_ptr, norm_w_ptr, mean_ptr, rstd_ptr,
+                (sample_row0 + ih - 3) * W + offs_w, mask_w, offs_c0, mask_c0, offs_c1, mask_c1, offs_c2,
+                mask_c2, C, HAS_BIAS, BLOCK_C0, BLOCK_C1, BLOCK_C2)
             dnw0 += s0
             dnb0 += s1
             dcb0 += s2
@@ -420,15 +505,18 @@ def _dwconv_layernorm_bwd_norm_kernel(
                 dnw1 += s3
                 dnb1 += s4
                 dcb1 += s5
-        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = _ring_shift(
-            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, BLOCK_W, BLOCK_C0, BLOCK_C1)
-    tl.store(dnw_part_ptr + pid * C + offs_c0, tl.sum(dnw0, axis=0), mask=mask_c0)
-    tl.store(dnb_part_ptr + pid * C + offs_c0, tl.sum(dnb0, axis=0), mask=mask_c0)
-    tl.store(dcb_part_ptr + pid * C + offs_c0, tl.sum(dcb0, axis=0), mask=mask_c0)
+            if BLOCK_C2 > 0:
+                dnw2 += s6
+                dnb2 += s7
+                dcb2 += s8
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6 = _ring_shift(
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, c0, c1, c2, c3, c4, c5, c6,
+            BLOCK_W, BLOCK_C0, BLOCK_C1, BLOCK_C2)
+    _store_partials(dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, C, offs_c0, mask_c0, dnw0, dnb0, dcb0)
     if BLOCK_C1 > 0:
-        tl.store(dnw_part_ptr + pid * C + offs_c1, tl.sum(dnw1, axis=0), mask=mask_c1)
-        tl.store(dnb_part_ptr + pid * C + offs_c1, tl.sum(dnb1, axis=0), mask=mask_c1)
-        tl.store(dcb_part_ptr + pid * C + offs_c1, tl.sum(dcb1, axis=0), mask=mask_c1)
+        _store_partials(dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, C, offs_c1, mask_c1, dnw1, dnb1, dcb1)
+    if BLOCK_C2 > 0:
+        _store_partials(dnw_part_ptr, dnb_part_ptr, dcb_part_ptr, pid, C, offs_c2, mask_c2, dnw2, dnb2, dcb2)
 
 
 @triton.jit
@@ -605,22 +693,54 @@ def _dwconv_layernorm_bwd_conv_kernel(
     _bwd_conv_store_tap_row(dw_part_ptr, part, 6, offs_c, mask_c, C, d60, d61, d62, d63, d64, d65, d66)
 
 
-def _ring_tiling(H, W, C):
-    """(ROWS, BLOCK_W, BLOCK_C0, BLOCK_C1, num_warps) for the forward and backward-norm kernels,
+def _channel_split(C):
+    """(BLOCK_C0, BLOCK_C1, BLOCK_C2): the C channels as up to three power-of-two tiles side by
+    side (0: absent), the split that pads least, tiles of one width first: one tile at a power
+    of 2; three equal ones at 3 * 2^k (ConvNeXt-T's 96 = 3 x 32, 384 = 3 x 128); the largest
+    power of 2 <= C and the rest at 5 * 2^k (atto's 40 = 32 + 8). Tiles of two widths get two
+    layouts, and triton then carries ring accumulators in both across the row loop and reduces
+    them twice for the statistics: in the forward at C = 96, 64 + 32 cost 631 instructions a
+    row step outside the column loop against 333 for 3 x 32, and 157 registers against 82
+    (sm_90 SASS, triton 3.6, 6 values a thread, 2026-12-06); at C = 384 triton 3.8 spilled
+    328 B. At 5 * 2^k three equal tiles pad a fifth, which costs more than the layouts (C = 80,
+    triton 3.9: 954 instructions a row step against 839).
+    Every tile but the last lies within C (the equal ones: BLOCK_C <= next_power_of_2(C) / 4 <
+    C / 2), so only the last can need a mask."""
+    one = triton.next_power_of_2(C)
+    third = triton.next_power_of_2(triton.cdiv(C, 3))
+    first = 1 << (C.bit_length() - 1)
+    splits = [(one, 0, 0), (third, third, third)]
+    if first < C:
+        splits.append((first, triton.next_power_of_2(C - first), 0))
+    return min(splits, key=sum)  # min keeps the first of equal sums: one layout before two
+
+
+def _ring_tiling(H, W, C, backward=False):
+    """(ROWS, BLOCK_W, (BLOCK_C0, BLOCK_C1, BLOCK_C2), num_warps) for the forward kernel, or with
+    backward for the backward-norm kernel (the same programs, maybe fewer values per thread),
     whose programs hold seven row accumulators of BLOCK_W pixels x C."""
-    block_c0, block_c1 = split_width(C, min_tile=1)  # no tl.dot here: no 16-wide minimum
-    width = block_c0 + block_c1
+    tiles = _channel_split(C)
+    width = sum(tiles)
     # Chosen from the sm_90 SASS of the ConvNeXt-T stage shapes (triton 3.9, 2026-12-05): 8-pixel
-    # tiles up to C = 384 and one pixel above, with about 6 values of each accumulator per thread
-    # (12 at C = 384), keep the conv loop free of layout conversions through shared memory;
-    # 4-pixel tiles at C = 192 and 2-pixel tiles at C = 384 put 14-40 barriers into every
-    # kernel column.
+    # tiles up to C = 384 and one pixel above keep the conv loop free of layout conversions
+    # through shared memory; 4-pixel tiles at C = 192 and 2-pixel tiles at C = 384 put 14-40
+    # barriers into every kernel column.
     block_w = min(8 if width <= 512 else max(1, _RING_TILE_ELEMS // width), triton.next_power_of_2(W))
-    num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 192)))
+    # Values of each ring accumulator per thread. The kernels are instruction-bound (49 FMAs an
+    # element, plus loads and the row's LayerNorm), and each thread's share of the per-column
+    # taps and addressing, and of the row's reductions, is paid once for all its values: in the
+    # forward, 12 rather than 6 cut the instructions per output pixel by a quarter (sm_90 SASS,
+    # triton 3.6, 2026-12-06; C = 96: 446 -> 328 warp-instructions, 192: 864 -> 658, 768:
+    # 3528 -> 2606, at 140-146 registers against 80-99). The backward-norm also holds its three
+    # weight-gradient sums per tile: at 12 it took 250 registers at C = 96, so it stays at 6.
+    # Tiles of two widths (5 * 2^k) hold duplicate ring tiles (_channel_split): also 6 (12 took
+    # 255 registers at C = 80 and spilled 1 KB at C = 40).
+    values = 12 if not backward and len({t for t in tiles if t}) == 1 else 6
+    num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 32 * values)))
     # Rows in chunks of at most 16 (each chunk re-reads 6 halo rows): enough programs to fill
     # the GPU at the ConvNeXt stage shapes.
     rows = triton.cdiv(H, triton.cdiv(H, 16))
-    return rows, block_w, block_c0, block_c1, num_warps
+    return rows, block_w, tiles, num_warps
 
 
 def _grid(programs: int, x: Tensor) -> Tuple[int]:
@@ -655,14 +775,15 @@ def dwconv_layernorm_fwd(
     N, H, W, C = x.shape
     y, mean, rstd = dwconv_layernorm_fwd_outputs(x)
     has_bias = conv_bias is not None
-    rows, block_w, block_c0, block_c1, num_warps = _ring_tiling(H, W, C)
-    taps = _taps(conv_weight, block_c0 + block_c1)
+    rows, block_w, tiles, num_warps = _ring_tiling(H, W, C)
+    taps = _taps(conv_weight, sum(tiles))
     grid = _grid(triton.cdiv(W, block_w) * N * triton.cdiv(H, rows), x)
     wrap_triton(_dwconv_layernorm_fwd_kernel)[grid](
         x, taps, conv_bias if has_bias else taps, norm_weight, norm_bias,
         y, mean, rstd,
         H, W, C, eps, rows,
-        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=tiles[0], BLOCK_C1=tiles[1], BLOCK_C2=tiles[2],
+        EVEN_C=sum(tiles) == C, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -703,7 +824,7 @@ def dwconv_layernorm_bwd(
     has_bias = conv_bias is not None
 
     # Kernel 1: gradient w.r.t. the conv output + LayerNorm / bias partials.
-    rows1, block_w, block_c0, block_c1, num_warps = _ring_tiling(H, W, C)
+    rows1, block_w, tiles, num_warps = _ring_tiling(H, W, C, backward=True)
     programs1 = triton.cdiv(W, block_w) * N * triton.cdiv(H, rows1)
     grid1 = _grid(programs1, x)
     g = empty_output((N, H, W, C), torch.float32, dev)
@@ -711,10 +832,11 @@ def dwconv_layernorm_bwd(
     dnb_part = empty_output((programs1, C), torch.float32, dev)
     dcb_part = empty_output((programs1, C), torch.float32, dev)
     wrap_triton(_dwconv_layernorm_bwd_norm_kernel)[grid1](
-        dy, x, _taps(conv_weight, block_c0 + block_c1), conv_bias if has_bias else taps, norm_weight, mean, rstd,
+        dy, x, _taps(conv_weight, sum(tiles)), conv_bias if has_bias else taps, norm_weight, mean, rstd,
         g, dnw_part, dnb_part, dcb_part,
         H, W, C, rows1,
-        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=block_c0, BLOCK_C1=block_c1, num_warps=num_warps,
+        HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_C0=tiles[0], BLOCK_C1=tiles[1], BLOCK_C2=tiles[2],
+        EVEN_C=sum(tiles) == C, num_warps=num_warps,
     )
 
     # Kernel 2: dx (transposed conv of g) + conv-weight partials.

@@ -25,6 +25,12 @@ Providers:
                  (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's kernels (fused or
                  two-GEMM forward, backward GEMMs) use wgmma, so the pair answers whether wgmma
                  pays at each shape.
+  triton_ring6, triton_rows32
+                 dwconv_layernorm, GPU with Triton: fused_triton with one setting of its ring
+                 kernels changed for the step: the forward's values of each accumulator per
+                 thread 6 instead of 12 (the choice before 2026-12-06: a quarter more
+                 instructions, 40% fewer registers), or row chunks of up to 32 rows instead of
+                 16 (28 at stages 1 and 2: fewer halo rows recomputed, half the programs).
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
 read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:
@@ -94,14 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.providers:
         args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
         known = (["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
-                 + list(GEMM_PROVIDERS))
+                 + list(GEMM_PROVIDERS) + list(RING_PROVIDERS))
         unknown = [s for s in args.providers if s not in known]
         if unknown:
             p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
     else:
         args.providers = ["eager"] + ([] if args.quick else ["compile"]) + fused
         if "fused_triton" in fused and not args.quick:
-            args.providers += list(PREACT_PROVIDERS)
+            args.providers += list(PREACT_PROVIDERS) + list(RING_PROVIDERS)
         if "fused_cuda" in fused and not args.quick:
             args.providers += list(GEMM_PROVIDERS)
     return args
@@ -111,21 +117,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
 # fused_cuda with an environment switch set for the whole step (forward and backward), by provider.
 GEMM_PROVIDERS = {"cuda_mma_sync": ("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")}
+# fused_triton with a setting of convnext_kernels.triton.dwconv_layernorm changed for the whole
+# step, by provider.
+RING_PROVIDERS = {"triton_ring6": ("_RING_FWD_VALUES", 6), "triton_rows32": ("_RING_MAX_ROWS", 32)}
 
 
 def providers_for(op: str, pass_: str, providers: list[str]) -> list[str]:
     """The providers that apply to one case (the preact pair: mlp_layerscale fwd+bwd only; the GEMM
-    variants: mlp_layerscale)."""
+    variants: mlp_layerscale; the ring variants: dwconv_layernorm)."""
     return [p for p in providers
             if (p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd"))
-            and (p not in GEMM_PROVIDERS or op == "mlp_layerscale")]
+            and (p not in GEMM_PROVIDERS or op == "mlp_layerscale")
+            and (p not in RING_PROVIDERS or op == "dwconv_layernorm")]
 
 
 def backend_of(provider: str) -> str | None:
     """The convnext_kernels backend a provider runs, None for eager / compile."""
     if provider.startswith("fused_"):
         return provider[len("fused_"):]
-    if provider in PREACT_PROVIDERS:
+    if provider in PREACT_PROVIDERS or provider in RING_PROVIDERS:
         return "triton"
     if provider in GEMM_PROVIDERS:
         return "cuda"
@@ -144,6 +154,21 @@ def with_env(step, name: str, value: str):
                 del os.environ[name]
             else:
                 os.environ[name] = old
+    return wrapped
+
+
+def with_ring_setting(step, name: str, value: int):
+    """step() with convnext_kernels.triton.dwconv_layernorm.<name> = value while it runs (the
+    launchers read it at each call)."""
+    from convnext_kernels.triton import dwconv_layernorm as module
+
+    def wrapped():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            step()
+        finally:
+            setattr(module, name, old)
     return wrapped
 
 
@@ -300,7 +325,8 @@ def prepare(record: dict, args):
             step()
             common.synchronize(args.device)
             return step, leaves
-        fn = op_function(record["op"], "fused_cuda" if provider in GEMM_PROVIDERS else provider)
+        variant = provider in GEMM_PROVIDERS or provider in RING_PROVIDERS  # fused_<backend>, a setting changed
+        fn = op_function(record["op"], f"fused_{backend}" if variant else provider)
         if record["pass"] == "fwd":
             def step():
                 with torch.no_grad():
@@ -314,6 +340,8 @@ def prepare(record: dict, args):
                 fn(**inputs).backward(dy)
         if provider in GEMM_PROVIDERS:
             step = with_env(step, *GEMM_PROVIDERS[provider])
+        if provider in RING_PROVIDERS:
+            step = with_ring_setting(step, *RING_PROVIDERS[provider])
         step()
         common.synchronize(args.device)
         return step, leaves

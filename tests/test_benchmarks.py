@@ -219,6 +219,29 @@ def test_kernels_gemm_variant_provider(monkeypatch):
     assert seen == ["0", "0"] and name not in os.environ
 
 
+def test_kernels_ring_variant_providers(monkeypatch):
+    """triton_ring6 / triton_rows32 time only dwconv_layernorm, on the triton backend, with the
+    ring setting changed for the whole step, which the launcher's tiling follows, and restored
+    afterwards."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    from convnext_kernels.triton import dwconv_layernorm as ring
+
+    everyone = ["eager", "fused_triton", "triton_ring6", "triton_rows32"]
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert kernels.providers_for("dwconv_layernorm", pass_, everyone) == everyone
+        assert kernels.providers_for("mlp_layerscale", pass_, everyone) == ["eager", "fused_triton"]
+    assert kernels.backend_of("triton_ring6") == kernels.backend_of("triton_rows32") == "triton"
+    seen = []
+    for provider in ("triton_ring6", "triton_rows32"):
+        name, value = kernels.RING_PROVIDERS[provider]
+        kernels.with_ring_setting(lambda: seen.append(ring._ring_tiling(56, 56, 96)), name, value)()
+    # Stage 1: 4 warps (6 values a thread) instead of 2; 28-row chunks instead of 14.
+    assert seen == [(14, 8, (32, 32, 32), 4), (28, 8, (32, 32, 32), 2)]
+    assert ring._ring_tiling(56, 56, 96) == (14, 8, (32, 32, 32), 2)
+
+
 @pytest.mark.cuda
 def test_throughput_quick_gpu(tmp_path):
     run_script("throughput.py", "--quick", "--device", "cuda", "--providers", "eager_channels_last,fused_triton",

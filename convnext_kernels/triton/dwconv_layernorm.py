@@ -44,6 +44,12 @@ TAPS = KERNEL_SIZE * KERNEL_SIZE
 # The forward and backward-norm kernels hold seven tiles (one per output row in flight) of
 # BLOCK_W pixels x all C: above C = 512, about 1024 fp32 elements each.
 _RING_TILE_ELEMS = 1024
+# Values of each ring accumulator per thread in the forward, where its channel tiles share one
+# width, and the most output rows a ring program takes (see _ring_tiling). Module settings that
+# benchmarks/kernels.py changes to time other values on a GPU (providers triton_ring6,
+# triton_rows32).
+_RING_FWD_VALUES = 12
+_RING_MAX_ROWS = 16
 # The backward conv kernel: values per program (one per thread, 4 warps), its widest channel
 # tile, and the programs it aims for (a few per SM on an H100's 132 SMs).
 _CONV_BWD_THREADS = 128
@@ -735,11 +741,11 @@ def _ring_tiling(H, W, C, backward=False):
     # weight-gradient sums per tile: at 12 it took 250 registers at C = 96, so it stays at 6.
     # Tiles of two widths (5 * 2^k) hold duplicate ring tiles (_channel_split): also 6 (12 took
     # 255 registers at C = 80 and spilled 1 KB at C = 40).
-    values = 12 if not backward and len({t for t in tiles if t}) == 1 else 6
+    values = _RING_FWD_VALUES if not backward and len({t for t in tiles if t}) == 1 else 6
     num_warps = min(8, triton.next_power_of_2(triton.cdiv(block_w * width, 32 * values)))
     # Rows in chunks of at most 16 (each chunk re-reads 6 halo rows): enough programs to fill
     # the GPU at the ConvNeXt stage shapes.
-    rows = triton.cdiv(H, triton.cdiv(H, 16))
+    rows = triton.cdiv(H, triton.cdiv(H, _RING_MAX_ROWS))
     return rows, block_w, tiles, num_warps
 
 

@@ -28,8 +28,8 @@ Providers:
   triton_ring6, triton_rows32
                  dwconv_layernorm, GPU with Triton: fused_triton with one setting of its ring
                  kernels changed for the step: the forward's values of each accumulator per
-                 thread 6 instead of 12 (the choice before 2026-12-06: a quarter more
-                 instructions, 40% fewer registers), or row chunks of up to 32 rows instead of
+                 thread 6 instead of 12 (the choice before 2026-12-06: a third more
+                 instructions, ~40% fewer registers), or row chunks of up to 32 rows instead of
                  16 (28 at stages 1 and 2: fewer halo rows recomputed, half the programs).
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,

@@ -108,16 +108,15 @@ def _sum_tiles(
     BLOCK_C1: tl.constexpr,
     BLOCK_C2: tl.constexpr,
 ):
-    """(BLOCK_W,) row sums over all the tiles. Tiles of one width share a layout: they are added
-    elementwise and reduced across threads once; tiles of two widths are reduced one by one."""
+    """(BLOCK_W,) row sums over all the tiles. Two tiles have two widths (_channel_split) and
+    are reduced one by one; three share one width, so one layout: they are added elementwise
+    and reduced across threads once."""
     if BLOCK_C1 == 0:
         total = tl.sum(t0, axis=1)
     elif BLOCK_C2 == 0:
         total = tl.sum(t0, axis=1) + tl.sum(t1, axis=1)
-    elif BLOCK_C0 == BLOCK_C1 and BLOCK_C1 == BLOCK_C2:
-        total = tl.sum(t0 + t1 + t2, axis=1)
     else:
-        total = tl.sum(t0, axis=1) + tl.sum(t1, axis=1) + tl.sum(t2, axis=1)
+        total = tl.sum(t0 + t1 + t2, axis=1)
     return total
 
 

@@ -25,6 +25,12 @@ Providers:
                  (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's kernels (fused or
                  two-GEMM forward, backward GEMMs) use wgmma, so the pair answers whether wgmma
                  pays at each shape.
+  cuda_ring2     dwconv_layernorm, GPU with the cuda backend: fused_cuda with each thread of its
+                 ring kernels convolving two channels at 2 pixels at every C
+                 (CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS=2), the choice before 2026-12-06
+                 for C <= 384, where one channel at 4 pixels now runs (sm_90a SASS, bf16, 7 row
+                 steps: forward 2,324 instructions against 2,303 but no spill reloads against
+                 84; backward recompute 2,254 against 2,402, 148 of them reloads).
   triton_ring6, triton_rows32
                  dwconv_layernorm, GPU with Triton: fused_triton with one setting of its ring
                  kernels changed for the step: the forward's values of each accumulator per
@@ -100,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.providers:
         args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
         known = (["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
-                 + list(GEMM_PROVIDERS) + list(RING_PROVIDERS))
+                 + list(GEMM_PROVIDERS) + list(CUDA_RING_PROVIDERS) + list(RING_PROVIDERS))
         unknown = [s for s in args.providers if s not in known]
         if unknown:
             p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
@@ -109,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if "fused_triton" in fused and not args.quick:
             args.providers += list(PREACT_PROVIDERS) + list(RING_PROVIDERS)
         if "fused_cuda" in fused and not args.quick:
-            args.providers += list(GEMM_PROVIDERS)
+            args.providers += list(GEMM_PROVIDERS) + list(CUDA_RING_PROVIDERS)
     return args
 
 
@@ -117,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
 # fused_cuda with an environment switch set for the whole step (forward and backward), by provider.
 GEMM_PROVIDERS = {"cuda_mma_sync": ("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")}
+# The same for dwconv_layernorm.
+CUDA_RING_PROVIDERS = {"cuda_ring2": ("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")}
 # fused_triton with a setting of convnext_kernels.triton.dwconv_layernorm changed for the whole
 # step, by provider.
 RING_PROVIDERS = {"triton_ring6": ("_RING_FWD_VALUES", 6), "triton_rows32": ("_RING_MAX_ROWS", 32)}
@@ -128,7 +136,7 @@ def providers_for(op: str, pass_: str, providers: list[str]) -> list[str]:
     return [p for p in providers
             if (p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd"))
             and (p not in GEMM_PROVIDERS or op == "mlp_layerscale")
-            and (p not in RING_PROVIDERS or op == "dwconv_layernorm")]
+            and (p not in RING_PROVIDERS and p not in CUDA_RING_PROVIDERS or op == "dwconv_layernorm")]
 
 
 def backend_of(provider: str) -> str | None:
@@ -137,7 +145,7 @@ def backend_of(provider: str) -> str | None:
         return provider[len("fused_"):]
     if provider in PREACT_PROVIDERS or provider in RING_PROVIDERS:
         return "triton"
-    if provider in GEMM_PROVIDERS:
+    if provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS:
         return "cuda"
     return None
 
@@ -325,7 +333,8 @@ def prepare(record: dict, args):
             step()
             common.synchronize(args.device)
             return step, leaves
-        variant = provider in GEMM_PROVIDERS or provider in RING_PROVIDERS  # fused_<backend>, a setting changed
+        # fused_<backend> with a setting changed
+        variant = provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS or provider in RING_PROVIDERS
         fn = op_function(record["op"], f"fused_{backend}" if variant else provider)
         if record["pass"] == "fwd":
             def step():
@@ -338,8 +347,8 @@ def prepare(record: dict, args):
 
             def step():
                 fn(**inputs).backward(dy)
-        if provider in GEMM_PROVIDERS:
-            step = with_env(step, *GEMM_PROVIDERS[provider])
+        if provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS:
+            step = with_env(step, *{**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}[provider])
         if provider in RING_PROVIDERS:
             step = with_ring_setting(step, *RING_PROVIDERS[provider])
         step()

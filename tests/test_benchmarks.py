@@ -219,6 +219,20 @@ def test_kernels_gemm_variant_provider(monkeypatch):
     assert seen == ["0", "0"] and name not in os.environ
 
 
+def test_kernels_cuda_ring_provider(monkeypatch):
+    """cuda_ring2 times only dwconv_layernorm, on the cuda backend, with the ring-channels switch
+    set to 2 for the whole step. (That the switch reaches the kernels: test_cuda_kernels.py.)"""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    everyone = ["eager", "fused_cuda", "cuda_mma_sync", "cuda_ring2"]
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert kernels.providers_for("dwconv_layernorm", pass_, everyone) == ["eager", "fused_cuda", "cuda_ring2"]
+        assert kernels.providers_for("mlp_layerscale", pass_, everyone) == ["eager", "fused_cuda", "cuda_mma_sync"]
+    assert kernels.backend_of("cuda_ring2") == "cuda"
+    assert kernels.CUDA_RING_PROVIDERS["cuda_ring2"] == ("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")
+
+
 def test_kernels_ring_variant_providers(monkeypatch):
     """triton_ring6 / triton_rows32 time only dwconv_layernorm, on the triton backend, with the
     ring setting changed for the whole step, which the launcher's tiling follows, and restored

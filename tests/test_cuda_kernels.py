@@ -234,15 +234,56 @@ def test_dwconv_layernorm_bwd_blocks_loop(target, shape, dtype):
 # The ring kernels (forward and backward recompute; C up to 768, 384 on the scalar path) in the
 # block shapes that whole images one a block at ConvNeXt batch sizes never take. Row chunks: one or
 # two samples give fewer than the 512 target blocks, so 31 and 30 rows split into 2 chunks of 16
-# and 15, each ring starting 3 rows above its chunk (in-image halo rows) and stopping mid-period;
-# 1 x 31 x 9 x 24 has 5 pixel pairs of 12 channel pairs in one strip (60 threads and 4 padding
-# ones), 2 x 30 x 3 x 13 is the scalar path, 2 pairs (26 threads + 6), the second half past the
-# row's end. Several samples a block: 2101 whole images leave more than twice the target, so
-# blocks take 2 (the last 1).
+# and 15, each ring starting 3 rows above its chunk (in-image halo rows) and stopping mid-period.
+# 1 x 31 x 9 x 24 (one channel and 4 pixels a thread): 3 groups of 4 pixels in one strip (72
+# threads and 24 padding ones), the last group 3 pixels past the row's end; 2 x 30 x 3 x 13 is the
+# scalar path, one group (13 threads + 19), its last pixel past the row's end; 1 x 31 x 5 x 392
+# takes two channels and 2 pixels a thread (C > 384): 196 threads + 28 padding ones a strip of one
+# pixel pair, 3 strips. Several samples a block: 2101 whole images leave more than twice the
+# target, so blocks take 2 (the last 1).
+# Emulated, the forward's launch is checked to be that block shape: (blocks, threads a block).
+RING_BLOCKS = {(1, 31, 9, 24): (2, 96), (2, 30, 3, 13): (4, 32), (1, 31, 5, 392): (6, 224), (2101, 1, 2, 8): (1051, 32)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 31, 9, 24), (2, 30, 3, 13), (2101, 1, 2, 8)], ids=_shape_id)
+@pytest.mark.parametrize("shape", list(RING_BLOCKS), ids=_shape_id)
 def test_dwconv_layernorm_ring_blocks(target, shape, dtype):
+    if not target.gpu:
+        x, w, b, nw, nb, _ = _dwconv_inputs(target, shape, dtype)
+        target.module.launches(clear=True)
+        _launchers().dwconv_layernorm_fwd(x, w, b, nw, nb, 1e-6)
+        (launch,) = target.module.launches(clear=True)
+        assert (launch["grid"], launch["block"]) == ((RING_BLOCKS[shape][0], 1, 1), (RING_BLOCKS[shape][1], 1, 1))
     test_dwconv_layernorm(target, shape, dtype)
+
+
+# CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS (a benchmark switch, benchmarks/kernels.py cuda_ring2)
+# sets the channels a ring thread convolves. At 2 x 9 x 9 x 96: two (48 threads a pixel pair, 9
+# pixels in 5 pairs: 240 threads and 16 padding ones) instead of one (96 threads a group of 4
+# pixels: 3 groups, 288). 1 at C = 392 leaves the tile kernels to run (392 threads would not fit
+# the ring's 384; they launch after the weight transpose); on the scalar path (C % 8 != 0) 2 falls
+# back to 1 (the two-channel kernel does not exist there). Emulated, the launches are checked.
+@pytest.mark.parametrize("request_, shape, threads", [
+    ("", (2, 9, 9, 96), 288), ("2", (2, 9, 9, 96), 256), ("1", (2, 9, 9, 96), 288),
+    ("1", (1, 5, 4, 392), None), ("", (1, 5, 4, 392), 224), ("2", (2, 5, 6, 13), 32)], ids=str)
+def test_dwconv_layernorm_ring_channels_switch(target, request_, shape, threads, monkeypatch):
+    monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", request_)
+    if not target.gpu:
+        x, w, b, nw, nb, _ = _dwconv_inputs(target, shape, torch.bfloat16)
+        target.module.launches(clear=True)
+        _launchers().dwconv_layernorm_fwd(x, w, b, nw, nb, 1e-6)
+        launches = target.module.launches(clear=True)
+        if threads is None:
+            assert [entry["name"] for entry in launches] == ["dwconv_weight_transpose_kernel", "kernel"]
+        else:
+            assert [entry["block"] for entry in launches] == [(threads, 1, 1)]
+    test_dwconv_layernorm(target, shape, torch.bfloat16)
+
+
+def test_dwconv_layernorm_ring_channels_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "3")
+    with pytest.raises(ValueError, match="must be 1 or 2"):
+        _launchers()._dwconv_ring_channels()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

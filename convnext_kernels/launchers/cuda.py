@@ -82,6 +82,16 @@ def _mlp_wgmma_allowed() -> bool:
     return _switch_on("CONVNEXT_KERNELS_CUDA_MLP_WGMMA")
 
 
+def _dwconv_ring_channels() -> int:
+    """CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS (1 or 2; unset: the kernels choose by C), read at
+    each call: the channels a thread of the dwconv_layernorm ring kernels convolves. A benchmark
+    switch (benchmarks/kernels.py cuda_ring2); results agree up to fp32 summation order."""
+    value = os.environ.get("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "").strip()
+    if value not in ("", "0", "1", "2"):
+        raise ValueError(f"CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS must be 1 or 2 (or unset), got {value!r}")
+    return int(value or 0)
+
+
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     # Scratch only: every byte the kernels read is written by them first, which poisoning checks
     # (0xFF bytes are NaN in every float type).
@@ -105,6 +115,7 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
             x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
             norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
+            _dwconv_ring_channels(),
         )
     return y, mean, rstd
 
@@ -126,7 +137,7 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
             norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
             dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
             dnorm_bias.data_ptr(), workspace.data_ptr(), workspace.numel(),
-            N, H, W, C, code, _stream(x.device),
+            N, H, W, C, code, _stream(x.device), _dwconv_ring_channels(),
         )
     return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
 

@@ -22,8 +22,10 @@ void register_cuda_bindings(pybind11::module_& m) {
   m.def("dwconv_layernorm_fwd_cuda", &ck::dwconv_layernorm_fwd, py::arg("x"), py::arg("conv_weight"),
         py::arg("conv_bias"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("y"), py::arg("mean"),
         py::arg("rstd"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("N"), py::arg("H"), py::arg("W"),
-        py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "Fused dwconv7x7(+bias) + LayerNorm forward (NHWC). conv_bias may be 0.");
+        py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"), py::arg("ring_channels") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "Fused dwconv7x7(+bias) + LayerNorm forward (NHWC). conv_bias may be 0. ring_channels: channels a "
+        "ring-kernel thread convolves, 1 or 2 (0: chosen by C; a benchmark switch).");
 
   m.def("dwconv_layernorm_bwd_cuda_workspace_bytes", &ck::dwconv_layernorm_bwd_workspace_bytes, py::arg("N"),
         py::arg("H"), py::arg("W"), py::arg("C"), "Bytes of scratch memory dwconv_layernorm_bwd_cuda needs.");
@@ -31,8 +33,9 @@ void register_cuda_bindings(pybind11::module_& m) {
         py::arg("conv_bias"), py::arg("norm_weight"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
         py::arg("dconv_weight"), py::arg("dconv_bias"), py::arg("dnorm_weight"), py::arg("dnorm_bias"),
         py::arg("workspace"), py::arg("workspace_bytes"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("C"),
-        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "Backward of dwconv_layernorm_fwd_cuda; fp32 parameter gradients are overwritten (deterministic).");
+        py::arg("dtype"), py::arg("stream"), py::arg("ring_channels") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Backward of dwconv_layernorm_fwd_cuda; fp32 parameter gradients are overwritten (deterministic). "
+        "ring_channels as in dwconv_layernorm_fwd_cuda.");
 
   m.def("mlp_layerscale_fwd_cuda_workspace_bytes", &ck::mlp_layerscale_fwd_workspace_bytes, py::arg("x"),
         py::arg("shortcut"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"),

@@ -2,10 +2,11 @@
 //
 // The conv on a ring (ring_conv; the forward and the backward recompute): a block walks a strip of
 // pixel columns down a sample's rows, each input row loaded once into a ring of 7 output-row
-// accumulators (per thread: 2 channels x 2 pixels, the channels' 49 taps in registers); complete
-// rows go to shared memory, where the LayerNorm (forward) or its gradient (backward) runs one warp
-// a pixel (warp-shuffle sums; the forward in two passes: mean, then centred variance). C past the
-// ring's block (more than kRingMaxThreads channel pairs) takes the tile kernels.
+// accumulators (per thread: 1 channel x 4 pixels, or 2 x 2 for C > kRingMaxThreads, the channels'
+// 49 taps in registers); complete rows go to shared memory, where the LayerNorm (forward) or its
+// gradient (backward) runs on a few lanes a pixel (PixelLanes; shuffle sums; the forward in two
+// passes: mean, then centred variance). C past the ring's block (more than kRingMaxThreads channel
+// pairs) takes the tile kernels.
 //
 // Tile kernels (the forward and the backward recompute for wide C): a block owns `tile_w`
 // consecutive output pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC
@@ -45,11 +46,16 @@ constexpr int kConvBwdPair = 2;            // pixels a thread walks side by side
 constexpr int kConvBwdSmemBytes = kConvBwdPixels * kConvBwdChannels * kTaps * static_cast<int>(sizeof(float));
 constexpr int kStatsMaxBlocks = 2048;               // recompute kernel: persistent blocks (partials rows)
 // The ring kernels (forward and backward recompute):
-constexpr int kRingChannels = 2;       // channels a thread convolves (16-byte path; the scalar path 1)
-constexpr int kRingPixels = 2;         // pixel columns a thread walks side by side (they share its taps)
-// Block size cap: __launch_bounds__(384) caps registers at 168, 2 blocks of 192 threads an SM at
-// C = 96-384. Uncapped the forward takes 214 (1 block an SM); at 168 ptxas spills 88 B (forward)
-// and 112 B (backward recompute), 18 and 24 reloads (L1) per row step against its 196 FMAs.
+// A ring thread convolves kCh channels at kPx pixel columns side by side (they share its taps):
+//   kCh 1, kPx 4 where C channels fit a block (C <= kRingMaxThreads): 49 taps, 28 accumulators and
+//     10 input columns in registers, no spills; a row step is 196 FMAs for 10 loads;
+//   kCh 2, kPx 2 for wider C on the 16-byte path (C <= 2 * kRingMaxThreads): 98 taps and 28
+//     accumulators; a row step is 196 FMAs for 8 two-channel loads, but ptxas spills (below).
+constexpr int ring_pixels(int channels) { return channels == 1 ? 4 : 2; }
+// Block size cap: __launch_bounds__(384) caps registers at 168. There kCh 1 spills nothing in the
+// forward's row steps (28 B outside them in the backward recompute); kCh 2 spills 64 B (forward)
+// and 124 B (backward recompute), 12 and 21 reloads (L1) a row step against its 196 FMAs (bf16,
+// sm_90a).
 constexpr int kRingMaxThreads = 384;
 // How the ring kernels and the backward conv share out the batch's rows (split_rows):
 constexpr int kTargetBlocks = 512;     // blocks to aim for before splitting rows into chunks: a few per SM
@@ -163,33 +169,65 @@ struct FwdParams {
   float eps;
 };
 
+// The LayerNorm phases share a warp among 32 / lanes pixels, `lanes` lanes a pixel: the fewest
+// (a power of 2, at most 32) that hold C in VEC-wide pieces, so that at small C few lanes idle
+// (C = 96 on the 16-byte path: 16 lanes a pixel, 12 of them busy, two pixels a warp, where a
+// whole warp a pixel kept 20 of 32 lanes idle).
+struct PixelLanes {
+  int lanes;     // lanes a pixel
+  int per_warp;  // pixels a warp: 32 / lanes
+  int group;     // this lane's pixel among the warp's
+  int lane;      // this lane among its pixel's lanes
+};
+
+template <int VEC>
+__device__ __forceinline__ PixelLanes pixel_lanes(int C) {
+  PixelLanes p;
+  const int pieces = (C + VEC - 1) / VEC;
+  p.lanes = 1;
+  while (p.lanes < 32 && p.lanes < pieces) p.lanes *= 2;
+  p.per_warp = 32 / p.lanes;
+  const int lane = threadIdx.x % 32;
+  p.group = lane / p.lanes;
+  p.lane = lane % p.lanes;
+  return p;
+}
+
+// Sum over each aligned group of `lanes` lanes (a power of 2); every lane of the warp takes part.
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // LayerNorm of rows x row_pixels pixels whose conv output z (+bias) is in shared memory ([row] at
 // smem_row_stride floats, then [pixel][C] fp32), the first at pixel index pix0 and each row W
-// pixels after the last: one warp a pixel (warp-shuffle sums; two passes over shared memory,
+// pixels after the last: PixelLanes lanes a pixel (shuffle sums; two passes over shared memory,
 // mean then the centred variance: no cancellation); y, mean and rstd out. Only whole warps call
-// it (the shuffles take all 32 lanes).
+// it (the shuffles take all 32 lanes; lanes past the last pixel only join them).
 template <typename T, int VEC>
 __device__ __forceinline__ void layernorm_smem_pixels(const float* smem_z, int rows, int row_pixels,
                                                       int64_t smem_row_stride, int64_t pix0, int W, int C,
                                                       const float* __restrict__ norm_weight,
                                                       const float* __restrict__ norm_bias, float eps, T* y,
                                                       float* mean_out, float* rstd_out, int warp, int num_warps) {
-  const int lane = threadIdx.x % 32;
+  const PixelLanes pl = pixel_lanes<VEC>(C);
   const float inv_c = 1.0f / static_cast<float>(C);
-  for (int item = warp; item < rows * row_pixels; item += num_warps) {
+  const int items = rows * row_pixels;
+  for (int first = warp * pl.per_warp; first < items; first += num_warps * pl.per_warp) {  // warp-uniform
+    const int item = first + pl.group;
+    const int c_end = item < items ? C : 0;  // lanes past the last pixel load nothing
     const int row = item / row_pixels;
-    const int pl = item - row * row_pixels;
-    const float* z = smem_z + row * smem_row_stride + static_cast<int64_t>(pl) * C;
+    const float* z = smem_z + row * smem_row_stride + static_cast<int64_t>(item - row * row_pixels) * C;
     float sum = 0.0f;
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    for (int c = pl.lane * VEC; c < c_end; c += pl.lanes * VEC) {
       float v[VEC];
       load_f32<VEC>(z + c, v);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum += v[i];
     }
-    const float mean = warp_sum(sum) * inv_c;
+    const float mean = group_sum(sum, pl.lanes) * inv_c;
     float sq = 0.0f;
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    for (int c = pl.lane * VEC; c < c_end; c += pl.lanes * VEC) {
       float v[VEC];
       load_f32<VEC>(z + c, v);
 #pragma unroll
@@ -198,10 +236,11 @@ __device__ __forceinline__ void layernorm_smem_pixels(const float* smem_z, int r
         sq = fmaf(d, d, sq);
       }
     }
-    const float rstd = 1.0f / sqrtf(warp_sum(sq) * inv_c + eps);
-    const int64_t pix = pix0 + static_cast<int64_t>(row) * W + pl;
+    const float rstd = 1.0f / sqrtf(group_sum(sq, pl.lanes) * inv_c + eps);
+    if (item >= items) continue;
+    const int64_t pix = pix0 + static_cast<int64_t>(row) * W + (item - row * row_pixels);
     T* y_pix = y + pix * C;
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    for (int c = pl.lane * VEC; c < C; c += pl.lanes * VEC) {
       float v[VEC], nw[VEC], nb[VEC], out[VEC];
       load_f32<VEC>(z + c, v);
       load_f32<VEC>(norm_weight + c, nw);
@@ -210,24 +249,25 @@ __device__ __forceinline__ void layernorm_smem_pixels(const float* smem_z, int r
       for (int i = 0; i < VEC; ++i) out[i] = fmaf((v[i] - mean) * rstd, nw[i], nb[i]);
       store_from_float<T, VEC>(y_pix + c, out);
     }
-    if (lane == 0) {
+    if (pl.lane == 0) {
       mean_out[pix] = mean;
       rstd_out[pix] = rstd;
     }
   }
 }
 
-// The LayerNorm backward of one pixel, a warp: z (its conv output +bias, in shared memory) becomes
-// xhat in place, and g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat =
-// dy * norm_weight, goes to g_smem and to the workspace g_pix.
+// The LayerNorm backward of one pixel, by its PixelLanes lanes (with c_end = C; c_end = 0 for
+// lanes past the last pixel, which only join the shuffles): z (its conv output +bias, in shared
+// memory) becomes xhat in place, and g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat *
+// xhat)), dxhat = dy * norm_weight, goes to g_smem and to the workspace g_pix.
 template <typename T, int VEC>
-__device__ __forceinline__ void layernorm_grad_pixel(float* xh, float* g_smem, float* g_pix, const T* dy_pix,
+__device__ __forceinline__ void layernorm_grad_pixel(const PixelLanes& pl, int c_end, float* xh, float* g_smem,
+                                                     float* g_pix, const T* dy_pix,
                                                      const float* __restrict__ norm_weight, float mean, float rstd,
                                                      int C) {
-  const int lane = threadIdx.x % 32;
   const float inv_c = 1.0f / static_cast<float>(C);
   float s1 = 0.0f, s2 = 0.0f;
-  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+  for (int c = pl.lane * VEC; c < c_end; c += pl.lanes * VEC) {
     float z[VEC], d[VEC], nw[VEC];
     load_f32<VEC>(xh + c, z);
     load_as_float<T, VEC>(dy_pix + c, d);
@@ -241,9 +281,9 @@ __device__ __forceinline__ void layernorm_grad_pixel(float* xh, float* g_smem, f
     }
     store_f32<VEC>(xh + c, z);  // same lane reads it back below
   }
-  s1 = warp_sum(s1) * inv_c;
-  s2 = warp_sum(s2) * inv_c;
-  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+  s1 = group_sum(s1, pl.lanes) * inv_c;
+  s2 = group_sum(s2, pl.lanes) * inv_c;
+  for (int c = pl.lane * VEC; c < c_end; c += pl.lanes * VEC) {
     float z[VEC], d[VEC], nw[VEC], g[VEC];
     load_f32<VEC>(xh + c, z);
     load_as_float<T, VEC>(dy_pix + c, d);
@@ -359,12 +399,13 @@ __device__ __forceinline__ PartRows part_rows(const RowSplit& s, int64_t part, i
   return r;
 }
 
-// The ring kernels' grid: a block owns a strip of 2 * segments pixels of rows [h_begin, h_end)
+// The ring kernels' grid: a block owns a strip of kPx * segments pixels of rows [h_begin, h_end)
 // of its part's samples (split.samples consecutive ones), all C channels.
 struct RingGrid {
   int64_t N;
   int H, W, C;
-  int segments;  // pixel pairs per block
+  int channels;  // channels a thread convolves (kCh; its pixels: ring_pixels(channels))
+  int segments;  // groups of ring_pixels(channels) pixels per block
   int strips;    // strips per row
   RowSplit split;
 };
@@ -379,26 +420,29 @@ struct RingRows {
 };
 
 // The conv of both ring kernels (the Triton forward's scheme, and the CUDA backward conv's).
-// Thread = kCh channels (2: one 4-byte load of bf16 / fp16, 8 bytes of fp32; 1 on the scalar
-// path) and a pair of pixel columns (segment); it keeps its channels' 49 taps in registers and
-// walks input rows ih = h_begin - 3 .. h_end + 2 of each sample once, each loaded at its 8 column
-// positions and converted once: kernel row r sends input row ih to output row ih + 3 - r, in a
-// ring of 7 row accumulators, the top one (row ih - 3) complete after the step. Rows outside the
-// image are skipped (zero padding). The row loop is unrolled by the ring's period, 7, so ring
-// slots are registers; each complete output row (+bias) goes to its own shared-memory row
-// (smem_z: [7][2 * segments][C]), and after each period of 7 input rows, `rows_done` gets the
+// Thread = kCh channels (1, or 2 for C > kRingMaxThreads: one 4-byte load of bf16 / fp16, 8 bytes
+// of fp32) and kPx = ring_pixels(kCh) pixel columns (segment); it keeps its channels' 49 taps in
+// registers and walks input rows ih = h_begin - 3 .. h_end + 2 of each sample once, each loaded at
+// its kPx + 6 column positions and converted once: kernel row r sends input row ih to output row
+// ih + 3 - r, in a ring of 7 row accumulators, the top one (row ih - 3) complete after the step.
+// Rows outside the image are skipped (zero padding). The row loop is unrolled by the ring's period,
+// 7, so ring slots are registers; each complete output row (+bias) goes to its own shared-memory row
+// (smem_z: [7][kPx * segments][C]), and after each period of 7 input rows, `rows_done` gets the
 // complete ones (block-uniform: it may hold barriers). Threads past the block's segments pad it
 // to whole warps: they only take part in rows_done.
-// Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,403
-// instructions in the forward, 2,337 in the backward recompute, 1.75 and 1.70 a FMA (8 two-channel
-// loads and 16 conversions a step, the spill reloads above); the tile kernel's kernel-row loop
-// takes 457 for 112 FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads per kernel row,
-// 64-bit addressing of each).
+// Static check, sm_90a SASS (nvcc 13.0, bf16): the 7 unrolled row steps are 1,372 FMAs in 2,324
+// instructions in the forward and 2,254 in the backward recompute with kCh 1 (1.69 and 1.64 a
+// FMA: 10 loads a step, each with ~4 instructions of 64-bit addressing and zero padding, and 10
+// conversions; no spill reloads), 2,303 and 2,402 with kCh 2 (with 12 and 21 spill reloads a
+// step, from L1, against 8 two-channel loads); the tile kernel's kernel-row loop takes 457 for 112
+// FMAs, 4.1 a FMA (7 weight-vector loads and 8 input loads per kernel row, 64-bit addressing of
+// each).
 template <typename T, int kCh, typename RowsDone>
 __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict__ x,
                                           const float* __restrict__ conv_weight, const float* __restrict__ conv_bias,
                                           float* smem_z, RowsDone&& rows_done) {
-  constexpr int kCols = kRingPixels + kKernelSize - 1;  // input columns a pixel pair reads: 8
+  constexpr int kPx = ring_pixels(kCh);
+  constexpr int kCols = kPx + kKernelSize - 1;  // input columns a thread's pixels read
   const int H = g.H, W = g.W, C = g.C;
   const int groups = C / kCh;  // channel groups: threads per segment
   const int segment = threadIdx.x / groups;
@@ -408,12 +452,12 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
   const PartRows rows = part_rows(g.split, block / g.strips, g.N, H);
   const int h_begin = rows.h_begin, h_end = rows.h_end;
   const int64_t n_begin = rows.n_begin, n_end = rows.n_end;
-  const int strip_w = kRingPixels * g.segments;
+  const int strip_w = kPx * g.segments;
   const int w_strip = strip * strip_w;
   const int strip_pixels = min(strip_w, W - w_strip);
   const int64_t smem_row = static_cast<int64_t>(strip_w) * C;
   const bool conv_thread = segment < g.segments;
-  const int w0 = w_strip + kRingPixels * segment;  // the thread's first pixel column
+  const int w0 = w_strip + kPx * segment;  // the thread's first pixel column
 
   float wt[kCh][kTaps];
   float bias[kCh];
@@ -430,10 +474,10 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
   for (int j = 0; j < kCols; ++j) cols |= (conv_thread && w0 + j - kPad >= 0 && w0 + j - kPad < W ? 1u : 0u) << j;
   // The thread's pixels' offsets in a shared-memory row (none for padding threads and pixels
   // past the strip's end).
-  int z_off[kRingPixels];
+  int z_off[kPx];
 #pragma unroll
-  for (int q = 0; q < kRingPixels; ++q) {
-    const int pl = kRingPixels * segment + q;
+  for (int q = 0; q < kPx; ++q) {
+    const int pl = kPx * segment + q;
     z_off[q] = conv_thread && pl < strip_pixels ? pl * C + c : -1;
   }
   const int64_t row_stride = static_cast<int64_t>(W) * C;
@@ -441,11 +485,11 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
   for (int64_t n = n_begin; n < n_end; ++n) {
     // Element index of (n, ih, w0 - 3, c) for the step's input row ih (h_begin - 3 at first).
     int64_t e = ((n * H + h_begin - kPad) * W + w0 - kPad) * C + c;
-    float ring[kKernelSize][kRingPixels][kCh];
+    float ring[kKernelSize][kPx][kCh];
 #pragma unroll
     for (int i = 0; i < kKernelSize; ++i)
 #pragma unroll
-      for (int q = 0; q < kRingPixels; ++q)
+      for (int q = 0; q < kPx; ++q)
 #pragma unroll
         for (int v = 0; v < kCh; ++v) ring[i][q][v] = 0.0f;
 
@@ -472,7 +516,7 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
 #pragma unroll
             for (int k = 0; k < kKernelSize; ++k)
 #pragma unroll
-              for (int q = 0; q < kRingPixels; ++q)
+              for (int q = 0; q < kPx; ++q)
 #pragma unroll
                 for (int v = 0; v < kCh; ++v)
                   ring[slot][q][v] = fmaf(xin[q + k][v], wt[v][r * kKernelSize + k], ring[slot][q][v]);
@@ -482,7 +526,7 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
         if (ih - kPad >= h_begin) {
           float* z_row = smem_z + s * smem_row;
 #pragma unroll
-          for (int q = 0; q < kRingPixels; ++q) {
+          for (int q = 0; q < kPx; ++q) {
             if (z_off[q] >= 0) {
 #pragma unroll
               for (int v = 0; v < kCh; ++v) z_row[z_off[q] + v] = ring[top][q][v] + bias[v];
@@ -490,7 +534,7 @@ __device__ __forceinline__ void ring_conv(const RingGrid& g, const T* __restrict
           }
         }
 #pragma unroll
-        for (int q = 0; q < kRingPixels; ++q)
+        for (int q = 0; q < kPx; ++q)
 #pragma unroll
           for (int v = 0; v < kCh; ++v) ring[top][q][v] = 0.0f;
         e += row_stride;
@@ -519,13 +563,13 @@ struct RingFwdParams {
   float eps;
 };
 
-// The forward: the ring's complete rows, LayerNorm once per 7 rows over all of them, one warp a
-// pixel (two barriers per 7 rows, and more pixels to spread over the warps than one row has).
-template <typename T, int VEC>
+// The forward: the ring's complete rows, LayerNorm once per 7 rows over all of them, PixelLanes
+// lanes a pixel (two barriers per 7 rows, and more pixels to spread over the warps than one row has).
+template <typename T, int VEC, int kCh>
 __global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_fwd_ring_kernel(RingFwdParams p) {
-  constexpr int kCh = VEC == 8 ? kRingChannels : 1;  // channels a thread convolves (scalar path: 1)
+  static_assert(kCh == 1 || VEC == 8, "two channels a thread only on the 16-byte path");
   CNK_DYNAMIC_SMEM(float4, smem_raw);
-  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: the output rows of one period
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][kPx * segments][C]: the output rows of one period
   ring_conv<T, kCh>(p.grid, static_cast<const T*>(p.x), p.conv_weight, p.conv_bias, smem_z, [&](const RingRows& r) {
     __syncthreads();
     layernorm_smem_pixels<T, VEC>(r.z, r.rows, r.row_pixels, r.smem_row, r.pix0, p.grid.W, p.grid.C, p.norm_weight,
@@ -548,31 +592,34 @@ struct RingBwdStatsParams {
   float* partials;  // [3][blocks][C]: dnorm_weight, dnorm_bias, dconv_bias
 };
 
-// The backward recompute on the ring: z per 7 rows as in the forward; then per pixel (a warp)
+// The backward recompute on the ring: z per 7 rows as in the forward; then per pixel (its PixelLanes)
 // g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * norm_weight, into
 // the workspace, with xhat and g left in shared memory; then per channel (a thread), in fixed
 // pixel order, the block's sums of dy * xhat, dy and g: one partial row per block.
-template <typename T, int VEC>
+template <typename T, int VEC, int kCh>
 __global__ void __launch_bounds__(kRingMaxThreads, 1) dwconv_layernorm_bwd_stats_ring_kernel(RingBwdStatsParams p) {
-  constexpr int kCh = VEC == 8 ? kRingChannels : 1;
+  static_assert(kCh == 1 || VEC == 8, "two channels a thread only on the 16-byte path");
   CNK_DYNAMIC_SMEM(float4, smem_raw);
   const int C = p.grid.C, W = p.grid.W;
-  const int64_t period_floats = kKernelSize * static_cast<int64_t>(kRingPixels) * p.grid.segments * C;
-  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][2 * segments][C]: z, then xhat
+  const int64_t period_floats = kKernelSize * static_cast<int64_t>(ring_pixels(kCh)) * p.grid.segments * C;
+  float* smem_z = reinterpret_cast<float*>(smem_raw);  // [7][kPx * segments][C]: z, then xhat
   float* smem_g = smem_z + period_floats;               // the same layout: g
   float* smem_acc = smem_g + period_floats;             // [3][C], each channel's thread's own
   for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) smem_acc[c] = 0.0f;  // before the first period's barrier
   const T* dy = static_cast<const T*>(p.dy);
   const int num_warps = blockDim.x / 32;
+  const PixelLanes lanes = pixel_lanes<VEC>(C);
   ring_conv<T, kCh>(p.grid, static_cast<const T*>(p.x), p.conv_weight, p.conv_bias, smem_z, [&](const RingRows& r) {
     __syncthreads();
-    for (int item = threadIdx.x / 32; item < r.rows * r.row_pixels; item += num_warps) {
+    const int items = r.rows * r.row_pixels;
+    for (int first = threadIdx.x / 32 * lanes.per_warp; first < items; first += num_warps * lanes.per_warp) {
+      const int item = min(first + lanes.group, items - 1);  // lanes past the last pixel: c_end 0
       const int row = item / r.row_pixels;
       const int pl = item - row * r.row_pixels;
       const int64_t at = row * r.smem_row + static_cast<int64_t>(pl) * C;
       const int64_t pix = r.pix0 + static_cast<int64_t>(row) * W + pl;
-      layernorm_grad_pixel<T, VEC>(r.z + at, smem_g + (r.z - smem_z) + at, p.g + pix * C, dy + pix * C, p.norm_weight,
-                                   p.mean[pix], p.rstd[pix], C);
+      layernorm_grad_pixel<T, VEC>(lanes, first + lanes.group < items ? C : 0, r.z + at, smem_g + (r.z - smem_z) + at,
+                                   p.g + pix * C, dy + pix * C, p.norm_weight, p.mean[pix], p.rstd[pix], C);
     }
     __syncthreads();
     accumulate_norm_grad_sums(r.z, smem_g + (r.z - smem_z), r.smem_row, r.rows, r.row_pixels, dy, r.pix0, W, C,
@@ -610,6 +657,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
   const T* dy = static_cast<const T*>(p.dy);
   const int warp = threadIdx.x / 32;
   const int num_warps = blockDim.x / 32;
+  const PixelLanes lanes = pixel_lanes<VEC>(C);
 
   for (int64_t t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
     const ConvTile tile = decode_tile(t, p.tiles_w, p.tile_w, p.H, p.W);
@@ -617,9 +665,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) dwconv_layernorm
     conv_tile_to_smem<T, VEC>(static_cast<const T*>(p.x), p.wt, p.conv_bias, tile, p.H, p.W, C, smem_xhat);
     __syncthreads();
 
-    for (int pl = warp; pl < tile.n_valid; pl += num_warps) {
+    for (int first = warp * lanes.per_warp; first < tile.n_valid; first += num_warps * lanes.per_warp) {
+      const int pl = min(first + lanes.group, tile.n_valid - 1);  // lanes past the last pixel: c_end 0
       const int64_t pix = pix0 + pl;
-      layernorm_grad_pixel<T, VEC>(smem_xhat + static_cast<int64_t>(pl) * C, smem_g + static_cast<int64_t>(pl) * C,
+      layernorm_grad_pixel<T, VEC>(lanes, first + lanes.group < tile.n_valid ? C : 0,
+                                   smem_xhat + static_cast<int64_t>(pl) * C, smem_g + static_cast<int64_t>(pl) * C,
                                    p.g + pix * C, dy + pix * C, p.norm_weight, p.mean[pix], p.rstd[pix], C);
     }
     __syncthreads();
@@ -786,14 +836,24 @@ struct RingConfig {
   RingGrid grid;
 };
 
+// Channels a ring thread convolves: one where C fits a block (C <= kRingMaxThreads), else two on
+// the 16-byte path (C <= 2 * kRingMaxThreads); wider C takes the tile kernels. `request` (1 or 2;
+// 0 none) overrides the choice where the path allows it (two only on the 16-byte path).
+inline int ring_channels(int64_t C, bool vectorized, int request) {
+  if (!vectorized || request == 1) return 1;
+  return request == 2 || C > kRingMaxThreads ? 2 : 1;
+}
+
 // Segments per block: as many as fit kRingMaxThreads, with the least idle work (padding threads
-// of the last warp, pixel pairs past the row's end in the last strip); on a tie, more. Rows by
-// split_rows, the strips of a row sharing each part. ConvNeXt-T at
-// batch 128: 4, 2, 1, 1 segments (192 threads at C = 96, 192, 384; 384 at 768), 7, 7, 7, 4
-// strips, whole images, one a block.
-inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized) {
+// of the last warp, pixel groups past the row's end in the last strip); on a tie, more. Rows by
+// split_rows, the strips of a row sharing each part. ConvNeXt-T at batch 128: C = 96, 192, 384
+// take one channel and 4 pixels a thread, 2, 1, 1 segments (192, 192, 384 threads), 7, 7, 4
+// strips; C = 768 two channels and 2 pixels, 1 segment (384 threads), 4 strips; whole images,
+// one a block.
+inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, bool vectorized, int request) {
   RingConfig r{};
-  const int64_t groups = C / (vectorized ? kRingChannels : 1);
+  const int channels = ring_channels(C, vectorized, request);
+  const int64_t groups = C / channels;
   r.fits = groups <= kRingMaxThreads;
   if (!r.fits) return r;
   RingGrid& g = r.grid;
@@ -801,7 +861,8 @@ inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, b
   g.H = static_cast<int>(H);
   g.W = static_cast<int>(W);
   g.C = static_cast<int>(C);
-  const int64_t pairs = ceil_div(W, kRingPixels);
+  g.channels = channels;
+  const int64_t pairs = ceil_div(W, ring_pixels(channels));
   double best = -1.0;
   for (int64_t s = 1; s <= std::min<int64_t>(pairs, kRingMaxThreads / groups); ++s) {
     const int64_t threads = round_up(groups * s, 32);
@@ -823,7 +884,8 @@ inline RingConfig make_ring_config(int64_t N, int64_t H, int64_t W, int64_t C, b
 // Shared memory of the ring kernels: 7 rows of the strip (the forward; the backward two such
 // buffers, z / xhat and g, and its [3][C] sums).
 inline std::size_t ring_smem_bytes(const RingConfig& r, bool backward) {
-  const std::size_t period = static_cast<std::size_t>(kKernelSize) * kRingPixels * r.grid.segments * r.grid.C;
+  const std::size_t period =
+      static_cast<std::size_t>(kKernelSize) * ring_pixels(r.grid.channels) * r.grid.segments * r.grid.C;
   return (backward ? 2 * period + 3 * static_cast<std::size_t>(r.grid.C) : period) * sizeof(float);
 }
 
@@ -860,6 +922,7 @@ struct FwdArgs {
   int64_t N, H, W, C;
   float eps;
   bool vectorized;
+  int ring_channels;  // 0: ring_channels() chooses; 1 or 2 (launch_api.h)
 };
 
 struct BwdArgs {
@@ -878,6 +941,7 @@ struct BwdArgs {
   void* workspace;
   int64_t N, H, W, C;
   bool vectorized;
+  int ring_channels;  // as in FwdArgs
 };
 
 // Workspace layouts (sizes computed with a null base).
@@ -892,13 +956,16 @@ struct FwdWorkspace {
 };
 
 // Partial rows of the recompute kernel, whichever runs (the ring kernel's blocks depend on
-// whether the 16-byte path is taken, which the workspace size, from the sizes alone, cannot know).
+// whether the 16-byte path is taken and on ring_channels, which the workspace size, from the sizes
+// alone, cannot know).
 inline int64_t stats_partial_rows(int64_t N, int64_t H, int64_t W, int64_t C) {
   int64_t rows = stats_blocks_cap(C);
   for (bool vectorized : {false, true}) {
     if (vectorized && C % 8 != 0) continue;
-    const RingConfig r = make_ring_config(N, H, W, C, vectorized);
-    if (r.fits) rows = std::max(rows, r.blocks);
+    for (int request : {1, 2}) {
+      const RingConfig r = make_ring_config(N, H, W, C, vectorized, request);
+      if (r.fits) rows = std::max(rows, r.blocks);
+    }
   }
   return rows;
 }
@@ -935,15 +1002,24 @@ inline void check_smem_fits(Kernel kernel, std::size_t bytes, const char* name) 
   set_dynamic_smem(kernel, bytes, name);
 }
 
+// The ring kernel for `channels` a thread: one_channel, or (16-byte path only) two_channels.
+template <int kVec, typename Kernel>
+inline Kernel ring_kernel(int channels, Kernel one_channel, Kernel two_channels) {
+  if (channels == 1) return one_channel;
+  if constexpr (kVec == 8) return two_channels;
+  throw std::logic_error("ring_kernel: two channels a thread on the scalar path");
+}
+
 // Per-dtype entry points, explicitly instantiated in dwconv_layernorm_{fwd,bwd}_{dtype}.cu.
 template <typename T>
 void run_fwd(const FwdArgs& a, cudaStream_t stream) {
-  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized);
+  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized, a.ring_channels);
   if (r.fits) {
     RingFwdParams p{r.grid, a.x, a.conv_weight, a.conv_bias, a.norm_weight, a.norm_bias, a.y, a.mean, a.rstd, a.eps};
     CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
-      constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte LayerNorm, or any-C scalar path
-      auto kernel = dwconv_layernorm_fwd_ring_kernel<T, kVec>;
+      constexpr int kVec = kVectorized ? 8 : 1;  // 16-byte LayerNorm, or any-C scalar path
+      auto kernel = ring_kernel<kVec>(r.grid.channels, dwconv_layernorm_fwd_ring_kernel<T, kVec, 1>,
+                                      dwconv_layernorm_fwd_ring_kernel<T, 8, 2>);
       const std::size_t smem = ring_smem_bytes(r, false);
       check_smem_fits(kernel, smem, "dwconv_layernorm_fwd_ring_kernel");
       CNK_LAUNCH(kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(p);
@@ -974,14 +1050,15 @@ void run_bwd(const BwdArgs& a, cudaStream_t stream) {
 
   // 1) recompute z, xhat -> g and partials of dnorm_weight, dnorm_bias, dconv_bias: on the ring,
   // or (C too wide for it) the tile kernel
-  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized);
+  const RingConfig r = make_ring_config(a.N, a.H, a.W, a.C, a.vectorized, a.ring_channels);
   int64_t blocks = r.blocks;
   CNK_BOOL_SWITCH(a.vectorized, kVectorized, [&] {
     constexpr int kVec = kVectorized ? 8 : 1;  // 2-channel loads + 16-byte vectors, or any-C scalar path
     if (r.fits) {
       RingBwdStatsParams sp{r.grid, a.x, a.dy, a.conv_weight, a.conv_bias, a.norm_weight, a.mean, a.rstd,
                             ws.g, ws.stats_partials};
-      auto stats_kernel = dwconv_layernorm_bwd_stats_ring_kernel<T, kVec>;
+      auto stats_kernel = ring_kernel<kVec>(r.grid.channels, dwconv_layernorm_bwd_stats_ring_kernel<T, kVec, 1>,
+                                            dwconv_layernorm_bwd_stats_ring_kernel<T, 8, 2>);
       const std::size_t smem = ring_smem_bytes(r, true);
       check_smem_fits(stats_kernel, smem, "dwconv_layernorm_bwd_stats_ring_kernel");
       CNK_LAUNCH(stats_kernel, static_cast<unsigned>(r.blocks), r.threads, smem, stream)(sp);

@@ -54,17 +54,18 @@ void dwconv_layernorm_fwd(std::uintptr_t x, std::uintptr_t conv_weight, std::uin
                           std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y,
                           std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t workspace,
                           int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, double eps,
-                          int dtype, std::uintptr_t stream) {
+                          int dtype, std::uintptr_t stream, int ring_channels) {
   using namespace dwconv;
   check_sizes(N, H, W, C);
   CNK_CHECK_ARG(x && conv_weight && norm_weight && norm_bias && y && mean && rstd && workspace,
                 "null pointer for a required tensor");
   CNK_CHECK_ARG(eps >= 0.0, "eps must be non-negative");
+  CNK_CHECK_ARG(ring_channels >= 0 && ring_channels <= 2, "ring_channels must be 0 (choose), 1 or 2");
   CNK_CHECK_ARG(workspace_bytes >= FwdWorkspace(nullptr, C).bytes, "workspace too small");
   FwdArgs a{as_ptr<const void>(x), as_ptr<const float>(conv_weight), as_ptr<const float>(conv_bias),
             as_ptr<const float>(norm_weight), as_ptr<const float>(norm_bias), as_ptr<void>(y),
             as_ptr<float>(mean), as_ptr<float>(rstd), as_ptr<void>(workspace), N, H, W, C,
-            static_cast<float>(eps), false};
+            static_cast<float>(eps), false, ring_channels};
   // 16-byte vector path: whole channel vectors and aligned rows (conv_bias may be null).
   // The workspace holds the transposed conv weights, read as float4.
   a.vectorized = C % 8 == 0 && all_aligned16({x, norm_weight, norm_bias, y, conv_bias, workspace});
@@ -77,17 +78,19 @@ void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t co
                           std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dconv_weight,
                           std::uintptr_t dconv_bias, std::uintptr_t dnorm_weight, std::uintptr_t dnorm_bias,
                           std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
-                          int64_t C, int dtype, std::uintptr_t stream) {
+                          int64_t C, int dtype, std::uintptr_t stream, int ring_channels) {
   using namespace dwconv;
   check_sizes(N, H, W, C);
   CNK_CHECK_ARG(dy && x && conv_weight && norm_weight && mean && rstd && dx && dconv_weight && dconv_bias &&
                     dnorm_weight && dnorm_bias && workspace,
                 "null pointer for a required tensor");
   CNK_CHECK_ARG(workspace_bytes >= BwdWorkspace(nullptr, N, H, W, C).bytes, "workspace too small");
+  CNK_CHECK_ARG(ring_channels >= 0 && ring_channels <= 2, "ring_channels must be 0 (choose), 1 or 2");
   BwdArgs a{as_ptr<const void>(dy), as_ptr<const void>(x), as_ptr<const float>(conv_weight),
             as_ptr<const float>(conv_bias), as_ptr<const float>(norm_weight), as_ptr<const float>(mean),
             as_ptr<const float>(rstd), as_ptr<void>(dx), as_ptr<float>(dconv_weight), as_ptr<float>(dconv_bias),
-            as_ptr<float>(dnorm_weight), as_ptr<float>(dnorm_bias), as_ptr<void>(workspace), N, H, W, C, false};
+            as_ptr<float>(dnorm_weight), as_ptr<float>(dnorm_bias), as_ptr<void>(workspace), N, H, W, C, false,
+            ring_channels};
   a.vectorized = C % 8 == 0 && all_aligned16({dy, x, dx, norm_weight, conv_bias, workspace});
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   CNK_DTYPE_SWITCH(dtype, T, [&] { run_bwd<T>(a, s); });

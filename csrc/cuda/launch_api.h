@@ -15,13 +15,17 @@ namespace cuda {
 enum DTypeCode : int { kDTypeFloat32 = 0, kDTypeFloat16 = 1, kDTypeBFloat16 = 2 };
 
 // ---- dwconv_layernorm --------------------------------------------------------------------------
+// ring_channels: channels a thread of the ring kernels convolves, 1 or 2 (2 only where C % 8 ==
+// 0 and the pointers are 16-byte aligned; otherwise 1); 0 chooses (1 for C <= 384, else 2). Where
+// C / ring_channels threads do not fit a block (C > 384 with 1) the tile kernels run. A benchmark
+// switch: every choice gives the same results up to fp32 summation order.
 int64_t dwconv_layernorm_fwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C);
 
 void dwconv_layernorm_fwd(std::uintptr_t x, std::uintptr_t conv_weight, std::uintptr_t conv_bias,
                           std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y,
                           std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t workspace,
                           int64_t workspace_bytes, int64_t N, int64_t H, int64_t W, int64_t C, double eps,
-                          int dtype, std::uintptr_t stream);
+                          int dtype, std::uintptr_t stream, int ring_channels = 0);
 
 int64_t dwconv_layernorm_bwd_workspace_bytes(int64_t N, int64_t H, int64_t W, int64_t C);
 
@@ -30,7 +34,7 @@ void dwconv_layernorm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t co
                           std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dconv_weight,
                           std::uintptr_t dconv_bias, std::uintptr_t dnorm_weight, std::uintptr_t dnorm_bias,
                           std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t H, int64_t W,
-                          int64_t C, int dtype, std::uintptr_t stream);
+                          int64_t C, int dtype, std::uintptr_t stream, int ring_channels = 0);
 
 // ---- mlp_layerscale ----------------------------------------------------------------------------
 // mlp_layerscale_fwd: allow_fused lets fp16 / bf16 with C <= 384, C % 8 == 0 and 16-byte aligned

@@ -29,6 +29,7 @@ struct RuntimeState {
   std::uint64_t seed = 0;
   bool cp_async_eager = false;
   Stats stats;
+  std::vector<LaunchRecord> launches;
 };
 RuntimeState& runtime() {
   static thread_local RuntimeState state;
@@ -609,6 +610,7 @@ bool run_block(const char* name, const ThreadCoords& proto, int nthreads, std::v
 
 // ---- public entry points ---------------------------------------------------------------------------------
 Stats& stats() { return runtime().stats; }
+std::vector<LaunchRecord>& launches() { return runtime().launches; }
 
 void set_schedule(Schedule schedule, std::uint64_t seed) {
   runtime().schedule = schedule;
@@ -642,6 +644,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, std::
                                             std::to_string(allowed));
     return;
   }
+  runtime().launches.push_back(LaunchRecord{name, grid, block, dynamic_smem});
   std::vector<char> smem(dynamic_smem);
   std::mt19937_64 rng(runtime().seed);
   ThreadCoords proto{uint3{0, 0, 0}, uint3{0, 0, 0}, block, grid};

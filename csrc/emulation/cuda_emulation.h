@@ -38,9 +38,11 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- language ------------------------------------------------------------------------------------
 #define __global__
@@ -197,6 +199,15 @@ struct Stats {
   std::uint64_t wgmma = 0;                      // warpgroup-wide wgmma.mma_async instructions run
 };
 Stats& stats();
+
+// Every launch that passed the configuration checks since the last clear (per host thread): what
+// a test reads to know which grid a launcher chose. `name` is the CNK_LAUNCH kernel expression.
+struct LaunchRecord {
+  std::string name;
+  dim3 grid, block;
+  std::size_t dynamic_smem;
+};
+std::vector<LaunchRecord>& launches();
 
 // Order in which the scheduler resumes the runnable threads of a block between barriers: each
 // runnable thread in turn (forward, reverse, seeded shuffle), or greedily: after every switch the

@@ -169,6 +169,25 @@ PYBIND11_MODULE(_cuda_emulated, m) {
       "warpgroup-wide wgmma.mma_async instructions run.");
 
   m.def(
+      "launches",
+      [](bool clear) {
+        py::list out;
+        for (const cnk_emu::LaunchRecord& r : cnk_emu::launches()) {
+          py::dict d;
+          d["name"] = r.name;
+          d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
+          d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+          d["dynamic_smem"] = r.dynamic_smem;
+          out.append(d);
+        }
+        if (clear) cnk_emu::launches().clear();
+        return out;
+      },
+      py::arg("clear") = false,
+      "The launches since the last clear, in order: name (the launch's kernel expression), grid, block "
+      "and dynamic shared memory bytes; clear=True empties the log after reading it.");
+
+  m.def(
       "round_through",
       [](std::uintptr_t src, std::uintptr_t dst, int64_t n, int dtype) {
         const float* in = reinterpret_cast<const float*>(src);

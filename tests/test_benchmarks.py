@@ -117,11 +117,27 @@ def test_kernels_quick_cpu(tmp_path):
     records = payload["results"]
     cases = {(r["op"], r["pass"], r["stage"]) for r in records}
     assert len(cases) == 2 * 2 * 2  # ops x passes x stages
+    reported = list(dict.fromkeys((r["op"], r["pass"], r["stage"]) for r in records))
+    assert reported == sorted(reported)  # op by op, pass by pass (run stage by stage: case_order)
     for r in records:
         assert KERNEL_FIELDS <= r.keys(), sorted(KERNEL_FIELDS - r.keys())
         assert r["bound_ms"] > 0
         if r["provider"] == "eager":
             assert r["error"] is None and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0
+
+
+def test_kernels_case_order(monkeypatch):
+    """Cases run stage by stage (1, 3, 2, 4), both ops and passes each, so that a GPU run cut by its
+    time limit keeps the stages that matter most; the report goes op by op."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+
+    cases = kernels.case_order(kernels.OPS, kernels.PASSES, [1, 2, 3, 4])
+    assert [stage for _, _, stage in cases] == [1] * 4 + [3] * 4 + [2] * 4 + [4] * 4
+    assert cases[:4] == [("dwconv_layernorm", "fwd", 1), ("mlp_layerscale", "fwd", 1),
+                         ("dwconv_layernorm", "fwd+bwd", 1), ("mlp_layerscale", "fwd+bwd", 1)]
+    assert kernels.case_order(["mlp_layerscale"], ["fwd"], [4, 2]) == [("mlp_layerscale", "fwd", 2),
+                                                                       ("mlp_layerscale", "fwd", 4)]
 
 
 # Runs a benchmark script's main with SIGINT sent to itself when the `hook` function is first

@@ -39,15 +39,18 @@ Providers:
                  16 (28 at stages 1 and 2: fewer halo rows recomputed, half the programs).
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
-read + write bytes / time) and matmul peak (best of three large square matmuls in --dtype). Per case:
+read + write bytes / time), matmul peak (best of three large square matmuls in --dtype) and the
+fp32 FMA rate (the same in fp32 with TF32 off: cuBLAS SGEMM, CUDA-core FFMA). Per case:
   bytes   the minimum traffic: every activation tensor read or written once (dwconv fwd: x, y;
           bwd: dy, x, dx. mlp fwd: x, shortcut, out and the Linear weights; bwd: dy, x, dx, the
           Linear weights and their gradients; the 4C hidden never leaves the chip)
   flops   dwconv 2*49*NHWC, mlp 16*NHWC*C (two GEMMs); fwd+bwd counts 3x the forward
-  bound   max(bytes / copy bandwidth, flops / matmul peak): the fastest a kernel could be, as far as the
-          measured ceilings are the true ones
-The depthwise conv runs on CUDA cores, not tensor cores, so the matmul peak overstates its
-compute ceiling; its bound is set by bytes anyway.
+  bound   max(bytes / copy bandwidth, flops / compute ceiling): the fastest a kernel could be, as far
+          as the measured ceilings are the true ones. The compute ceiling is the matmul peak for
+          mlp_layerscale (tensor cores) and the fp32 FMA rate for dwconv_layernorm: its conv runs
+          on CUDA cores with exact fp32 accumulation, and on an H100 in bf16 its 49 FMAs a value
+          take about as long as its bytes (forward; the backward's 3x the FMAs, longer), so that
+          ceiling, not the bytes, can set its bound.
 """
 
 from __future__ import annotations
@@ -207,6 +210,16 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return max(_square_matmul_tflops(n, device, dtype) for n in sizes)
 
 
+def fp32_fma_tflops(device: torch.device) -> float:
+    """The CUDA-core fp32 FMA rate, as a fp32 matmul with TF32 off reaches it (SGEMM)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return matmul_tflops(device, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def _square_matmul_tflops(n: int, device: torch.device, dtype: torch.dtype) -> float:
     # Its own function so that each size's operands are freed before the next size's are made.
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -305,7 +318,8 @@ def new_record(op: str, pass_: str, stage: int, provider: str, args, ceilings: d
     H, C = STAGES[stage - 1]
     N = args.batch_size
     nbytes, flops = model_cost(op, pass_, N, H, C, DTYPES[args.dtype])
-    bound_ms = 1e3 * max(nbytes / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
+    compute_tflops = ceilings["fp32_tflops"] if op == "dwconv_layernorm" else ceilings["matmul_tflops"]
+    bound_ms = 1e3 * max(nbytes / (ceilings["copy_gbps"] * 1e9), flops / (compute_tflops * 1e12))
     return {"op": op, "pass": pass_, "stage": stage, "shape": [N, H, H, C], "provider": provider,
             "backend": backend_of(provider) or ("inductor" if provider == "compile" else "torch"),
             "dtype": args.dtype, "ms": None, "gb_per_s": None, "pct_copy_bw": None, "tflop_per_s": None,
@@ -451,8 +465,10 @@ def markdown(payload: dict, records: list[dict], chart_name: str) -> str:
         common.markdown_header(f"Fused ops at the ConvNeXt-T stage shapes: batch {cfg['batch_size']}, "
                                f"{cfg['dtype']}", payload),
         f"Ceilings measured in this run: copy {c['copy_gbps']:.1f} GB/s, {cfg['dtype']} matmul "
-        f"{c['matmul_tflops']:.2f} TFLOP/s. Bound = max(minimum bytes / copy bandwidth, model FLOPs / "
-        f"matmul peak); % roofline = bound / measured time. Times: median, {timing}.",
+        f"{c['matmul_tflops']:.2f} TFLOP/s, fp32 FMA {c['fp32_tflops']:.2f} TFLOP/s (fp32 matmul, TF32 off). "
+        f"Bound = max(minimum bytes / copy bandwidth, model FLOPs / compute ceiling: the matmul peak "
+        f"for mlp_layerscale, the fp32 FMA rate for dwconv_layernorm's CUDA-core conv); % roofline = "
+        f"bound / measured time. Times: median, {timing}.",
         "",
         common.markdown_table(TABLE_HEADERS, table_rows(records)),
         "",
@@ -480,8 +496,12 @@ def main(argv=None) -> int:
 
     ceilings = {"copy_gbps": copy_bandwidth_gbps(args.device),
                 "matmul_tflops": matmul_tflops(args.device, DTYPES[args.dtype]), "matmul_dtype": args.dtype}
+    # The fp32 FMA rate: a float32 matmul is that already where TF32 is off (the CPU's, or set so).
+    same = args.dtype == "float32" and (args.device.type == "cpu" or torch.get_float32_matmul_precision() == "highest")
+    ceilings["fp32_tflops"] = ceilings["matmul_tflops"] if same else fp32_fma_tflops(args.device)
     payload["ceilings"] = ceilings
-    print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s")
+    print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s, "
+          f"fp32 FMA {ceilings['fp32_tflops']:.2f} TFLOP/s")
 
     cases = case_order(args.ops, args.passes, args.stages)
     records = []

@@ -224,14 +224,17 @@ def kernels_section(key, group, base: Path) -> str:
     where = "GPU" if dev_type == "cuda" else "CPU"
     ceilings = "; ".join(
         f"copy {r['ceilings']['copy_gbps']:.0f} GB/s, {r['ceilings']['matmul_dtype']} matmul "
-        f"{r['ceilings']['matmul_tflops']:.3g} TFLOP/s" for r in group["runs"])
+        f"{r['ceilings']['matmul_tflops']:.3g} TFLOP/s"
+        + (f", fp32 FMA {r['ceilings']['fp32_tflops']:.3g} TFLOP/s" if "fp32_tflops" in r["ceilings"] else "")
+        for r in group["runs"])
     details = ", ".join(f"[{r['_path'].with_suffix('.md').name}]({_rel(r['_path'].with_suffix('.md'), base)})"
                         for r in group["runs"])
     lines = [
         f"### Fused ops at the ConvNeXt-T stage shapes, batch {batch}, {dtype}, {where}: {device}",
         "",
-        f"Milliseconds (% of the roofline bound: max(minimum bytes / copy bandwidth, FLOPs / matmul "
-        f"peak), both measured in the run: {ceilings}). Commands: "
+        f"Milliseconds (% of the roofline bound: max(minimum bytes / copy bandwidth, FLOPs / compute "
+        f"ceiling), the ceilings measured in the run: {ceilings}; the compute ceiling is the matmul peak "
+        f"for mlp_layerscale and, where measured, the fp32 FMA rate for dwconv_layernorm). Commands: "
         + "; ".join(f"`{r['command']}`" for r in group["runs"]) + f"; details in {details}.",
         "",
         common.markdown_table(["op", "pass", "H×W×C", "bound ms", *providers], rows),

@@ -113,7 +113,9 @@ def test_kernels_quick_cpu(tmp_path):
                         "--out", str(tmp_path))
     assert "CPU run" in stdout
     payload = single_result(tmp_path, "kernels")
-    assert payload["ceilings"]["copy_gbps"] > 0 and payload["ceilings"]["matmul_tflops"] > 0
+    ceilings = payload["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"] > 0
+    assert ceilings["fp32_tflops"] == ceilings["matmul_tflops"]  # CPU, float32: the same matmul
     records = payload["results"]
     cases = {(r["op"], r["pass"], r["stage"]) for r in records}
     assert len(cases) == 2 * 2 * 2  # ops x passes x stages
@@ -124,6 +126,25 @@ def test_kernels_quick_cpu(tmp_path):
         assert r["bound_ms"] > 0
         if r["provider"] == "eager":
             assert r["error"] is None and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0
+
+
+def test_kernels_bound_uses_each_ops_compute_ceiling(monkeypatch):
+    """dwconv_layernorm's conv is CUDA-core fp32 FMA work: its FLOP bound divides by the fp32 FMA
+    rate; mlp_layerscale's by the matmul peak. At H100-like ceilings, stage 1 bf16 at batch 128,
+    the dwconv forward's FLOPs then take longer than its bytes."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import argparse
+
+    import kernels
+
+    ceilings = {"copy_gbps": 3000.0, "matmul_tflops": 790.0, "fp32_tflops": 50.0}
+    args = argparse.Namespace(batch_size=128, dtype="bfloat16", device=torch.device("cpu"))
+    for op, tflops in (("dwconv_layernorm", 50.0), ("mlp_layerscale", 790.0)):
+        r = kernels.new_record(op, "fwd", 1, "eager", args, ceilings)
+        expected = 1e3 * max(r["model_bytes"] / 3000e9, r["model_flops"] / (tflops * 1e12))
+        assert r["bound_ms"] == pytest.approx(expected)
+    dw = kernels.new_record("dwconv_layernorm", "fwd", 1, "eager", args, ceilings)
+    assert dw["model_flops"] / 50e12 > dw["model_bytes"] / 3000e9
 
 
 def test_kernels_case_order(monkeypatch):

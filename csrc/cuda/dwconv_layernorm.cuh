@@ -6,7 +6,7 @@
 // 49 taps in registers); complete rows go to shared memory, where the LayerNorm (forward) or its
 // gradient (backward) runs on a few lanes a pixel (PixelLanes; shuffle sums; the forward in two
 // passes: mean, then centred variance). C past the ring's block (more than kRingMaxThreads channel
-// pairs) takes the tile kernels.
+// groups: C > 768, or C > 384 on the scalar path) takes the tile kernels.
 //
 // Tile kernels (the forward and the backward recompute for wide C): a block owns `tile_w`
 // consecutive output pixels of one (n, h) row, all C channels. In the conv phase a thread owns VEC

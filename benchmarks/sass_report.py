@@ -4,6 +4,9 @@
     python benchmarks/sass_report.py csrc/cuda/dwconv_layernorm_bwd_bf16.cu --kernel stats_ring --arch 80
     python benchmarks/sass_report.py ~/.triton/cache/<hash>/_dwconv_layernorm_fwd_kernel.cubin
     python benchmarks/sass_report.py csrc/cuda/mlp_layerscale_fwd_bf16.cu --json out.json
+    # Triton: tests/triton_aot.py compiles the launchers' kernels for a GPU that need not be here
+    python tests/triton_aot.py /tmp/aot.json --cases bf16:96 --cubin-dir /tmp/cubins   # no TRITON_INTERPRET
+    python benchmarks/sass_report.py /tmp/cubins/_dwconv_layernorm_fwd_kernel_*.cubin   # one a config
 
 A .cu translation unit is compiled by nvcc as the extension's build compiles it (-O3,
 --expt-relaxed-constexpr, C++17, CNK_CUDA_HAS_SM90A for 90a; one arch); a .cubin (Triton's cache,
@@ -205,21 +208,23 @@ def print_rows(rows: list[dict], max_loops: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("path", type=Path, help="a csrc/cuda .cu translation unit, or a .cubin")
+    p.add_argument("paths", type=Path, nargs="+", help="csrc/cuda .cu translation units or .cubin files")
     p.add_argument("--arch", default="90a", help="nvcc arch for a .cu: 90a (default), 90, 80, ...")
     p.add_argument("--kernel", help="regular expression on the (demangled) kernel names")
     p.add_argument("--segments", action="store_true", help="also the stretches between barriers")
     p.add_argument("--loops", type=int, default=4, help="loops listed a kernel, the longest first (default 4)")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
     args = p.parse_args(argv)
-    path = args.path if args.path.is_absolute() or args.path.exists() else REPO / args.path
-    rows = report(path, args.arch, args.kernel, args.segments)
+    rows = []
+    for path in args.paths:
+        path = path if path.is_absolute() or path.exists() else REPO / path
+        rows += [{"path": str(path), **row} for row in report(path, args.arch, args.kernel, args.segments)]
     if not rows:
         print("sass_report: no kernel matched", file=sys.stderr)
         return 1
     print_rows(rows, args.loops)
     if args.json:
-        args.json.write_text(json.dumps({"path": str(args.path), "arch": args.arch, "kernels": rows}, indent=1))
+        args.json.write_text(json.dumps({"arch": args.arch, "kernels": rows}, indent=1))
     return 0
 
 

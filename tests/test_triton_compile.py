@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,7 @@ def _compile_all(tmp_path_factory, arch):
     out = tmp / "aot.json"
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
     proc = subprocess.run([sys.executable, script, str(out), "--arch", str(arch),
-                           "--jobs", str(min(4, os.cpu_count() or 1))],
+                           "--jobs", str(min(4, os.cpu_count() or 1)), "--cubin-dir", str(tmp / "cubins")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.exists(), (
         f"triton_aot.py failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -170,6 +171,20 @@ def test_no_register_spills_sm90(aot):
            f"({r['regs']} registers) > {_spill_bound(r)} B"
            for r in _spill_rows(aot) if _spill(r) > _spill_bound(r)]
     assert not bad, "register spills for sm_90:\n" + "\n".join(bad)
+
+
+def test_sass_report_reads_the_cubins(aot):
+    """benchmarks/sass_report.py on a Triton cubin (tests/triton_aot.py --cubin-dir): the forward's
+    row loops, FMAs among them."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import sass_report
+
+    if sass_report.find_tool("nvdisasm") is None:
+        pytest.skip("needs nvdisasm")
+    row = next(r for r in aot if r["ok"] and r["kernel"] == "_dwconv_layernorm_fwd_kernel" and "bf16:96" in r["cases"])
+    (kernel,) = sass_report.report(Path(row["cubin"]), "90a", None, False)
+    assert kernel["kernel"] == "_dwconv_layernorm_fwd_kernel" and kernel["instructions"] > 0
+    assert max(loop["ffma"] for loop in kernel["loops"]) > 0
 
 
 def test_every_launch_has_a_clean_config_for_sm80(aot_sm80):

@@ -17,7 +17,10 @@ launchers pick their interpreter-only config lists). It
 Writes one JSON object: {"error": str} when a Triton API it needs is missing, else
 {"triton": version, "results": [...]}, one row per compile.
 
-usage: python tests/triton_aot.py OUT.json [--jobs 2] [--arch 90] [--cases bf16:96,...]
+With --cubin-dir DIR each compile's cubin is written there too (row field "cubin"), for
+benchmarks/sass_report.py to count its instructions.
+
+usage: python tests/triton_aot.py OUT.json [--jobs 2] [--arch 90] [--cases bf16:96,...] [--cubin-dir DIR]
 """
 import argparse
 import contextlib
@@ -185,7 +188,7 @@ def expand(record):
 
 # ------------------------------------------------------------------ compile
 def compile_one(job):
-    module, name, sig, consts, attrs, opts, _desc, arch = job
+    module, name, sig, consts, attrs, opts, _desc, arch, cubin_path = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -202,7 +205,12 @@ def compile_one(job):
                     tb=traceback.format_exc()[-2000:])
     text = log.getvalue()
     regs, spills = _REGS_RE.findall(text), _SPILL_RE.findall(text)
-    return dict(ok=True, smem=int(k.metadata.shared),
+    extra = {}
+    if cubin_path:
+        with open(cubin_path, "wb") as f:
+            f.write(k.asm["cubin"])
+        extra["cubin"] = cubin_path
+    return dict(ok=True, smem=int(k.metadata.shared), **extra,
                 regs=int(regs[-1]) if regs else None,
                 spill_stores=int(spills[-1][1]) if spills else None,
                 spill_loads=int(spills[-1][2]) if spills else None)
@@ -214,6 +222,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cubin-dir", help="also write each compile's cubin here")
     a = ap.parse_args()
 
     def write(obj):
@@ -242,8 +251,12 @@ def main():
     # Longest (large-tile, many-warp) compiles first keeps both workers busy to the end.
     work.sort(key=lambda w: -(w["job"][5].get("num_warps", 4)))
     ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+    cubins = [None] * len(work)
+    if a.cubin_dir:
+        os.makedirs(a.cubin_dir, exist_ok=True)
+        cubins = [os.path.join(a.cubin_dir, f"{w['job'][1]}_{i:03d}.cubin") for i, w in enumerate(work)]
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=ctx) as ex:
-        outs = list(ex.map(compile_one, [w["job"] + (a.arch,) for w in work]))
+        outs = list(ex.map(compile_one, [w["job"] + (a.arch, c) for w, c in zip(work, cubins)]))
     rows = []
     for w, r in zip(work, outs):
         module, name, sig, consts, attrs, opts, desc = w["job"]

@@ -129,6 +129,7 @@ PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
 GEMM_PROVIDERS = {"cuda_mma_sync": ("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")}
 # The same for dwconv_layernorm.
 CUDA_RING_PROVIDERS = {"cuda_ring2": ("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")}
+ENV_PROVIDERS = {**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}  # every fused_cuda with a switch set
 # fused_triton with a setting of convnext_kernels.triton.dwconv_layernorm changed for the whole
 # step, by provider.
 RING_PROVIDERS = {"triton_ring6": ("_RING_FWD_VALUES", 6), "triton_rows32": ("_RING_MAX_ROWS", 32)}
@@ -140,7 +141,7 @@ def providers_for(op: str, pass_: str, providers: list[str]) -> list[str]:
     return [p for p in providers
             if (p not in PREACT_PROVIDERS or (op == "mlp_layerscale" and pass_ == "fwd+bwd"))
             and (p not in GEMM_PROVIDERS or op == "mlp_layerscale")
-            and (p not in RING_PROVIDERS and p not in CUDA_RING_PROVIDERS or op == "dwconv_layernorm")]
+            and ((p not in RING_PROVIDERS and p not in CUDA_RING_PROVIDERS) or op == "dwconv_layernorm")]
 
 
 def backend_of(provider: str) -> str | None:
@@ -149,7 +150,7 @@ def backend_of(provider: str) -> str | None:
         return provider[len("fused_"):]
     if provider in PREACT_PROVIDERS or provider in RING_PROVIDERS:
         return "triton"
-    if provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS:
+    if provider in ENV_PROVIDERS:
         return "cuda"
     return None
 
@@ -348,8 +349,7 @@ def prepare(record: dict, args):
             step()
             common.synchronize(args.device)
             return step, leaves
-        # fused_<backend> with a setting changed
-        variant = provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS or provider in RING_PROVIDERS
+        variant = provider in ENV_PROVIDERS or provider in RING_PROVIDERS  # fused_<backend>, a setting changed
         fn = op_function(record["op"], f"fused_{backend}" if variant else provider)
         if record["pass"] == "fwd":
             def step():
@@ -362,8 +362,8 @@ def prepare(record: dict, args):
 
             def step():
                 fn(**inputs).backward(dy)
-        if provider in GEMM_PROVIDERS or provider in CUDA_RING_PROVIDERS:
-            step = with_env(step, *{**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}[provider])
+        if provider in ENV_PROVIDERS:
+            step = with_env(step, *ENV_PROVIDERS[provider])
         if provider in RING_PROVIDERS:
             step = with_ring_setting(step, *RING_PROVIDERS[provider])
         step()

@@ -173,10 +173,10 @@ def test_no_register_spills_sm90(aot):
     assert not bad, "register spills for sm_90:\n" + "\n".join(bad)
 
 
-def test_sass_report_reads_the_cubins(aot):
+def test_sass_report_reads_the_cubins(aot, monkeypatch):
     """benchmarks/sass_report.py on a Triton cubin (tests/triton_aot.py --cubin-dir): the forward's
     row loops, FMAs among them."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sass_report
 
     if sass_report.find_tool("nvdisasm") is None:

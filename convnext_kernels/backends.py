@@ -202,13 +202,15 @@ _LAUNCHER_MODULES = {
 # pre-activation x @ fc1_weight.T + fc1_bias (in the activation dtype) for backward, when one can
 # follow, instead of backward recomputing it; absent: never. Storing trades 4C values per pixel
 # of memory traffic for one GEMM less, whose cost per stored value grows with C. cpu, fp32:
-# recompute won at C = 96 and storing at 192-768 (ConvNeXt-T stage shapes, batch 8, 2 threads:
-# benchmarks/kernels.py, mlp_layerscale fwd+bwd, 2026-11-24); 16-bit is left to recompute (a
+# storing wins at every ConvNeXt-T stage since the fused GELU epilogue made the rest of
+# backward cheaper (C = 96: 113-116 ms against 118-120 recomputing, fwd+bwd at batch 8 on a
+# 2-thread AMD EPYC, 2026-12-06; recompute had won at 96 before); below 96 (atto, femto) the
+# recompute GEMM is cheaper still and is kept, unmeasured. 16-bit is left to recompute (a
 # stored 16-bit pre-activation rounds what backward's GELU sees; not measured as faster). GPU
 # backends recompute: triton has both forms, timed against each other by benchmarks/kernels.py
 # (the GPU figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.
-MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 192}}
+MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 96}}
 
 
 def launchers(backend: str) -> ModuleType:

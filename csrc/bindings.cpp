@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/dwconv_layernorm.h"
+#include "cpu/mlp_layerscale.h"
 
 namespace py = pybind11;
 
@@ -130,6 +131,43 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Backward of dwconv_layernorm_fwd_cpu: writes dx and the float32 parameter "
       "gradients (overwritten). Deterministic for any num_threads.");
+
+  m.def(
+      "mlp_layerscale_gelu_fwd_cpu",
+      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t hidden, int64_t rows,
+         int64_t cols, int dtype, int num_threads) {
+        convnext_kernels::mlp_layerscale_gelu_fwd_cpu(as_ptr<float>(preact),
+                                                      as_ptr<const float>(bias),
+                                                      as_ptr<void>(hidden), rows, cols, dtype,
+                                                      num_threads);
+      },
+      py::arg("preact"), py::arg("bias"), py::arg("hidden"), py::arg("rows"), py::arg("cols"),
+      py::arg("dtype"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "fc1 epilogue of mlp_layerscale: preact (rows, cols) float32 += bias (in place; bias may "
+      "be 0), hidden = exact-erf gelu(preact) in dtype (DTYPE_* code; may be preact itself "
+      "for float32).");
+
+  m.def("mlp_layerscale_gelu_bwd_cpu_workspace_size",
+        &convnext_kernels::mlp_layerscale_gelu_bwd_cpu_workspace_size, py::arg("rows"),
+        py::arg("cols"), "Float32 elements needed by mlp_layerscale_gelu_bwd_cpu's workspace.");
+
+  m.def(
+      "mlp_layerscale_gelu_bwd_cpu",
+      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t grad, std::uintptr_t hidden,
+         std::uintptr_t bias_grad, std::uintptr_t workspace, int64_t workspace_floats,
+         int64_t rows, int64_t cols, int dtype, int num_threads) {
+        convnext_kernels::mlp_layerscale_gelu_bwd_cpu(
+            as_ptr<const float>(preact), as_ptr<const float>(bias), as_ptr<float>(grad),
+            as_ptr<void>(hidden), as_ptr<float>(bias_grad), as_ptr<float>(workspace),
+            workspace_floats, rows, cols, dtype, num_threads);
+      },
+      py::arg("preact"), py::arg("bias"), py::arg("grad"), py::arg("hidden"),
+      py::arg("bias_grad"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("num_threads") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward of the fc1 epilogue: with a = preact + bias, hidden = gelu(a) in dtype, grad "
+      "*= gelu'(a) in place, bias_grad += column sums of the new grad (fixed order, any "
+      "num_threads).");
 
 #ifdef CONVNEXT_KERNELS_WITH_CUDA
   register_cuda_bindings(m);

@@ -1,4 +1,5 @@
-"""The C++ CPU kernel (convnext_kernels._C) through the "cpu" launchers, against plain torch."""
+"""The C++ CPU kernel (convnext_kernels._C) through the "cpu" launchers, against plain torch.
+(The mlp_layerscale GELU epilogue has its own file, test_cpu_gelu_epilogue.py.)"""
 
 import os
 import subprocess
@@ -174,6 +175,16 @@ dx = cpu.dwconv_layernorm_bwd(dy, x.detach(), cw, cb, nw, mean, rstd)[0]
 ref = F.layer_norm(F.conv2d(x.permute(0, 3, 1, 2), cw, cb, padding=3, groups=C).permute(0, 2, 3, 1), (C,), nw, nb, 1e-6)
 ref.backward(dy)
 assert (y - ref).abs().max() < 1e-4 and (dx - x.grad).abs().max() < 1e-4
+# The mlp_layerscale GELU epilogue, its width-37 rows ending in a partial vector.
+a, dh = torch.randn(70, 37) * 3, torch.randn(70, 37)
+h, da, db = torch.empty(70, 37), dh.clone(), torch.zeros(37)
+n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(70, 37)
+workspace = torch.empty(n)
+_C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, da.data_ptr(), h.data_ptr(), db.data_ptr(),
+                               workspace.data_ptr(), n, 70, 37, 0, 2)
+ref_da = dh * torch.ops.aten.gelu_backward(torch.ones_like(a), a)
+assert (h - F.gelu(a)).abs().max() < 1e-5 and (da - ref_da).abs().max() < 1e-5
+assert (db - ref_da.sum(0)).abs().max() < 1e-4
 """
 
 

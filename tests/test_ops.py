@@ -145,9 +145,23 @@ def test_mlp_layerscale_cpu(backend, dtype, shape):
 @pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
 def test_mlp_layerscale_both_backward_forms_cpu(backend, dtype, store, monkeypatch):
     # Each backend through the op with the pre-activation stored for backward and recomputed,
-    # whatever its entry in the table says (C = 96: below the cpu backend's threshold).
+    # whatever its entry in the table says.
     monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, backend, {dtype: 1} if store else {})
     _run_mlp_layerscale(backend, "cpu", (2, 5, 7, 96), dtype)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
+def test_mlp_layerscale_row_chunks_cpu(backend, dtype, store, monkeypatch):
+    # On the CPU the rows go through the MLP in chunks (2048 rows; the shapes above fit in one):
+    # 64-row chunks give 10 whole ones and a partial one of 23 rows, with the weight gradients
+    # accumulated across them and the stored pre-activation read back chunk by chunk.
+    from convnext_kernels.launchers import torch_ops
+
+    monkeypatch.setattr(torch_ops, "CPU_ROWS_PER_CHUNK", 64)
+    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, backend, {dtype: 1} if store else {})
+    _run_mlp_layerscale(backend, "cpu", (3, 13, 17, 40), dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,5 +1,6 @@
 """The "cpu" backend: dwconv_layernorm runs the fused C++ kernel of the compiled extension;
-mlp_layerscale is the torch formulation (its cost is two GEMMs, which torch already does well).
+mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs, which torch runs at the
+machine's FMA peak) with fc1's elementwise epilogue fused in C++ (FusedGelu).
 
 Launchers follow the contract in convnext_kernels.launchers: inputs arrive validated and
 contiguous, outputs and the backward workspace are allocated here with torch and handed to
@@ -20,7 +21,7 @@ from convnext_kernels.launchers import (
     dwconv_layernorm_fwd_outputs,
     empty_output,
 )
-from convnext_kernels.launchers.torch_ops import mlp_layerscale_bwd, mlp_layerscale_fwd
+from convnext_kernels.launchers import torch_ops
 
 __all__ = [
     "dwconv_layernorm_fwd",
@@ -63,3 +64,59 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
         N, H, W, C, code, torch.get_num_threads(),
     )
     return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
+
+
+class FusedGelu:
+    """fc1's epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu), in place of
+    torch's bias copy, GELU, GELU backward and column sum; the interface of
+    torch_ops.TorchGelu, whose docstrings say what each method returns. The GEMM before it runs
+    without the bias, which the pass adds."""
+
+    @staticmethod
+    def _preact_fp32(x2, fc1_weight, out=None):
+        """x2 @ fc1_weight.T in fp32: into out (fp32) when given, else a fresh tensor (16-bit
+        inputs: the GEMM in their dtype, then widened, as torch_ops does)."""
+        if x2.dtype == torch.float32:
+            return torch.mm(x2, fc1_weight.t(), out=out)
+        return torch.mm(x2, fc1_weight.t()).float()
+
+    @staticmethod
+    def forward(x2, fc1_weight, fc1_bias, preact_out=None):
+        rows, cols = x2.shape[0], fc1_weight.shape[0]
+        direct = preact_out is not None and preact_out.dtype == torch.float32
+        a = FusedGelu._preact_fp32(x2, fc1_weight, out=preact_out if direct else None)
+        # fp32 without a stored pre-activation: the hidden overwrites it.
+        h = a if x2.dtype == torch.float32 and preact_out is None else empty_output(a.shape, x2.dtype, x2.device)
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), h.data_ptr(), rows, cols,
+                                       dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
+        if preact_out is not None and not direct:
+            preact_out.copy_(a)
+        return h
+
+    @staticmethod
+    def backward(x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
+        rows, cols = dh.shape
+        if preact is None:
+            a, bias = FusedGelu._preact_fp32(x2, fc1_weight), fc1_bias
+        else:  # stored with its bias
+            a, bias = preact.float(), None
+        # The hidden may overwrite a fresh fp32 pre-activation, never the stored one.
+        fresh = preact is None or preact.dtype != torch.float32
+        h = a if fresh and x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
+        workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
+        workspace = empty_output((workspace_floats,), torch.float32, x2.device)
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), data_ptr(bias), dh.data_ptr(), h.data_ptr(),
+                                       dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
+                                       rows, cols, dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
+        return h, dh
+
+
+def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
+                       preact_out=None):
+    return torch_ops.mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                        drop_scale, preact_out, epilogue=FusedGelu)
+
+
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
+    return torch_ops.mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                        drop_scale, preact, epilogue=FusedGelu)

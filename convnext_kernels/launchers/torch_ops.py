@@ -89,11 +89,28 @@ def _linear_fp32(inp, weight, bias, out=None):
     return a
 
 
-def _hidden(x2, fc1_weight, fc1_bias, out=None):
-    """Pre-activation a (fp32) and GELU output h (x dtype) of the first Linear; a is also written
-    into out (a (rows, 4C) tensor of x's dtype) when given, by the GEMM itself for fp32."""
-    a = _linear_fp32(x2, fc1_weight, fc1_bias, out=out)
-    return a, F.gelu(a).to(x2.dtype)
+class TorchGelu:
+    """fc1's epilogue (bias, exact-erf GELU, and their backward) in torch ops, for any device.
+    The cpu backend passes its fused C++ epilogue instead (launchers.cpu.FusedGelu): the same two
+    methods, called once per chunk of rows."""
+
+    @staticmethod
+    def forward(x2, fc1_weight, fc1_bias, preact_out=None):
+        """The hidden gelu(x2 @ fc1_weight.T + fc1_bias) in x2's dtype; the pre-activation goes
+        into preact_out (x2's dtype) when given, by the GEMM itself for fp32."""
+        a = _linear_fp32(x2, fc1_weight, fc1_bias, out=preact_out)
+        return F.gelu(a).to(x2.dtype)
+
+    @staticmethod
+    def backward(x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
+        """(hidden, da) from dh = dL/dhidden (fp32, consumed): the hidden as forward made it,
+        da = dh * gelu'(a) with a the pre-activation (preact, stored by the forward, or
+        recomputed when None), and dfc1_bias (fp32) += da's column sums."""
+        a = _linear_fp32(x2, fc1_weight, fc1_bias) if preact is None else preact.float()
+        # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, over dh.
+        da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
+        dfc1_bias += da.sum(0)
+        return F.gelu(a).to(x2.dtype), da
 
 
 # On the CPU the rows go through the MLP in chunks, so the (rows, 4C) hidden stays in cache and
@@ -109,13 +126,13 @@ def _row_chunks(M: int, device: torch.device):
 
 @_own_dtypes
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
-                       preact_out=None):
+                       preact_out=None, *, epilogue=TorchGelu):
     C = x.shape[-1]
     x2, shortcut2 = x.reshape(-1, C), shortcut.reshape(-1, C)
     s = _row_scale(drop_scale, x)
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
-        _, h = _hidden(x2[rows], fc1_weight, fc1_bias, out=None if preact_out is None else preact_out[rows])
+        h = epilogue.forward(x2[rows], fc1_weight, fc1_bias, None if preact_out is None else preact_out[rows])
         z = _linear_fp32(h, fc2_weight, fc2_bias)
         if s is not None:
             z.mul_(s[rows])
@@ -145,7 +162,8 @@ def _accumulate_mm(acc, a, b):
 
 
 @_own_dtypes
-def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
+def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None, *,
+                       epilogue=TorchGelu):
     C = x.shape[-1]
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
     s = _row_scale(drop_scale, x)
@@ -159,22 +177,15 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
     dx = torch.empty_like(x2)
     # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
     for rows in _row_chunks(x2.shape[0], x.device):
-        dys = dy2[rows].to(torch.float32, copy=True)  # scaled in place below; dy is also dshortcut
+        dys = dy2[rows].float()
         if s is not None:
-            dys.mul_(s[rows])
-        if preact is None:
-            a, h = _hidden(x2[rows], fc1_weight, fc1_bias)
-        else:  # stored by the forward: GELU again, no GEMM
-            a = preact[rows].float()
-            h = F.gelu(a).to(x.dtype)
+            dys = dys * s[rows]
         dys_sum += dys.sum(0)
-        g = _accumulate_mm(g, dys.t(), h.float())
-        dz = dys.mul_(gamma) if gamma is not None else dys
-        # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, written
-        # over dh when that is a fresh fp32 tensor (16-bit inputs: .float() made it one).
+        dz = dys * gamma if gamma is not None else dys
         dh = (dz.to(x.dtype) @ fc2_weight).float()
-        da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
-        dfc1_bias += da.sum(0)
+        h, da = epilogue.backward(x2[rows], fc1_weight, fc1_bias, None if preact is None else preact[rows],
+                                  dh, dfc1_bias)
+        g = _accumulate_mm(g, dys.t(), h.float())
         dfc1_weight = _accumulate_mm(dfc1_weight, da.t(), x2[rows].float())
         torch.mm(da.to(x.dtype), fc1_weight, out=dx[rows])
     if g is None:  # no rows

@@ -22,35 +22,16 @@
 
 #include "dwconv_layernorm.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
-#include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if !defined(__GNUC__)
-#error "dwconv_layernorm.cpp needs GCC or Clang vector extensions"
-#endif
-
-#define CNK_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__) || defined(__i386__)
-#define CNK_X86 1
-#define CNK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")))
-#define CNK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define CNK_X86 0
-#endif
+#include "cpu_kernel_utils.h"
 
 namespace convnext_kernels {
 namespace {
+
+using namespace cpu;
 
 constexpr int kTaps = 49;
 constexpr int kPad = 3;
@@ -65,125 +46,6 @@ constexpr int64_t kPartialRows = kTaps + 3;
 constexpr int64_t kMaxPartials = 128;
 constexpr int64_t kMinPartials = 16;
 constexpr int64_t kPartialBudget = int64_t(1) << 18;
-
-// ---------------------------------------------------------------------------
-// Bit-exact fp16 / bf16 <-> fp32 (round to nearest even on store).
-
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-CNK_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-CNK_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-CNK_INLINE float to_float(float v) { return v; }
-CNK_INLINE float to_float(BFloat16 v) { return bits_to_float(uint32_t(v.bits) << 16); }
-CNK_INLINE float to_float(Half v) {
-  // Shift exponent+mantissa into float position, rebias; subnormals are
-  // renormalised exactly by one float subtraction.
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (uint32_t(v.bits) & 0x7fffu) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += uint32_t(127 - 15) << 23;
-  if (exp == shifted_exp) {
-    o += uint32_t(128 - 16) << 23;  // Inf / NaN
-  } else if (exp == 0) {
-    o += 1u << 23;  // zero / subnormal
-    o = float_to_bits(bits_to_float(o) - bits_to_float(113u << 23));
-  }
-  o |= (uint32_t(v.bits) & 0x8000u) << 16;
-  return bits_to_float(o);
-}
-
-template <typename T>
-CNK_INLINE T from_float(float f);
-
-template <>
-CNK_INLINE float from_float<float>(float f) {
-  return f;
-}
-
-template <>
-CNK_INLINE BFloat16 from_float<BFloat16>(float f) {
-  const uint32_t u = float_to_bits(f);
-  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return BFloat16{uint16_t(is_nan ? 0x7fc0u : rounded)};
-}
-
-template <>
-CNK_INLINE Half from_float<Half>(float f) {
-  uint32_t u = float_to_bits(f);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint32_t o;
-  if (u >= (uint32_t(127 + 16) << 23)) {
-    o = u > (255u << 23) ? 0x7e00u : 0x7c00u;  // NaN -> qNaN, overflow -> Inf
-  } else if (u < (113u << 23)) {
-    // Half subnormal or zero: adding a magic float aligns the 10 result bits at
-    // the bottom of the mantissa and the FPU does the round-to-nearest-even.
-    const uint32_t magic = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
-    o = float_to_bits(bits_to_float(u) + bits_to_float(magic)) - magic;
-  } else {
-    const uint32_t mantissa_odd = (u >> 13) & 1u;
-    u += (uint32_t(15 - 127) << 23) + 0xfffu;
-    u += mantissa_odd;
-    o = u >> 13;
-  }
-  return Half{uint16_t(o | (sign >> 16))};
-}
-
-// ---------------------------------------------------------------------------
-// Vector helpers (lanes L = 4, 8 or 16 floats).
-
-template <int L>
-struct VecOf;
-template <>
-struct VecOf<4> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
-
-template <int L>
-CNK_INLINE typename VecOf<L>::type load_vec(const float* p) {
-  typename VecOf<L>::type v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <int L>
-CNK_INLINE void store_vec(float* p, typename VecOf<L>::type v) {
-  std::memcpy(p, &v, sizeof v);
-}
-// Pairwise (tree) sum of the lanes: short dependency chain, fixed order.
-template <int L>
-CNK_INLINE float sum_lanes(typename VecOf<L>::type v) {
-  if constexpr (L == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  } else {
-    typename VecOf<L / 2>::type lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    return sum_lanes<L / 2>(lo + hi);
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Problem description shared by all variants.
@@ -269,18 +131,6 @@ class PaddedRowRing {
   float* buf_;
   int64_t tag_[7];
 };
-
-// Per-thread scratch, reused across calls (OpenMP threads persist), so the
-// kernels neither allocate nor zero pages on every call.
-float* thread_scratch(int64_t floats) {
-  static thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < floats) {
-    buf.clear();
-    buf.shrink_to_fit();
-    buf.resize(size_t(floats));
-  }
-  return buf.data();
-}
 
 // Rows of the 7x7 window that fall inside the image.
 CNK_INLINE void window_rows(int64_t h, int64_t H, int& kh_begin, int& kh_end) {
@@ -629,8 +479,6 @@ CNK_INLINE void reduce_partials_impl(const Problem& p, float* sum, int64_t begin
 // ---------------------------------------------------------------------------
 // Instruction-set variants.
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
 struct Variant {
   const char* name;
   Isa isa;
@@ -666,28 +514,6 @@ CNK_DEFINE_VARIANT(generic, CNK_NO_TARGET, 4, 8, 4)
 CNK_DEFINE_VARIANT(avx2, CNK_TARGET_AVX2, 8, 8, 4)
 CNK_DEFINE_VARIANT(avx512, CNK_TARGET_AVX512, 16, 16, 8)
 #endif
-
-Isa detect_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kGeneric;
-#if CNK_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw"))
-      best = Isa::kAvx512;
-#endif
-    // Lets tests exercise every variant on one machine; never upgrades.
-    if (const char* forced = std::getenv("CONVNEXT_KERNELS_CPU_ISA")) {
-      const std::string f(forced);
-      if (f == "generic") best = Isa::kGeneric;
-      else if (f == "avx2" && best == Isa::kAvx512) best = Isa::kAvx2;
-    }
-    return best;
-  }();
-  return isa;
-}
 
 // ---------------------------------------------------------------------------
 // Argument checking and parameter preparation.
@@ -765,61 +591,11 @@ Problem make_problem(int64_t N, int64_t H, int64_t W, int64_t C, int64_t Cp, con
   return p;
 }
 
-int resolve_threads(int num_threads, int64_t work_items) {
-#ifdef _OPENMP
-  int t = num_threads > 0 ? num_threads : omp_get_max_threads();
-  return int(std::max<int64_t>(1, std::min<int64_t>(t, work_items)));
-#else
-  (void)num_threads;
-  (void)work_items;
-  return 1;
-#endif
-}
-
-// Contiguous static split of [0, total) over nparts.
-CNK_INLINE void split_range(int64_t total, int index, int nparts, int64_t& begin, int64_t& end) {
-  const int64_t base = total / nparts, extra = total % nparts;
-  begin = index * base + std::min<int64_t>(index, extra);
-  end = begin + base + (index < extra ? 1 : 0);
-}
-
-CNK_INLINE int thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-CNK_INLINE int thread_count() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
-// Runs the call __VA_ARGS__ (e.g. fwd_rows<T>(p, b, e)) from the namespace of the instruction
-// set picked at runtime: avx512, avx2 or generic.
-#if CNK_X86
-#define CNK_ISA_DISPATCH(isa, ...)                          \
-  switch (isa) {                                            \
-    case Isa::kAvx512: avx512::__VA_ARGS__; break;          \
-    case Isa::kAvx2: avx2::__VA_ARGS__; break;              \
-    default: generic::__VA_ARGS__; break;                   \
-  }
-#else
-#define CNK_ISA_DISPATCH(isa, ...) ((void)(isa), generic::__VA_ARGS__)
-#endif
-
 template <typename T>
 void run_fwd(const Problem& p, int nthreads) {
   const Isa isa = detect_isa();
-#pragma omp parallel num_threads(nthreads)
-  {
-    int64_t b, e;
-    split_range(p.NH, thread_index(), thread_count(), b, e);
-    if (b < e) CNK_ISA_DISPATCH(isa, fwd_rows<T>(p, b, e));
-  }
+  parallel_split(p.NH, nthreads,
+                 [&](int64_t b, int64_t e) { CNK_ISA_DISPATCH(isa, fwd_rows<T>(p, b, e)); });
 }
 
 template <typename T>

@@ -9,13 +9,9 @@
 
 #include <cstdint>
 
-namespace convnext_kernels {
+#include "activation_dtype.h"
 
-enum ActivationDtype : int {
-  kFloat32 = 0,
-  kFloat16 = 1,
-  kBFloat16 = 2,
-};
+namespace convnext_kernels {
 
 // y = LayerNorm_C(dwconv7x7(x) + conv_bias); writes y (dtype), mean and rstd
 // (N*H*W float32, biased variance, rstd = 1/sqrt(var + eps)).

@@ -1,0 +1,145 @@
+"""The C++ GELU epilogue of the cpu backend's mlp_layerscale (mlp_layerscale_gelu_{fwd,bwd}_cpu
+in convnext_kernels._C), against float64 torch: its own exp/erfc evaluation, the bias it adds,
+the bias gradient it sums, the hidden in every dtype, odd widths, thread counts and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_C = pytest.importorskip("convnext_kernels._C", reason="compiled extension not built")
+
+from convnext_kernels.launchers import dtype_code  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gelu_fwd(preact, bias, hidden, threads=2):
+    rows, cols = preact.shape
+    _C.mlp_layerscale_gelu_fwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(), hidden.data_ptr(),
+                                   rows, cols, dtype_code(hidden.dtype, "cpu"), threads)
+
+
+def gelu_bwd(preact, bias, grad, hidden, bias_grad, threads=2):
+    rows, cols = preact.shape
+    n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
+    workspace = torch.full((max(n, 1),), math.nan)  # poisoned: every partial is written before it is read
+    _C.mlp_layerscale_gelu_bwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(), grad.data_ptr(),
+                                   hidden.data_ptr(), bias_grad.data_ptr(), workspace.data_ptr(), n, rows, cols,
+                                   dtype_code(hidden.dtype, "cpu"), threads)
+
+
+def gelu_grad64(a):
+    return torch.ops.aten.gelu_backward(torch.ones_like(a), a)
+
+
+def test_gelu_and_its_derivative_match_float64_as_well_as_torch_does():
+    # Dense over [-20, 20] (both branches of every select, the far tails where exp underflows)
+    # plus typical pre-activations; the flash-attention rule against torch's own fp32 error.
+    typical = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3
+    a = torch.cat([torch.linspace(-20, 20, 400_000), typical])
+    a = a.view(-1, 50)  # rows of 50: whole interleaved vectors, then single ones and a partial one
+    preact, hidden, grad = a.clone(), torch.empty_like(a), torch.ones_like(a)
+    gelu_bwd(preact, None, grad, hidden, torch.zeros(a.shape[1]))
+    a64 = a.double()
+    for name, ours, torch_fp32, ref in (("gelu", hidden, F.gelu(a), F.gelu(a64)),
+                                        ("gelu'", grad, gelu_grad64(a), gelu_grad64(a64))):
+        err, torch_err = (ours.double() - ref).abs(), (torch_fp32.double() - ref).abs()
+        bound = 2 * torch_err + 3e-7 * ref.abs().clamp_min(1.0)
+        assert (err <= bound).all(), f"{name}: worst {err.max():.3g}, torch's {torch_err.max():.3g}"
+    forward_hidden = torch.empty_like(a)
+    gelu_fwd(a.clone(), None, forward_hidden)
+    assert torch.equal(forward_hidden, hidden), "forward and backward evaluate GELU alike"
+
+
+def test_special_values_behave_as_torch_gelu():
+    a = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -1e-30, 88.0, -88.0, 14.0, -14.0]).view(1, -1)
+    hidden, grad = torch.empty_like(a), torch.ones_like(a)
+    gelu_bwd(a.clone(), None, grad, hidden, torch.zeros(a.shape[1]))
+    torch.testing.assert_close(hidden, F.gelu(a), equal_nan=True, rtol=1e-6, atol=1e-38)
+    torch.testing.assert_close(grad, gelu_grad64(a.double()).float(), equal_nan=True, rtol=1e-6, atol=1e-38)
+
+
+@pytest.mark.parametrize("cols", (1, 7, 13, 37, 160, 200))  # below / across the vector and interleave widths
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_adds_the_bias_and_writes_the_hidden(cols, dtype):
+    g = torch.Generator().manual_seed(cols)
+    a = torch.randn(5, cols, generator=g) * 3
+    bias = torch.randn(cols, generator=g)
+    preact, hidden = a.clone(), torch.full((5, cols), math.nan).to(dtype)
+    gelu_fwd(preact, bias, hidden)
+    assert torch.equal(preact, a + bias), "the stored pre-activation includes the bias"
+    fp32 = torch.empty(5, cols)
+    gelu_fwd(a + bias, None, fp32)
+    torch.testing.assert_close(fp32.double(), F.gelu((a + bias).double()), rtol=1e-6, atol=1e-6)
+    assert torch.equal(hidden, fp32.to(dtype)), "16-bit hiddens are the fp32 result rounded once"
+
+
+def test_forward_hidden_may_overwrite_the_preact():
+    a = torch.randn(9, 40) * 2
+    bias = torch.randn(40)
+    separate = torch.empty_like(a)
+    gelu_fwd(a.clone(), bias, separate)
+    in_place = a.clone()
+    gelu_fwd(in_place, bias, in_place)
+    assert torch.equal(in_place, separate)
+
+
+@pytest.mark.parametrize("rows, cols", [(130, 160), (64, 37), (1, 13), (3, 200)])
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
+def test_backward_against_float64(rows, cols, with_bias):
+    g = torch.Generator().manual_seed(rows * cols)
+    a = torch.randn(rows, cols, generator=g) * 2
+    bias = torch.randn(cols, generator=g) if with_bias else None
+    dh = torch.randn(rows, cols, generator=g)
+    prior = torch.randn(cols, generator=g)  # bias_grad is accumulated into
+    grad, hidden, bias_grad = dh.clone(), torch.full((rows, cols), math.nan), prior.clone()
+    preact = a.clone()
+    gelu_bwd(preact, bias, grad, hidden, bias_grad)
+    assert torch.equal(preact, a), "backward reads the pre-activation, never writes it"
+    a64 = a.double() + (0 if bias is None else bias.double())
+    da64 = dh.double() * gelu_grad64(a64)
+    torch.testing.assert_close(hidden.double(), F.gelu(a64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), da64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias_grad.double(), prior.double() + da64.sum(0), rtol=1e-6, atol=1e-5 * math.sqrt(rows))
+
+
+def test_backward_hidden_may_overwrite_a_fresh_preact():
+    a, dh = torch.randn(70, 48) * 2, torch.randn(70, 48)
+    bias = torch.randn(48)
+    grad1, hidden1, sum1 = dh.clone(), torch.empty_like(a), torch.zeros(48)
+    gelu_bwd(a.clone(), bias, grad1, hidden1, sum1)
+    shared, grad2, sum2 = a.clone(), dh.clone(), torch.zeros(48)
+    gelu_bwd(shared, bias, grad2, shared, sum2)
+    assert torch.equal(shared, hidden1) and torch.equal(grad2, grad1) and torch.equal(sum2, sum1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_is_deterministic_across_thread_counts(dtype):
+    a, dh = torch.randn(1000, 160) * 2, torch.randn(1000, 160)
+    results = []
+    for threads in (1, 2, 3, 8):
+        grad, hidden, bias_grad = dh.clone(), torch.empty(1000, 160, dtype=dtype), torch.zeros(160)
+        gelu_bwd(a.clone(), None, grad, hidden, bias_grad, threads=threads)
+        results.append((grad, hidden, bias_grad))
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
+def test_invalid_arguments_raise_value_error():
+    a = torch.randn(4, 8)
+    h16 = torch.empty(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cols"):
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 0, 0, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 8, 7, 1)
+    with pytest.raises(ValueError, match="hidden may be preact"):
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 8, dtype_code(torch.bfloat16, "cpu"), 1)
+    with pytest.raises(ValueError, match="null"):
+        _C.mlp_layerscale_gelu_fwd_cpu(0, 0, h16.data_ptr(), 4, 8, dtype_code(torch.bfloat16, "cpu"), 1)
+    grad, hidden, bias_grad, workspace = a.clone(), torch.empty_like(a), torch.zeros(8), torch.empty(1)
+    with pytest.raises(ValueError, match="workspace"):
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, grad.data_ptr(), hidden.data_ptr(), bias_grad.data_ptr(),
+                                       workspace.data_ptr(), 1, 4, 8, 0, 1)

@@ -157,7 +157,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t bias_grad, std::uintptr_t workspace, int64_t workspace_floats,
          int64_t rows, int64_t cols, int dtype, int num_threads) {
         convnext_kernels::mlp_layerscale_gelu_bwd_cpu(
-            as_ptr<const float>(preact), as_ptr<const float>(bias), as_ptr<float>(grad),
+            as_ptr<float>(preact), as_ptr<const float>(bias), as_ptr<float>(grad),
             as_ptr<void>(hidden), as_ptr<float>(bias_grad), as_ptr<float>(workspace),
             workspace_floats, rows, cols, dtype, num_threads);
       },

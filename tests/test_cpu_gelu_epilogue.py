@@ -39,7 +39,9 @@ def test_gelu_and_its_derivative_match_float64_as_well_as_torch_does():
     # plus typical pre-activations; the flash-attention rule against torch's own fp32 error.
     typical = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3
     a = torch.cat([torch.linspace(-20, 20, 400_000), typical])
-    a = a.view(-1, 50)  # rows of 50: whole interleaved vectors, then single ones and a partial one
+    # Rows of 100: whole groups of interleaved vectors (64 floats a group on AVX-512), then single
+    # vectors and a partial one.
+    a = a.view(-1, 100)
     preact, hidden, grad = a.clone(), torch.empty_like(a), torch.ones_like(a)
     gelu_bwd(preact, None, grad, hidden, torch.zeros(a.shape[1]))
     a64 = a.double()
@@ -51,6 +53,23 @@ def test_gelu_and_its_derivative_match_float64_as_well_as_torch_does():
     forward_hidden = torch.empty_like(a)
     gelu_fwd(a.clone(), None, forward_hidden)
     assert torch.equal(forward_hidden, hidden), "forward and backward evaluate GELU alike"
+
+
+def test_far_negative_tail_keeps_its_relative_accuracy():
+    # Where GELU and its derivative are tiny (a < -5: below 3e-6) the rule above is an absolute
+    # 3e-7, which zeros would pass. Computed as exp(-a^2/2) Q(t) / 2, not as 1 + erf, the lower
+    # tail stays accurate relative to float64 (a^2 / 2 rounded in float32 limits it to about
+    # |a|^2 / 2 * 6e-8) down to where float32 flushes it.
+    a = torch.linspace(-13, -5, 10_000).view(-1, 100)
+    hidden, grad = torch.empty_like(a), torch.ones_like(a)
+    gelu_bwd(a.clone(), None, grad, hidden, torch.zeros(a.shape[1]))
+    # float64 references through erfc: torch's float64 1 + erf(u) cancels to 0 below a = -12.
+    a64 = a.double()
+    cdf = 0.5 * torch.special.erfc(-a64 / math.sqrt(2))
+    pdf = torch.exp(-0.5 * a64 * a64) / math.sqrt(2 * math.pi)
+    for name, ours, ref in (("gelu", hidden, a64 * cdf), ("gelu'", grad, cdf + a64 * pdf)):
+        rel = ((ours.double() - ref) / ref).abs()
+        assert rel.max() < 1e-5, f"{name}: relative error {rel.max():.3g}"
 
 
 def test_special_values_behave_as_torch_gelu():
@@ -103,6 +122,45 @@ def test_backward_against_float64(rows, cols, with_bias):
     torch.testing.assert_close(hidden.double(), F.gelu(a64), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad.double(), da64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bias_grad.double(), prior.double() + da64.sum(0), rtol=1e-6, atol=1e-5 * math.sqrt(rows))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cpu_launcher_backward_leaves_the_stored_preact_alone(dtype):
+    # The stored pre-activation is a saved tensor: a second backward (retain_graph) reads it
+    # again, so the hidden must never be written over it.
+    from convnext_kernels.launchers import cpu
+
+    C, g = 40, torch.Generator().manual_seed(3)
+    x, shortcut, dy = (torch.randn(2, 5, 7, C, generator=g).to(dtype) for _ in range(3))
+    w1, w2 = (torch.randn(4 * C, C, generator=g) * 0.2).to(dtype), (torch.randn(C, 4 * C, generator=g) * 0.1).to(dtype)
+    b1, b2, gamma = torch.randn(4 * C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g)
+    preact = torch.empty(70, 4 * C, dtype=dtype)
+    cpu.mlp_layerscale_fwd(x, shortcut, w1, b1, w2, b2, gamma, None, preact)
+    stored = preact.clone()
+    first = cpu.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, None, preact)
+    assert torch.equal(preact, stored)
+    second = cpu.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, None, preact)
+    recomputed = cpu.mlp_layerscale_bwd(dy, x, w1, b1, w2, b2, gamma, None, None)
+    for a, b, c in zip(first, second, recomputed):
+        assert torch.equal(a, b)
+        if dtype == torch.float32:  # (a 16-bit stored pre-activation is rounded: GELU sees another a)
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gelu_fills_a_float32_preact_out_whatever_the_input_dtype(dtype):
+    # (The op layer stores the pre-activation in x's dtype; the launcher takes fp32 storage too.)
+    from convnext_kernels.launchers.cpu import FusedGelu
+
+    g = torch.Generator().manual_seed(5)
+    x2, w1 = torch.randn(30, 40, generator=g).to(dtype), (torch.randn(160, 40, generator=g) * 0.2).to(dtype)
+    b1 = torch.randn(160, generator=g)
+    preact_out = torch.full((30, 160), math.nan)
+    h = FusedGelu.forward(x2, w1, b1, preact_out)
+    expected = (x2 @ w1.t()).float() + b1
+    torch.testing.assert_close(preact_out, expected, rtol=1e-5, atol=1e-5)
+    assert h.dtype == dtype
+    torch.testing.assert_close(h.float(), F.gelu(expected), rtol=1e-2, atol=1e-2)
 
 
 def test_backward_hidden_may_overwrite_a_fresh_preact():

@@ -83,7 +83,8 @@ class FusedGelu:
     @staticmethod
     def forward(x2, fc1_weight, fc1_bias, preact_out=None):
         rows, cols = x2.shape[0], fc1_weight.shape[0]
-        direct = preact_out is not None and preact_out.dtype == torch.float32
+        # The GEMM writes a stored pre-activation itself where both are fp32.
+        direct = preact_out is not None and preact_out.dtype == torch.float32 == x2.dtype
         a = FusedGelu._preact_fp32(x2, fc1_weight, out=preact_out if direct else None)
         # fp32 without a stored pre-activation: the hidden overwrites it.
         h = a if x2.dtype == torch.float32 and preact_out is None else empty_output(a.shape, x2.dtype, x2.device)

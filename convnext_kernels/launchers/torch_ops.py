@@ -177,7 +177,7 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
     dx = torch.empty_like(x2)
     # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
     for rows in _row_chunks(x2.shape[0], x.device):
-        dys = dy2[rows].float()
+        dys = dy2[rows].float()  # dy itself for fp32 (it is also dshortcut): never written below
         if s is not None:
             dys = dys * s[rows]
         dys_sum += dys.sum(0)

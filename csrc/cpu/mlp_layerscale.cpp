@@ -136,7 +136,7 @@ CNK_INLINE void store_part(float* dst, FVec<L> v, int n) {
 }
 
 struct Args {
-  float* preact;  // forward: read and, with a bias, written; backward: read only
+  float* preact;  // forward: read and, with a bias, written; backward: read (may be the hidden)
   const float* bias;
   void* hidden;
   float* grad;
@@ -304,7 +304,7 @@ int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols) {
   return num_partials(rows) * cols;
 }
 
-void mlp_layerscale_gelu_bwd_cpu(const float* preact, const float* bias, float* grad,
+void mlp_layerscale_gelu_bwd_cpu(float* preact, const float* bias, float* grad,
                                  void* hidden, float* bias_grad, float* workspace,
                                  int64_t workspace_floats, int64_t rows, int64_t cols, int dtype,
                                  int num_threads) {
@@ -315,9 +315,7 @@ void mlp_layerscale_gelu_bwd_cpu(const float* preact, const float* bias, float* 
           "workspace smaller than mlp_layerscale_gelu_bwd_cpu_workspace_size()");
   if (rows == 0) return;
   Args g{};
-  // Read only in backward; the hidden may alias it (see the header), which is why the pointer
-  // is not const in Args.
-  g.preact = const_cast<float*>(preact);
+  g.preact = preact;
   g.bias = bias; g.hidden = hidden; g.grad = grad; g.partials = workspace;
   g.rows = rows; g.cols = cols; g.num_partials = num_partials(rows);
   const int nthreads = resolve_threads(num_threads, g.num_partials);

@@ -29,8 +29,9 @@ int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols);
 // With a = preact + bias (bias may be null): hidden = gelu(a) in dtype (for fc2's weight
 // gradient), grad = grad * gelu'(a) in place (dL/dhidden in, dL/da out), and
 // bias_grad[c] += sum over rows of the new grad[:, c], summed in an order fixed by the shape.
-// hidden may be preact itself when dtype is float32 (preact is then overwritten).
-void mlp_layerscale_gelu_bwd_cpu(const float* preact, const float* bias, float* grad,
+// preact is only read, unless hidden is preact itself (allowed when dtype is float32): it is then
+// overwritten by the hidden.
+void mlp_layerscale_gelu_bwd_cpu(float* preact, const float* bias, float* grad,
                                  void* hidden, float* bias_grad, float* workspace,
                                  int64_t workspace_floats, int64_t rows, int64_t cols, int dtype,
                                  int num_threads);

@@ -73,19 +73,12 @@ class FusedGelu:
     without the bias, which the pass adds."""
 
     @staticmethod
-    def _preact_fp32(x2, fc1_weight, out=None):
-        """x2 @ fc1_weight.T in fp32: into out (fp32) when given, else a fresh tensor (16-bit
-        inputs: the GEMM in their dtype, then widened, as torch_ops does)."""
-        if x2.dtype == torch.float32:
-            return torch.mm(x2, fc1_weight.t(), out=out)
-        return torch.mm(x2, fc1_weight.t()).float()
-
-    @staticmethod
     def forward(x2, fc1_weight, fc1_bias, preact_out=None):
         rows, cols = x2.shape[0], fc1_weight.shape[0]
-        # The GEMM writes a stored pre-activation itself where both are fp32.
+        # The GEMM writes a stored pre-activation itself where both are fp32 (the pass then adds
+        # the bias in place); otherwise it is copied out after the pass.
         direct = preact_out is not None and preact_out.dtype == torch.float32 == x2.dtype
-        a = FusedGelu._preact_fp32(x2, fc1_weight, out=preact_out if direct else None)
+        a = torch_ops._linear_fp32(x2, fc1_weight, None, out=preact_out if direct else None)
         # fp32 without a stored pre-activation: the hidden overwrites it.
         h = a if x2.dtype == torch.float32 and preact_out is None else empty_output(a.shape, x2.dtype, x2.device)
         _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), h.data_ptr(), rows, cols,
@@ -98,12 +91,12 @@ class FusedGelu:
     def backward(x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         rows, cols = dh.shape
         if preact is None:
-            a, bias = FusedGelu._preact_fp32(x2, fc1_weight), fc1_bias
+            a, bias = torch_ops._linear_fp32(x2, fc1_weight, None), fc1_bias
         else:  # stored with its bias
             a, bias = preact.float(), None
-        # The hidden may overwrite a fresh fp32 pre-activation, never the stored one.
-        fresh = preact is None or preact.dtype != torch.float32
-        h = a if fresh and x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
+        # The hidden may overwrite a fresh fp32 pre-activation, never the stored one (which
+        # .float() returns itself when it is fp32).
+        h = a if a is not preact and x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
         workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
         workspace = empty_output((workspace_floats,), torch.float32, x2.device)
         _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), data_ptr(bias), dh.data_ptr(), h.data_ptr(),

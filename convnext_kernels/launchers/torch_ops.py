@@ -79,11 +79,16 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
 
 
 def _linear_fp32(inp, weight, bias, out=None):
-    """inp @ weight.T + bias in fp32: one addmm for fp32 inputs (into out when given); 16-bit
-    inputs add the fp32 bias after the GEMM instead (out, if given, receives the sum)."""
+    """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs (into out
+    when given); 16-bit inputs add the fp32 bias after the GEMM instead (out, if given, receives
+    the sum)."""
     if inp.dtype == torch.float32:
+        if bias is None:
+            return torch.mm(inp, weight.t(), out=out)
         return torch.addmm(bias, inp, weight.t(), out=out)
-    a = F.linear(inp, weight).float().add_(bias)
+    a = F.linear(inp, weight).float()
+    if bias is not None:
+        a.add_(bias)
     if out is not None:
         out.copy_(a)
     return a

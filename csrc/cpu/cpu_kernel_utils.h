@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,8 @@
 #if !defined(__GNUC__)
 #error "the CPU kernels need GCC or Clang vector extensions"
 #endif
+
+#include "activation_dtype.h"
 
 #define CNK_INLINE inline __attribute__((always_inline))
 
@@ -111,6 +114,24 @@ CNK_INLINE Half from_float<Half>(float f) {
     o = u >> 13;
   }
   return Half{uint16_t(o | (sign >> 16))};
+}
+
+// Throws std::invalid_argument, its message prefixed by `op`, unless dtype is an
+// ActivationDtype code.
+inline void check_activation_dtype(int dtype, const char* op) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    throw std::invalid_argument(std::string(op) +
+                                ": dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
+
+// fn(T{}) with T the storage type of a checked activation dtype code.
+template <typename Fn>
+void dispatch_activation_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32: fn(float{}); break;
+    case kFloat16: fn(Half{}); break;
+    default: fn(BFloat16{}); break;
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -534,11 +534,6 @@ void check_shape(int64_t N, int64_t H, int64_t W, int64_t C) {
   require(!overflow, "tensor too large");
 }
 
-void check_dtype(int dtype) {
-  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-          "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-}
-
 int64_t padded_channels(int64_t C) { return (C + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
 void partial_layout(int64_t NH, int64_t Cp, int64_t& rows_per_partial, int64_t& num_partials) {
@@ -640,7 +635,7 @@ void dwconv_layernorm_fwd_cpu(const void* x, const float* conv_weight,
                               float* rstd, int64_t N, int64_t H, int64_t W,
                               int64_t C, float eps, int dtype, int num_threads) {
   check_shape(N, H, W, C);
-  check_dtype(dtype);
+  check_activation_dtype(dtype, "dwconv_layernorm (cpu)");
   require(x && conv_weight && norm_weight && norm_bias && y && mean && rstd,
           "null pointer (only conv_bias may be null)");
   require(std::isfinite(eps) && eps >= 0.f, "eps must be finite and >= 0");
@@ -651,11 +646,7 @@ void dwconv_layernorm_fwd_cpu(const void* x, const float* conv_weight,
   p.y = y; p.mean_out = mean; p.rstd_out = rstd; p.eps = eps;
 
   const int nthreads = resolve_threads(num_threads, p.NH);
-  switch (dtype) {
-    case kFloat32: run_fwd<float>(p, nthreads); break;
-    case kFloat16: run_fwd<Half>(p, nthreads); break;
-    default: run_fwd<BFloat16>(p, nthreads); break;
-  }
+  dispatch_activation_dtype(dtype, [&](auto t) { run_fwd<decltype(t)>(p, nthreads); });
 }
 
 int64_t dwconv_layernorm_bwd_cpu_workspace_size(int64_t N, int64_t H, int64_t W, int64_t C) {
@@ -675,7 +666,7 @@ void dwconv_layernorm_bwd_cpu(const void* dy, const void* x,
                               int64_t workspace_floats, int64_t N, int64_t H,
                               int64_t W, int64_t C, int dtype, int num_threads) {
   check_shape(N, H, W, C);
-  check_dtype(dtype);
+  check_activation_dtype(dtype, "dwconv_layernorm (cpu)");
   require(dy && x && conv_weight && norm_weight && mean && rstd && dx && dconv_weight &&
               dconv_bias && dnorm_weight && dnorm_bias && workspace,
           "null pointer (only conv_bias may be null)");
@@ -692,11 +683,7 @@ void dwconv_layernorm_bwd_cpu(const void* dy, const void* x,
 
   std::vector<float> sum(size_t(kPartialRows * Cp));
   const int nthreads = resolve_threads(num_threads, p.NH);
-  switch (dtype) {
-    case kFloat32: run_bwd<float>(p, sum.data(), nthreads); break;
-    case kFloat16: run_bwd<Half>(p, sum.data(), nthreads); break;
-    default: run_bwd<BFloat16>(p, sum.data(), nthreads); break;
-  }
+  dispatch_activation_dtype(dtype, [&](auto t) { run_bwd<decltype(t)>(p, sum.data(), nthreads); });
 
   for (int64_t c = 0; c < C; ++c) {
     for (int tap = 0; tap < kTaps; ++tap) dconv_weight[c * kTaps + tap] = sum[tap * Cp + c];

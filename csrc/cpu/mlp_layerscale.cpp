@@ -248,8 +248,7 @@ void check_args(int64_t rows, int64_t cols, int dtype, const float* preact, cons
   require(!__builtin_mul_overflow(rows, cols, &total) &&
               !__builtin_mul_overflow(total, int64_t(4), &total),
           "tensor too large");
-  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-          "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  check_activation_dtype(dtype, "mlp_layerscale (cpu)");
   require(static_cast<const void*>(preact) != hidden || dtype == kFloat32,
           "hidden may be preact's memory only when dtype is float32");
 }
@@ -292,11 +291,7 @@ void mlp_layerscale_gelu_fwd_cpu(float* preact, const float* bias, void* hidden,
   Args g{};
   g.preact = preact; g.bias = bias; g.hidden = hidden; g.rows = rows; g.cols = cols;
   const int nthreads = resolve_threads(num_threads, rows);
-  switch (dtype) {
-    case kFloat32: run_fwd<float>(g, nthreads); break;
-    case kFloat16: run_fwd<Half>(g, nthreads); break;
-    default: run_fwd<BFloat16>(g, nthreads); break;
-  }
+  dispatch_activation_dtype(dtype, [&](auto t) { run_fwd<decltype(t)>(g, nthreads); });
 }
 
 int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols) {
@@ -319,11 +314,7 @@ void mlp_layerscale_gelu_bwd_cpu(float* preact, const float* bias, float* grad,
   g.bias = bias; g.hidden = hidden; g.grad = grad; g.partials = workspace;
   g.rows = rows; g.cols = cols; g.num_partials = num_partials(rows);
   const int nthreads = resolve_threads(num_threads, g.num_partials);
-  switch (dtype) {
-    case kFloat32: run_bwd<float>(g, bias_grad, nthreads); break;
-    case kFloat16: run_bwd<Half>(g, bias_grad, nthreads); break;
-    default: run_bwd<BFloat16>(g, bias_grad, nthreads); break;
-  }
+  dispatch_activation_dtype(dtype, [&](auto t) { run_bwd<decltype(t)>(g, bias_grad, nthreads); });
 }
 
 }  // namespace convnext_kernels

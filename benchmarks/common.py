@@ -193,6 +193,31 @@ def fused_backends(ck, device) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
+def with_env(step, name: str, value: str):
+    """step() with os.environ[name] = value while it runs (the launchers read it at each call)."""
+    def wrapped():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return wrapped
+
+
+def cpu_onednn_linear():
+    """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None (no oneDNN in this torch,
+    or no compiled extension)."""
+    try:
+        from convnext_kernels.launchers import cpu
+    except ImportError:
+        return None
+    return cpu.ONEDNN_LINEAR
+
+
 def synchronize(device) -> None:
     import torch
 

@@ -25,6 +25,9 @@ Providers:
                  (CONVNEXT_KERNELS_CUDA_MLP_WGMMA=0). On an H100 fused_cuda's kernels (fused or
                  two-GEMM forward, backward GEMMs) use wgmma, so the pair answers whether wgmma
                  pays at each shape.
+  cpu_torch_gemm mlp_layerscale, CPU: fused_cpu with its fp32 GEMMs on torch's own matmuls (MKL)
+                 instead of oneDNN (CONVNEXT_KERNELS_CPU_ONEDNN=0), so that what the GEMM library
+                 gives is told apart from what the fusion gives.
   cuda_ring2     dwconv_layernorm, GPU with the cuda backend: fused_cuda with each thread of its
                  ring kernels convolving two channels at 2 pixels at every C
                  (CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS=2), the choice before 2026-12-06
@@ -39,7 +42,8 @@ Providers:
                  16 (28 at stages 1 and 2: fewer halo rows recomputed, half the programs).
 
 Ceilings, measured in the same run: copy bandwidth (device-to-device copy of a large buffer,
-read + write bytes / time), matmul peak (best of three large square matmuls in --dtype) and the
+read + write bytes / time), matmul peak (best of three large square matmuls in --dtype; on the
+CPU in fp32 the faster of torch.mm and the oneDNN GEMM the cpu backend runs) and the
 fp32 FMA rate (the same in fp32 with TF32 off: cuBLAS SGEMM, CUDA-core FFMA). Per case:
   bytes   the minimum traffic: every activation tensor read or written once (dwconv fwd: x, y;
           bwd: dy, x, dx. mlp fwd: x, shortcut, out and the Linear weights; bwd: dy, x, dx, the
@@ -56,7 +60,6 @@ fp32 FMA rate (the same in fp32 with TF32 off: cuBLAS SGEMM, CUDA-core FFMA). Pe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -119,17 +122,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         if "fused_triton" in fused and not args.quick:
             args.providers += list(PREACT_PROVIDERS) + list(RING_PROVIDERS)
         if "fused_cuda" in fused and not args.quick:
-            args.providers += list(GEMM_PROVIDERS) + list(CUDA_RING_PROVIDERS)
+            args.providers += ["cuda_mma_sync", *CUDA_RING_PROVIDERS]
+        if "fused_cpu" in fused and not args.quick and common.cpu_onednn_linear() is not None:
+            args.providers.append("cpu_torch_gemm")
     return args
 
 
 # Launcher-level providers comparing the two backward forms of mlp_layerscale (see above).
 PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
-# fused_cuda with an environment switch set for the whole step (forward and backward), by provider.
-GEMM_PROVIDERS = {"cuda_mma_sync": ("CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0")}
+# A fused backend with an environment switch set for the whole step (forward and backward), by
+# provider: (backend, variable, value). mlp_layerscale's GEMMs:
+GEMM_PROVIDERS = {"cuda_mma_sync": ("cuda", "CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0"),
+                  "cpu_torch_gemm": ("cpu", "CONVNEXT_KERNELS_CPU_ONEDNN", "0")}
 # The same for dwconv_layernorm.
-CUDA_RING_PROVIDERS = {"cuda_ring2": ("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")}
-ENV_PROVIDERS = {**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}  # every fused_cuda with a switch set
+CUDA_RING_PROVIDERS = {"cuda_ring2": ("cuda", "CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")}
+ENV_PROVIDERS = {**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}  # every fused backend with a switch set
 # fused_triton with a setting of convnext_kernels.triton.dwconv_layernorm changed for the whole
 # step, by provider.
 RING_PROVIDERS = {"triton_ring6": ("_RING_FWD_VALUES", 6), "triton_rows32": ("_RING_MAX_ROWS", 32)}
@@ -151,23 +158,8 @@ def backend_of(provider: str) -> str | None:
     if provider in PREACT_PROVIDERS or provider in RING_PROVIDERS:
         return "triton"
     if provider in ENV_PROVIDERS:
-        return "cuda"
+        return ENV_PROVIDERS[provider][0]
     return None
-
-
-def with_env(step, name: str, value: str):
-    """step() with os.environ[name] = value while it runs (the launchers read it at each call)."""
-    def wrapped():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            step()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return wrapped
 
 
 def with_ring_setting(step, name: str, value: int):
@@ -225,7 +217,13 @@ def _square_matmul_tflops(n: int, device: torch.device, dtype: torch.dtype) -> f
     # Its own function so that each size's operands are freed before the next size's are made.
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = common.kernel_ms(lambda: torch.mm(a, b), device, cpu_iters=5)
+    products = [lambda: torch.mm(a, b)]
+    onednn_linear = common.cpu_onednn_linear() if device.type == "cpu" and dtype == torch.float32 else None
+    if onednn_linear is not None:
+        # The fused cpu backend's fp32 GEMMs run on oneDNN, faster than torch.mm (MKL) on AMD.
+        b_t = b.t()
+        products.append(lambda: onednn_linear(a, b_t, None, "none", [], ""))
+    ms = min(common.kernel_ms(product, device, cpu_iters=5) for product in products)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -363,7 +361,7 @@ def prepare(record: dict, args):
             def step():
                 fn(**inputs).backward(dy)
         if provider in ENV_PROVIDERS:
-            step = with_env(step, *ENV_PROVIDERS[provider])
+            step = common.with_env(step, *ENV_PROVIDERS[provider][1:])
         if provider in RING_PROVIDERS:
             step = with_ring_setting(step, *RING_PROVIDERS[provider])
         step()

@@ -17,6 +17,9 @@ Providers:
   fused_<backend>      ConvNeXtFused with backend triton / cuda / cpu / torch
   fused_compile        torch.compile of ConvNeXtFused(backend="auto")
   resnet50             torchvision's ResNet-50, eager channels_last (a familiar reference point)
+  cpu_torch_gemm       CPU: fused_cpu with its fp32 GEMMs on torch's own matmuls (MKL) instead of
+                       oneDNN (CONVNEXT_KERNELS_CPU_ONEDNN=0): what the fusion gives without the
+                       faster GEMM library (default where torch has oneDNN)
 
 Figures: images/s from the median of the timed iterations (CUDA events on GPU, each provider
 alone; perf_counter on CPU, providers taking turns iteration by iteration so that load from
@@ -46,7 +49,10 @@ from convnext_kernels.reference import ConvNeXt  # noqa: E402
 
 MODELS = tuple(_CONFIGS)
 ALL_PROVIDERS = ("eager", "eager_channels_last", "compile", "fused_triton", "fused_cuda", "fused_cpu",
-                 "fused_torch", "fused_compile", "resnet50")
+                 "fused_torch", "fused_compile", "resnet50", "cpu_torch_gemm")
+# A fused backend with an environment switch set around each step, by provider: (backend,
+# variable, value).
+ENV_PROVIDERS = {"cpu_torch_gemm": ("cpu", "CONVNEXT_KERNELS_CPU_ONEDNN", "0")}
 SPEEDUP_BASE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +84,11 @@ def provider_unavailable(provider: str, device: torch.device) -> str:
 
     if provider.startswith("fused_") and provider != "fused_compile":
         return unavailable_reason(provider[len("fused_"):], device)
+    if provider in ENV_PROVIDERS:
+        why = unavailable_reason(ENV_PROVIDERS[provider][0], device)
+        if not why and common.cpu_onednn_linear() is None:
+            why = "this torch has no oneDNN, so fused_cpu runs torch's GEMMs already"
+        return why
     if provider == "resnet50":
         return torchvision_missing()
     return ""
@@ -91,6 +102,8 @@ def default_providers(device: torch.device, quick: bool) -> list[str]:
     without it the default run fits in three minutes from a cold compile cache."""
     fused = [f"fused_{b}" for b in common.fused_backends(ck, device)]
     names = ["eager", "eager_channels_last", "compile", *fused]
+    if "fused_cpu" in fused and common.cpu_onednn_linear() is not None:
+        names.append("cpu_torch_gemm")
     if device.type == "cuda":
         names.append("fused_compile")
         if not torchvision_missing():
@@ -163,7 +176,10 @@ def build_model(provider: str, args) -> tuple[torch.nn.Module, str, bool]:
         model = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path)
         backend, channels_last = ("inductor" if provider == "compile" else "torch"), provider != "eager"
     else:
-        backend = "auto" if provider == "fused_compile" else provider[len("fused_"):]
+        if provider in ENV_PROVIDERS:
+            backend = ENV_PROVIDERS[provider][0]
+        else:
+            backend = "auto" if provider == "fused_compile" else provider[len("fused_"):]
         model = ck.ConvNeXtFused(depths=depths, dims=dims, drop_path_rate=drop_path, backend=backend)
         if backend == "auto":
             from convnext_kernels.backends import resolve_backend
@@ -243,6 +259,8 @@ def prepare(record: dict, args):
     try:
         model, record["backend"], channels_last = build_model(record["provider"], args)
         step = make_step(model, record["bench"], record["batch_size"], channels_last, args)
+        if record["provider"] in ENV_PROVIDERS:
+            step = common.with_env(step, *ENV_PROVIDERS[record["provider"]][1:])
         step()
         common.synchronize(args.device)
         return step

@@ -201,16 +201,17 @@ _LAUNCHER_MODULES = {
 # Per backend and activation dtype, from which C on mlp_layerscale's forward stores the
 # pre-activation x @ fc1_weight.T + fc1_bias (in the activation dtype) for backward, when one can
 # follow, instead of backward recomputing it; absent: never. Storing trades 4C values per pixel
-# of memory traffic for one GEMM less, whose cost per stored value grows with C. cpu, fp32:
-# storing wins at every ConvNeXt-T stage since the fused GELU epilogue made the rest of
-# backward cheaper (C = 96: 113-116 ms against 118-120 recomputing, fwd+bwd at batch 8 on a
-# 2-thread AMD EPYC, 2026-12-06; recompute had won at 96 before); below 96 (atto, femto) the
-# recompute GEMM is cheaper still and is kept, unmeasured. 16-bit is left to recompute (a
-# stored 16-bit pre-activation rounds what backward's GELU sees; not measured as faster). GPU
-# backends recompute: triton has both forms, timed against each other by benchmarks/kernels.py
-# (the GPU figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
+# of memory traffic (and, on the CPU, the page faults of a fresh buffer of that size) for one
+# GEMM less, whose cost per stored value grows with C. cpu, fp32, since its GEMMs run on oneDNN
+# (fwd+bwd at batch 8, 2-thread AMD EPYC, 2026-12-06, medians of 15 interleaved): C = 192 at
+# 28x28 32.6 ms stored against 37.0 recomputed, C = 96 at 56x56 44.6-44.7 against 42.3-42.5
+# (the GEMM is cheap there and the faults are not); at C = 80 and 96 on 28x28 storing won by
+# 0.4-1 ms, at C = 40 it lost by 0.5. 16-bit is left to recompute (a stored 16-bit
+# pre-activation rounds what backward's GELU sees; not measured as faster). GPU backends
+# recompute: triton has both forms, timed against each other by benchmarks/kernels.py (the GPU
+# figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.
-MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 96}}
+MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 128}}
 
 
 def launchers(backend: str) -> ModuleType:

@@ -134,18 +134,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "mlp_layerscale_gelu_fwd_cpu",
-      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t hidden, int64_t rows,
-         int64_t cols, int dtype, int num_threads) {
-        convnext_kernels::mlp_layerscale_gelu_fwd_cpu(as_ptr<float>(preact),
-                                                      as_ptr<const float>(bias),
-                                                      as_ptr<void>(hidden), rows, cols, dtype,
-                                                      num_threads);
+      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t preact_out,
+         std::uintptr_t hidden, int64_t rows, int64_t cols, int dtype, int num_threads) {
+        convnext_kernels::mlp_layerscale_gelu_fwd_cpu(
+            as_ptr<const float>(preact), as_ptr<const float>(bias), as_ptr<void>(preact_out),
+            as_ptr<void>(hidden), rows, cols, dtype, num_threads);
       },
-      py::arg("preact"), py::arg("bias"), py::arg("hidden"), py::arg("rows"), py::arg("cols"),
-      py::arg("dtype"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
-      "fc1 epilogue of mlp_layerscale: preact (rows, cols) float32 += bias (in place; bias may "
-      "be 0), hidden = exact-erf gelu(preact) in dtype (DTYPE_* code; may be preact itself "
-      "for float32).");
+      py::arg("preact"), py::arg("bias"), py::arg("preact_out"), py::arg("hidden"),
+      py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("num_threads") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "fc1 epilogue of mlp_layerscale: with a = preact (rows, cols) float32 + bias (bias may be "
+      "0), hidden = exact-erf gelu(a) and preact_out = a (0: not written), both in dtype "
+      "(DTYPE_* code); for float32 either may be preact itself, not both.");
 
   m.def("mlp_layerscale_gelu_bwd_cpu_workspace_size",
         &convnext_kernels::mlp_layerscale_gelu_bwd_cpu_workspace_size, py::arg("rows"),

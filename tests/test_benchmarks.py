@@ -20,7 +20,7 @@ VERSION_KEYS = {"torch", "triton", "cuda", "driver", "package"}
 THROUGHPUT_FIELDS = {"model", "bench", "provider", "backend", "dtype", "batch_size", "img_size", "img_per_s",
                      "peak_mem_mb_per_img", "iters", "speedup_vs_eager_channels_last", "error"}
 THROUGHPUT_PROVIDERS = {"eager", "eager_channels_last", "compile", "fused_triton", "fused_cuda", "fused_cpu",
-                        "fused_torch", "fused_compile", "resnet50"}
+                        "fused_torch", "fused_compile", "resnet50", "cpu_torch_gemm"}
 KERNEL_FIELDS = {"op", "pass", "shape", "provider", "backend", "dtype", "ms", "gb_per_s", "pct_copy_bw",
                  "tflop_per_s", "pct_matmul_peak", "bound_ms", "pct_roofline", "speedup_vs_eager", "error"}
 
@@ -73,6 +73,8 @@ def test_throughput_quick_cpu(tmp_path):
             assert r["peak_mem_mb_per_img"] is None  # not measured on CPU, so not reported
     base = {r["bench"]: r for r in records if r["provider"] == "eager_channels_last"}
     assert all(base[b]["img_per_s"] and base[b]["speedup_vs_eager_channels_last"] == 1.0 for b in base)
+    failed = [r for r in records if r["error"] and not r["error"].startswith("unavailable")]
+    assert not failed, failed
 
 
 def test_throughput_default_providers(monkeypatch):
@@ -85,7 +87,14 @@ def test_throughput_default_providers(monkeypatch):
                         else ["triton", "cuda"])
     monkeypatch.setattr(throughput, "torchvision_missing", lambda: "")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # With oneDNN in torch, fused_cpu is also timed on torch's own GEMMs.
+    monkeypatch.setattr(throughput.common, "cpu_onednn_linear", lambda: None)
     assert throughput.default_providers(cpu, quick=False) == ["eager", "eager_channels_last", "compile", "fused_cpu"]
+    monkeypatch.setattr(throughput.common, "cpu_onednn_linear", lambda: object())
+    assert throughput.default_providers(cpu, quick=False) == [
+        "eager", "eager_channels_last", "compile", "fused_cpu", "cpu_torch_gemm"]
+    assert throughput.default_providers(cpu, quick=True) == [
+        "eager", "eager_channels_last", "fused_cpu", "cpu_torch_gemm"]
     assert throughput.default_providers(gpu, quick=False) == [
         "eager", "eager_channels_last", "compile", "fused_triton", "fused_cuda", "fused_compile", "resnet50"]
     assert throughput.default_providers(gpu, quick=True) == [
@@ -234,25 +243,28 @@ def test_kernels_preact_pair_steps_run(monkeypatch):
         torch.testing.assert_close(stored, recomputed, rtol=1e-5, atol=1e-6)
 
 
-def test_kernels_gemm_variant_provider(monkeypatch):
-    """cuda_mma_sync times only mlp_layerscale, on the cuda backend, with the wgmma switch off for
-    the whole step (forward and backward) and the environment as it was afterwards."""
+def test_kernels_gemm_variant_providers(monkeypatch):
+    """cuda_mma_sync and cpu_torch_gemm time only mlp_layerscale, on their backends, with their
+    GEMM switch off for the whole step (forward and backward) and the environment as it was
+    afterwards."""
     monkeypatch.syspath_prepend(str(BENCH))
+    import common
     import kernels
 
-    everyone = ["eager", "fused_cuda", "cuda_mma_sync"]
+    everyone = ["eager", "fused_cuda", "cuda_mma_sync", "cpu_torch_gemm"]
     for pass_ in ("fwd", "fwd+bwd"):
         assert kernels.providers_for("mlp_layerscale", pass_, everyone) == everyone
         assert kernels.providers_for("dwconv_layernorm", pass_, everyone) == ["eager", "fused_cuda"]
-    assert kernels.backend_of("cuda_mma_sync") == "cuda"
+    assert kernels.backend_of("cuda_mma_sync") == "cuda" and kernels.backend_of("cpu_torch_gemm") == "cpu"
     assert kernels.backend_of("triton_stored") == "triton" and kernels.backend_of("compile") is None
-    name, value = kernels.GEMM_PROVIDERS["cuda_mma_sync"]
+    assert kernels.GEMM_PROVIDERS["cpu_torch_gemm"][1:] == ("CONVNEXT_KERNELS_CPU_ONEDNN", "0")
+    _, name, value = kernels.GEMM_PROVIDERS["cuda_mma_sync"]
     seen = []
     monkeypatch.setenv(name, "1")
-    kernels.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
+    common.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
     assert seen == ["0"] and os.environ[name] == "1"
     monkeypatch.delenv(name)
-    kernels.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
+    common.with_env(lambda: seen.append(os.environ.get(name)), name, value)()
     assert seen == ["0", "0"] and name not in os.environ
 
 
@@ -267,7 +279,7 @@ def test_kernels_cuda_ring_provider(monkeypatch):
         assert kernels.providers_for("dwconv_layernorm", pass_, everyone) == ["eager", "fused_cuda", "cuda_ring2"]
         assert kernels.providers_for("mlp_layerscale", pass_, everyone) == ["eager", "fused_cuda", "cuda_mma_sync"]
     assert kernels.backend_of("cuda_ring2") == "cuda"
-    assert kernels.CUDA_RING_PROVIDERS["cuda_ring2"] == ("CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")
+    assert kernels.CUDA_RING_PROVIDERS["cuda_ring2"] == ("cuda", "CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")
 
 
 def test_kernels_ring_variant_providers(monkeypatch):

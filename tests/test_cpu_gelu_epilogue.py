@@ -15,9 +15,10 @@ from convnext_kernels.launchers import dtype_code  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def gelu_fwd(preact, bias, hidden, threads=2):
+def gelu_fwd(preact, bias, hidden, threads=2, preact_out=None):
     rows, cols = preact.shape
-    _C.mlp_layerscale_gelu_fwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(), hidden.data_ptr(),
+    _C.mlp_layerscale_gelu_fwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                   0 if preact_out is None else preact_out.data_ptr(), hidden.data_ptr(),
                                    rows, cols, dtype_code(hidden.dtype, "cpu"), threads)
 
 
@@ -76,7 +77,9 @@ def test_special_values_behave_as_torch_gelu():
     a = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -1e-30, 88.0, -88.0, 14.0, -14.0]).view(1, -1)
     hidden, grad = torch.empty_like(a), torch.ones_like(a)
     gelu_bwd(a.clone(), None, grad, hidden, torch.zeros(a.shape[1]))
-    torch.testing.assert_close(hidden, F.gelu(a), equal_nan=True, rtol=1e-6, atol=1e-38)
+    # Against float64 torch: torch's float32 GELU is NaN at +inf on AVX-512 machines (inf in float64
+    # and on AVX2); ours is inf everywhere.
+    torch.testing.assert_close(hidden, F.gelu(a.double()).float(), equal_nan=True, rtol=1e-6, atol=1e-38)
     torch.testing.assert_close(grad, gelu_grad64(a.double()).float(), equal_nan=True, rtol=1e-6, atol=1e-38)
 
 
@@ -87,22 +90,27 @@ def test_forward_adds_the_bias_and_writes_the_hidden(cols, dtype):
     a = torch.randn(5, cols, generator=g) * 3
     bias = torch.randn(cols, generator=g)
     preact, hidden = a.clone(), torch.full((5, cols), math.nan).to(dtype)
-    gelu_fwd(preact, bias, hidden)
-    assert torch.equal(preact, a + bias), "the stored pre-activation includes the bias"
+    preact_out = torch.full((5, cols), math.nan).to(dtype)
+    gelu_fwd(preact, bias, hidden, preact_out=preact_out)
+    assert torch.equal(preact, a), "the forward reads the GEMM's output, never writes it"
+    assert torch.equal(preact_out, (a + bias).to(dtype)), "the stored pre-activation includes the bias"
     fp32 = torch.empty(5, cols)
     gelu_fwd(a + bias, None, fp32)
     torch.testing.assert_close(fp32.double(), F.gelu((a + bias).double()), rtol=1e-6, atol=1e-6)
     assert torch.equal(hidden, fp32.to(dtype)), "16-bit hiddens are the fp32 result rounded once"
 
 
-def test_forward_hidden_may_overwrite_the_preact():
+def test_forward_hidden_or_stored_preact_may_overwrite_the_preact():
     a = torch.randn(9, 40) * 2
     bias = torch.randn(40)
-    separate = torch.empty_like(a)
-    gelu_fwd(a.clone(), bias, separate)
-    in_place = a.clone()
-    gelu_fwd(in_place, bias, in_place)
-    assert torch.equal(in_place, separate)
+    separate, separate_out = torch.empty_like(a), torch.empty_like(a)
+    gelu_fwd(a.clone(), bias, separate, preact_out=separate_out)
+    hidden_in_place, out = a.clone(), torch.empty_like(a)
+    gelu_fwd(hidden_in_place, bias, hidden_in_place, preact_out=out)
+    assert torch.equal(hidden_in_place, separate) and torch.equal(out, separate_out)
+    out_in_place, hidden = a.clone(), torch.empty_like(a)
+    gelu_fwd(out_in_place, bias, hidden, preact_out=out_in_place)
+    assert torch.equal(out_in_place, separate_out) and torch.equal(hidden, separate)
 
 
 @pytest.mark.parametrize("rows, cols", [(130, 160), (64, 37), (1, 13), (3, 200)])
@@ -148,19 +156,23 @@ def test_cpu_launcher_backward_leaves_the_stored_preact_alone(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_gelu_fills_a_float32_preact_out_whatever_the_input_dtype(dtype):
-    # (The op layer stores the pre-activation in x's dtype; the launcher takes fp32 storage too.)
-    from convnext_kernels.launchers.cpu import FusedGelu
+@pytest.mark.parametrize("onednn", ("1", "0"), ids=("onednn", "torch_gemm"))
+def test_cpu_parts_forward_fills_preact_out_in_the_activation_dtype(dtype, onednn, monkeypatch):
+    from convnext_kernels.launchers.cpu import CpuMlpParts
 
+    monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", onednn)
     g = torch.Generator().manual_seed(5)
     x2, w1 = torch.randn(30, 40, generator=g).to(dtype), (torch.randn(160, 40, generator=g) * 0.2).to(dtype)
     b1 = torch.randn(160, generator=g)
-    preact_out = torch.full((30, 160), math.nan)
-    h = FusedGelu.forward(x2, w1, b1, preact_out)
-    expected = (x2 @ w1.t()).float() + b1
-    torch.testing.assert_close(preact_out, expected, rtol=1e-5, atol=1e-5)
+    preact_out = torch.full((30, 160), math.nan).to(dtype)
+    h = CpuMlpParts.gelu_forward(x2, w1, b1, preact_out)
+    expected = (x2.double() @ w1.double().t()) + b1.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(preact_out.double(), expected, rtol=tol, atol=tol)
     assert h.dtype == dtype
-    torch.testing.assert_close(h.float(), F.gelu(expected), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.double(), F.gelu(expected), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="preact_out must be"):
+        CpuMlpParts.gelu_forward(x2, w1, b1, torch.empty(30, 160, dtype=torch.float64))
 
 
 def test_backward_hidden_may_overwrite_a_fresh_preact():
@@ -189,14 +201,19 @@ def test_backward_is_deterministic_across_thread_counts(dtype):
 def test_invalid_arguments_raise_value_error():
     a = torch.randn(4, 8)
     h16 = torch.empty(4, 8, dtype=torch.bfloat16)
+    bf16 = dtype_code(torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="cols"):
-        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 0, 0, 1)
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, 0, a.data_ptr(), 4, 0, 0, 1)
     with pytest.raises(ValueError, match="dtype"):
-        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 8, 7, 1)
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, 0, a.data_ptr(), 4, 8, 7, 1)
     with pytest.raises(ValueError, match="hidden may be preact"):
-        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), 4, 8, dtype_code(torch.bfloat16, "cpu"), 1)
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, 0, a.data_ptr(), 4, 8, bf16, 1)
+    with pytest.raises(ValueError, match="preact_out may be preact"):
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), h16.data_ptr(), 4, 8, bf16, 1)
+    with pytest.raises(ValueError, match="preact_out and hidden"):
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, h16.data_ptr(), h16.data_ptr(), 4, 8, bf16, 1)
     with pytest.raises(ValueError, match="null"):
-        _C.mlp_layerscale_gelu_fwd_cpu(0, 0, h16.data_ptr(), 4, 8, dtype_code(torch.bfloat16, "cpu"), 1)
+        _C.mlp_layerscale_gelu_fwd_cpu(0, 0, 0, h16.data_ptr(), 4, 8, bf16, 1)
     grad, hidden, bias_grad, workspace = a.clone(), torch.empty_like(a), torch.zeros(8), torch.empty(1)
     with pytest.raises(ValueError, match="workspace"):
         _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, grad.data_ptr(), hidden.data_ptr(), bias_grad.data_ptr(),

@@ -185,10 +185,10 @@ _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, da.data_ptr(), h.data_ptr(), db.
 ref_da = dh * torch.ops.aten.gelu_backward(torch.ones_like(a), a)
 assert (h - F.gelu(a)).abs().max() < 1e-5 and (da - ref_da).abs().max() < 1e-5
 assert (db - ref_da.sum(0)).abs().max() < 1e-4
-bias, a_biased, h16 = torch.randn(37), a.clone(), torch.empty(70, 37, dtype=torch.bfloat16)
-_C.mlp_layerscale_gelu_fwd_cpu(a_biased.data_ptr(), bias.data_ptr(), h16.data_ptr(), 70, 37,
+bias, h16, out16 = torch.randn(37), torch.empty(70, 37, dtype=torch.bfloat16), torch.empty(70, 37, dtype=torch.bfloat16)
+_C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), bias.data_ptr(), out16.data_ptr(), h16.data_ptr(), 70, 37,
                                _C.DTYPE_BFLOAT16, 2)
-assert torch.equal(a_biased, a + bias)
+assert torch.equal(out16, (a + bias).bfloat16())
 torch.testing.assert_close(h16.float(), F.gelu(a + bias), rtol=1e-2, atol=1e-2)
 """
 

@@ -164,6 +164,35 @@ def test_mlp_layerscale_row_chunks_cpu(backend, dtype, store, monkeypatch):
     _run_mlp_layerscale(backend, "cpu", (3, 13, 17, 40), dtype)
 
 
+@pytest.mark.parametrize("onednn", ("1", "0"), ids=("onednn", "torch_gemm"))
+@pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
+def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, monkeypatch):
+    # The cpu backend's fp32 GEMMs run on oneDNN where torch has it, on torch's own matmuls with
+    # CONVNEXT_KERNELS_CPU_ONEDNN=0; both pass the same checks, over 64-row chunks and a last one
+    # of 23 rows, where the first layer's weight gradient (da.T @ x) takes both of its routes:
+    # x transposed, the product transposed back (64 rows), and da transposed (23 rows).
+    from convnext_kernels.launchers import cpu, torch_ops
+
+    if cpu.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    real = cpu.ONEDNN_LINEAR
+    monkeypatch.setattr(cpu, "ONEDNN_LINEAR", counting)
+    monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", onednn)
+    monkeypatch.setattr(torch_ops, "CPU_ROWS_PER_CHUNK", 64)
+    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, "cpu", {torch.float32: 1} if store else {})
+    _run_mlp_layerscale("cpu", "cpu", (3, 13, 17, 40), torch.float32)
+    if onednn == "1":
+        assert (64, 40) in calls and (160, 23) in calls and calls.count((40, 64)) >= 20
+    else:
+        assert not calls
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("gamma,drop", [(False, False), (True, False), (False, True)])
 def test_mlp_layerscale_optional_args_cpu(backend, gamma, drop):

@@ -1,6 +1,6 @@
 """The "cpu" backend: dwconv_layernorm runs the fused C++ kernel of the compiled extension;
-mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs, which torch runs at the
-machine's FMA peak) with fc1's elementwise epilogue fused in C++ (FusedGelu).
+mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs) with its fp32 GEMMs run by
+oneDNN and fc1's elementwise epilogue fused in C++ (CpuMlpParts).
 
 Launchers follow the contract in convnext_kernels.launchers: inputs arrive validated and
 contiguous, outputs and the backward workspace are allocated here with torch and handed to
@@ -10,6 +10,8 @@ results do not depend on the thread count.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -66,32 +68,80 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
     return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
 
 
-class FusedGelu:
-    """fc1's epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu), in place of
-    torch's bias copy, GELU, GELU backward and column sum; the interface of
-    torch_ops.TorchGelu, whose docstrings say what each method returns. The GEMM before it runs
-    without the bias, which the pass adds."""
+def _find_onednn_linear():
+    """torch's oneDNN linear op (inp @ weight.T + bias, any strides), or None where this torch
+    was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
 
-    @staticmethod
-    def forward(x2, fc1_weight, fc1_bias, preact_out=None):
+
+# torch runs fp32 matmuls through MKL, and through oneDNN only where it may lower their precision.
+# oneDNN at full fp32 precision is twice as fast on AMD, where MKL keeps to AVX2 (2-thread AMD
+# EPYC with AVX-512, 2026-12-06: 130-220 GFLOP/s with MKL, 300-500 with oneDNN at the ConvNeXt-T
+# stage shapes; not measured on Intel). Both accumulate in fp32, and both follow torch's setting
+# for the CPU's fp32 matmul precision.
+ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def _onednn_gemms() -> bool:
+    """Whether the fp32 GEMMs run on oneDNN: where torch has it, unless CONVNEXT_KERNELS_CPU_ONEDNN=0
+    (read at each call; then torch's own matmuls, as the torch backend runs them)."""
+    return ONEDNN_LINEAR is not None and os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
+
+
+class CpuMlpParts(torch_ops.TorchMlpParts):
+    """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (16-bit ones through torch,
+    which already uses oneDNN for them) and fc1's epilogue as one C++ pass each way
+    (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's bias copy, GELU, GELU backward and
+    column sum. torch_ops.TorchMlpParts says what each method returns."""
+
+    @classmethod
+    def linear(cls, inp, weight, bias=None, out=None):
+        if inp.dtype != torch.float32 or not _onednn_gemms():
+            return super().linear(inp, weight, bias, out)
+        a = ONEDNN_LINEAR(inp, weight, bias, "none", [], "")
+        return a if out is None else out.copy_(a)
+
+    @classmethod
+    def matmul(cls, a, weight, out=None):
+        return cls.linear(a, weight.t(), None, out)
+
+    @classmethod
+    def accumulate_tn(cls, acc, a, b):
+        if not _onednn_gemms():
+            return super().accumulate_tn(acc, a, b)
+        # oneDNN wants its input's rows contiguous, so one of a, b is copied transposed: a (the
+        # product comes out as it is), or b (it comes out transposed, to copy or add strided),
+        # whichever copies fewer values.
+        (R, p), q = a.shape, b.shape[1]
+        if R * p <= R * q + p * q:
+            product = cls.linear(a.t().contiguous(), b.t())
+        else:
+            product = cls.linear(b.t().contiguous(), a.t()).t()
+        return product.contiguous() if acc is None else acc.add_(product)
+
+    @classmethod
+    def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
         rows, cols = x2.shape[0], fc1_weight.shape[0]
-        # The GEMM writes a stored pre-activation itself where both are fp32 (the pass then adds
-        # the bias in place); otherwise it is copied out after the pass.
-        direct = preact_out is not None and preact_out.dtype == torch.float32 == x2.dtype
-        a = torch_ops._linear_fp32(x2, fc1_weight, None, out=preact_out if direct else None)
-        # fp32 without a stored pre-activation: the hidden overwrites it.
-        h = a if x2.dtype == torch.float32 and preact_out is None else empty_output(a.shape, x2.dtype, x2.device)
-        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), h.data_ptr(), rows, cols,
-                                       dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
-        if preact_out is not None and not direct:
-            preact_out.copy_(a)
+        if preact_out is not None and preact_out.dtype != x2.dtype:
+            raise ValueError(f"preact_out must be {x2.dtype} like the activations, got {preact_out.dtype}")
+        # The GEMM without the bias, into a fresh fp32 buffer; the pass adds the bias, writes the
+        # hidden (over that buffer for fp32) and, when asked, the stored pre-activation.
+        a = cls.linear(x2, fc1_weight, None)
+        h = a if x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), data_ptr(preact_out), h.data_ptr(),
+                                       rows, cols, dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
         return h
 
-    @staticmethod
-    def backward(x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
+    @classmethod
+    def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         rows, cols = dh.shape
         if preact is None:
-            a, bias = torch_ops._linear_fp32(x2, fc1_weight, None), fc1_bias
+            a, bias = cls.linear(x2, fc1_weight, None), fc1_bias
         else:  # stored with its bias
             a, bias = preact.float(), None
         # The hidden may overwrite a fresh fp32 pre-activation, never the stored one (which
@@ -108,9 +158,9 @@ class FusedGelu:
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
                        preact_out=None):
     return torch_ops.mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                                        drop_scale, preact_out, epilogue=FusedGelu)
+                                        drop_scale, preact_out, parts=CpuMlpParts)
 
 
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
     return torch_ops.mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                                        drop_scale, preact, epilogue=FusedGelu)
+                                        drop_scale, preact, parts=CpuMlpParts)

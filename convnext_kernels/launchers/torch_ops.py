@@ -78,40 +78,53 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
     return drop_scale.repeat_interleave(H * W).unsqueeze(1)
 
 
-def _linear_fp32(inp, weight, bias, out=None):
-    """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs (into out
-    when given); 16-bit inputs add the fp32 bias after the GEMM instead (out, if given, receives
-    the sum)."""
-    if inp.dtype == torch.float32:
-        if bias is None:
-            return torch.mm(inp, weight.t(), out=out)
-        return torch.addmm(bias, inp, weight.t(), out=out)
-    a = F.linear(inp, weight).float()
-    if bias is not None:
-        a.add_(bias)
-    if out is not None:
-        out.copy_(a)
-    return a
+class TorchMlpParts:
+    """The pieces of mlp_layerscale that a backend may replace, in torch ops for any device: its
+    GEMMs and fc1's epilogue (bias, exact-erf GELU, and their backward), called once per chunk
+    of rows by mlp_layerscale_fwd/bwd below. The cpu backend subclasses it
+    (launchers.cpu.CpuMlpParts: oneDNN GEMMs, a C++ epilogue). Classmethods, so that each piece
+    calls the subclass's version of the others."""
 
+    @classmethod
+    def linear(cls, inp, weight, bias=None, out=None):
+        """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs (into
+        out when given); 16-bit inputs add the fp32 bias after the GEMM instead (out, if given,
+        receives the sum)."""
+        if inp.dtype == torch.float32:
+            if bias is None:
+                return torch.mm(inp, weight.t(), out=out)
+            return torch.addmm(bias, inp, weight.t(), out=out)
+        a = F.linear(inp, weight).float()
+        if bias is not None:
+            a.add_(bias)
+        if out is not None:
+            out.copy_(a)
+        return a
 
-class TorchGelu:
-    """fc1's epilogue (bias, exact-erf GELU, and their backward) in torch ops, for any device.
-    The cpu backend passes its fused C++ epilogue instead (launchers.cpu.FusedGelu): the same two
-    methods, called once per chunk of rows."""
+    @classmethod
+    def matmul(cls, a, weight, out=None):
+        """a @ weight (a weight matrix, not transposed) in a's dtype, into out when given."""
+        return torch.mm(a, weight, out=out)
 
-    @staticmethod
-    def forward(x2, fc1_weight, fc1_bias, preact_out=None):
+    @classmethod
+    def accumulate_tn(cls, acc, a, b):
+        """acc + a.T @ b for (R, p) and (R, q) fp32 a and b, added into acc (fp32 (p, q)); acc
+        None (the first chunk): a fresh a.T @ b."""
+        return torch.mm(a.t(), b) if acc is None else acc.addmm_(a.t(), b)
+
+    @classmethod
+    def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
         """The hidden gelu(x2 @ fc1_weight.T + fc1_bias) in x2's dtype; the pre-activation goes
         into preact_out (x2's dtype) when given, by the GEMM itself for fp32."""
-        a = _linear_fp32(x2, fc1_weight, fc1_bias, out=preact_out)
+        a = cls.linear(x2, fc1_weight, fc1_bias, out=preact_out)
         return F.gelu(a).to(x2.dtype)
 
-    @staticmethod
-    def backward(x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
+    @classmethod
+    def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         """(hidden, da) from dh = dL/dhidden (fp32, consumed): the hidden as forward made it,
         da = dh * gelu'(a) with a the pre-activation (preact, stored by the forward, or
         recomputed when None), and dfc1_bias (fp32) += da's column sums."""
-        a = _linear_fp32(x2, fc1_weight, fc1_bias) if preact is None else preact.float()
+        a = cls.linear(x2, fc1_weight, fc1_bias) if preact is None else preact.float()
         # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, over dh.
         da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
         dfc1_bias += da.sum(0)
@@ -131,14 +144,14 @@ def _row_chunks(M: int, device: torch.device):
 
 @_own_dtypes
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
-                       preact_out=None, *, epilogue=TorchGelu):
+                       preact_out=None, *, parts=TorchMlpParts):
     C = x.shape[-1]
     x2, shortcut2 = x.reshape(-1, C), shortcut.reshape(-1, C)
     s = _row_scale(drop_scale, x)
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
-        h = epilogue.forward(x2[rows], fc1_weight, fc1_bias, None if preact_out is None else preact_out[rows])
-        z = _linear_fp32(h, fc2_weight, fc2_bias)
+        h = parts.gelu_forward(x2[rows], fc1_weight, fc1_bias, None if preact_out is None else preact_out[rows])
+        z = parts.linear(h, fc2_weight, fc2_bias)
         if s is not None:
             z.mul_(s[rows])
         # The residual add writes y's rows directly (fp32: no sum tensor and no copy).
@@ -161,14 +174,9 @@ def _rowwise_dot(a, b):
     return out
 
 
-def _accumulate_mm(acc, a, b):
-    """a @ b, added into acc (fp32) unless acc is None (the first chunk)."""
-    return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-
-
 @_own_dtypes
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None, *,
-                       epilogue=TorchGelu):
+                       parts=TorchMlpParts):
     C = x.shape[-1]
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
     s = _row_scale(drop_scale, x)
@@ -187,12 +195,12 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
             dys = dys * s[rows]
         dys_sum += dys.sum(0)
         dz = dys * gamma if gamma is not None else dys
-        dh = (dz.to(x.dtype) @ fc2_weight).float()
-        h, da = epilogue.backward(x2[rows], fc1_weight, fc1_bias, None if preact is None else preact[rows],
-                                  dh, dfc1_bias)
-        g = _accumulate_mm(g, dys.t(), h.float())
-        dfc1_weight = _accumulate_mm(dfc1_weight, da.t(), x2[rows].float())
-        torch.mm(da.to(x.dtype), fc1_weight, out=dx[rows])
+        dh = parts.matmul(dz.to(x.dtype), fc2_weight).float()
+        h, da = parts.gelu_backward(x2[rows], fc1_weight, fc1_bias, None if preact is None else preact[rows],
+                                    dh, dfc1_bias)
+        g = parts.accumulate_tn(g, dys, h.float())
+        dfc1_weight = parts.accumulate_tn(dfc1_weight, da, x2[rows].float())
+        parts.matmul(da.to(x.dtype), fc1_weight, out=dx[rows])
     if g is None:  # no rows
         g, dfc1_weight = torch.zeros(fc2_weight.shape, **f32), torch.zeros(fc1_weight.shape, **f32)
     dgamma = _rowwise_dot(g, fc2_weight.float()).add_(fc2_bias * dys_sum)

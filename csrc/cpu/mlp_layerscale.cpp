@@ -109,7 +109,7 @@ CNK_INLINE void normal_cdf_pdf(const FVec<L> (&a)[K], FVec<L> (&cdf)[K], FVec<L>
 }
 
 template <typename T, int L>
-CNK_INLINE void store_hidden(T* dst, FVec<L> h, int n) {
+CNK_INLINE void store_as(T* dst, FVec<L> h, int n) {
   if constexpr (std::is_same_v<T, float>) {
     if (n == L) {
       store_vec<L>(dst, h);
@@ -136,8 +136,9 @@ CNK_INLINE void store_part(float* dst, FVec<L> v, int n) {
 }
 
 struct Args {
-  float* preact;  // forward: read and, with a bias, written; backward: read (may be the hidden)
+  const float* preact;  // read (the hidden may be this memory: each element is read first)
   const float* bias;
+  void* preact_out;  // forward: receives preact + bias in the hidden's dtype, or null
   void* hidden;
   float* grad;
   float* partials;  // (num_partials, cols)
@@ -146,18 +147,15 @@ struct Args {
 
 // Columns [c, c + K * L) of one row (n < L valid lanes in the last vector when K == 1).
 template <typename T, int L, int K>
-CNK_INLINE void gelu_fwd_columns(float* a_row, const float* bias, T* h_row, int64_t c, int n) {
+CNK_INLINE void gelu_fwd_columns(const float* a_row, const float* bias, T* out_row, T* h_row,
+                                 int64_t c, int n) {
   using V = FVec<L>;
   V a[K], cdf[K], pdf[K];
   CNK_EACH a[k] = load_part<L>(a_row + c + k * L, n);
-  if (bias) {
-    CNK_EACH {
-      a[k] += load_part<L>(bias + c + k * L, n);
-      store_part<L>(a_row + c + k * L, a[k], n);  // before the hidden: it may be this memory
-    }
-  }
+  if (bias) CNK_EACH a[k] += load_part<L>(bias + c + k * L, n);
+  if (out_row) CNK_EACH store_as<T, L>(out_row + c + k * L, a[k], n);
   normal_cdf_pdf<L, K>(a, cdf, pdf);
-  CNK_EACH store_hidden<T, L>(h_row + c + k * L, a[k] * cdf[k], n);
+  CNK_EACH store_as<T, L>(h_row + c + k * L, a[k] * cdf[k], n);
 }
 
 template <typename T, int L, int K>
@@ -172,7 +170,7 @@ CNK_INLINE void gelu_bwd_columns(const float* a_row, const float* bias, float* g
     const int64_t ck = c + k * L;
     const V da = load_part<L>(grad_row + ck, n) * (cdf[k] + a[k] * pdf[k]);
     store_part<L>(grad_row + ck, da, n);
-    store_hidden<T, L>(h_row + ck, a[k] * cdf[k], n);  // after the last read of a_row[ck...]
+    store_as<T, L>(h_row + ck, a[k] * cdf[k], n);  // after the last read of a_row[ck...]
     store_part<L>(partial + ck, load_part<L>(partial + ck, n) + da, n);
   }
 }
@@ -186,13 +184,15 @@ template <typename T, int L>
 CNK_INLINE void gelu_fwd_rows_impl(const Args& g, int64_t row_begin, int64_t row_end) {
   constexpr int K = kInterleave;
   T* hidden = static_cast<T*>(g.hidden);
+  T* preact_out = static_cast<T*>(g.preact_out);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    float* a_row = g.preact + r * g.cols;
+    const float* a_row = g.preact + r * g.cols;
+    T* out_row = preact_out ? preact_out + r * g.cols : nullptr;
     T* h_row = hidden + r * g.cols;
     int64_t c = 0;
-    for (; c + K * L <= g.cols; c += K * L) gelu_fwd_columns<T, L, K>(a_row, g.bias, h_row, c, L);
+    for (; c + K * L <= g.cols; c += K * L) gelu_fwd_columns<T, L, K>(a_row, g.bias, out_row, h_row, c, L);
     for (; c < g.cols; c += L)
-      gelu_fwd_columns<T, L, 1>(a_row, g.bias, h_row, c, int(std::min<int64_t>(L, g.cols - c)));
+      gelu_fwd_columns<T, L, 1>(a_row, g.bias, out_row, h_row, c, int(std::min<int64_t>(L, g.cols - c)));
   }
 }
 
@@ -283,13 +283,18 @@ void run_bwd(const Args& g, float* bias_grad, int nthreads) {
 
 }  // namespace
 
-void mlp_layerscale_gelu_fwd_cpu(float* preact, const float* bias, void* hidden, int64_t rows,
-                                 int64_t cols, int dtype, int num_threads) {
+void mlp_layerscale_gelu_fwd_cpu(const float* preact, const float* bias, void* preact_out,
+                                 void* hidden, int64_t rows, int64_t cols, int dtype,
+                                 int num_threads) {
   check_args(rows, cols, dtype, preact, hidden);
-  require(preact && hidden, "null pointer (only bias may be null)");
+  require(preact && hidden, "null pointer (only bias and preact_out may be null)");
+  require(static_cast<const void*>(preact) != preact_out || dtype == kFloat32,
+          "preact_out may be preact's memory only when dtype is float32");
+  require(preact_out != hidden, "preact_out and hidden must be different memory");
   if (rows == 0) return;
   Args g{};
-  g.preact = preact; g.bias = bias; g.hidden = hidden; g.rows = rows; g.cols = cols;
+  g.preact = preact; g.bias = bias; g.preact_out = preact_out; g.hidden = hidden;
+  g.rows = rows; g.cols = cols;
   const int nthreads = resolve_threads(num_threads, rows);
   dispatch_activation_dtype(dtype, [&](auto t) { run_fwd<decltype(t)>(g, nthreads); });
 }

@@ -1,5 +1,5 @@
 // The elementwise passes of the CPU mlp_layerscale (Linear -> GELU -> Linear), between the
-// GEMMs that torch runs (MKL / oneDNN, already at the machine's FMA peak). In eager PyTorch
+// GEMMs that torch runs (oneDNN where torch has it, else MKL). In eager PyTorch
 // the fc1 epilogue is three or four passes over the (rows, 4C) hidden: the bias copy of addmm,
 // GELU, and in backward GELU again, its derivative and the bias-gradient sum. Here it is one
 // pass each way, with the exact-erf GELU evaluated once per element.
@@ -17,11 +17,12 @@
 
 namespace convnext_kernels {
 
-// a = preact + bias (bias may be null); when bias is given, a is written back into preact (the
-// stored pre-activation includes the bias). hidden = gelu(a) in dtype. hidden may be preact
-// itself when dtype is float32 (the pre-activation is then not kept).
-void mlp_layerscale_gelu_fwd_cpu(float* preact, const float* bias, void* hidden, int64_t rows,
-                                 int64_t cols, int dtype, int num_threads);
+// a = preact + bias (bias may be null); hidden = gelu(a) in dtype, and preact_out (null: not
+// kept) receives a in dtype, the pre-activation that backward reads when it is stored. Either
+// may be preact itself when dtype is float32, not both.
+void mlp_layerscale_gelu_fwd_cpu(const float* preact, const float* bias, void* preact_out,
+                                 void* hidden, int64_t rows, int64_t cols, int dtype,
+                                 int num_threads);
 
 // Number of float32 elements mlp_layerscale_gelu_bwd_cpu's workspace must hold.
 int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols);

@@ -208,6 +208,10 @@ def with_env(step, name: str, value: str):
     return wrapped
 
 
+# Why the cpu_torch_gemm provider cannot differ from fused_cpu where torch lacks oneDNN.
+NO_ONEDNN = "this torch has no oneDNN, so fused_cpu runs torch's GEMMs already"
+
+
 def cpu_onednn_linear():
     """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None (no oneDNN in this torch,
     or no compiled extension)."""

@@ -336,6 +336,8 @@ def prepare(record: dict, args):
         from convnext_kernels.backends import unavailable_reason
 
         why = unavailable_reason(backend, args.device)
+        if not why and provider == "cpu_torch_gemm" and common.cpu_onednn_linear() is None:
+            why = common.NO_ONEDNN
         if why:
             record["error"] = f"unavailable: {why}"
             return None

@@ -87,7 +87,7 @@ def provider_unavailable(provider: str, device: torch.device) -> str:
     if provider in ENV_PROVIDERS:
         why = unavailable_reason(ENV_PROVIDERS[provider][0], device)
         if not why and common.cpu_onednn_linear() is None:
-            why = "this torch has no oneDNN, so fused_cpu runs torch's GEMMs already"
+            why = common.NO_ONEDNN
         return why
     if provider == "resnet50":
         return torchvision_missing()

@@ -268,6 +268,45 @@ def test_kernels_gemm_variant_providers(monkeypatch):
     assert seen == ["0", "0"] and name not in os.environ
 
 
+def test_cpu_torch_gemm_steps_run_with_the_switch_off(monkeypatch):
+    """Both benchmarks time cpu_torch_gemm with CONVNEXT_KERNELS_CPU_ONEDNN=0 set around each step
+    (its set-up call included), fused_cpu without it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+    import throughput
+
+    name = "CONVNEXT_KERNELS_CPU_ONEDNN"
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(throughput.common, "cpu_onednn_linear", lambda: object())
+    seen = []
+
+    def record_switch(*args, **kwargs):
+        seen.append(os.environ.get(name))
+
+    monkeypatch.setattr(throughput, "make_step", lambda *args: record_switch)
+    args = throughput.parse_args(["--quick", "--device", "cpu"])
+    for provider in ("fused_cpu", "cpu_torch_gemm"):
+        record = throughput.new_record(provider, "infer", args)
+        step = throughput.prepare(record, args)
+        assert step is not None, record["error"]
+        step()
+    assert seen == [None, None, "0", "0"]
+
+    seen.clear()
+    monkeypatch.setattr(kernels, "op_function", lambda op, provider: record_switch)
+    args = kernels.parse_args(["--quick", "--device", "cpu"])
+    ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0, "fp32_tflops": 1.0}
+    for provider in ("fused_cpu", "cpu_torch_gemm"):
+        record = kernels.new_record("mlp_layerscale", "fwd", 4, provider, args, ceilings)
+        step, _ = kernels.prepare(record, args)
+        step()
+    assert seen == [None, None, "0", "0"]
+    # Without oneDNN in torch the variant would time fused_cpu again: it is marked unavailable.
+    monkeypatch.setattr(kernels.common, "cpu_onednn_linear", lambda: None)
+    record = kernels.new_record("mlp_layerscale", "fwd", 4, "cpu_torch_gemm", args, ceilings)
+    assert kernels.prepare(record, args) is None and record["error"].startswith("unavailable")
+
+
 def test_kernels_cuda_ring_provider(monkeypatch):
     """cuda_ring2 times only dwconv_layernorm, on the cuda backend, with the ring-channels switch
     set to 2 for the whole step. (That the switch reaches the kernels: test_cuda_kernels.py.)"""

@@ -171,8 +171,12 @@ def test_cpu_parts_forward_fills_preact_out_in_the_activation_dtype(dtype, onedn
     torch.testing.assert_close(preact_out.double(), expected, rtol=tol, atol=tol)
     assert h.dtype == dtype
     torch.testing.assert_close(h.double(), F.gelu(expected), rtol=tol, atol=tol)
-    with pytest.raises(ValueError, match="preact_out must be"):
-        CpuMlpParts.gelu_forward(x2, w1, b1, torch.empty(30, 160, dtype=torch.float64))
+    for wrong in (torch.empty(30, 160, dtype=torch.float64), torch.empty(30, 159, dtype=dtype),
+                  torch.empty(160, 30, dtype=dtype).t()):
+        with pytest.raises(ValueError, match="preact_out must be"):
+            CpuMlpParts.gelu_forward(x2, w1, b1, wrong)
+    # The other GEMMs keep the activations' dtype too (dx is computed in it).
+    assert CpuMlpParts.matmul(h, w1).dtype == dtype
 
 
 def test_backward_hidden_may_overwrite_a_fresh_preact():

@@ -94,8 +94,8 @@ def _onednn_gemms() -> bool:
 
 
 class CpuMlpParts(torch_ops.TorchMlpParts):
-    """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (16-bit ones through torch,
-    which already uses oneDNN for them) and fc1's epilogue as one C++ pass each way
+    """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (16-bit ones as torch runs
+    them) and fc1's epilogue as one C++ pass each way
     (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's bias copy, GELU, GELU backward and
     column sum. torch_ops.TorchMlpParts says what each method returns."""
 
@@ -108,6 +108,8 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
 
     @classmethod
     def matmul(cls, a, weight, out=None):
+        if a.dtype != torch.float32 or not _onednn_gemms():
+            return super().matmul(a, weight, out)
         return cls.linear(a, weight.t(), None, out)
 
     @classmethod
@@ -127,8 +129,11 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
     @classmethod
     def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
         rows, cols = x2.shape[0], fc1_weight.shape[0]
-        if preact_out is not None and preact_out.dtype != x2.dtype:
-            raise ValueError(f"preact_out must be {x2.dtype} like the activations, got {preact_out.dtype}")
+        if preact_out is not None and (preact_out.dtype != x2.dtype or preact_out.shape != (rows, cols)
+                                       or not preact_out.is_contiguous()):
+            # (The kernel writes it through a raw pointer.)
+            raise ValueError(f"preact_out must be a contiguous ({rows}, {cols}) {x2.dtype} tensor, got "
+                             f"{tuple(preact_out.shape)} {preact_out.dtype}")
         # The GEMM without the bias, into a fresh fp32 buffer; the pass adds the bias, writes the
         # hidden (over that buffer for fp32) and, when asked, the stored pre-activation.
         a = cls.linear(x2, fc1_weight, None)

@@ -8,7 +8,8 @@
 // operations as torch's own erf-based GELU, and as close to float64 (tests/
 // test_cpu_gelu_epilogue.py); computing the lower tail directly, not as 1 + erf(u), keeps its
 // relative accuracy where torch's 1 + erf(u) cancels. Infinities and NaN behave as in torch's
-// gelu: gelu(+inf) = +inf, gelu(-inf) = NaN, NaN in, NaN out.
+// float64 gelu: gelu(+inf) = +inf (torch's float32 gelu gives NaN there on AVX-512),
+// gelu(-inf) = NaN, NaN in, NaN out.
 //
 // Determinism: the bias gradient is summed per fixed block of kRowsPerPartial rows into a
 // partial row of the workspace, then the partials in block order, whatever the thread count.
@@ -136,7 +137,7 @@ CNK_INLINE void store_part(float* dst, FVec<L> v, int n) {
 }
 
 struct Args {
-  const float* preact;  // read (the hidden may be this memory: each element is read first)
+  const float* preact;  // read (the hidden or preact_out may be this memory: read first)
   const float* bias;
   void* preact_out;  // forward: receives preact + bias in the hidden's dtype, or null
   void* hidden;

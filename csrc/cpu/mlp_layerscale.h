@@ -5,8 +5,8 @@
 // pass each way, with the exact-erf GELU evaluated once per element.
 //
 // Raw-pointer API, row-major (rows, cols) buffers; cols is fc1's output width (4C). The
-// pre-activation and gradients are float32; the hidden is written in `dtype` (see
-// ActivationDtype), the dtype of the second GEMM's input. All functions validate their
+// pre-activation read and the gradients are float32; the hidden and the forward's stored
+// pre-activation are written in `dtype` (see ActivationDtype), the activations' dtype. All functions validate their
 // arguments and throw std::invalid_argument. Results do not depend on num_threads
 // (<= 0: the OpenMP default).
 #pragma once

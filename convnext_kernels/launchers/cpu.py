@@ -80,9 +80,9 @@ def _find_onednn_linear():
 
 
 # torch runs fp32 matmuls through MKL, and through oneDNN only where it may lower their precision.
-# oneDNN at full fp32 precision is twice as fast on AMD, where MKL keeps to AVX2 (2-thread AMD
-# EPYC with AVX-512, 2026-12-06: 130-220 GFLOP/s with MKL, 300-500 with oneDNN at the ConvNeXt-T
-# stage shapes; not measured on Intel). Both accumulate in fp32, and both follow torch's setting
+# oneDNN at full fp32 precision was twice as fast on a 2-thread AMD EPYC (Zen 5, AVX-512;
+# 2026-12-06): 300-500 GFLOP/s at the ConvNeXt-T stage shapes against MKL's 130-220, about
+# what two cores reach with 256-bit vectors. Not measured on Intel. Both accumulate in fp32, and both follow torch's setting
 # for the CPU's fp32 matmul precision.
 ONEDNN_LINEAR = _find_onednn_linear()
 

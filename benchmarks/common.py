@@ -208,13 +208,14 @@ def with_env(step, name: str, value: str):
     return wrapped
 
 
-# Why the cpu_torch_gemm provider cannot differ from fused_cpu where torch lacks oneDNN.
-NO_ONEDNN = "this torch has no oneDNN, so fused_cpu runs torch's GEMMs already"
+# Why the cpu_torch_gemm provider cannot differ from fused_cpu where the cpu backend has no oneDNN
+# GEMMs.
+NO_ONEDNN = "fused_cpu runs torch's GEMMs here already (no oneDNN in this torch, or not an x86-64 CPU)"
 
 
 def cpu_onednn_linear():
-    """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None (no oneDNN in this torch,
-    or no compiled extension)."""
+    """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None (none found by
+    convnext_kernels.launchers.cpu, or no compiled extension)."""
     try:
         from convnext_kernels.launchers import cpu
     except ImportError:

@@ -164,6 +164,18 @@ def test_mlp_layerscale_row_chunks_cpu(backend, dtype, store, monkeypatch):
     _run_mlp_layerscale(backend, "cpu", (3, 13, 17, 40), dtype)
 
 
+def test_cpu_onednn_gemms_only_on_x86(monkeypatch):
+    # Elsewhere (Arm) oneDNN's fp32 GEMMs were never compared with torch's: torch's are kept.
+    import platform
+
+    from convnext_kernels.launchers import cpu
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu._find_onednn_linear() is None
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert (cpu._find_onednn_linear() is None) == (not torch.backends.mkldnn.is_available())
+
+
 @pytest.mark.parametrize("onednn", ("1", "0"), ids=("onednn", "torch_gemm"))
 @pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
 def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, monkeypatch):
@@ -174,7 +186,7 @@ def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, monkeypatch):
     from convnext_kernels.launchers import cpu, torch_ops
 
     if cpu.ONEDNN_LINEAR is None:
-        pytest.skip("this torch has no oneDNN")
+        pytest.skip("no oneDNN GEMMs here (no oneDNN in this torch, or not an x86-64 CPU)")
     calls = []
 
     def counting(*args):

@@ -12,6 +12,7 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -70,8 +71,9 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
 
 def _find_onednn_linear():
     """torch's oneDNN linear op (inp @ weight.T + bias, any strides), or None where this torch
-    was built without oneDNN."""
-    if not torch.backends.mkldnn.is_available():
+    was built without oneDNN or the CPU is not x86-64 (elsewhere, e.g. on Arm, oneDNN's fp32
+    GEMMs have not been compared with torch's, so torch's are kept)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default
@@ -88,7 +90,7 @@ ONEDNN_LINEAR = _find_onednn_linear()
 
 
 def _onednn_gemms() -> bool:
-    """Whether the fp32 GEMMs run on oneDNN: where torch has it, unless CONVNEXT_KERNELS_CPU_ONEDNN=0
+    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless CONVNEXT_KERNELS_CPU_ONEDNN=0
     (read at each call; then torch's own matmuls, as the torch backend runs them)."""
     return ONEDNN_LINEAR is not None and os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
 

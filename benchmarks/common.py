@@ -208,9 +208,16 @@ def with_env(step, name: str, value: str):
     return wrapped
 
 
-# Why the cpu_torch_gemm provider cannot differ from fused_cpu where the cpu backend has no oneDNN
-# GEMMs.
-NO_ONEDNN = "fused_cpu runs torch's GEMMs here already (no oneDNN in this torch, or not an x86-64 CPU)"
+# The cpu_torch_gemm provider (kernels.py and throughput.py): fused_cpu with its fp32 GEMMs on
+# torch's own matmuls instead of oneDNN, as (backend, environment variable, value).
+CPU_TORCH_GEMM = ("cpu", "CONVNEXT_KERNELS_CPU_ONEDNN", "0")
+
+
+def cpu_torch_gemm_unavailable() -> str:
+    """Why cpu_torch_gemm would only time fused_cpu again, or "" (it differs: oneDNN is in use)."""
+    if cpu_onednn_linear() is not None:
+        return ""
+    return "fused_cpu runs torch's GEMMs here already (no oneDNN in this torch, or not an x86-64 CPU)"
 
 
 def cpu_onednn_linear():

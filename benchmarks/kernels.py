@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.providers += list(PREACT_PROVIDERS) + list(RING_PROVIDERS)
         if "fused_cuda" in fused and not args.quick:
             args.providers += ["cuda_mma_sync", *CUDA_RING_PROVIDERS]
-        if "fused_cpu" in fused and not args.quick and common.cpu_onednn_linear() is not None:
+        if "fused_cpu" in fused and not args.quick and not common.cpu_torch_gemm_unavailable():
             args.providers.append("cpu_torch_gemm")
     return args
 
@@ -133,7 +133,7 @@ PREACT_PROVIDERS = ("triton_recompute", "triton_stored")
 # A fused backend with an environment switch set for the whole step (forward and backward), by
 # provider: (backend, variable, value). mlp_layerscale's GEMMs:
 GEMM_PROVIDERS = {"cuda_mma_sync": ("cuda", "CONVNEXT_KERNELS_CUDA_MLP_WGMMA", "0"),
-                  "cpu_torch_gemm": ("cpu", "CONVNEXT_KERNELS_CPU_ONEDNN", "0")}
+                  "cpu_torch_gemm": common.CPU_TORCH_GEMM}
 # The same for dwconv_layernorm.
 CUDA_RING_PROVIDERS = {"cuda_ring2": ("cuda", "CONVNEXT_KERNELS_CUDA_DWCONV_RING_CHANNELS", "2")}
 ENV_PROVIDERS = {**GEMM_PROVIDERS, **CUDA_RING_PROVIDERS}  # every fused backend with a switch set
@@ -336,8 +336,8 @@ def prepare(record: dict, args):
         from convnext_kernels.backends import unavailable_reason
 
         why = unavailable_reason(backend, args.device)
-        if not why and provider == "cpu_torch_gemm" and common.cpu_onednn_linear() is None:
-            why = common.NO_ONEDNN
+        if not why and provider == "cpu_torch_gemm":
+            why = common.cpu_torch_gemm_unavailable()
         if why:
             record["error"] = f"unavailable: {why}"
             return None

@@ -52,7 +52,7 @@ ALL_PROVIDERS = ("eager", "eager_channels_last", "compile", "fused_triton", "fus
                  "fused_torch", "fused_compile", "resnet50", "cpu_torch_gemm")
 # A fused backend with an environment switch set around each step, by provider: (backend,
 # variable, value).
-ENV_PROVIDERS = {"cpu_torch_gemm": ("cpu", "CONVNEXT_KERNELS_CPU_ONEDNN", "0")}
+ENV_PROVIDERS = {"cpu_torch_gemm": common.CPU_TORCH_GEMM}
 SPEEDUP_BASE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,8 +86,8 @@ def provider_unavailable(provider: str, device: torch.device) -> str:
         return unavailable_reason(provider[len("fused_"):], device)
     if provider in ENV_PROVIDERS:
         why = unavailable_reason(ENV_PROVIDERS[provider][0], device)
-        if not why and common.cpu_onednn_linear() is None:
-            why = common.NO_ONEDNN
+        if not why and provider == "cpu_torch_gemm":
+            why = common.cpu_torch_gemm_unavailable()
         return why
     if provider == "resnet50":
         return torchvision_missing()
@@ -102,7 +102,7 @@ def default_providers(device: torch.device, quick: bool) -> list[str]:
     without it the default run fits in three minutes from a cold compile cache."""
     fused = [f"fused_{b}" for b in common.fused_backends(ck, device)]
     names = ["eager", "eager_channels_last", "compile", *fused]
-    if "fused_cpu" in fused and common.cpu_onednn_linear() is not None:
+    if "fused_cpu" in fused and not common.cpu_torch_gemm_unavailable():
         names.append("cpu_torch_gemm")
     if device.type == "cuda":
         names.append("fused_compile")

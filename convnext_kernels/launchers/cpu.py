@@ -84,14 +84,15 @@ def _find_onednn_linear():
 # torch runs fp32 matmuls through MKL, and through oneDNN only where it may lower their precision.
 # oneDNN at full fp32 precision was twice as fast on a 2-thread AMD EPYC (Zen 5, AVX-512;
 # 2026-12-06): 300-500 GFLOP/s at the ConvNeXt-T stage shapes against MKL's 130-220, about
-# what two cores reach with 256-bit vectors. Not measured on Intel. Both accumulate in fp32, and both follow torch's setting
-# for the CPU's fp32 matmul precision.
+# what two cores reach with 256-bit vectors. Not measured on Intel. Both accumulate in fp32,
+# and both follow torch's setting for the CPU's fp32 matmul precision.
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
 def _onednn_gemms() -> bool:
-    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless CONVNEXT_KERNELS_CPU_ONEDNN=0
-    (read at each call; then torch's own matmuls, as the torch backend runs them)."""
+    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless
+    CONVNEXT_KERNELS_CPU_ONEDNN=0 (read at each call; then torch's own matmuls, as the torch
+    backend runs them)."""
     return ONEDNN_LINEAR is not None and os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
 
 

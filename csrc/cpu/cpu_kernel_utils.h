@@ -137,35 +137,17 @@ void dispatch_activation_dtype(int dtype, Fn&& fn) {
 // ---------------------------------------------------------------------------
 // Vector helpers (lanes L = 4, 8 or 16 floats).
 
+// One template for both element types: L float (or int32) lanes, L * 4 bytes.
+template <typename T, int L>
+struct LanesOf {
+  static_assert(L == 4 || L == 8 || L == 16, "vectors of 4, 8 or 16 lanes");
+  typedef T type __attribute__((vector_size(L * sizeof(T))));
+};
 template <int L>
-struct VecOf;
-template <>
-struct VecOf<4> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
+using VecOf = LanesOf<float, L>;
 // The int32 vectors of the same widths (float comparisons yield them; bit manipulation).
 template <int L>
-struct IntVecOf;
-template <>
-struct IntVecOf<4> {
-  typedef int32_t type __attribute__((vector_size(16)));
-};
-template <>
-struct IntVecOf<8> {
-  typedef int32_t type __attribute__((vector_size(32)));
-};
-template <>
-struct IntVecOf<16> {
-  typedef int32_t type __attribute__((vector_size(64)));
-};
+using IntVecOf = LanesOf<int32_t, L>;
 
 template <int L>
 CNK_INLINE typename VecOf<L>::type load_vec(const float* p) {

@@ -206,12 +206,15 @@ _LAUNCHER_MODULES = {
 # (fwd+bwd at batch 8, 2-thread AMD EPYC, 2026-12-06, medians of 15 interleaved): C = 192 at
 # 28x28 32.6 ms stored against 37.0 recomputed, C = 96 at 56x56 44.6-44.7 against 42.3-42.5
 # (the GEMM is cheap there and the faults are not); at C = 80 and 96 on 28x28 storing won by
-# 0.4-1 ms, at C = 40 it lost by 0.5. 16-bit is left to recompute (a stored 16-bit
-# pre-activation rounds what backward's GELU sees; not measured as faster). GPU backends
+# 0.4-1 ms, at C = 40 it lost by 0.5. cpu, 16-bit: always stored (2 bytes a value against a
+# 16-bit GEMM): ConvNeXt-T bf16-autocast training step at batch 8, same machine, 548 ms stored
+# against 590 recomputed (medians of 7; fp16, whose CPU GEMMs are slow here: 25.8 s against
+# 26.7 s); the forward then makes the hidden from the rounded stored value, the one backward
+# differentiates at, as eager autocast's GELU does. GPU backends
 # recompute: triton has both forms, timed against each other by benchmarks/kernels.py (the GPU
 # figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.
-MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 128}}
+MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 128, torch.bfloat16: 0, torch.float16: 0}}
 
 
 def launchers(backend: str) -> ModuleType:

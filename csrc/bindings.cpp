@@ -135,17 +135,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mlp_layerscale_gelu_fwd_cpu",
       [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t preact_out,
-         std::uintptr_t hidden, int64_t rows, int64_t cols, int dtype, int num_threads) {
+         std::uintptr_t hidden, int64_t rows, int64_t cols, int dtype, int num_threads,
+         int preact_dtype) {
         convnext_kernels::mlp_layerscale_gelu_fwd_cpu(
-            as_ptr<const float>(preact), as_ptr<const float>(bias), as_ptr<void>(preact_out),
-            as_ptr<void>(hidden), rows, cols, dtype, num_threads);
+            as_ptr<const void>(preact), as_ptr<const float>(bias), as_ptr<void>(preact_out),
+            as_ptr<void>(hidden), rows, cols, dtype, preact_dtype, num_threads);
       },
       py::arg("preact"), py::arg("bias"), py::arg("preact_out"), py::arg("hidden"),
       py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("num_threads") = 0,
+      py::arg("preact_dtype") = int(convnext_kernels::kFloat32),
       py::call_guard<py::gil_scoped_release>(),
-      "fc1 epilogue of mlp_layerscale: with a = preact (rows, cols) float32 + bias (bias may be "
-      "0), hidden = exact-erf gelu(a) and preact_out = a (0: not written), both in dtype "
-      "(DTYPE_* code); for float32 either may be preact itself, not both.");
+      "fc1 epilogue of mlp_layerscale: with a = preact (rows, cols) + bias (float32; may be 0), "
+      "hidden = exact-erf gelu(a) and preact_out = a (0: not written), both in dtype (DTYPE_* "
+      "code); preact is float32 (preact_dtype DTYPE_FLOAT32, the default) or of dtype, and when "
+      "of dtype either output may be preact itself, not both.");
 
   m.def("mlp_layerscale_gelu_bwd_cpu_workspace_size",
         &convnext_kernels::mlp_layerscale_gelu_bwd_cpu_workspace_size, py::arg("rows"),
@@ -153,21 +156,27 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "mlp_layerscale_gelu_bwd_cpu",
-      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t grad, std::uintptr_t hidden,
+      [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t grad,
+         std::uintptr_t grad_preact, std::uintptr_t grad_preact_low, std::uintptr_t hidden,
          std::uintptr_t bias_grad, std::uintptr_t workspace, int64_t workspace_floats,
-         int64_t rows, int64_t cols, int dtype, int num_threads) {
+         int64_t rows, int64_t cols, int dtype, int preact_dtype, int grad_dtype,
+         int hidden_dtype, int num_threads) {
         convnext_kernels::mlp_layerscale_gelu_bwd_cpu(
-            as_ptr<float>(preact), as_ptr<const float>(bias), as_ptr<float>(grad),
-            as_ptr<void>(hidden), as_ptr<float>(bias_grad), as_ptr<float>(workspace),
-            workspace_floats, rows, cols, dtype, num_threads);
+            as_ptr<void>(preact), as_ptr<const float>(bias), as_ptr<const void>(grad),
+            as_ptr<float>(grad_preact), as_ptr<void>(grad_preact_low), as_ptr<void>(hidden),
+            as_ptr<float>(bias_grad), as_ptr<float>(workspace), workspace_floats, rows, cols,
+            dtype, preact_dtype, grad_dtype, hidden_dtype, num_threads);
       },
-      py::arg("preact"), py::arg("bias"), py::arg("grad"), py::arg("hidden"),
-      py::arg("bias_grad"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("rows"),
-      py::arg("cols"), py::arg("dtype"), py::arg("num_threads") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "Backward of the fc1 epilogue: with a = preact + bias, hidden = gelu(a) in dtype, grad "
-      "*= gelu'(a) in place, bias_grad += column sums of the new grad (fixed order, any "
-      "num_threads).");
+      py::arg("preact"), py::arg("bias"), py::arg("grad"), py::arg("grad_preact"),
+      py::arg("grad_preact_low"), py::arg("hidden"), py::arg("bias_grad"), py::arg("workspace"),
+      py::arg("workspace_floats"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("preact_dtype"), py::arg("grad_dtype"), py::arg("hidden_dtype"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Backward of the fc1 epilogue: with a = preact + bias, grad_preact = grad * gelu'(a) "
+      "(float32; may be grad itself when that is float32), grad_preact_low = the same in dtype "
+      "(0: not written), hidden = gelu(a) rounded to dtype, stored in hidden_dtype, and "
+      "bias_grad += column sums of grad_preact (fixed order, any num_threads). preact, grad "
+      "and hidden are each float32 or of dtype (DTYPE_* codes).");
 
 #ifdef CONVNEXT_KERNELS_WITH_CUDA
   register_cuda_bindings(m);

@@ -16,19 +16,39 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def gelu_fwd(preact, bias, hidden, threads=2, preact_out=None):
+    """The forward kernel; preact is float32 or of hidden's dtype (its own dtype is passed)."""
     rows, cols = preact.shape
     _C.mlp_layerscale_gelu_fwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                    0 if preact_out is None else preact_out.data_ptr(), hidden.data_ptr(),
-                                   rows, cols, dtype_code(hidden.dtype, "cpu"), threads)
+                                   rows, cols, dtype_code(hidden.dtype, "cpu"), threads,
+                                   dtype_code(preact.dtype, "cpu"))
 
 
-def gelu_bwd(preact, bias, grad, hidden, bias_grad, threads=2):
+def gelu_bwd(preact, bias, grad, hidden, bias_grad, threads=2, dtype=None, grad_preact=None, grad_preact_low=None):
+    """The backward kernel for activations of `dtype` (default: hidden's); preact, grad and hidden
+    each float32 or of that dtype (their own dtypes are passed); grad_preact None: in place
+    over grad."""
     rows, cols = preact.shape
+    dtype = hidden.dtype if dtype is None else dtype
+    grad_preact = grad if grad_preact is None else grad_preact
     n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
     workspace = torch.full((max(n, 1),), math.nan)  # poisoned: every partial is written before it is read
     _C.mlp_layerscale_gelu_bwd_cpu(preact.data_ptr(), 0 if bias is None else bias.data_ptr(), grad.data_ptr(),
+                                   grad_preact.data_ptr(), 0 if grad_preact_low is None else grad_preact_low.data_ptr(),
                                    hidden.data_ptr(), bias_grad.data_ptr(), workspace.data_ptr(), n, rows, cols,
-                                   dtype_code(hidden.dtype, "cpu"), threads)
+                                   dtype_code(dtype, "cpu"), dtype_code(preact.dtype, "cpu"),
+                                   dtype_code(grad.dtype, "cpu"), dtype_code(hidden.dtype, "cpu"), threads)
+
+
+def all_16_bit_patterns(dtype):
+    """Every fp16 or bf16 bit pattern once, as a (4096, 16) tensor (rows of whole vectors)."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).view(4096, 16)
+
+
+def canonical_bits(t):
+    """t's bits, with every NaN replaced by the quiet NaN the kernels write (sign dropped)."""
+    nan = torch.tensor(math.nan, dtype=t.dtype)
+    return torch.where(t.isnan(), nan, t).view(torch.int16)
 
 
 def gelu_grad64(a):
@@ -97,7 +117,74 @@ def test_forward_adds_the_bias_and_writes_the_hidden(cols, dtype):
     fp32 = torch.empty(5, cols)
     gelu_fwd(a + bias, None, fp32)
     torch.testing.assert_close(fp32.double(), F.gelu((a + bias).double()), rtol=1e-6, atol=1e-6)
-    assert torch.equal(hidden, fp32.to(dtype)), "16-bit hiddens are the fp32 result rounded once"
+    unstored = torch.full((5, cols), math.nan).to(dtype)
+    gelu_fwd(a, bias, unstored)
+    assert torch.equal(unstored, fp32.to(dtype)), "16-bit hiddens are the fp32 result rounded once"
+    # Stored, the pre-activation is what backward differentiates at: the hidden is made from it.
+    from_stored = torch.empty(5, cols)
+    gelu_fwd(preact_out.float(), None, from_stored)
+    assert torch.equal(hidden, from_stored.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_16_bit_preact_is_read_exactly(dtype):
+    # Every bit pattern (subnormals, infinities, NaN included) through the vectorised conversions
+    # both ways: without a bias, the stored pre-activation is the input, bit for bit.
+    preact = all_16_bit_patterns(dtype)
+    preact_out, hidden = torch.empty_like(preact), torch.empty_like(preact)
+    gelu_fwd(preact, None, hidden, preact_out=preact_out)
+    assert torch.equal(canonical_bits(preact_out), canonical_bits(preact))
+    hidden_from_fp32 = torch.empty_like(preact)
+    gelu_fwd(preact.float(), None, hidden_from_fp32)
+    assert torch.equal(canonical_bits(hidden), canonical_bits(hidden_from_fp32))
+
+
+@pytest.mark.parametrize("cols", (7, 37, 160, 200))  # below / across the vector and interleave widths
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_16_bit_preact_gives_what_its_float32_copy_gives(cols, dtype):
+    g = torch.Generator().manual_seed(cols)
+    a = (torch.randn(70, cols, generator=g) * 3).to(dtype)
+    bias, dh = torch.randn(cols, generator=g), torch.randn(70, cols, generator=g)
+    results = []
+    for preact in (a.float(), a):
+        hidden, preact_out = torch.full((70, cols), math.nan).to(dtype), torch.full((70, cols), math.nan).to(dtype)
+        gelu_fwd(preact.clone(), bias, hidden, preact_out=preact_out)
+        grad, bwd_hidden, bias_grad = dh.clone(), torch.full((70, cols), math.nan).to(dtype), torch.zeros(cols)
+        gelu_bwd(preact.clone(), bias, grad, bwd_hidden, bias_grad)
+        results.append((hidden, preact_out, grad, bwd_hidden, bias_grad))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+    # Written over the 16-bit pre-activation itself: the same values.
+    in_place, out = a.clone(), torch.empty_like(a)
+    gelu_fwd(in_place, bias, in_place, preact_out=out)
+    assert torch.equal(in_place, results[0][0]) and torch.equal(out, results[0][1])
+    out_in_place, hidden = a.clone(), torch.empty_like(a)
+    gelu_fwd(out_in_place, bias, hidden, preact_out=out_in_place)
+    assert torch.equal(out_in_place, results[0][1]) and torch.equal(hidden, results[0][0])
+    shared, grad = a.clone(), dh.clone()
+    gelu_bwd(shared, bias, grad, shared, torch.zeros(cols))
+    assert torch.equal(shared, results[0][3]) and torch.equal(grad, results[0][2])
+
+
+@pytest.mark.parametrize("cols", (7, 37, 200))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("preact_16, grad_16, hidden_16", [(p, g, h) for p in (0, 1) for g in (0, 1) for h in (0, 1)])
+def test_backward_16_bit_forms(cols, dtype, preact_16, grad_16, hidden_16):
+    # Every mix of float32 / 16-bit pre-activation, incoming gradient and hidden storage, with
+    # da's 16-bit copy: the values the all-float32 call gives for the same inputs.
+    g = torch.Generator().manual_seed(cols)
+    a = (torch.randn(70, cols, generator=g) * 3).to(dtype)
+    dh = torch.randn(70, cols, generator=g).to(dtype)
+    bias = torch.randn(cols, generator=g)
+    ref_grad, ref_hidden, ref_sum = dh.float(), torch.empty(70, cols, dtype=dtype), torch.zeros(cols)
+    gelu_bwd(a.float(), bias, ref_grad, ref_hidden, ref_sum)
+    preact = a if preact_16 else a.float()
+    grad = dh if grad_16 else dh.float()
+    hidden = torch.full((70, cols), math.nan, dtype=dtype if hidden_16 else torch.float32)
+    grad_preact, low, bias_grad = torch.full((70, cols), math.nan), torch.full((70, cols), math.nan).to(dtype), torch.zeros(cols)
+    gelu_bwd(preact, bias, grad, hidden, bias_grad, dtype=dtype, grad_preact=grad_preact, grad_preact_low=low)
+    assert torch.equal(grad_preact, ref_grad) and torch.equal(low, ref_grad.to(dtype))
+    assert torch.equal(hidden, ref_hidden.to(hidden.dtype)) and torch.equal(bias_grad, ref_sum)
 
 
 def test_forward_hidden_or_stored_preact_may_overwrite_the_preact():
@@ -218,7 +305,34 @@ def test_invalid_arguments_raise_value_error():
         _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), 0, h16.data_ptr(), h16.data_ptr(), 4, 8, bf16, 1)
     with pytest.raises(ValueError, match="null"):
         _C.mlp_layerscale_gelu_fwd_cpu(0, 0, 0, h16.data_ptr(), 4, 8, bf16, 1)
-    grad, hidden, bias_grad, workspace = a.clone(), torch.empty_like(a), torch.zeros(8), torch.empty(1)
+    fp16 = dtype_code(torch.float16, "cpu")
+    with pytest.raises(ValueError, match="preact_dtype"):  # float32 or the hidden's dtype only
+        _C.mlp_layerscale_gelu_fwd_cpu(h16.data_ptr(), 0, 0, a.data_ptr(), 4, 8, 0, 1, bf16)
+    with pytest.raises(ValueError, match="preact_dtype"):
+        _C.mlp_layerscale_gelu_fwd_cpu(h16.data_ptr(), 0, 0, a.data_ptr(), 4, 8, bf16, 1, fp16)
+    grad, hidden, bias_grad = a.clone(), torch.empty_like(a), torch.zeros(8)
+    n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(4, 8)
+    workspace, g16 = torch.empty(n), torch.empty(4, 8, dtype=torch.bfloat16)
+
+    def bwd(preact, grad, grad_preact, low, hidden, dtype, preact_dtype, grad_dtype, hidden_dtype, workspace_floats=n):
+        _C.mlp_layerscale_gelu_bwd_cpu(preact.data_ptr(), 0, grad.data_ptr(), grad_preact.data_ptr(),
+                                       0 if low is None else low.data_ptr(), hidden.data_ptr(), bias_grad.data_ptr(),
+                                       workspace.data_ptr(), workspace_floats, 4, 8, dtype, preact_dtype, grad_dtype,
+                                       hidden_dtype, 1)
+
+    bwd(a, grad, grad, None, hidden, 0, 0, 0, 0)  # valid: in place over grad
+    bwd(h16, g16, grad, g16.clone(), hidden, bf16, bf16, bf16, 0)  # valid: 16-bit in, fp32 out
     with pytest.raises(ValueError, match="workspace"):
-        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, grad.data_ptr(), hidden.data_ptr(), bias_grad.data_ptr(),
-                                       workspace.data_ptr(), 1, 4, 8, 0, 1)
+        bwd(a, grad, grad, None, hidden, 0, 0, 0, 0, workspace_floats=1)
+    with pytest.raises(ValueError, match="hidden may be preact"):  # a bf16 hidden over a float32 preact
+        bwd(a, grad, grad, None, a, bf16, 0, 0, bf16)
+    with pytest.raises(ValueError, match="preact_dtype"):
+        bwd(h16, grad, grad, None, hidden, fp16, bf16, 0, 0)
+    with pytest.raises(ValueError, match="grad_dtype"):
+        bwd(a, g16, grad, None, hidden, fp16, 0, bf16, 0)
+    with pytest.raises(ValueError, match="hidden_dtype"):
+        bwd(a, grad, grad, None, h16, fp16, 0, 0, bf16)
+    with pytest.raises(ValueError, match="grad_preact may be grad"):  # in place over a 16-bit grad
+        bwd(a, g16, g16, None, hidden, bf16, 0, bf16, 0)
+    with pytest.raises(ValueError, match="different memory"):  # da's low copy over the hidden
+        bwd(a, grad, grad, hidden, hidden, 0, 0, 0, 0)

@@ -180,8 +180,8 @@ a, dh = torch.randn(70, 37) * 3, torch.randn(70, 37)
 h, da, db = torch.empty(70, 37), dh.clone(), torch.zeros(37)
 n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(70, 37)
 workspace = torch.empty(n)
-_C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, da.data_ptr(), h.data_ptr(), db.data_ptr(),
-                               workspace.data_ptr(), n, 70, 37, 0, 2)
+_C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), 0, da.data_ptr(), da.data_ptr(), 0, h.data_ptr(), db.data_ptr(),
+                               workspace.data_ptr(), n, 70, 37, 0, 0, 0, 0, 2)
 ref_da = dh * torch.ops.aten.gelu_backward(torch.ones_like(a), a)
 assert (h - F.gelu(a)).abs().max() < 1e-5 and (da - ref_da).abs().max() < 1e-5
 assert (db - ref_da.sum(0)).abs().max() < 1e-4
@@ -190,6 +190,32 @@ _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), bias.data_ptr(), out16.data_ptr(), 
                                _C.DTYPE_BFLOAT16, 2)
 assert torch.equal(out16, (a + bias).bfloat16())
 torch.testing.assert_close(h16.float(), F.gelu(a + bias), rtol=1e-2, atol=1e-2)
+# The backward's 16-bit forms: bf16 pre-activation and gradient in; fp32 da, its bf16 copy and the
+# bf16-rounded hidden in fp32 out; as the float32 kernel gives for the same values.
+a16, dh16 = a.bfloat16(), dh.bfloat16()
+da2, low, h2, db2 = torch.empty(70, 37), torch.empty(70, 37, dtype=torch.bfloat16), torch.empty(70, 37), torch.zeros(37)
+_C.mlp_layerscale_gelu_bwd_cpu(a16.data_ptr(), 0, dh16.data_ptr(), da2.data_ptr(), low.data_ptr(), h2.data_ptr(),
+                               db2.data_ptr(), workspace.data_ptr(), n, 70, 37, _C.DTYPE_BFLOAT16, _C.DTYPE_BFLOAT16,
+                               _C.DTYPE_BFLOAT16, 0, 2)
+a32, da3, h3, db3 = a16.float(), dh16.float(), torch.empty(70, 37), torch.zeros(37)
+_C.mlp_layerscale_gelu_bwd_cpu(a32.data_ptr(), 0, da3.data_ptr(), da3.data_ptr(), 0, h3.data_ptr(),
+                               db3.data_ptr(), workspace.data_ptr(), n, 70, 37, 0, 0, 0, 0, 2)
+assert torch.equal(da2, da3) and torch.equal(low, da3.bfloat16()) and torch.equal(db2, db3)
+assert torch.equal(h2, h3.bfloat16().float())
+# The vectorised 16-bit conversions: every bit pattern read and written back (NaN stays NaN),
+# and float32 values (ties between neighbours, subnormals, overflow) rounded as torch rounds.
+for dt, code in ((torch.float16, _C.DTYPE_FLOAT16), (torch.bfloat16, _C.DTYPE_BFLOAT16)):
+    p16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dt).view(4096, 16)
+    out, scratch = torch.empty_like(p16), torch.empty_like(p16)
+    _C.mlp_layerscale_gelu_fwd_cpu(p16.data_ptr(), 0, out.data_ptr(), scratch.data_ptr(), 4096, 16, code, 2, code)
+    nan = p16.isnan()
+    assert torch.equal(out[~nan].view(torch.int16), p16[~nan].view(torch.int16)) and out[nan].isnan().all()
+    finite = p16.flatten()[~p16.flatten().isnan() & ~p16.flatten().isinf()].float().sort().values.unique()
+    f = torch.cat([(finite[1:] + finite[:-1]) / 2, finite * 1.0001, torch.randn(4096) * 7e4]).float()
+    f = f[: f.numel() // 16 * 16].view(-1, 16).contiguous()
+    out, scratch = torch.empty(f.shape, dtype=dt), torch.empty(f.shape, dtype=dt)
+    _C.mlp_layerscale_gelu_fwd_cpu(f.data_ptr(), 0, out.data_ptr(), scratch.data_ptr(), f.shape[0], 16, code, 2)
+    assert torch.equal(out.view(torch.int16), f.to(dt).view(torch.int16)), dt
 """
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 
 import torch
+import torch.nn.functional as F
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
@@ -122,12 +123,21 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         # oneDNN wants its input's rows contiguous, so one of a, b is copied transposed: a (the
         # product comes out as it is), or b (it comes out transposed, to copy or add strided),
         # whichever copies fewer values.
+        # A 16-bit operand becomes fp32 in the same copy (the transposed one), or on its own.
         (R, p), q = a.shape, b.shape[1]
         if R * p <= R * q + p * q:
-            product = cls.linear(a.t().contiguous(), b.t())
+            product = cls.linear(_fp32_transposed(a), b.float().t())
         else:
-            product = cls.linear(b.t().contiguous(), a.t()).t()
+            product = cls.linear(_fp32_transposed(b), a.float().t()).t()
         return product.contiguous() if acc is None else acc.add_(product)
+
+    @classmethod
+    def _fc1_product(cls, x2, fc1_weight):
+        """x2 @ fc1_weight.T without the bias, in x2's dtype: the 16-bit GEMM's own output goes to
+        the C++ epilogue as it is (an fp32 copy would hold no more information)."""
+        if x2.dtype == torch.float32:
+            return cls.linear(x2, fc1_weight, None)
+        return F.linear(x2, fc1_weight)
 
     @classmethod
     def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
@@ -137,30 +147,44 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
             # (The kernel writes it through a raw pointer.)
             raise ValueError(f"preact_out must be a contiguous ({rows}, {cols}) {x2.dtype} tensor, got "
                              f"{tuple(preact_out.shape)} {preact_out.dtype}")
-        # The GEMM without the bias, into a fresh fp32 buffer; the pass adds the bias, writes the
-        # hidden (over that buffer for fp32) and, when asked, the stored pre-activation.
-        a = cls.linear(x2, fc1_weight, None)
-        h = a if x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
-        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), data_ptr(preact_out), h.data_ptr(),
-                                       rows, cols, dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
-        return h
+        # The GEMM without the bias into a fresh buffer of x2's dtype; the pass adds the bias,
+        # writes the hidden over that buffer and, when asked, the stored pre-activation.
+        a = cls._fc1_product(x2, fc1_weight)
+        code = dtype_code(x2.dtype, "cpu")
+        _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), data_ptr(preact_out), a.data_ptr(),
+                                       rows, cols, code, torch.get_num_threads(), code)
+        return a
 
     @classmethod
     def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         rows, cols = dh.shape
         if preact is None:
-            a, bias = cls.linear(x2, fc1_weight, None), fc1_bias
-        else:  # stored with its bias
-            a, bias = preact.float(), None
-        # The hidden may overwrite a fresh fp32 pre-activation, never the stored one (which
-        # .float() returns itself when it is fp32).
-        h = a if a is not preact and x2.dtype == torch.float32 else empty_output(a.shape, x2.dtype, x2.device)
+            a, bias = cls._fc1_product(x2, fc1_weight), fc1_bias
+        else:  # stored, with its bias, in x2's dtype
+            a, bias = preact, None
+        code = dtype_code(x2.dtype, "cpu")
+        if x2.dtype == torch.float32:
+            # da over dh; the hidden over a fresh pre-activation, never over the stored one.
+            da, da_low = dh, None
+            h = a if a is not preact else empty_output(a.shape, torch.float32, x2.device)
+        else:
+            # 16-bit dh read as it is; da in fp32 and in x2's dtype, the hidden (rounded to
+            # x2's dtype) in fp32: the weight-gradient GEMMs' operands, with no copies.
+            da, da_low = empty_output((rows, cols), torch.float32, x2.device), empty_output(dh.shape, x2.dtype, x2.device)
+            h = empty_output((rows, cols), torch.float32, x2.device)
         workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
         workspace = empty_output((workspace_floats,), torch.float32, x2.device)
-        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), data_ptr(bias), dh.data_ptr(), h.data_ptr(),
-                                       dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
-                                       rows, cols, dtype_code(x2.dtype, "cpu"), torch.get_num_threads())
-        return h, dh
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), data_ptr(bias), dh.data_ptr(), da.data_ptr(), data_ptr(da_low),
+                                       h.data_ptr(), dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
+                                       rows, cols, code, code, dtype_code(dh.dtype, "cpu"), _C.DTYPE_FLOAT32,
+                                       torch.get_num_threads())
+        return h, da, da if da_low is None else da_low
+
+
+def _fp32_transposed(t):
+    """t.T as a contiguous fp32 tensor, in one copy whatever t's dtype."""
+    out = torch.empty((t.shape[1], t.shape[0]), dtype=torch.float32, device=t.device)
+    return out.copy_(t.t())
 
 
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,

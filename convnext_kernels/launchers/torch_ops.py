@@ -108,8 +108,10 @@ class TorchMlpParts:
 
     @classmethod
     def accumulate_tn(cls, acc, a, b):
-        """acc + a.T @ b for (R, p) and (R, q) fp32 a and b, added into acc (fp32 (p, q)); acc
-        None (the first chunk): a fresh a.T @ b."""
+        """acc + a.T @ b in fp32 for (R, p) and (R, q) a and b, each fp32 or of the activations'
+        dtype (its values taken exactly), added into acc (fp32 (p, q)); acc None (the first
+        chunk): a fresh a.T @ b."""
+        a, b = a.float(), b.float()
         return torch.mm(a.t(), b) if acc is None else acc.addmm_(a.t(), b)
 
     @classmethod
@@ -121,14 +123,17 @@ class TorchMlpParts:
 
     @classmethod
     def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
-        """(hidden, da) from dh = dL/dhidden (fp32, consumed): the hidden as forward made it,
-        da = dh * gelu'(a) with a the pre-activation (preact, stored by the forward, or
-        recomputed when None), and dfc1_bias (fp32) += da's column sums."""
+        """(hidden, da, da_low) from dh = dL/dhidden (fc2's input-gradient GEMM output, in x2's
+        dtype; consumed when fp32): the hidden as forward made it (rounded to x2's dtype) in
+        fp32, da = dh * gelu'(a) in fp32 with a the pre-activation (preact, stored by the
+        forward, or recomputed when None), da_low = da in x2's dtype (the dx GEMM's operand;
+        da itself for fp32), and dfc1_bias (fp32) += da's column sums."""
         a = cls.linear(x2, fc1_weight, fc1_bias) if preact is None else preact.float()
+        dh = dh.float()
         # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, over dh.
         da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
         dfc1_bias += da.sum(0)
-        return F.gelu(a).to(x2.dtype), da
+        return F.gelu(a).to(x2.dtype).float(), da, da.to(x2.dtype)
 
 
 # On the CPU the rows go through the MLP in chunks, so the (rows, 4C) hidden stays in cache and
@@ -195,12 +200,12 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
             dys = dys * s[rows]
         dys_sum += dys.sum(0)
         dz = dys * gamma if gamma is not None else dys
-        dh = parts.matmul(dz.to(x.dtype), fc2_weight).float()
-        h, da = parts.gelu_backward(x2[rows], fc1_weight, fc1_bias, None if preact is None else preact[rows],
-                                    dh, dfc1_bias)
-        g = parts.accumulate_tn(g, dys, h.float())
-        dfc1_weight = parts.accumulate_tn(dfc1_weight, da, x2[rows].float())
-        parts.matmul(da.to(x.dtype), fc1_weight, out=dx[rows])
+        dh = parts.matmul(dz.to(x.dtype), fc2_weight)
+        h, da, da_low = parts.gelu_backward(x2[rows], fc1_weight, fc1_bias,
+                                            None if preact is None else preact[rows], dh, dfc1_bias)
+        g = parts.accumulate_tn(g, dys, h)
+        dfc1_weight = parts.accumulate_tn(dfc1_weight, da, x2[rows])
+        parts.matmul(da_low, fc1_weight, out=dx[rows])
     if g is None:  # no rows
         g, dfc1_weight = torch.zeros(fc2_weight.shape, **f32), torch.zeros(fc1_weight.shape, **f32)
     dgamma = _rowwise_dot(g, fc2_weight.float()).add_(fc2_bias * dys_sum)

@@ -116,8 +116,7 @@ class PaddedRowRing {
         const T* s = src + w * p_.C;
         float* d = dst + (w + kPad) * kBlock;
         for (int64_t b = 0; b < full_blocks; ++b)
-          for (int64_t j = 0; j < kBlock; ++j)
-            d[b * p_.block_stride + j] = to_float(s[b * kBlock + j]);
+          store_vec<kBlock>(d + b * p_.block_stride, load_converted<T, kBlock>(s + b * kBlock));
         for (int64_t j = 0; j < tail; ++j)
           d[full_blocks * p_.block_stride + j] = to_float(s[full_blocks * kBlock + j]);
       }
@@ -301,15 +300,6 @@ CNK_INLINE void conv7x7_weight_grad_row(const float* g_row, const float* const* 
   }
 }
 
-template <typename T, int L>
-CNK_INLINE void store_converted(T* dst, typename VecOf<L>::type v) {
-  if constexpr (std::is_same<T, float>::value) {
-    store_vec<L>(dst, v);
-  } else {
-    for (int j = 0; j < L; ++j) dst[j] = from_float<T>(v[j]);
-  }
-}
-
 // Prefetch pixel w (C elements) of a row, if any.
 template <typename T>
 CNK_INLINE void prefetch_pixel(const T* row, int64_t w, int64_t C) {
@@ -321,15 +311,22 @@ CNK_INLINE void prefetch_pixel(const T* row, int64_t w, int64_t C) {
 
 template <typename T>
 CNK_INLINE void store_row(const float* src, T* dst, int64_t W, int64_t C, int64_t Cp) {
-  for (int64_t w = 0; w < W; ++w)
-    for (int64_t c = 0; c < C; ++c) dst[w * C + c] = from_float<T>(src[w * Cp + c]);
+  for (int64_t w = 0; w < W; ++w) {
+    int64_t c = 0;
+    for (; c + kBlock <= C; c += kBlock)
+      store_converted<T, kBlock>(dst + w * C + c, load_vec<kBlock>(src + w * Cp + c));
+    for (; c < C; ++c) dst[w * C + c] = from_float<T>(src[w * Cp + c]);
+  }
 }
 
 template <typename T>
 CNK_INLINE void load_row(const T* src, float* dst, int64_t W, int64_t C, int64_t Cp) {
   for (int64_t w = 0; w < W; ++w) {
-    for (int64_t c = 0; c < C; ++c) dst[w * Cp + c] = to_float(src[w * C + c]);
-    for (int64_t c = C; c < Cp; ++c) dst[w * Cp + c] = 0.f;
+    int64_t c = 0;
+    for (; c + kBlock <= C; c += kBlock)
+      store_vec<kBlock>(dst + w * Cp + c, load_converted<T, kBlock>(src + w * C + c));
+    for (; c < C; ++c) dst[w * Cp + c] = to_float(src[w * C + c]);
+    for (c = C; c < Cp; ++c) dst[w * Cp + c] = 0.f;
   }
 }
 

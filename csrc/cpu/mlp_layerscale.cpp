@@ -109,23 +109,19 @@ CNK_INLINE void normal_cdf_pdf(const FVec<L> (&a)[K], FVec<L> (&cdf)[K], FVec<L>
   }
 }
 
+// n <= L values as T at dst (a row's tail when n < L).
 template <typename T, int L>
 CNK_INLINE void store_as(T* dst, FVec<L> h, int n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == L) {
-      store_vec<L>(dst, h);
-      return;
-    }
-  }
+  if (n == L) return store_converted<T, L>(dst, h);
   for (int j = 0; j < n; ++j) dst[j] = from_float<T>(h[j]);
 }
 
-// n <= L floats from src, zero-padded to a vector (the tail of a row).
-template <int L>
-CNK_INLINE FVec<L> load_part(const float* src, int n) {
-  if (n == L) return load_vec<L>(src);
+// n <= L values of T from src as floats, zero-padded to a vector (the tail of a row).
+template <typename T, int L>
+CNK_INLINE FVec<L> load_part(const T* src, int n) {
+  if (n == L) return load_converted<T, L>(src);
   float buf[L] = {};
-  std::memcpy(buf, src, sizeof(float) * size_t(n));
+  for (int j = 0; j < n; ++j) buf[j] = to_float(src[j]);
   return load_vec<L>(buf);
 }
 template <int L>
@@ -137,42 +133,69 @@ CNK_INLINE void store_part(float* dst, FVec<L> v, int n) {
 }
 
 struct Args {
-  const float* preact;  // read (the hidden or preact_out may be this memory: read first)
+  const void* preact;  // read, in float32 or the hidden's dtype (hidden or preact_out may be
+                       // this memory when of its dtype: each vector is read before it is written)
   const float* bias;
   void* preact_out;  // forward: receives preact + bias in the hidden's dtype, or null
   void* hidden;
-  float* grad;
+  const void* grad;    // backward: dL/dhidden, float32 or of the hidden's dtype
+  float* grad_preact;  // backward: dL/da (may be grad itself when that is float32)
+  void* grad_preact_low;  // backward: dL/da rounded to the activation dtype, or null
   float* partials;  // (num_partials, cols)
   int64_t rows, cols, num_partials;
 };
 
-// Columns [c, c + K * L) of one row (n < L valid lanes in the last vector when K == 1).
-template <typename T, int L, int K>
-CNK_INLINE void gelu_fwd_columns(const float* a_row, const float* bias, T* out_row, T* h_row,
+// v rounded to T's precision, as floats: what a T hidden converted back to float32 holds.
+template <typename T, int L>
+CNK_INLINE FVec<L> round_to(FVec<L> v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T buf[L];
+    store_converted<T, L>(buf, v);
+    return load_converted<T, L>(buf);
+  }
+}
+
+// Columns [c, c + K * L) of one row (n < L valid lanes in the last vector when K == 1); T is
+// the hidden's storage type, P the pre-activation's (float or T).
+template <typename T, typename P, int L, int K>
+CNK_INLINE void gelu_fwd_columns(const P* a_row, const float* bias, T* out_row, T* h_row,
                                  int64_t c, int n) {
   using V = FVec<L>;
   V a[K], cdf[K], pdf[K];
-  CNK_EACH a[k] = load_part<L>(a_row + c + k * L, n);
-  if (bias) CNK_EACH a[k] += load_part<L>(bias + c + k * L, n);
-  if (out_row) CNK_EACH store_as<T, L>(out_row + c + k * L, a[k], n);
+  CNK_EACH a[k] = load_part<P, L>(a_row + c + k * L, n);
+  if (bias) CNK_EACH a[k] += load_part<float, L>(bias + c + k * L, n);
+  if (out_row) {
+    // Stored in T, a is what backward will read: the hidden is made from that same value, as
+    // eager autocast's GELU reads its 16-bit addmm output.
+    CNK_EACH store_as<T, L>(out_row + c + k * L, a[k], n);
+    CNK_EACH a[k] = round_to<T, L>(a[k]);
+  }
   normal_cdf_pdf<L, K>(a, cdf, pdf);
   CNK_EACH store_as<T, L>(h_row + c + k * L, a[k] * cdf[k], n);
 }
 
-template <typename T, int L, int K>
-CNK_INLINE void gelu_bwd_columns(const float* a_row, const float* bias, float* grad_row, T* h_row,
+// The backward's types: T the activations' (the hidden's precision), P the pre-activation's, G
+// the incoming gradient's, H the hidden's storage (float32 holding T-rounded values, or T).
+template <typename T, typename P, typename G, typename H, int L, int K>
+CNK_INLINE void gelu_bwd_columns(const P* a_row, const float* bias, const G* grad_row,
+                                 float* grad_preact_row, T* grad_low_row, H* h_row,
                                  float* partial, int64_t c, int n) {
   using V = FVec<L>;
   V a[K], cdf[K], pdf[K];
-  CNK_EACH a[k] = load_part<L>(a_row + c + k * L, n);
-  if (bias) CNK_EACH a[k] += load_part<L>(bias + c + k * L, n);
+  CNK_EACH a[k] = load_part<P, L>(a_row + c + k * L, n);
+  if (bias) CNK_EACH a[k] += load_part<float, L>(bias + c + k * L, n);
   normal_cdf_pdf<L, K>(a, cdf, pdf);
   CNK_EACH {
     const int64_t ck = c + k * L;
-    const V da = load_part<L>(grad_row + ck, n) * (cdf[k] + a[k] * pdf[k]);
-    store_part<L>(grad_row + ck, da, n);
-    store_as<T, L>(h_row + ck, a[k] * cdf[k], n);  // after the last read of a_row[ck...]
-    store_part<L>(partial + ck, load_part<L>(partial + ck, n) + da, n);
+    const V da = load_part<G, L>(grad_row + ck, n) * (cdf[k] + a[k] * pdf[k]);
+    store_part<L>(grad_preact_row + ck, da, n);  // after the last read of grad_row[ck...]
+    if (grad_low_row) store_as<T, L>(grad_low_row + ck, da, n);
+    // After the last read of a_row[ck...].
+    if constexpr (std::is_same_v<H, T>) store_as<T, L>(h_row + ck, a[k] * cdf[k], n);
+    else store_as<float, L>(h_row + ck, round_to<T, L>(a[k] * cdf[k]), n);
+    store_part<L>(partial + ck, load_part<float, L>(partial + ck, n) + da, n);
   }
 }
 
@@ -181,54 +204,57 @@ CNK_INLINE void gelu_bwd_columns(const float* a_row, const float* bias, float* g
 // at 0.85, 0.94, 1.03, 0.55 (torch's GELU alone: 0.93; AMD EPYC, 2026-12-06).
 constexpr int kInterleave = 4;
 
-template <typename T, int L>
+template <typename T, typename P, int L>
 CNK_INLINE void gelu_fwd_rows_impl(const Args& g, int64_t row_begin, int64_t row_end) {
   constexpr int K = kInterleave;
   T* hidden = static_cast<T*>(g.hidden);
   T* preact_out = static_cast<T*>(g.preact_out);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const float* a_row = g.preact + r * g.cols;
+    const P* a_row = static_cast<const P*>(g.preact) + r * g.cols;
     T* out_row = preact_out ? preact_out + r * g.cols : nullptr;
     T* h_row = hidden + r * g.cols;
     int64_t c = 0;
-    for (; c + K * L <= g.cols; c += K * L) gelu_fwd_columns<T, L, K>(a_row, g.bias, out_row, h_row, c, L);
+    for (; c + K * L <= g.cols; c += K * L) gelu_fwd_columns<T, P, L, K>(a_row, g.bias, out_row, h_row, c, L);
     for (; c < g.cols; c += L)
-      gelu_fwd_columns<T, L, 1>(a_row, g.bias, out_row, h_row, c, int(std::min<int64_t>(L, g.cols - c)));
+      gelu_fwd_columns<T, P, L, 1>(a_row, g.bias, out_row, h_row, c, int(std::min<int64_t>(L, g.cols - c)));
   }
 }
 
 // Row blocks [block_begin, block_end): hidden, grad and each block's bias-gradient partial.
-template <typename T, int L>
+template <typename T, typename P, typename G, typename H, int L>
 CNK_INLINE void gelu_bwd_blocks_impl(const Args& g, int64_t block_begin, int64_t block_end) {
   constexpr int K = kInterleave;
-  T* hidden = static_cast<T*>(g.hidden);
   for (int64_t blk = block_begin; blk < block_end; ++blk) {
     float* partial = g.partials + blk * g.cols;
     std::fill(partial, partial + g.cols, 0.f);
     const int64_t row_end = std::min(g.rows, (blk + 1) * kRowsPerPartial);
     for (int64_t r = blk * kRowsPerPartial; r < row_end; ++r) {
-      const float* a_row = g.preact + r * g.cols;
-      float* grad_row = g.grad + r * g.cols;
-      T* h_row = hidden + r * g.cols;
+      const int64_t offset = r * g.cols;
+      const P* a_row = static_cast<const P*>(g.preact) + offset;
+      const G* grad_row = static_cast<const G*>(g.grad) + offset;
+      float* grad_preact_row = g.grad_preact + offset;
+      T* grad_low_row = g.grad_preact_low ? static_cast<T*>(g.grad_preact_low) + offset : nullptr;
+      H* h_row = static_cast<H*>(g.hidden) + offset;
       int64_t c = 0;
       for (; c + K * L <= g.cols; c += K * L)
-        gelu_bwd_columns<T, L, K>(a_row, g.bias, grad_row, h_row, partial, c, L);
+        gelu_bwd_columns<T, P, G, H, L, K>(a_row, g.bias, grad_row, grad_preact_row, grad_low_row,
+                                           h_row, partial, c, L);
       for (; c < g.cols; c += L)
-        gelu_bwd_columns<T, L, 1>(a_row, g.bias, grad_row, h_row, partial, c,
-                                  int(std::min<int64_t>(L, g.cols - c)));
+        gelu_bwd_columns<T, P, G, H, L, 1>(a_row, g.bias, grad_row, grad_preact_row, grad_low_row,
+                                           h_row, partial, c, int(std::min<int64_t>(L, g.cols - c)));
     }
   }
 }
 
 #define CNK_DEFINE_VARIANT(NS, TARGET, L)                                   \
   namespace NS {                                                            \
-  template <typename T>                                                     \
+  template <typename T, typename P>                                         \
   TARGET void gelu_fwd_rows(const Args& g, int64_t b, int64_t e) {          \
-    gelu_fwd_rows_impl<T, L>(g, b, e);                                      \
+    gelu_fwd_rows_impl<T, P, L>(g, b, e);                                   \
   }                                                                         \
-  template <typename T>                                                     \
+  template <typename T, typename P, typename G, typename H>                 \
   TARGET void gelu_bwd_blocks(const Args& g, int64_t b, int64_t e) {        \
-    gelu_bwd_blocks_impl<T, L>(g, b, e);                                    \
+    gelu_bwd_blocks_impl<T, P, G, H, L>(g, b, e);                           \
   }                                                                         \
   }
 
@@ -243,27 +269,37 @@ void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(std::string("mlp_layerscale (cpu): ") + what);
 }
 
-void check_args(int64_t rows, int64_t cols, int dtype, const float* preact, const void* hidden) {
+void check_args(int64_t rows, int64_t cols, int dtype, int preact_dtype) {
   require(rows >= 0 && cols >= 1, "rows must be >= 0 and cols >= 1");
   int64_t total = 0;
   require(!__builtin_mul_overflow(rows, cols, &total) &&
               !__builtin_mul_overflow(total, int64_t(4), &total),
           "tensor too large");
   check_activation_dtype(dtype, "mlp_layerscale (cpu)");
-  require(static_cast<const void*>(preact) != hidden || dtype == kFloat32,
-          "hidden may be preact's memory only when dtype is float32");
+  require(preact_dtype == kFloat32 || preact_dtype == dtype,
+          "preact_dtype must be 0 (float32) or dtype");
 }
 
 int64_t num_partials(int64_t rows) { return (rows + kRowsPerPartial - 1) / kRowsPerPartial; }
 
-template <typename T>
+// fn(T{}, P{}): T the storage type of `dtype`, P that of `other_dtype` (float32 or dtype, as
+// checked before).
+template <typename Fn>
+void dispatch_dtypes(int dtype, int other_dtype, Fn&& fn) {
+  dispatch_activation_dtype(dtype, [&](auto t) {
+    if (other_dtype == kFloat32) fn(t, float{});
+    else fn(t, t);
+  });
+}
+
+template <typename T, typename P>
 void run_fwd(const Args& g, int nthreads) {
   const Isa isa = detect_isa();
   parallel_split(g.rows, nthreads,
-                 [&](int64_t b, int64_t e) { CNK_ISA_DISPATCH(isa, gelu_fwd_rows<T>(g, b, e)); });
+                 [&](int64_t b, int64_t e) { CNK_ISA_DISPATCH(isa, gelu_fwd_rows<T, P>(g, b, e)); });
 }
 
-template <typename T>
+template <typename T, typename P, typename G, typename H>
 void run_bwd(const Args& g, float* bias_grad, int nthreads) {
   const Isa isa = detect_isa();
 #pragma omp parallel num_threads(nthreads)
@@ -271,7 +307,7 @@ void run_bwd(const Args& g, float* bias_grad, int nthreads) {
     const int tid = thread_index(), nt = thread_count();
     int64_t b, e;
     split_range(g.num_partials, tid, nt, b, e);
-    if (b < e) CNK_ISA_DISPATCH(isa, gelu_bwd_blocks<T>(g, b, e));
+    if (b < e) CNK_ISA_DISPATCH(isa, gelu_bwd_blocks<T, P, G, H>(g, b, e));
 #pragma omp barrier  // the sums read partials written by other threads
     split_range(g.cols, tid, nt, b, e);
     for (int64_t c = b; c < e; ++c) {
@@ -284,43 +320,72 @@ void run_bwd(const Args& g, float* bias_grad, int nthreads) {
 
 }  // namespace
 
-void mlp_layerscale_gelu_fwd_cpu(const float* preact, const float* bias, void* preact_out,
+void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* preact_out,
                                  void* hidden, int64_t rows, int64_t cols, int dtype,
-                                 int num_threads) {
-  check_args(rows, cols, dtype, preact, hidden);
+                                 int preact_dtype, int num_threads) {
+  check_args(rows, cols, dtype, preact_dtype);
   require(preact && hidden, "null pointer (only bias and preact_out may be null)");
-  require(static_cast<const void*>(preact) != preact_out || dtype == kFloat32,
-          "preact_out may be preact's memory only when dtype is float32");
+  require(preact != hidden || preact_dtype == dtype,
+          "hidden may be preact's memory only when preact_dtype equals dtype");
+  require(preact != preact_out || preact_dtype == dtype,
+          "preact_out may be preact's memory only when preact_dtype equals dtype");
   require(preact_out != hidden, "preact_out and hidden must be different memory");
   if (rows == 0) return;
   Args g{};
   g.preact = preact; g.bias = bias; g.preact_out = preact_out; g.hidden = hidden;
   g.rows = rows; g.cols = cols;
   const int nthreads = resolve_threads(num_threads, rows);
-  dispatch_activation_dtype(dtype, [&](auto t) { run_fwd<decltype(t)>(g, nthreads); });
+  dispatch_dtypes(dtype, preact_dtype, [&](auto t, auto p) {
+    run_fwd<decltype(t), decltype(p)>(g, nthreads);
+  });
 }
 
 int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols) {
-  check_args(rows, cols, kFloat32, nullptr, nullptr);
+  check_args(rows, cols, kFloat32, kFloat32);
   return num_partials(rows) * cols;
 }
 
-void mlp_layerscale_gelu_bwd_cpu(float* preact, const float* bias, float* grad,
-                                 void* hidden, float* bias_grad, float* workspace,
-                                 int64_t workspace_floats, int64_t rows, int64_t cols, int dtype,
-                                 int num_threads) {
-  check_args(rows, cols, dtype, preact, hidden);
-  require(preact && grad && hidden && bias_grad && (workspace || rows == 0),
-          "null pointer (only bias may be null)");
+void mlp_layerscale_gelu_bwd_cpu(void* preact, const float* bias, const void* grad,
+                                 float* grad_preact, void* grad_preact_low, void* hidden,
+                                 float* bias_grad, float* workspace, int64_t workspace_floats,
+                                 int64_t rows, int64_t cols, int dtype, int preact_dtype,
+                                 int grad_dtype, int hidden_dtype, int num_threads) {
+  check_args(rows, cols, dtype, preact_dtype);
+  require(grad_dtype == kFloat32 || grad_dtype == dtype, "grad_dtype must be 0 (float32) or dtype");
+  require(hidden_dtype == kFloat32 || hidden_dtype == dtype,
+          "hidden_dtype must be 0 (float32) or dtype");
+  require(preact && grad && grad_preact && hidden && bias_grad && (workspace || rows == 0),
+          "null pointer (only bias and grad_preact_low may be null)");
+  require(preact != hidden || hidden_dtype == preact_dtype,
+          "hidden may be preact's memory only when hidden_dtype equals preact_dtype");
+  require(static_cast<const void*>(grad_preact) != grad || grad_dtype == kFloat32,
+          "grad_preact may be grad's memory only when grad_dtype is float32");
+  const void* others[] = {preact, grad, grad_preact, grad_preact_low, hidden};
+  for (int i = 0; i < 5; ++i)
+    for (int j = i + 1; j < 5; ++j)
+      require(others[i] != others[j] || (i == 0 && j == 4) || (i == 1 && j == 2) || !others[i],
+              "preact, grad, grad_preact, grad_preact_low and hidden must be different memory "
+              "(except hidden over preact and grad_preact over grad, as allowed above)");
   require(workspace_floats >= mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols),
           "workspace smaller than mlp_layerscale_gelu_bwd_cpu_workspace_size()");
   if (rows == 0) return;
   Args g{};
-  g.preact = preact;
-  g.bias = bias; g.hidden = hidden; g.grad = grad; g.partials = workspace;
+  g.preact = preact; g.bias = bias; g.grad = grad; g.grad_preact = grad_preact;
+  g.grad_preact_low = grad_preact_low; g.hidden = hidden; g.partials = workspace;
   g.rows = rows; g.cols = cols; g.num_partials = num_partials(rows);
   const int nthreads = resolve_threads(num_threads, g.num_partials);
-  dispatch_activation_dtype(dtype, [&](auto t) { run_bwd<decltype(t)>(g, bias_grad, nthreads); });
+  dispatch_dtypes(dtype, preact_dtype, [&](auto t, auto p) {
+    using T = decltype(t);
+    using P = decltype(p);
+    // G, the incoming gradient's type, and H, the hidden's storage: each float32 or T.
+    auto with_grad_type = [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      if (hidden_dtype == kFloat32) run_bwd<T, P, G, float>(g, bias_grad, nthreads);
+      else run_bwd<T, P, G, T>(g, bias_grad, nthreads);
+    };
+    if (grad_dtype == kFloat32) with_grad_type(float{});
+    else with_grad_type(T{});
+  });
 }
 
 }  // namespace convnext_kernels

@@ -4,11 +4,12 @@
 // GELU, and in backward GELU again, its derivative and the bias-gradient sum. Here it is one
 // pass each way, with the exact-erf GELU evaluated once per element.
 //
-// Raw-pointer API, row-major (rows, cols) buffers; cols is fc1's output width (4C). The
-// pre-activation read and the gradients are float32; the hidden and the forward's stored
-// pre-activation are written in `dtype` (see ActivationDtype), the activations' dtype. All functions validate their
-// arguments and throw std::invalid_argument. Results do not depend on num_threads
-// (<= 0: the OpenMP default).
+// Raw-pointer API, row-major (rows, cols) buffers; cols is fc1's output width (4C). The hidden
+// and the forward's stored pre-activation are written in `dtype` (see ActivationDtype), the
+// activations' dtype; the pre-activation read is float32 or of `dtype` (`preact_dtype`: a 16-bit
+// GEMM's own output is read as it is, not through a float32 copy); the gradients are float32.
+// All functions validate their arguments and throw std::invalid_argument. Results do not
+// depend on num_threads (<= 0: the OpenMP default).
 #pragma once
 
 #include <cstdint>
@@ -18,23 +19,28 @@
 namespace convnext_kernels {
 
 // a = preact + bias (bias may be null); hidden = gelu(a) in dtype, and preact_out (null: not
-// kept) receives a in dtype, the pre-activation that backward reads when it is stored. Either
-// may be preact itself when dtype is float32, not both.
-void mlp_layerscale_gelu_fwd_cpu(const float* preact, const float* bias, void* preact_out,
+// kept) receives a in dtype, the pre-activation that backward reads when it is stored (the
+// hidden is then gelu of that dtype-rounded a, the value backward differentiates at). Either
+// may be preact itself when preact_dtype equals dtype, not both.
+void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* preact_out,
                                  void* hidden, int64_t rows, int64_t cols, int dtype,
-                                 int num_threads);
+                                 int preact_dtype, int num_threads);
 
 // Number of float32 elements mlp_layerscale_gelu_bwd_cpu's workspace must hold.
 int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols);
 
-// With a = preact + bias (bias may be null): hidden = gelu(a) in dtype (for fc2's weight
-// gradient), grad = grad * gelu'(a) in place (dL/dhidden in, dL/da out), and
-// bias_grad[c] += sum over rows of the new grad[:, c], summed in an order fixed by the shape.
-// preact is only read, unless hidden is preact itself (allowed when dtype is float32): it is then
-// overwritten by the hidden.
-void mlp_layerscale_gelu_bwd_cpu(float* preact, const float* bias, float* grad,
-                                 void* hidden, float* bias_grad, float* workspace,
-                                 int64_t workspace_floats, int64_t rows, int64_t cols, int dtype,
-                                 int num_threads);
+// With a = preact + bias (bias may be null): grad_preact = grad * gelu'(a) (dL/dhidden in,
+// dL/da out, float32), grad_preact_low (null: not written) = the same rounded to dtype (the
+// operand of the 16-bit dx GEMM), hidden = gelu(a) rounded to dtype (for fc2's weight gradient),
+// and bias_grad[c] += sum over rows of grad_preact[:, c], summed in an order fixed by the shape.
+// grad is float32 or of dtype (grad_dtype); hidden is stored as dtype or as float32
+// (hidden_dtype; float32 holding the dtype-rounded values, for a float32 GEMM). grad_preact may
+// be grad itself when grad is float32 (in place), and hidden may be preact itself when both have
+// one dtype (preact is then overwritten by the hidden); otherwise the buffers are distinct.
+void mlp_layerscale_gelu_bwd_cpu(void* preact, const float* bias, const void* grad,
+                                 float* grad_preact, void* grad_preact_low, void* hidden,
+                                 float* bias_grad, float* workspace, int64_t workspace_floats,
+                                 int64_t rows, int64_t cols, int dtype, int preact_dtype,
+                                 int grad_dtype, int hidden_dtype, int num_threads);
 
 }  // namespace convnext_kernels

@@ -209,8 +209,9 @@ _LAUNCHER_MODULES = {
 # 0.4-1 ms, at C = 40 it lost by 0.5. cpu, 16-bit: always stored (2 bytes a value against a
 # 16-bit GEMM): ConvNeXt-T bf16-autocast training step at batch 8, same machine, 548 ms stored
 # against 590 recomputed (medians of 7; fp16, whose CPU GEMMs are slow here: 25.8 s against
-# 26.7 s); the forward then makes the hidden from the rounded stored value, the one backward
-# differentiates at, as eager autocast's GELU does. GPU backends
+# 26.7 s); it stores the 16-bit GEMM's own output, without the bias, so backward differentiates
+# at the very pre-activation the forward used, and the forward does not depend on whether a
+# backward follows. GPU backends
 # recompute: triton has both forms, timed against each other by benchmarks/kernels.py (the GPU
 # figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.

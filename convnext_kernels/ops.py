@@ -165,8 +165,9 @@ def _register_dwconv_layernorm(backend: str):
 
 
 def _register_mlp_layerscale(backend: str):
-    # The forward op also returns the pre-activation x @ fc1_weight.T + fc1_bias when store_preact
-    # is set (an empty tensor otherwise); the backward op reads it, or recomputes it when empty.
+    # The forward op also returns the pre-activation (in the backend's stored form, see
+    # convnext_kernels.launchers) when store_preact is set (an empty tensor otherwise); the
+    # backward op reads it, or recomputes it when empty.
     def fwd(x: torch.Tensor, shortcut: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
             drop_scale: Optional[torch.Tensor], store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:

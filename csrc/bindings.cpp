@@ -135,20 +135,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mlp_layerscale_gelu_fwd_cpu",
       [](std::uintptr_t preact, std::uintptr_t bias, std::uintptr_t preact_out,
-         std::uintptr_t hidden, int64_t rows, int64_t cols, int dtype, int num_threads,
-         int preact_dtype) {
+         std::uintptr_t hidden, int64_t rows, int64_t cols, int dtype, int preact_dtype,
+         int num_threads) {
         convnext_kernels::mlp_layerscale_gelu_fwd_cpu(
             as_ptr<const void>(preact), as_ptr<const float>(bias), as_ptr<void>(preact_out),
             as_ptr<void>(hidden), rows, cols, dtype, preact_dtype, num_threads);
       },
       py::arg("preact"), py::arg("bias"), py::arg("preact_out"), py::arg("hidden"),
-      py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("num_threads") = 0,
-      py::arg("preact_dtype") = int(convnext_kernels::kFloat32),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("preact_dtype"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
       "fc1 epilogue of mlp_layerscale: with a = preact (rows, cols) + bias (float32; may be 0), "
-      "hidden = exact-erf gelu(a) and preact_out = a (0: not written), both in dtype (DTYPE_* "
-      "code); preact is float32 (preact_dtype DTYPE_FLOAT32, the default) or of dtype, and when "
-      "of dtype either output may be preact itself, not both.");
+      "hidden = exact-erf gelu(a) in dtype (DTYPE_* code) and preact_out (0: not written) = a "
+      "copy of preact; preact is float32 (preact_dtype DTYPE_FLOAT32) or of dtype "
+      "(required with preact_out), and when of dtype hidden may be preact itself.");
 
   m.def("mlp_layerscale_gelu_bwd_cpu_workspace_size",
         &convnext_kernels::mlp_layerscale_gelu_bwd_cpu_workspace_size, py::arg("rows"),
@@ -177,6 +176,23 @@ PYBIND11_MODULE(_C, m) {
       "(0: not written), hidden = gelu(a) rounded to dtype, stored in hidden_dtype, and "
       "bias_grad += column sums of grad_preact (fixed order, any num_threads). preact, grad "
       "and hidden are each float32 or of dtype (DTYPE_* codes).");
+
+  m.def(
+      "mlp_layerscale_residual_cpu",
+      [](std::uintptr_t z, std::uintptr_t bias, std::uintptr_t row_scale, std::uintptr_t gamma,
+         std::uintptr_t shortcut, std::uintptr_t y, int64_t rows, int64_t cols, int dtype,
+         int z_dtype, int num_threads) {
+        convnext_kernels::mlp_layerscale_residual_cpu(
+            as_ptr<const void>(z), as_ptr<const float>(bias), as_ptr<const float>(row_scale),
+            as_ptr<const float>(gamma), as_ptr<const void>(shortcut), as_ptr<void>(y), rows, cols,
+            dtype, z_dtype, num_threads);
+      },
+      py::arg("z"), py::arg("bias"), py::arg("row_scale"), py::arg("gamma"), py::arg("shortcut"),
+      py::arg("y"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("z_dtype"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "fc2 epilogue of mlp_layerscale: y = shortcut + gamma * (row_scale * (z + bias)) in float32, "
+      "written in dtype; z float32 or of dtype (z_dtype); bias, row_scale (per row) and gamma "
+      "may be 0 (none).");
 
 #ifdef CONVNEXT_KERNELS_WITH_CUDA
   register_cuda_bindings(m);

@@ -186,10 +186,11 @@ ref_da = dh * torch.ops.aten.gelu_backward(torch.ones_like(a), a)
 assert (h - F.gelu(a)).abs().max() < 1e-5 and (da - ref_da).abs().max() < 1e-5
 assert (db - ref_da.sum(0)).abs().max() < 1e-4
 bias, h16, out16 = torch.randn(37), torch.empty(70, 37, dtype=torch.bfloat16), torch.empty(70, 37, dtype=torch.bfloat16)
-_C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), bias.data_ptr(), out16.data_ptr(), h16.data_ptr(), 70, 37,
-                               _C.DTYPE_BFLOAT16, 2)
-assert torch.equal(out16, (a + bias).bfloat16())
-torch.testing.assert_close(h16.float(), F.gelu(a + bias), rtol=1e-2, atol=1e-2)
+a16 = a.bfloat16()
+_C.mlp_layerscale_gelu_fwd_cpu(a16.data_ptr(), bias.data_ptr(), out16.data_ptr(), h16.data_ptr(), 70, 37,
+                               _C.DTYPE_BFLOAT16, _C.DTYPE_BFLOAT16, 2)
+assert torch.equal(out16, a16)
+torch.testing.assert_close(h16.float(), F.gelu(a16.float() + bias), rtol=1e-2, atol=1e-2)
 # The backward's 16-bit forms: bf16 pre-activation and gradient in; fp32 da, its bf16 copy and the
 # bf16-rounded hidden in fp32 out; as the float32 kernel gives for the same values.
 a16, dh16 = a.bfloat16(), dh.bfloat16()
@@ -203,18 +204,19 @@ _C.mlp_layerscale_gelu_bwd_cpu(a32.data_ptr(), 0, da3.data_ptr(), da3.data_ptr()
 assert torch.equal(da2, da3) and torch.equal(low, da3.bfloat16()) and torch.equal(db2, db3)
 assert torch.equal(h2, h3.bfloat16().float())
 # The vectorised 16-bit conversions: every bit pattern read and written back (NaN stays NaN),
-# and float32 values (ties between neighbours, subnormals, overflow) rounded as torch rounds.
+# and float32 values (ties between neighbours, subnormals, overflow) rounded as torch rounds
+# (through the residual epilogue: -0 + f).
 for dt, code in ((torch.float16, _C.DTYPE_FLOAT16), (torch.bfloat16, _C.DTYPE_BFLOAT16)):
     p16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dt).view(4096, 16)
     out, scratch = torch.empty_like(p16), torch.empty_like(p16)
-    _C.mlp_layerscale_gelu_fwd_cpu(p16.data_ptr(), 0, out.data_ptr(), scratch.data_ptr(), 4096, 16, code, 2, code)
+    _C.mlp_layerscale_gelu_fwd_cpu(p16.data_ptr(), 0, out.data_ptr(), scratch.data_ptr(), 4096, 16, code, code, 2)
     nan = p16.isnan()
     assert torch.equal(out[~nan].view(torch.int16), p16[~nan].view(torch.int16)) and out[nan].isnan().all()
     finite = p16.flatten()[~p16.flatten().isnan() & ~p16.flatten().isinf()].float().sort().values.unique()
     f = torch.cat([(finite[1:] + finite[:-1]) / 2, finite * 1.0001, torch.randn(4096) * 7e4]).float()
     f = f[: f.numel() // 16 * 16].view(-1, 16).contiguous()
-    out, scratch = torch.empty(f.shape, dtype=dt), torch.empty(f.shape, dtype=dt)
-    _C.mlp_layerscale_gelu_fwd_cpu(f.data_ptr(), 0, out.data_ptr(), scratch.data_ptr(), f.shape[0], 16, code, 2)
+    out, zeros = torch.empty(f.shape, dtype=dt), torch.full(f.shape, -0.0, dtype=dt)  # -0 + f is f, signed zeros too
+    _C.mlp_layerscale_residual_cpu(f.data_ptr(), 0, 0, 0, zeros.data_ptr(), out.data_ptr(), f.shape[0], 16, code, 0, 2)
     assert torch.equal(out.view(torch.int16), f.to(dt).view(torch.int16)), dt
 """
 

@@ -369,6 +369,29 @@ def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad
     assert ((N * H * W, 4 * C) in saved) == stores, saved
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_layerscale_cpu_same_with_or_without_a_stored_preact(dtype):
+    """The cpu backend stores the pre-activation only when a backward can follow: the forward's
+    output must not depend on it, and backward must give the same gradients from the stored
+    pre-activation as from a recomputed one."""
+    inputs, dy = _mlp_layerscale_inputs((2, 3, 5, 96), "cpu")
+    inputs = [t.to(dtype if i < 2 else torch.float32) if t is not None else None for i, t in enumerate(inputs)]
+    with torch.no_grad():
+        y_no_grad = ck.mlp_layerscale(*inputs, backend="cpu")
+    grads = []
+    for min_c in (0, None):  # stored, recomputed
+        table = dict(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C["cpu"])
+        table.pop(dtype) if min_c is None else table.__setitem__(dtype, min_c)
+        leaves = [t.detach().requires_grad_(i < 7) if t is not None else None for i, t in enumerate(inputs)]
+        with pytest.MonkeyPatch.context() as m:
+            m.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, "cpu", table)
+            y = ck.mlp_layerscale(*leaves, backend="cpu")
+            assert torch.equal(y, y_no_grad)
+            grads.append(torch.autograd.grad(y, [t for t in leaves[:7]], dy.to(dtype)))
+    for stored, recomputed in zip(*grads):
+        assert torch.equal(stored, recomputed)
+
+
 @pytest.mark.parametrize("backend", ("torch", "cpu", "cuda"))
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

@@ -31,10 +31,12 @@ mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     gamma        (C,) float32 or None (no layer scale)
     drop_scale   (N,) float32 or None: per-sample factor, sample n = row // (H*W)
     y = shortcut + drop_scale[n] * gamma * (gelu_erf(x @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)
-    preact_out   None, or a (N*H*W, 4C) x.dtype tensor that receives the pre-activation
-                 x @ fc1_weight.T + fc1_bias (asked for where
-                 convnext_kernels.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C says so; the cuda
-                 backend has no such variant and raises)
+    preact_out   None, or a (N*H*W, 4C) x.dtype tensor that receives the pre-activation in
+                 the backend's stored form: x @ fc1_weight.T + fc1_bias (triton), or the GEMM's
+                 own x @ fc1_weight.T without the bias (cpu, torch: backward adds the bias, so
+                 that it differentiates at the very value the forward used, 16-bit included)
+                 (asked for where convnext_kernels.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C
+                 says so; the cuda backend has no such variant and raises)
 
 mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None)
     -> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma)

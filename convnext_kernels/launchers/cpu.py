@@ -99,9 +99,9 @@ def _onednn_gemms() -> bool:
 
 class CpuMlpParts(torch_ops.TorchMlpParts):
     """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (16-bit ones as torch runs
-    them) and fc1's epilogue as one C++ pass each way
-    (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's bias copy, GELU, GELU backward and
-    column sum. torch_ops.TorchMlpParts says what each method returns."""
+    them), fc1's epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place
+    of torch's bias copy, GELU, GELU backward and column sum, and fc2's as one C++ pass
+    (mlp_layerscale_residual_cpu). torch_ops.TorchMlpParts says what each method returns."""
 
     @classmethod
     def linear(cls, inp, weight, bias=None, out=None):
@@ -147,21 +147,19 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
             # (The kernel writes it through a raw pointer.)
             raise ValueError(f"preact_out must be a contiguous ({rows}, {cols}) {x2.dtype} tensor, got "
                              f"{tuple(preact_out.shape)} {preact_out.dtype}")
-        # The GEMM without the bias into a fresh buffer of x2's dtype; the pass adds the bias,
-        # writes the hidden over that buffer and, when asked, the stored pre-activation.
+        # The GEMM without the bias into a fresh buffer of x2's dtype; the pass copies it to the
+        # stored pre-activation when asked, adds the bias and writes the hidden over it.
         a = cls._fc1_product(x2, fc1_weight)
         code = dtype_code(x2.dtype, "cpu")
         _C.mlp_layerscale_gelu_fwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), data_ptr(preact_out), a.data_ptr(),
-                                       rows, cols, code, torch.get_num_threads(), code)
+                                       rows, cols, code, code, torch.get_num_threads())
         return a
 
     @classmethod
     def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         rows, cols = dh.shape
-        if preact is None:
-            a, bias = cls._fc1_product(x2, fc1_weight), fc1_bias
-        else:  # stored, with its bias, in x2's dtype
-            a, bias = preact, None
+        # The GEMM's output, stored by the forward or made again (the same values), plus the bias.
+        a = cls._fc1_product(x2, fc1_weight) if preact is None else preact
         code = dtype_code(x2.dtype, "cpu")
         if x2.dtype == torch.float32:
             # da over dh; the hidden over a fresh pre-activation, never over the stored one.
@@ -174,11 +172,25 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
             h = empty_output((rows, cols), torch.float32, x2.device)
         workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
         workspace = empty_output((workspace_floats,), torch.float32, x2.device)
-        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), data_ptr(bias), dh.data_ptr(), da.data_ptr(), data_ptr(da_low),
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), dh.data_ptr(), da.data_ptr(), data_ptr(da_low),
                                        h.data_ptr(), dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
                                        rows, cols, code, code, dtype_code(dh.dtype, "cpu"), _C.DTYPE_FLOAT32,
                                        torch.get_num_threads())
-        return h, da, da if da_low is None else da_low
+        return h, da, da_low
+
+    @classmethod
+    def residual(cls, h, fc2_weight, fc2_bias, s, gamma, shortcut, out):
+        # fp32: the GEMM adds the bias; 16-bit: its own output goes to the pass as it is, and
+        # the pass adds the fp32 bias.
+        if h.dtype == torch.float32:
+            z, bias = cls.linear(h, fc2_weight, fc2_bias), None
+        else:
+            z, bias = F.linear(h, fc2_weight), fc2_bias
+        rows, cols = z.shape
+        _C.mlp_layerscale_residual_cpu(z.data_ptr(), data_ptr(bias), data_ptr(s), data_ptr(gamma),
+                                       shortcut.data_ptr(), out.data_ptr(), rows, cols,
+                                       dtype_code(out.dtype, "cpu"), dtype_code(z.dtype, "cpu"),
+                                       torch.get_num_threads())
 
 
 def _fp32_transposed(t):

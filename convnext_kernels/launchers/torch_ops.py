@@ -80,7 +80,8 @@ def _row_scale(drop_scale: Optional[torch.Tensor], x: torch.Tensor) -> Optional[
 
 class TorchMlpParts:
     """The pieces of mlp_layerscale that a backend may replace, in torch ops for any device: its
-    GEMMs and fc1's epilogue (bias, exact-erf GELU, and their backward), called once per chunk
+    GEMMs, fc1's epilogue (bias, exact-erf GELU, and their backward) and fc2's (bias, drop-path
+    scale, layer scale, residual), called once per chunk
     of rows by mlp_layerscale_fwd/bwd below. The cpu backend subclasses it
     (launchers.cpu.CpuMlpParts: oneDNN GEMMs, a C++ epilogue). Classmethods, so that each piece
     calls the subclass's version of the others."""
@@ -116,9 +117,13 @@ class TorchMlpParts:
 
     @classmethod
     def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
-        """The hidden gelu(x2 @ fc1_weight.T + fc1_bias) in x2's dtype; the pre-activation goes
-        into preact_out (x2's dtype) when given, by the GEMM itself for fp32."""
-        a = cls.linear(x2, fc1_weight, fc1_bias, out=preact_out)
+        """The hidden gelu(x2 @ fc1_weight.T + fc1_bias) in x2's dtype. preact_out (x2's dtype),
+        when given, receives the GEMM's own output x2 @ fc1_weight.T, without the bias: backward
+        adds the bias to it and so differentiates at the very pre-activation the forward used."""
+        if preact_out is None:
+            a = cls.linear(x2, fc1_weight, fc1_bias)
+        else:
+            a = cls.matmul(x2, fc1_weight.t(), out=preact_out).float() + fc1_bias
         return F.gelu(a).to(x2.dtype)
 
     @classmethod
@@ -126,14 +131,30 @@ class TorchMlpParts:
         """(hidden, da, da_low) from dh = dL/dhidden (fc2's input-gradient GEMM output, in x2's
         dtype; consumed when fp32): the hidden as forward made it (rounded to x2's dtype) in
         fp32, da = dh * gelu'(a) in fp32 with a the pre-activation (preact, stored by the
-        forward, or recomputed when None), da_low = da in x2's dtype (the dx GEMM's operand;
-        da itself for fp32), and dfc1_bias (fp32) += da's column sums."""
-        a = cls.linear(x2, fc1_weight, fc1_bias) if preact is None else preact.float()
+        forward without its bias, or recomputed when None), da_low = da in x2's dtype (the dx
+        GEMM's operand) or None (then made from da where it is used: the torch backend's
+        16-bit copy does not stay alive through the weight-gradient GEMMs), and dfc1_bias
+        (fp32) += da's column sums."""
+        a = cls.linear(x2, fc1_weight, fc1_bias) if preact is None else preact.float() + fc1_bias
         dh = dh.float()
         # aten's fused exact-erf GELU backward, dh * (Phi(a) + a * phi(a)) in one pass, over dh.
         da = torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh)
         dfc1_bias += da.sum(0)
-        return F.gelu(a).to(x2.dtype).float(), da, da.to(x2.dtype)
+        return F.gelu(a).to(x2.dtype).float(), da, None
+
+    @classmethod
+    def residual(cls, h, fc2_weight, fc2_bias, s, gamma, shortcut, out):
+        """out = shortcut + gamma * (s * (h @ fc2_weight.T + fc2_bias)), the fc2 GEMM (in h's
+        dtype) with its fp32 epilogue, written into out (shortcut's dtype); s (rows, 1) and gamma
+        may be None."""
+        z = cls.linear(h, fc2_weight, fc2_bias)
+        if s is not None:
+            z.mul_(s)
+        # The residual add writes out directly (fp32: no sum tensor and no copy).
+        if gamma is not None:
+            torch.addcmul(shortcut, z, gamma, out=out)
+        else:
+            torch.add(shortcut, z, out=out)
 
 
 # On the CPU the rows go through the MLP in chunks, so the (rows, 4C) hidden stays in cache and
@@ -156,14 +177,7 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     y = torch.empty_like(x2)
     for rows in _row_chunks(x2.shape[0], x.device):
         h = parts.gelu_forward(x2[rows], fc1_weight, fc1_bias, None if preact_out is None else preact_out[rows])
-        z = parts.linear(h, fc2_weight, fc2_bias)
-        if s is not None:
-            z.mul_(s[rows])
-        # The residual add writes y's rows directly (fp32: no sum tensor and no copy).
-        if gamma is not None:
-            torch.addcmul(shortcut2[rows], z, gamma, out=y[rows])
-        else:
-            torch.add(shortcut2[rows], z, out=y[rows])
+        parts.residual(h, fc2_weight, fc2_bias, None if s is None else s[rows], gamma, shortcut2[rows], y[rows])
     return y.view(x.shape)
 
 
@@ -205,7 +219,7 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                                             None if preact is None else preact[rows], dh, dfc1_bias)
         g = parts.accumulate_tn(g, dys, h)
         dfc1_weight = parts.accumulate_tn(dfc1_weight, da, x2[rows])
-        parts.matmul(da_low, fc1_weight, out=dx[rows])
+        parts.matmul(da.to(x.dtype) if da_low is None else da_low, fc1_weight, out=dx[rows])
     if g is None:  # no rows
         g, dfc1_weight = torch.zeros(fc2_weight.shape, **f32), torch.zeros(fc1_weight.shape, **f32)
     dgamma = _rowwise_dot(g, fc2_weight.float()).add_(fc2_bias * dys_sum)

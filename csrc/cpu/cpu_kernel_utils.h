@@ -138,7 +138,7 @@ void dispatch_activation_dtype(int dtype, Fn&& fn) {
 // ---------------------------------------------------------------------------
 // Vector helpers (lanes L = 4, 8 or 16 floats).
 
-// One template for both element types: L float (or int32) lanes, L * 4 bytes.
+// One template for every lane type: L lanes of T (float, int32, uint32, uint16), L * sizeof(T) bytes.
 template <typename T, int L>
 struct LanesOf {
   static_assert(L == 4 || L == 8 || L == 16, "vectors of 4, 8 or 16 lanes");

@@ -1,4 +1,5 @@
-// CPU GELU epilogues of mlp_layerscale's first Linear (see mlp_layerscale.h).
+// CPU epilogues of mlp_layerscale's Linears: fc1's GELU, forward and backward, and fc2's layer
+// scale and residual (see mlp_layerscale.h).
 //
 // Exact-erf GELU, gelu(a) = a * Phi(a), gelu'(a) = Phi(a) + a * phi(a), evaluated in float32
 // SIMD from one exp and one division per element: with u = a / sqrt(2) and e = exp(-u^2),
@@ -136,7 +137,7 @@ struct Args {
   const void* preact;  // read, in float32 or the hidden's dtype (hidden or preact_out may be
                        // this memory when of its dtype: each vector is read before it is written)
   const float* bias;
-  void* preact_out;  // forward: receives preact + bias in the hidden's dtype, or null
+  void* preact_out;  // forward: receives a copy of preact (without the bias), or null
   void* hidden;
   const void* grad;    // backward: dL/dhidden, float32 or of the hidden's dtype
   float* grad_preact;  // backward: dL/da (may be grad itself when that is float32)
@@ -165,13 +166,9 @@ CNK_INLINE void gelu_fwd_columns(const P* a_row, const float* bias, T* out_row, 
   using V = FVec<L>;
   V a[K], cdf[K], pdf[K];
   CNK_EACH a[k] = load_part<P, L>(a_row + c + k * L, n);
+  // The pre-activation as read (P is T here): backward adds the same bias to the same values.
+  if (out_row) CNK_EACH store_as<T, L>(out_row + c + k * L, a[k], n);
   if (bias) CNK_EACH a[k] += load_part<float, L>(bias + c + k * L, n);
-  if (out_row) {
-    // Stored in T, a is what backward will read: the hidden is made from that same value, as
-    // eager autocast's GELU reads its 16-bit addmm output.
-    CNK_EACH store_as<T, L>(out_row + c + k * L, a[k], n);
-    CNK_EACH a[k] = round_to<T, L>(a[k]);
-  }
   normal_cdf_pdf<L, K>(a, cdf, pdf);
   CNK_EACH store_as<T, L>(h_row + c + k * L, a[k] * cdf[k], n);
 }
@@ -246,6 +243,39 @@ CNK_INLINE void gelu_bwd_blocks_impl(const Args& g, int64_t block_begin, int64_t
   }
 }
 
+// ---- fc2's epilogue: y = shortcut + gamma * (s * (z + bias)) ---------------------------------
+
+struct ResidualArgs {
+  const void* z;          // fc2's GEMM output (rows, cols), float32 or of the activation dtype
+  const float* bias;      // (cols) or null (z already holds it)
+  const float* row_scale; // (rows) drop-path factors, or null
+  const float* gamma;     // (cols) layer scale, or null
+  const void* shortcut;   // (rows, cols), activation dtype
+  void* y;                // (rows, cols), activation dtype
+  int64_t rows, cols;
+};
+
+// T the activations' storage type, Z the GEMM output's (float or T).
+template <typename T, typename Z, int L>
+CNK_INLINE void residual_rows_impl(const ResidualArgs& g, int64_t row_begin, int64_t row_end) {
+  using V = FVec<L>;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t offset = r * g.cols;
+    const Z* z_row = static_cast<const Z*>(g.z) + offset;
+    const T* shortcut_row = static_cast<const T*>(g.shortcut) + offset;
+    T* y_row = static_cast<T*>(g.y) + offset;
+    const float scale = g.row_scale ? g.row_scale[r] : 1.f;
+    for (int64_t c = 0; c < g.cols; c += L) {
+      const int n = int(std::min<int64_t>(L, g.cols - c));
+      V z = load_part<Z, L>(z_row + c, n);
+      if (g.bias) z += load_part<float, L>(g.bias + c, n);
+      if (g.row_scale) z *= scale;
+      if (g.gamma) z *= load_part<float, L>(g.gamma + c, n);
+      store_as<T, L>(y_row + c, load_part<T, L>(shortcut_row + c, n) + z, n);
+    }
+  }
+}
+
 #define CNK_DEFINE_VARIANT(NS, TARGET, L)                                   \
   namespace NS {                                                            \
   template <typename T, typename P>                                         \
@@ -255,6 +285,10 @@ CNK_INLINE void gelu_bwd_blocks_impl(const Args& g, int64_t block_begin, int64_t
   template <typename T, typename P, typename G, typename H>                 \
   TARGET void gelu_bwd_blocks(const Args& g, int64_t b, int64_t e) {        \
     gelu_bwd_blocks_impl<T, P, G, H, L>(g, b, e);                           \
+  }                                                                         \
+  template <typename T, typename Z>                                         \
+  TARGET void residual_rows(const ResidualArgs& g, int64_t b, int64_t e) {  \
+    residual_rows_impl<T, Z, L>(g, b, e);                                   \
   }                                                                         \
   }
 
@@ -318,6 +352,13 @@ void run_bwd(const Args& g, float* bias_grad, int nthreads) {
   }
 }
 
+template <typename T, typename Z>
+void run_residual(const ResidualArgs& g, int nthreads) {
+  const Isa isa = detect_isa();
+  parallel_split(g.rows, nthreads,
+                 [&](int64_t b, int64_t e) { CNK_ISA_DISPATCH(isa, residual_rows<T, Z>(g, b, e)); });
+}
+
 }  // namespace
 
 void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* preact_out,
@@ -327,8 +368,8 @@ void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* pr
   require(preact && hidden, "null pointer (only bias and preact_out may be null)");
   require(preact != hidden || preact_dtype == dtype,
           "hidden may be preact's memory only when preact_dtype equals dtype");
-  require(preact != preact_out || preact_dtype == dtype,
-          "preact_out may be preact's memory only when preact_dtype equals dtype");
+  require(!preact_out || preact_dtype == dtype,
+          "preact_out needs preact_dtype equal to dtype (it receives a copy of preact)");
   require(preact_out != hidden, "preact_out and hidden must be different memory");
   if (rows == 0) return;
   Args g{};
@@ -385,6 +426,21 @@ void mlp_layerscale_gelu_bwd_cpu(void* preact, const float* bias, const void* gr
     };
     if (grad_dtype == kFloat32) with_grad_type(float{});
     else with_grad_type(T{});
+  });
+}
+
+void mlp_layerscale_residual_cpu(const void* z, const float* bias, const float* row_scale,
+                                 const float* gamma, const void* shortcut, void* y, int64_t rows,
+                                 int64_t cols, int dtype, int z_dtype, int num_threads) {
+  check_args(rows, cols, dtype, kFloat32);
+  require(z_dtype == kFloat32 || z_dtype == dtype, "z_dtype must be 0 (float32) or dtype");
+  require(z && shortcut && y, "null pointer (only bias, row_scale and gamma may be null)");
+  require(y != z || z_dtype == dtype, "y may be z's memory only when z_dtype equals dtype");
+  if (rows == 0) return;
+  ResidualArgs g{z, bias, row_scale, gamma, shortcut, y, rows, cols};
+  const int nthreads = resolve_threads(num_threads, rows);
+  dispatch_dtypes(dtype, z_dtype, [&](auto t, auto zt) {
+    run_residual<decltype(t), decltype(zt)>(g, nthreads);
   });
 }
 

@@ -1,13 +1,14 @@
-// The elementwise passes of the CPU mlp_layerscale (Linear -> GELU -> Linear), between the
-// GEMMs that torch runs (oneDNN where torch has it, else MKL). In eager PyTorch
+// The elementwise passes of the CPU mlp_layerscale (Linear -> GELU -> Linear -> layer scale ->
+// residual), between and after the GEMMs that torch runs (oneDNN where torch has it, else MKL). In eager PyTorch
 // the fc1 epilogue is three or four passes over the (rows, 4C) hidden: the bias copy of addmm,
 // GELU, and in backward GELU again, its derivative and the bias-gradient sum. Here it is one
 // pass each way, with the exact-erf GELU evaluated once per element.
 //
-// Raw-pointer API, row-major (rows, cols) buffers; cols is fc1's output width (4C). The hidden
-// and the forward's stored pre-activation are written in `dtype` (see ActivationDtype), the
-// activations' dtype; the pre-activation read is float32 or of `dtype` (`preact_dtype`: a 16-bit
-// GEMM's own output is read as it is, not through a float32 copy); the gradients are float32.
+// Raw-pointer API, row-major (rows, cols) buffers; cols is fc1's output width (4C) for the GELU
+// epilogues, C for the residual one. `dtype` (see ActivationDtype) is the activations' dtype;
+// the GEMM outputs read (pre-activation, incoming gradient, fc2's output) are float32 or of
+// `dtype`, as the GEMM made them (a 16-bit GEMM's output is read as it is, not through a
+// float32 copy); biases, scales, the bias gradient and workspaces are float32.
 // All functions validate their arguments and throw std::invalid_argument. Results do not
 // depend on num_threads (<= 0: the OpenMP default).
 #pragma once
@@ -18,10 +19,10 @@
 
 namespace convnext_kernels {
 
-// a = preact + bias (bias may be null); hidden = gelu(a) in dtype, and preact_out (null: not
-// kept) receives a in dtype, the pre-activation that backward reads when it is stored (the
-// hidden is then gelu of that dtype-rounded a, the value backward differentiates at). Either
-// may be preact itself when preact_dtype equals dtype, not both.
+// a = preact + bias (bias may be null); hidden = gelu(a) in dtype; preact_out (null: not kept)
+// receives a copy of preact, the GEMM's own output without the bias, that backward reads with
+// the same bias added (so it differentiates at the very a the forward used); preact_out needs
+// preact_dtype equal to dtype. hidden may be preact itself when preact_dtype equals dtype.
 void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* preact_out,
                                  void* hidden, int64_t rows, int64_t cols, int dtype,
                                  int preact_dtype, int num_threads);
@@ -42,5 +43,13 @@ void mlp_layerscale_gelu_bwd_cpu(void* preact, const float* bias, const void* gr
                                  float* bias_grad, float* workspace, int64_t workspace_floats,
                                  int64_t rows, int64_t cols, int dtype, int preact_dtype,
                                  int grad_dtype, int hidden_dtype, int num_threads);
+
+// fc2's epilogue: y = shortcut + gamma * (row_scale * (z + bias)), in float32, written in dtype;
+// z (fc2's GEMM output) is float32 or of dtype (z_dtype); bias, gamma (cols) and row_scale
+// (rows, the drop-path factors) may each be null (none). y may be shortcut or, when z is of
+// dtype, z itself (each element is read before it is written).
+void mlp_layerscale_residual_cpu(const void* z, const float* bias, const float* row_scale,
+                                 const float* gamma, const void* shortcut, void* y, int64_t rows,
+                                 int64_t cols, int dtype, int z_dtype, int num_threads);
 
 }  // namespace convnext_kernels

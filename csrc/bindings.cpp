@@ -194,6 +194,17 @@ PYBIND11_MODULE(_C, m) {
       "written in dtype; z float32 or of dtype (z_dtype); bias, row_scale (per row) and gamma "
       "may be 0 (none).");
 
+  m.def(
+      "transpose_to_float32_cpu",
+      [](std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t cols, int dtype,
+         int num_threads) {
+        convnext_kernels::transpose_to_float32_cpu(as_ptr<const void>(src), as_ptr<float>(dst), rows,
+                                                   cols, dtype, num_threads);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "dst (cols, rows) float32 = src (rows, cols) of dtype (DTYPE_* code) transposed.");
+
 #ifdef CONVNEXT_KERNELS_WITH_CUDA
   register_cuda_bindings(m);
 #endif

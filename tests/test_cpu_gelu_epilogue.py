@@ -1,7 +1,8 @@
 """The C++ epilogues of the cpu backend's mlp_layerscale (convnext_kernels._C): fc1's GELU
 (mlp_layerscale_gelu_{fwd,bwd}_cpu) against float64 torch: its own exp/erfc evaluation, the bias
 it adds, the bias gradient it sums, the hidden in every dtype, odd widths, thread counts and bad
-input; and fc2's residual epilogue (mlp_layerscale_residual_cpu)."""
+input; fc2's residual epilogue (mlp_layerscale_residual_cpu); the weight-gradient operands'
+transposed copy (transpose_to_float32_cpu)."""
 
 import math
 
@@ -400,3 +401,41 @@ def test_residual_epilogue_in_place_and_bad_input():
                                        dtype_code(torch.float16, "cpu"), bf16, 1)
     with pytest.raises(ValueError, match="null"):
         _C.mlp_layerscale_residual_cpu(z.data_ptr(), 0, 0, 0, 0, expected.data_ptr(), 9, 40, bf16, bf16, 1)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (37, 5), (16, 16), (70, 33), (2048, 96), (5, 200)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transpose_to_float32(rows, cols, dtype):
+    # The weight-gradient GEMMs' transposed fp32 operand: whole and partial 16 x 16 tiles, exact.
+    src = torch.randn(rows, cols).to(dtype)
+    dst = torch.full((cols, rows), math.nan)
+    _C.transpose_to_float32_cpu(src.data_ptr(), dst.data_ptr(), rows, cols, dtype_code(dtype, "cpu"), 3)
+    assert torch.equal(dst, src.float().t())
+
+
+def test_transpose_to_float32_bad_input():
+    src = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="different memory"):
+        _C.transpose_to_float32_cpu(src.data_ptr(), src.data_ptr(), 4, 8, 0, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.transpose_to_float32_cpu(src.data_ptr(), torch.empty(8, 4).data_ptr(), 4, 8, 7, 1)
+    with pytest.raises(ValueError, match="null"):
+        _C.transpose_to_float32_cpu(0, src.data_ptr(), 4, 8, 0, 1)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("p, q", [(40, 160), (160, 40)], ids=("a_transposed", "b_transposed"))
+def test_cpu_parts_weight_gradient_routes(dtype, p, q):
+    # a.T @ b for the weight gradients, whichever operand is copied transposed, fresh and
+    # accumulated, from 16-bit operands too, and from a non-contiguous one (torch's copy).
+    from convnext_kernels.launchers.cpu import CpuMlpParts
+
+    g = torch.Generator().manual_seed(p)
+    a, b = torch.randn(64, p, generator=g).to(dtype), torch.randn(64, q, generator=g).to(dtype)
+    expected = (a.double().t() @ b.double()).float()
+    first = CpuMlpParts.accumulate_tn(None, a, b)
+    assert first.dtype == torch.float32 and first.is_contiguous()
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(CpuMlpParts.accumulate_tn(first.clone(), a, b), 2 * expected, rtol=1e-5, atol=1e-5)
+    strided_a, strided_b = a.t().contiguous().t(), b.t().contiguous().t()
+    torch.testing.assert_close(CpuMlpParts.accumulate_tn(None, strided_a, strided_b), expected, rtol=1e-5, atol=1e-5)

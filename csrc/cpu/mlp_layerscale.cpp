@@ -359,7 +359,50 @@ void run_residual(const ResidualArgs& g, int nthreads) {
                  [&](int64_t b, int64_t e) { CNK_ISA_DISPATCH(isa, residual_rows<T, Z>(g, b, e)); });
 }
 
+// ---- dst (cols, rows) float32 = src (rows, cols)^T: the weight-gradient GEMMs' operand ------
+
+constexpr int64_t kTransposeTile = 16;  // a 16 x 16 tile of floats: 1 KB, in L1 with its source
+
+template <typename T>
+void transpose_tiles(const T* src, float* dst, int64_t rows, int64_t cols, int64_t tile_begin,
+                     int64_t tile_end) {
+  constexpr int64_t B = kTransposeTile;
+  const int64_t row_tiles = (rows + B - 1) / B;
+  float buf[B][B];
+  // Tiles in column-tile-major order: each thread writes whole rows of dst.
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t c0 = (tile / row_tiles) * B, r0 = (tile % row_tiles) * B;
+    const int64_t nr = std::min(B, rows - r0), nc = std::min(B, cols - c0);
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* s = src + (r0 + i) * cols + c0;
+      if (nc == B) store_vec<B>(buf[i], load_converted<T, B>(s));
+      else for (int64_t j = 0; j < nc; ++j) buf[i][j] = to_float(s[j]);
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      float* d = dst + (c0 + j) * rows + r0;
+      for (int64_t i = 0; i < nr; ++i) d[i] = buf[i][j];
+    }
+  }
+}
+
 }  // namespace
+
+void transpose_to_float32_cpu(const void* src, float* dst, int64_t rows, int64_t cols, int dtype,
+                              int num_threads) {
+  check_args(rows, cols, dtype, kFloat32);
+  require(src && dst, "null pointer");
+  require(src != static_cast<const void*>(dst), "dst must be different memory from src");
+  if (rows == 0) return;
+  const int64_t tiles = ((rows + kTransposeTile - 1) / kTransposeTile) *
+                        ((cols + kTransposeTile - 1) / kTransposeTile);
+  const int nthreads = resolve_threads(num_threads, tiles);
+  dispatch_activation_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    parallel_split(tiles, nthreads, [&](int64_t b, int64_t e) {
+      transpose_tiles<T>(static_cast<const T*>(src), dst, rows, cols, b, e);
+    });
+  });
+}
 
 void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* preact_out,
                                  void* hidden, int64_t rows, int64_t cols, int dtype,

@@ -52,4 +52,10 @@ void mlp_layerscale_residual_cpu(const void* z, const float* bias, const float* 
                                  const float* gamma, const void* shortcut, void* y, int64_t rows,
                                  int64_t cols, int dtype, int z_dtype, int num_threads);
 
+// dst (cols, rows) float32 = the transpose of src (rows, cols) of dtype, converted exactly: the
+// contiguous row-major operand oneDNN's GEMM takes for a weight gradient a.T @ b (torch's
+// strided copy_ was 3-5x slower). dst must not overlap src.
+void transpose_to_float32_cpu(const void* src, float* dst, int64_t rows, int64_t cols, int dtype,
+                              int num_threads);
+
 }  // namespace convnext_kernels

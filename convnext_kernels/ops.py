@@ -9,7 +9,8 @@ the backward op, so compiled backward graphs see the kernels too.
 Inputs: activations are NHWC (N, H, W, C); non-contiguous inputs are copied to contiguous
 (documented, not an error). Parameters may be fp32, fp16 or bf16: the conv/norm parameters,
 biases and gamma go to the kernels in fp32, the Linear weights in the activation dtype (tensor
-cores); their gradients flow back in each parameter's own dtype. Under torch.autocast the
+cores; cast inside the op, so that an fp32 weight's gradient stays fp32); their gradients flow
+back in each parameter's own dtype. Under torch.autocast the
 activations are cast to the autocast dtype, as autocast would do for the Linear layers.
 """
 
@@ -173,7 +174,8 @@ def _register_mlp_layerscale(backend: str):
             drop_scale: Optional[torch.Tensor], store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         preact = empty_output(_preact_shape(x, store_preact), x.dtype, x.device)
         y = launchers(backend).mlp_layerscale_fwd(
-            *_dense(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
+            *_dense(x, shortcut, fc1_weight.to(x.dtype), fc1_bias, fc2_weight.to(x.dtype), fc2_bias, gamma,
+                    drop_scale),
             preact_out=preact if store_preact else None)
         return y, preact
 
@@ -182,7 +184,7 @@ def _register_mlp_layerscale(backend: str):
             drop_scale: Optional[torch.Tensor], preact: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return launchers(backend).mlp_layerscale_bwd(
-            *_dense(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
+            *_dense(dy, x, fc1_weight.to(x.dtype), fc1_bias, fc2_weight.to(x.dtype), fc2_bias, gamma, drop_scale),
             preact=preact.contiguous() if preact.numel() else None)
 
     fwd_op = _define("mlp_layerscale_fwd", backend, fwd, _mlp_layerscale_fake_fwd)
@@ -310,6 +312,9 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
             if t is not None and t.requires_grad:
                 store_preact = True
                 break
-    y, _ = fwd_op(x, shortcut, fc1_weight.to(dtype).contiguous(), _fp32(fc1_bias),
-                  fc2_weight.to(dtype).contiguous(), _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
+    # The Linear weights enter the op in their own dtype and are cast to the activations' inside
+    # it (forward and backward): cast before the op, an fp32 weight's gradient would be rounded to
+    # the 16-bit dtype at the op's boundary (autograd casts a gradient to its input's dtype).
+    y, _ = fwd_op(x, shortcut, fc1_weight.contiguous(), _fp32(fc1_bias), fc2_weight.contiguous(),
+                  _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
     return y

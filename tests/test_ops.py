@@ -369,6 +369,30 @@ def test_mlp_layerscale_stores_preact_where_the_backend_table_says(backend, grad
     assert ((N * H * W, 4 * C) in saved) == stores, saved
 
 
+@pytest.mark.parametrize("backend", ("cpu", "torch"))
+def test_mlp_layerscale_fp32_weight_gradients_stay_fp32_under_autocast(backend):
+    """The Linear weights run in bf16 under autocast, but their fp32 parameters' gradients are the
+    fp32 sums, not rounded to bf16 at the op's boundary (autograd casts a gradient to the dtype
+    of the op input it belongs to: the weights enter the op in their own dtype)."""
+    inputs, dy = _mlp_layerscale_inputs((2, 3, 5, 40), "cpu")
+    leaves = [t.float().requires_grad_(i < 7) if t is not None else None for i, t in enumerate(inputs)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ck.mlp_layerscale(*leaves, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(y.dtype))
+    for name, i in (("fc1_weight", 2), ("fc2_weight", 4)):
+        grad = leaves[i].grad
+        assert grad.dtype == torch.float32
+        assert not torch.equal(grad, grad.bfloat16().float()), f"{name}'s gradient was rounded to bf16"
+    # A bf16 parameter still gets its gradient in bf16.
+    w1 = leaves[2].detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ck.mlp_layerscale(leaves[0].detach(), leaves[1].detach(), w1, *[t.detach() for t in leaves[3:7]],
+                              leaves[7], backend=backend)
+    y.backward(dy.to(y.dtype))
+    assert w1.grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mlp_layerscale_cpu_same_with_or_without_a_stored_preact(dtype):
     """The cpu backend stores the pre-activation only when a backward can follow: the forward's

@@ -104,17 +104,17 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
     (mlp_layerscale_residual_cpu). torch_ops.TorchMlpParts says what each method returns."""
 
     @classmethod
-    def linear(cls, inp, weight, bias=None, out=None):
+    def linear(cls, inp, weight, bias=None):
         if inp.dtype != torch.float32 or not _onednn_gemms():
-            return super().linear(inp, weight, bias, out)
-        a = ONEDNN_LINEAR(inp, weight, bias, "none", [], "")
-        return a if out is None else out.copy_(a)
+            return super().linear(inp, weight, bias)
+        return ONEDNN_LINEAR(inp, weight, bias, "none", [], "")
 
     @classmethod
     def matmul(cls, a, weight, out=None):
         if a.dtype != torch.float32 or not _onednn_gemms():
             return super().matmul(a, weight, out)
-        return cls.linear(a, weight.t(), None, out)
+        product = cls.linear(a, weight.t())
+        return product if out is None else out.copy_(product)
 
     @classmethod
     def accumulate_tn(cls, acc, a, b):

@@ -87,20 +87,13 @@ class TorchMlpParts:
     calls the subclass's version of the others."""
 
     @classmethod
-    def linear(cls, inp, weight, bias=None, out=None):
-        """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs (into
-        out when given); 16-bit inputs add the fp32 bias after the GEMM instead (out, if given,
-        receives the sum)."""
+    def linear(cls, inp, weight, bias=None):
+        """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs;
+        16-bit inputs add the fp32 bias after the GEMM instead."""
         if inp.dtype == torch.float32:
-            if bias is None:
-                return torch.mm(inp, weight.t(), out=out)
-            return torch.addmm(bias, inp, weight.t(), out=out)
+            return torch.mm(inp, weight.t()) if bias is None else torch.addmm(bias, inp, weight.t())
         a = F.linear(inp, weight).float()
-        if bias is not None:
-            a.add_(bias)
-        if out is not None:
-            out.copy_(a)
-        return a
+        return a if bias is None else a.add_(bias)
 
     @classmethod
     def matmul(cls, a, weight, out=None):

@@ -1,4 +1,4 @@
-"""convert_model: switch the blocks of an existing ConvNeXt (official, timm, torchvision) to the fused ops.
+"""convert_model: switch the blocks of an existing ConvNeXt (official, timm, torchvision, Hugging Face) to the fused ops.
 
 Each block is replaced, in its parent, by a wrapper that adopts the block's parameters, buffers and
 child modules under the same names and in the same order: ``state_dict`` keys are unchanged, the
@@ -16,7 +16,11 @@ Blocks are recognised by their attribute names (the libraries need not be instal
 - timm ``ConvNeXtBlock``: ``conv_dw``, ``norm``, ``mlp`` (``fc1``, ``act``, ``drop1``, ``norm``,
   ``fc2``, ``drop2``; Linear or, with ``conv_mlp``, 1x1 Conv2d), ``gamma``, ``shortcut``, ``drop_path``;
 - torchvision ``CNBlock``: ``block`` (conv, Permute, LayerNorm, Linear, GELU, Linear, Permute),
-  ``layer_scale`` (C, 1, 1), ``stochastic_depth`` (``p``, ``mode`` "row" or "batch").
+  ``layer_scale`` (C, 1, 1), ``stochastic_depth`` (``p``, ``mode`` "row" or "batch");
+- Hugging Face transformers ``ConvNextLayer``: ``dwconv``, ``layernorm``, ``pwconv1``, ``act``
+  (``GELUActivation``), ``pwconv2``, ``layer_scale_parameter`` (or None), ``drop_path``; and
+  ``DINOv3ConvNextLayer``, the same block under other names: ``depthwise_conv``, ``layer_norm``,
+  ``pointwise_conv1``, ``activation_fn``, ``pointwise_conv2``, ``gamma``, ``drop_path``.
 
 Drop path keeps each library's meaning: in training mode only, per sample (torchvision "batch"
 mode: one draw for the whole batch), Bernoulli(keep) scaled by 1/keep (unless timm's
@@ -30,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .backends import BACKENDS
@@ -43,6 +48,8 @@ __all__ = [
     "ConvertedOfficialBlock",
     "ConvertedTimmBlock",
     "ConvertedTorchvisionBlock",
+    "ConvertedHuggingFaceBlock",
+    "ConvertedDinov3Block",
     "convert_model",
     "set_grad_checkpointing",
 ]
@@ -179,6 +186,35 @@ class ConvertedTorchvisionBlock(ConvertedBlock):
         return drop_path_scale(batch, p, device)
 
 
+class ConvertedHuggingFaceBlock(ConvertedBlock):
+    """Hugging Face transformers ``ConvNextLayer`` (ConvNextModel, ConvNextForImageClassification, ...)."""
+
+    source = "hugging_face"
+    # Where the block's pieces live: dwconv, LayerNorm, fc1, activation, fc2, layer scale.
+    NAMES = ("dwconv", "layernorm", "pwconv1", "act", "pwconv2", "layer_scale_parameter")
+
+    def __init__(self, block: nn.Module, backend: str):
+        super().__init__(block, backend)
+        gamma = self.NAMES[5]
+        if gamma not in self._parameters:  # layer_scale_init_value = 0: a plain None attribute
+            setattr(self, gamma, None)
+
+    def _parts(self):
+        conv, norm, fc1, _, fc2, gamma = (getattr(self, n) for n in self.NAMES)
+        return conv, norm, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma
+
+    def _drop_scale(self, batch, device):
+        # ConvNextDropPath: floor(rand + keep) / keep per sample, in training mode; Identity at rate 0.
+        return _drop_path_module_scale(self.drop_path, batch, device)
+
+
+class ConvertedDinov3Block(ConvertedHuggingFaceBlock):
+    """Hugging Face transformers ``DINOv3ConvNextLayer`` (DINOv3's ConvNeXt backbones)."""
+
+    source = "hugging_face_dinov3"
+    NAMES = ("depthwise_conv", "layer_norm", "pointwise_conv1", "activation_fn", "pointwise_conv2", "gamma")
+
+
 # ----------------------------------------------------------------------------------------------
 # Recognising and checking blocks
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +223,12 @@ def _type_name(m: nn.Module) -> str:
 
 
 def _block_kind(m: nn.Module) -> Optional[str]:
-    """'official', 'timm', 'torchvision' or None, from the attribute names of a block."""
+    """A key of _WRAPPERS ('official', 'timm', ...) or None, from the attribute names of a block."""
     if all(hasattr(m, a) for a in ("dwconv", "norm", "pwconv1", "pwconv2")):
         return "official"
+    for kind, wrapper in (("hugging_face", ConvertedHuggingFaceBlock), ("hugging_face_dinov3", ConvertedDinov3Block)):
+        if all(hasattr(m, a) for a in wrapper.NAMES[:5]):
+            return kind
     if all(hasattr(m, a) for a in ("conv_dw", "norm", "mlp")):
         return "timm"
     if all(hasattr(m, a) for a in ("block", "layer_scale", "stochastic_depth")):
@@ -203,6 +242,9 @@ def _has_grn(m: nn.Module) -> bool:
         name.split(".")[-1] == "grn" or "GlobalResponseNorm" in type(sub).__name__ or type(sub).__name__ == "GRN"
         for name, sub in m.named_modules()
     )
+
+
+_LAYER_NORM_NAMES = ("LayerNorm", "ConvNextLayerNorm", "DINOv3ConvNextLayerNorm")
 
 
 class _Checker:
@@ -226,7 +268,9 @@ class _Checker:
                      f"the fused op is a 7x7, stride 1, padding 3, zero-padded conv; got {conv}")
 
     def norm(self, norm, C: int) -> None:
-        is_ln = isinstance(norm, nn.LayerNorm) or type(norm).__name__ == "LayerNorm"
+        # nn.LayerNorm and its subclasses; the official and older transformers LayerNorms are modules
+        # of their own with the same attributes.
+        is_ln = isinstance(norm, nn.LayerNorm) or type(norm).__name__ in _LAYER_NORM_NAMES
         self.require(is_ln, f"the norm is {type(norm).__name__}, not a LayerNorm over channels")
         self.require(tuple(getattr(norm, "normalized_shape", ())) == (C,),
                      f"the LayerNorm normalises {getattr(norm, 'normalized_shape', None)}, not ({C},)")
@@ -245,8 +289,14 @@ class _Checker:
                      f"{name} maps {shape[1]} -> {shape[0]}; the fused MLP needs {fan_in} -> {fan_out} (ratio 4)")
 
     def gelu(self, act) -> None:
-        self.require(type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "none",
-                     f"the activation is {act!r}; the fused MLP computes the exact (erf) GELU")
+        if type(act).__name__ == "GELUActivation":
+            # transformers' "gelu" / "gelu_python": F.gelu or its erf formula, both exact; its other
+            # GELUs (gelu_new, gelu_fast, gelu_10 ...) are classes of other names.
+            fn = getattr(act, "act", None)
+            exact = fn is F.gelu or getattr(fn, "__name__", "") == "_gelu_python"
+        else:
+            exact = type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "none"
+        self.require(exact, f"the activation is {act!r}; the fused MLP computes the exact (erf) GELU")
 
     def inert(self, name: str, m) -> None:
         """Dropout with p=0 or Identity: modules that do nothing."""
@@ -254,7 +304,8 @@ class _Checker:
         self.require(ok, f"{name} is {m!r}; only Identity or Dropout(p=0) is supported there")
 
     def gamma(self, gamma, C: int) -> None:
-        self.require(gamma is None or gamma.numel() == C, f"the layer scale has shape {tuple(gamma.shape)}")
+        if gamma is not None:  # None: no layer scale
+            self.require(gamma.numel() == C, f"the layer scale has shape {tuple(gamma.shape)}, not {C} values")
 
 
 def _check_official(block: nn.Module, chk: _Checker) -> None:
@@ -312,8 +363,25 @@ def _check_torchvision(block: nn.Module, chk: _Checker) -> None:
                 f"stochastic_depth is {sd!r}, not a StochasticDepth with mode 'row' or 'batch'")
 
 
+def _check_hugging_face(block: nn.Module, chk: _Checker) -> None:
+    conv, norm, fc1, act, fc2, gamma = (getattr(block, n, None) for n in _WRAPPERS[_block_kind(block)][0].NAMES)
+    C = conv.in_channels
+    chk.conv(conv, C)
+    chk.norm(norm, C)
+    chk.linear("the first Linear", fc1, C, 4 * C)
+    chk.linear("the second Linear", fc2, 4 * C, C)
+    chk.require(isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear), "the MLP layers must be nn.Linear")
+    chk.gelu(act)
+    chk.gamma(gamma, C)
+    dp = getattr(block, "drop_path", nn.Identity())
+    chk.require(isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
+                f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
+
+
 _WRAPPERS = {"official": (ConvertedOfficialBlock, _check_official), "timm": (ConvertedTimmBlock, _check_timm),
-             "torchvision": (ConvertedTorchvisionBlock, _check_torchvision)}
+             "torchvision": (ConvertedTorchvisionBlock, _check_torchvision),
+             "hugging_face": (ConvertedHuggingFaceBlock, _check_hugging_face),
+             "hugging_face_dinov3": (ConvertedDinov3Block, _check_hugging_face)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +391,8 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Switch every ConvNeXt block of `model` to the fused ops in place, and return `model`.
 
     Works on timm ``ConvNeXt``, torchvision ``ConvNeXt``, the official / ``reference.ConvNeXt``,
-    and any module containing their blocks. Parameters stay the same objects under the same
+    Hugging Face transformers ConvNeXt and DINOv3 ConvNeXt models, and any module containing their
+    blocks. Parameters stay the same objects under the same
     ``state_dict`` keys. Already-fused blocks (``ConvNeXtFused``'s ``FusedBlock``, or blocks
     converted before) are not wrapped again; their backend is set to `backend`.
 
@@ -367,7 +436,8 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
         visit(model, "")
     if not already and not to_wrap:
         raise ValueError(f"no ConvNeXt blocks found in {_type_name(model)}: expected official (dwconv/pwconv1), "
-                         "timm (conv_dw/mlp) or torchvision (block/layer_scale) blocks")
+                         "timm (conv_dw/mlp), torchvision (block/layer_scale) or Hugging Face "
+                         "(dwconv/layernorm, depthwise_conv/layer_norm) blocks")
     for block in already:
         block.backend = backend
     for parent, name, block, kind in to_wrap:

@@ -148,3 +148,19 @@ def test_real_torchvision_model():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), src(x), rtol=1e-4, atol=1e-4)
+
+
+def test_real_hugging_face_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(hidden_sizes=list(CFG["dims"]), depths=list(CFG["depths"]),
+                                         num_labels=CFG["num_classes"], layer_scale_init_value=0.3)
+    src = transformers.ConvNextForImageClassification(config).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fused = ck.ConvNeXtFused(**CFG, layer_scale_init_value=0.3, backend="torch").eval()
+    fused.load_state_dict(src.state_dict())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), src(x).logits, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ timm and torchvision cannot be installed on the CPU CI machine, so their blocks 
 here by small stand-ins with the same attribute names and forward code as the libraries
 (timm/models/convnext.py, timm/layers/mlp.py, torchvision/models/convnext.py); convert_model
 recognises blocks by those names. The GPU tests at the end convert the real libraries' models.
+Hugging Face transformers installs on CPU (a test dependency), so its models are converted as they are.
 """
 
 import copy
@@ -250,6 +251,7 @@ STAND_INS = {
     "official": lambda **kw: nn.Sequential(OfficialBlock(16, **kw), OfficialBlock(16, **kw)),
     "timm": lambda **kw: TimmConvNeXt(**kw),
     "timm_conv_mlp": lambda **kw: TimmConvNeXt(conv_mlp=True, **kw),
+    "timm_no_layer_scale": lambda **kw: TimmConvNeXt(ls_init_value=None, **kw),
     "torchvision": lambda **kw: TorchvisionConvNeXt(**{("stochastic_depth_prob" if k == "drop_path" else k): v
                                                          for k, v in kw.items()}),
 }
@@ -365,6 +367,96 @@ def test_convert_model_rejects_what_it_cannot_fuse(make, why):
 def test_convert_model_bad_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         ck.convert_model(TimmConvNeXt(), backend="metal")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face transformers (the real library: a test dependency on CPU; skipped where it is missing)
+# ----------------------------------------------------------------------------------------------
+HF_DIMS = dict(hidden_sizes=[16, 32, 48, 40], depths=[1, 2, 1, 1])
+
+
+def _hf_model(kind, drop_path=0.0, **cfg):
+    """A small transformers ConvNeXt ('convnext', 'dinov3') or ConvNeXt V2 ('convnextv2')."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(HF_DIMS, drop_path_rate=drop_path, **cfg)
+    if kind == "convnext":
+        return transformers.ConvNextForImageClassification(
+            transformers.ConvNextConfig(**dict(dict(num_labels=5, layer_scale_init_value=0.5), **cfg)))
+    if kind == "dinov3":
+        if not hasattr(transformers, "DINOv3ConvNextModel"):
+            pytest.skip(f"transformers {transformers.__version__} has no DINOv3 ConvNeXt (4.56 and later do)")
+        return transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**dict(layer_scale_init_value=0.5, **cfg)))
+    return transformers.ConvNextV2Model(transformers.ConvNextV2Config(**cfg))
+
+
+def _hf_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind,wrapper", [("convnext", "ConvertedHuggingFaceBlock"),
+                                          ("dinov3", "ConvertedDinov3Block")])
+def test_convert_hugging_face_models(kind, wrapper, backend):
+    torch.manual_seed(0)
+    original = _randomise(_hf_model(kind)).eval()
+    model = copy.deepcopy(original)
+    keys, params = list(model.state_dict()), list(model.parameters())
+    assert ck.convert_model(model, backend=backend) is model
+    converted = [m for m in model.modules() if isinstance(m, ConvertedBlock)]
+    assert len(converted) == sum(HF_DIMS["depths"]) and {type(m).__name__ for m in converted} == {wrapper}
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+
+    x = torch.randn(3, 3, 44, 52)
+    ref64 = copy.deepcopy(original).double()
+    outs = []
+    for m, inp in ((ref64, x.double()), (original, x), (model, x)):
+        torch.manual_seed(0)
+        out = _hf_output(m(inp))
+        outs.append((out, torch.autograd.grad(out.square().sum(), list(m.parameters()))))
+    (out64, grads64), (out32, grads32), (out, grads) = outs
+    assert_pass_rule("output", out, out64, out32, torch.float32)
+    for (name, _), g, g64, g32 in zip(model.named_parameters(), grads, grads64, grads32):
+        assert_pass_rule(f"grad {name}", g, g64, g32, torch.float32)
+    # transformers' output capture (hooks on the stages) still sees every stage.
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+        hidden_ref = original(x, output_hidden_states=True).hidden_states
+    assert len(hidden) == len(hidden_ref) == 5
+    for h, h_ref in zip(hidden, hidden_ref):
+        torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_hugging_face_drop_path_and_no_layer_scale():
+    """ConvNextDropPath: per sample, Bernoulli(keep) / keep, in training mode only; layer scale 0 is None."""
+    torch.manual_seed(0)
+    model = _randomise(_hf_model("convnext", drop_path=0.6, layer_scale_init_value=0.0))
+    ck.convert_model(model, backend="cpu")
+    block = model.convnext.encoder.stages[3].layers[0]  # drop rate 0.6 (linspace up to the last block)
+    assert isinstance(block, ConvertedBlock) and block.layer_scale_parameter is None
+    p = block.drop_path.drop_prob
+    assert p == pytest.approx(0.6)
+    x = torch.randn(256, 40, 3, 3)
+    with torch.no_grad():
+        branch = block.eval()(x) - x
+        out = block.train()(x)
+    factor = ((out - x) * branch).flatten(1).sum(1) / branch.square().flatten(1).sum(1)
+    dropped, kept = factor.abs() < 1e-4, (factor - 1 / (1 - p)).abs() < 1e-4
+    assert bool((dropped | kept).all())
+    assert 0.25 < kept.float().mean().item() < 0.55  # Binomial(256, 0.4): 5 sigma
+
+
+@pytest.mark.parametrize("kind,cfg,why", [
+    ("convnextv2", {}, r"ConvNextV2Layer.*GlobalResponseNorm"),
+    ("convnext", {"hidden_act": "gelu_new"}, r"NewGELUActivation.*exact"),
+    ("dinov3", {"hidden_act": "gelu_10"}, r"ClippedGELUActivation.*exact"),
+])
+def test_convert_hugging_face_rejects_what_it_cannot_fuse(kind, cfg, why):
+    model = _hf_model(kind, **cfg)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(UnsupportedBlockError, match=why):
+        ck.convert_model(model)
+    assert [type(m) for m in model.modules()] == before
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ tensors, poisoned outputs, the pass rule."""
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -66,6 +67,21 @@ def _exact_fp32_convolutions():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = old
+
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(autouse=True)
+def _forget_benchmark_modules():
+    """Tests import the benchmark scripts as top-level modules (kernels, throughput, common ...).
+    Left in sys.modules they shadow packages of the same names for later tests: transformers
+    finds Hugging Face's `kernels` package by importlib.util.find_spec("kernels"), got
+    benchmarks/kernels.py and failed to import from it. So they are dropped after each test."""
+    yield
+    for name, module in list(sys.modules.items()):
+        if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or os.sep)) == BENCHMARKS_DIR:
+            del sys.modules[name]
 
 
 def pytest_configure(config):

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Imported with benchmarks/ on sys.path only for the import: left there, its kernels.py would
+# shadow Hugging Face's `kernels` package for the rest of the session (see conftest.py).
 sys.path.insert(0, str(REPO / "benchmarks"))
-import sass_report  # noqa: E402
+try:
+    import sass_report  # noqa: E402
+finally:
+    sys.path.remove(str(REPO / "benchmarks"))
 
 # A made-up nvdisasm -c listing: a loop of 5 instructions (2 FFMA) with a barrier-delimited
 # stretch inside, a forward branch, and predicated instructions.

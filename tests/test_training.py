@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -607,6 +608,7 @@ def test_compile_converted_model_fullgraph():
 # DistributedDataParallel (gloo, 2 processes)
 # ----------------------------------------------------------------------------------------------
 DDP_STEPS, DDP_BATCH = 3, 4  # per rank
+DDP_TIMEOUT_S = 180
 
 
 def _ddp_data():
@@ -636,6 +638,11 @@ def _ddp_worker(rank, world_size, port, out_dir):
             loss.backward()  # DDP averages the gradients over ranks
             opt.step()
         torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # DDP's reducer must not hold the last reference to the process group: the reducer's
+        # destructor keeps the GIL while ProcessGroupGloo's joins its worker threads, and a worker
+        # still releasing a finished allreduce waits for the GIL (a deadlock seen under torch
+        # 2.13, pytorch/pytorch#56297). Freed here, the group's own binding releases the GIL.
+        del model, opt
     finally:
         dist.destroy_process_group()
 
@@ -652,7 +659,14 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    while not workers.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in workers.processes:
+                proc.kill()
+            pytest.fail(f"the DDP workers did not finish within {DDP_TIMEOUT_S} s (a hang, not a slow run: "
+                        "they take a few seconds)")
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
 

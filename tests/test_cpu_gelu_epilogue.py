@@ -439,3 +439,50 @@ def test_cpu_parts_weight_gradient_routes(dtype, p, q):
     torch.testing.assert_close(CpuMlpParts.accumulate_tn(first.clone(), a, b), 2 * expected, rtol=1e-5, atol=1e-5)
     strided_a, strided_b = a.t().contiguous().t(), b.t().contiguous().t()
     torch.testing.assert_close(CpuMlpParts.accumulate_tn(None, strided_a, strided_b), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ("highest", "medium"))
+@pytest.mark.parametrize("fp16_in_fp32", (True, False), ids=("no_fp16_gemm", "fp16_gemm"))
+def test_cpu_parts_fp16_gemms_run_in_fp32_where_the_cpu_has_no_fp16_gemm(fp16_in_fp32, precision, monkeypatch):
+    # Without hardware fp16 GEMMs, every fp16 GEMM of the cpu backend is oneDNN's fp32 GEMM of the
+    # converted operands, rounded to fp16 once; not where the CPU has fp16 GEMMs, nor under a
+    # lowered fp32 matmul precision (bf16 would cut fp16's mantissa), nor for bf16.
+    from convnext_kernels.launchers import cpu
+
+    if cpu.ONEDNN_LINEAR is None:
+        pytest.skip("torch has no oneDNN linear on this CPU")
+    calls = []
+    real = cpu.ONEDNN_LINEAR
+
+    def spy(inp, weight, *args):
+        calls.append((inp.dtype, weight.dtype))
+        return real(inp, weight, *args)
+
+    monkeypatch.setattr(cpu, "ONEDNN_LINEAR", spy)
+    monkeypatch.setattr(cpu, "FP16_GEMMS_IN_FP32", fp16_in_fp32)
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x2 = torch.randn(70, 40, generator=g).half()
+        w1, w2 = (torch.randn(160, 40, generator=g) * 0.2).half(), (torch.randn(40, 160, generator=g) * 0.1).half()
+        b1, b2 = torch.randn(160, generator=g), torch.randn(40, generator=g)
+        h = cpu.CpuMlpParts.gelu_forward(x2, w1, b1)
+        out = torch.full((70, 40), math.nan, dtype=torch.float16)
+        cpu.CpuMlpParts.residual(h, w2, b2, None, None, x2, out)
+        dx = torch.full((70, 40), math.nan, dtype=torch.float16)
+        cpu.CpuMlpParts.matmul(h, w1, out=dx)
+        dx_fresh = cpu.CpuMlpParts.matmul(h, w1)
+        bf16 = cpu.CpuMlpParts._gemm_16bit(x2.bfloat16(), w1.bfloat16())
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+    rerouted = fp16_in_fp32 and precision == "highest"
+    assert calls == ([(torch.float32, torch.float32)] * 4 if rerouted else []), "fp16 GEMMs: fp32 oneDNN or torch's"
+    assert h.dtype == out.dtype == dx.dtype == dx_fresh.dtype == torch.float16 and bf16.dtype == torch.bfloat16
+    product = x2.double() @ w1.double().t()
+    torch.testing.assert_close(h.double(), F.gelu(product.half().double() + b1.double()), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.double(), x2.double() + h.double() @ w2.double().t() + b2.double(),
+                               rtol=2e-3, atol=4e-3)
+    # One rounding to fp16 of an fp32-accumulated product, with or without out.
+    assert torch.equal(dx, dx_fresh)
+    torch.testing.assert_close(dx.double(), (h.double() @ w1.double()).half().double(), rtol=1e-3, atol=1e-3)

@@ -13,9 +13,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .convert import convert_state_dict
+from .launchers import CPU_FP16_IN_FP32, cpu_fp32_exact
 from .ops import dwconv_layernorm, mlp_layerscale
 from .reference import drop_path_rates, drop_path_scale, init_weights
 
@@ -72,6 +74,30 @@ class FusedBlock(nn.Module):
         return f"dim={self.dwconv.in_channels}, drop_path={self.drop_prob}, backend={self.backend!r}"
 
 
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x). In fp16 on a CPU without fp16 convs (CPU_FP16_IN_FP32, e.g. AMD Zen 5), where
+    torch's fp16 conv is a generic loop (about half of an fp16 training step): oneDNN's fp32
+    conv of the operands rounded to fp16 as autocast rounds them, its output rounded to fp16
+    once, as torch's fp16 conv (fp32 accumulation) gives it up to summation order; gradients
+    are rounded to fp16 on their way back to each operand, as autocast's casts round them."""
+    if x.device.type != "cpu" or not CPU_FP16_IN_FP32:
+        return conv(x)
+    if torch.is_autocast_enabled("cpu"):
+        fp16 = torch.get_autocast_dtype("cpu") == torch.float16
+    else:
+        fp16 = x.dtype == conv.weight.dtype == torch.float16
+    if not fp16 or not cpu_fp32_exact("conv"):
+        return conv(x)
+
+    def exact(t):  # the fp16 operand autocast would make, as fp32
+        return None if t is None else t.to(torch.float16).float()
+
+    with torch.autocast("cpu", enabled=False):
+        y = F.conv2d(exact(x), exact(conv.weight), exact(conv.bias), conv.stride, conv.padding, conv.dilation,
+                     conv.groups)
+    return y.to(torch.float16)
+
+
 class _Stem(nn.Sequential):
     """4x4 stride-4 patchify conv + LayerNorm; NCHW image in, NHWC activations out."""
 
@@ -79,7 +105,7 @@ class _Stem(nn.Sequential):
         super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self[0](x.contiguous(memory_format=torch.channels_last))
+        x = _conv(self[0], x.contiguous(memory_format=torch.channels_last))
         return self[1](_nhwc(x))
 
 
@@ -91,7 +117,7 @@ class _Downsample(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _nchw(self[0](x)).contiguous(memory_format=torch.channels_last)
-        return _nhwc(self[1](x))
+        return _nhwc(_conv(self[1], x))
 
 
 class ConvNeXtFused(nn.Module):

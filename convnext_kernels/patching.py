@@ -277,7 +277,7 @@ class _Checker:
         self.require(getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None,
                      "the LayerNorm has no affine weight and bias")
         self.require(getattr(norm, "data_format", "channels_last") == "channels_last",
-                     "the official LayerNorm inside a block must be channels_last")
+                     "the LayerNorm inside a block must be channels_last (over C)")
 
     def linear(self, name: str, layer, fan_in: int, fan_out: int) -> None:
         ok = isinstance(layer, nn.Linear) or (
@@ -303,7 +303,13 @@ class _Checker:
         ok = isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0)
         self.require(ok, f"{name} is {m!r}; only Identity or Dropout(p=0) is supported there")
 
-    def gamma(self, gamma, C: int) -> None:
+    def gamma(self, block, name: str, C: int) -> None:
+        """The layer scale `name`: a plain Parameter of the block, or None for none. (The wrappers
+        adopt the block's parameters, so a parametrized layer scale or a buffer would be lost.)"""
+        gamma = getattr(block, name, None)
+        self.require(gamma is None or name in block._parameters,
+                     f"the layer scale {name!r} is {type(gamma).__name__} but not a plain Parameter of the block "
+                     "(parametrized, or a buffer)")
         if gamma is not None:  # None: no layer scale
             self.require(gamma.numel() == C, f"the layer scale has shape {tuple(gamma.shape)}, not {C} values")
 
@@ -317,7 +323,7 @@ def _check_official(block: nn.Module, chk: _Checker) -> None:
     chk.require(isinstance(block.pwconv1, nn.Linear) and isinstance(block.pwconv2, nn.Linear),
                 "pwconv1/pwconv2 must be nn.Linear")
     chk.gelu(getattr(block, "act", nn.GELU()))
-    chk.gamma(getattr(block, "gamma", None), C)
+    chk.gamma(block, "gamma", C)
     dp = getattr(block, "drop_path", None)
     chk.require(dp is None or isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
                 f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
@@ -336,7 +342,7 @@ def _check_timm(block: nn.Module, chk: _Checker) -> None:
     for name in ("drop1", "norm", "drop2"):
         if hasattr(mlp, name):
             chk.inert(f"mlp.{name}", getattr(mlp, name))
-    chk.gamma(getattr(block, "gamma", None), C)
+    chk.gamma(block, "gamma", C)
     chk.require(isinstance(getattr(block, "shortcut", nn.Identity()), nn.Identity),
                 "the shortcut is a downsample (in_chs != out_chs or stride > 1), not an identity")
     dp = getattr(block, "drop_path", nn.Identity())
@@ -357,14 +363,15 @@ def _check_torchvision(block: nn.Module, chk: _Checker) -> None:
     chk.gelu(seq[4])
     for i, dims in ((1, [0, 2, 3, 1]), (6, [0, 3, 1, 2])):
         chk.require(list(getattr(seq[i], "dims", [])) == dims, f"block.{i} is not Permute({dims})")
-    chk.gamma(block.layer_scale, C)
+    chk.gamma(block, "layer_scale", C)
     sd = block.stochastic_depth
     chk.require(hasattr(sd, "p") and getattr(sd, "mode", None) in ("row", "batch"),
                 f"stochastic_depth is {sd!r}, not a StochasticDepth with mode 'row' or 'batch'")
 
 
 def _check_hugging_face(block: nn.Module, chk: _Checker) -> None:
-    conv, norm, fc1, act, fc2, gamma = (getattr(block, n, None) for n in _WRAPPERS[_block_kind(block)][0].NAMES)
+    names = _WRAPPERS[_block_kind(block)][0].NAMES
+    conv, norm, fc1, act, fc2 = (getattr(block, n) for n in names[:5])
     C = conv.in_channels
     chk.conv(conv, C)
     chk.norm(norm, C)
@@ -372,7 +379,7 @@ def _check_hugging_face(block: nn.Module, chk: _Checker) -> None:
     chk.linear("the second Linear", fc2, 4 * C, C)
     chk.require(isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear), "the MLP layers must be nn.Linear")
     chk.gelu(act)
-    chk.gamma(gamma, C)
+    chk.gamma(block, names[5], C)
     dp = getattr(block, "drop_path", nn.Identity())
     chk.require(isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
                 f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")

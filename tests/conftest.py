@@ -72,6 +72,9 @@ def _exact_fp32_convolutions():
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
+BENCHMARK_MODULES = [f[:-3] for f in os.listdir(BENCHMARKS_DIR) if f.endswith(".py")]
+
+
 @pytest.fixture(autouse=True)
 def _forget_benchmark_modules():
     """Tests import the benchmark scripts as top-level modules (kernels, throughput, common ...).
@@ -79,8 +82,9 @@ def _forget_benchmark_modules():
     finds Hugging Face's `kernels` package by importlib.util.find_spec("kernels"), got
     benchmarks/kernels.py and failed to import from it. So they are dropped after each test."""
     yield
-    for name, module in list(sys.modules.items()):
-        if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or os.sep)) == BENCHMARKS_DIR:
+    for name in BENCHMARK_MODULES:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == BENCHMARKS_DIR:
             del sys.modules[name]
 
 
@@ -109,6 +113,29 @@ def tf32_matmul(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def cpu_fp32_precision(op: str, precision: str):
+    """oneDNN's CPU fp32 precision for `op` ("matmul" or "conv") in the block: "highest" (exact) or
+    "medium" (bf16), restored after it. torch >= 2.9: torch.backends.mkldnn.<op>.fp32_precision
+    (set through set_float32_matmul_precision, the legacy API would leave "ieee" for "none"
+    behind); older torch: set_float32_matmul_precision."""
+    settings = getattr(torch.backends.mkldnn, op, None)
+    if settings is not None and hasattr(settings, "fp32_precision"):
+        old = settings.fp32_precision
+        settings.fp32_precision = {"highest": "ieee", "medium": "bf16"}[precision]
+        try:
+            yield
+        finally:
+            settings.fp32_precision = old
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def package_subprocess_env(drop=(), **overrides) -> dict:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 _C = pytest.importorskip("convnext_kernels._C", reason="compiled extension not built")
 
 from convnext_kernels.launchers import dtype_code  # noqa: E402
+from conftest import cpu_fp32_precision  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -460,9 +461,7 @@ def test_cpu_parts_fp16_gemms_run_in_fp32_where_the_cpu_has_no_fp16_gemm(fp16_in
 
     monkeypatch.setattr(cpu, "ONEDNN_LINEAR", spy)
     monkeypatch.setattr(cpu, "FP16_GEMMS_IN_FP32", fp16_in_fp32)
-    old_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with cpu_fp32_precision("matmul", precision):
         g = torch.Generator().manual_seed(3)
         x2 = torch.randn(70, 40, generator=g).half()
         w1, w2 = (torch.randn(160, 40, generator=g) * 0.2).half(), (torch.randn(40, 160, generator=g) * 0.1).half()
@@ -473,9 +472,7 @@ def test_cpu_parts_fp16_gemms_run_in_fp32_where_the_cpu_has_no_fp16_gemm(fp16_in
         dx = torch.full((70, 40), math.nan, dtype=torch.float16)
         cpu.CpuMlpParts.matmul(h, w1, out=dx)
         dx_fresh = cpu.CpuMlpParts.matmul(h, w1)
-        bf16 = cpu.CpuMlpParts._gemm_16bit(x2.bfloat16(), w1.bfloat16())
-    finally:
-        torch.set_float32_matmul_precision(old_precision)
+        bf16 = cpu.CpuMlpParts.gemm_16bit(x2.bfloat16(), w1.bfloat16())
     rerouted = fp16_in_fp32 and precision == "highest"
     assert calls == ([(torch.float32, torch.float32)] * 4 if rerouted else []), "fp16 GEMMs: fp32 oneDNN or torch's"
     assert h.dtype == out.dtype == dx.dtype == dx_fresh.dtype == torch.float16 and bf16.dtype == torch.bfloat16

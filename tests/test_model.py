@@ -6,7 +6,7 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import ConvNeXt
 
-from conftest import TRITON_CPU_MISSING, assert_pass_rule, max_err, skip_triton_bf16_if_unsupported
+from conftest import TRITON_CPU_MISSING, assert_pass_rule, cpu_fp32_precision, max_err, skip_triton_bf16_if_unsupported
 
 SMALL = dict(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320))  # atto dims, fewer blocks
 
@@ -191,3 +191,41 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="autograd"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("precision", ("highest", "medium"))
+@pytest.mark.parametrize("fp16_in_fp32", (True, False), ids=("no_fp16_conv", "fp16_conv"))
+def test_stem_and_downsample_convs_in_fp16_on_cpu(fp16_in_fp32, precision, monkeypatch):
+    """Under CPU fp16 autocast, where the CPU has no fp16 convs, the stem and downsampling convs
+    run as fp32 convs of the fp16-rounded operands with autocast off (not under a lowered fp32
+    conv precision), and give what autocast's fp16 convs give, up to summation order."""
+    import convnext_kernels.model as model_module
+
+    _, fused = _pair("cpu", depths=(1, 1, 1, 1))  # blocks in C++: the convs are the model's four
+    x = torch.randn(2, 3, 64, 64)
+
+    def run(reroute):
+        monkeypatch.setattr(model_module, "CPU_FP16_IN_FP32", reroute)
+        autocast_at_conv = []
+        real = torch.nn.functional.conv2d
+
+        def spy(*args, **kwargs):
+            autocast_at_conv.append(torch.is_autocast_enabled("cpu"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+        with cpu_fp32_precision("conv", precision), torch.autocast("cpu", dtype=torch.float16):
+            out = fused(x)
+        grads = torch.autograd.grad(out.float().square().sum(), list(fused.parameters()))
+        monkeypatch.setattr(torch.nn.functional, "conv2d", real)
+        return out, grads, autocast_at_conv
+
+    out, grads, autocast_at_conv = run(fp16_in_fp32)
+    rerouted = fp16_in_fp32 and precision == "highest"
+    assert autocast_at_conv == [not rerouted] * 4, "stem + 3 downsampling convs"
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float32 for g in grads)
+    out_ref, grads_ref, _ = run(False)  # torch's own fp16 convs
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+    for (name, _), g, g_ref in zip(fused.named_parameters(), grads, grads_ref):
+        scale = g_ref.abs().max().item()
+        assert max_err(g, g_ref) <= 3e-2 * max(scale, 1e-3), name

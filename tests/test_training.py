@@ -365,6 +365,21 @@ def test_convert_model_rejects_what_it_cannot_fuse(make, why):
         ck.convert_model(make())
 
 
+def test_convert_model_refuses_a_layer_scale_it_would_lose():
+    """The wrappers adopt a block's own parameters: a parametrized layer scale (or a buffer) would
+    silently vanish, so it is refused by name."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Twice(nn.Module):
+        def forward(self, g):
+            return 2 * g
+
+    model = TimmConvNeXt()
+    parametrize.register_parametrization(model.stages[1].blocks[0], "gamma", Twice())
+    with pytest.raises(UnsupportedBlockError, match="'gamma' is Tensor but not a plain Parameter"):
+        ck.convert_model(model)
+
+
 def test_convert_model_bad_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         ck.convert_model(TimmConvNeXt(), backend="metal")
@@ -665,6 +680,7 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
         if time.monotonic() > deadline:
             for proc in workers.processes:
                 proc.kill()
+                proc.join(10)
             pytest.fail(f"the DDP workers did not finish within {DDP_TIMEOUT_S} s (a hang, not a slow run: "
                         "they take a few seconds)")
     rank0 = torch.load(tmp_path / "rank0.pt")

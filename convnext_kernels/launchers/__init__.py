@@ -51,6 +51,7 @@ All statistics and accumulations are float32; GELU is the exact erf form.
 
 import math
 import os
+import platform
 
 import torch
 
@@ -83,6 +84,35 @@ def tf32_matmul_allowed() -> bool:
         # exact fp32; where the getter does not resolve the inheritance itself, "none" stays exact).
         return matmul.fp32_precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def _cpu_has_fp16_gemms() -> bool:
+    """Whether torch's oneDNN has fp16 GEMMs on this CPU (AVX512-FP16 or AMX-FP16)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+# Without hardware fp16, torch's CPU fp16 GEMMs and convs run generic loops: 24 GFLOP/s against
+# oneDNN's 126 in fp32 at (1568, 384) x (384, 1536) on the 2-thread AMD EPYC (2026-12-07). Both
+# accumulate fp16 products (exact in fp32) in fp32, so oneDNN's fp32 GEMM of the exactly
+# converted operands, rounded to fp16 once, is the same product up to summation order. On x86-64
+# where torch has oneDNN (launchers.cpu.ONEDNN_LINEAR says the same), elsewhere not compared.
+CPU_FP16_IN_FP32 = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                    and not _cpu_has_fp16_gemms())
+
+
+def cpu_fp32_exact(op: str = "matmul") -> bool:
+    """Whether torch keeps oneDNN's fp32 `op`s ("matmul" or "conv") on the CPU at full precision:
+    a setting that lets oneDNN take them in bf16 or tf32 (e.g. set_float32_matmul_precision
+    "medium" or "high") was chosen for fp32 work, not for fp16 operands, whose 11-bit mantissas
+    bf16 would cut to 8."""
+    settings = getattr(torch.backends.mkldnn, op, None)
+    if settings is not None and hasattr(settings, "fp32_precision"):  # torch >= 2.9
+        return settings.fp32_precision in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"
 
 
 def dwconv_layernorm_fwd_outputs(x: torch.Tensor):

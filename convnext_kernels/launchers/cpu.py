@@ -15,10 +15,11 @@ import os
 import platform
 
 import torch
-import torch.nn.functional as F
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
+    CPU_FP16_IN_FP32,
+    cpu_fp32_exact,
     data_ptr,
     dtype_code,
     dwconv_layernorm_bwd_outputs,
@@ -88,6 +89,8 @@ def _find_onednn_linear():
 # what two cores reach with 256-bit vectors. Not measured on Intel. Both accumulate in fp32,
 # and both follow torch's setting for the CPU's fp32 matmul precision.
 ONEDNN_LINEAR = _find_onednn_linear()
+# fp16 GEMMs as fp32 oneDNN GEMMs where the CPU has none of its own (see CPU_FP16_IN_FP32).
+FP16_GEMMS_IN_FP32 = ONEDNN_LINEAR is not None and CPU_FP16_IN_FP32
 
 
 def _onednn_gemms() -> bool:
@@ -97,35 +100,9 @@ def _onednn_gemms() -> bool:
     return ONEDNN_LINEAR is not None and os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
 
 
-def _fp16_native() -> bool:
-    """Whether torch's oneDNN has fp16 GEMMs on this CPU (AVX512-FP16 or AMX-FP16)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
-# Without hardware fp16, torch's CPU fp16 GEMM is a slow generic loop: 24 GFLOP/s against oneDNN's
-# 126 in fp32 at (1568, 384) x (384, 1536) on the 2-thread AMD EPYC (2026-12-07). Both
-# accumulate fp16 products (exact in fp32) in fp32, so the fp32 GEMM of the exactly converted
-# operands, rounded to fp16, is the same product up to summation order.
-FP16_GEMMS_IN_FP32 = ONEDNN_LINEAR is not None and not _fp16_native()
-
-
-def _full_fp32_matmuls() -> bool:
-    """Whether torch keeps CPU fp32 matmuls at full precision: a setting that lets oneDNN take
-    fp32 GEMMs in bf16 or tf32 ("medium", "high") was chosen for fp32 work, not for fp16 inputs,
-    whose 11-bit mantissas bf16 would cut to 8."""
-    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    if mkldnn_matmul is not None and hasattr(mkldnn_matmul, "fp32_precision"):  # torch >= 2.9
-        return mkldnn_matmul.fp32_precision in ("none", "ieee")
-    return torch.get_float32_matmul_precision() == "highest"
-
-
 class CpuMlpParts(torch_ops.TorchMlpParts):
     """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (bf16 ones as torch runs
-    them; fp16 ones as fp32 oneDNN GEMMs where the CPU has no fp16 GEMM, see _gemm_16bit), fc1's
+    them; fp16 ones as fp32 oneDNN GEMMs where the CPU has no fp16 GEMM, see gemm_16bit), fc1's
     epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's
     bias copy, GELU, GELU backward and column sum, and fc2's as one C++ pass
     (mlp_layerscale_residual_cpu). torch_ops.TorchMlpParts says what each method returns."""
@@ -134,21 +111,17 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
     def _fp16_in_fp32(a) -> bool:
         """Whether a's fp16 GEMM runs as the fp32 oneDNN GEMM of its converted operands, its
         product rounded to fp16 once (FP16_GEMMS_IN_FP32; not under a lowered fp32 precision)."""
-        return a.dtype == torch.float16 and FP16_GEMMS_IN_FP32 and _onednn_gemms() and _full_fp32_matmuls()
+        return a.dtype == torch.float16 and FP16_GEMMS_IN_FP32 and _onednn_gemms() and cpu_fp32_exact()
 
     @classmethod
-    def _gemm_16bit(cls, a, weight):
-        """a @ weight.T for 16-bit a and weight, in their dtype."""
+    def gemm_16bit(cls, a, weight):
         if cls._fp16_in_fp32(a):
             return ONEDNN_LINEAR(a.float(), weight.float(), None, "none", [], "").to(torch.float16)
-        return F.linear(a, weight)
+        return super().gemm_16bit(a, weight)
 
     @classmethod
     def linear(cls, inp, weight, bias=None):
-        if inp.dtype != torch.float32:
-            a = cls._gemm_16bit(inp, weight).float()
-            return a if bias is None else a.add_(bias)
-        if not _onednn_gemms():
+        if inp.dtype != torch.float32 or not _onednn_gemms():
             return super().linear(inp, weight, bias)
         return ONEDNN_LINEAR(inp, weight, bias, "none", [], "")
 
@@ -183,7 +156,7 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         the C++ epilogue as it is (an fp32 copy would hold no more information)."""
         if x2.dtype == torch.float32:
             return cls.linear(x2, fc1_weight, None)
-        return cls._gemm_16bit(x2, fc1_weight)
+        return cls.gemm_16bit(x2, fc1_weight)
 
     @classmethod
     def gelu_forward(cls, x2, fc1_weight, fc1_bias, preact_out=None):
@@ -231,7 +204,7 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         if h.dtype == torch.float32:
             z, bias = cls.linear(h, fc2_weight, fc2_bias), None
         else:
-            z, bias = cls._gemm_16bit(h, fc2_weight), fc2_bias
+            z, bias = cls.gemm_16bit(h, fc2_weight), fc2_bias
         rows, cols = z.shape
         _C.mlp_layerscale_residual_cpu(z.data_ptr(), data_ptr(bias), data_ptr(s), data_ptr(gamma),
                                        shortcut.data_ptr(), out.data_ptr(), rows, cols,

@@ -87,12 +87,17 @@ class TorchMlpParts:
     calls the subclass's version of the others."""
 
     @classmethod
+    def gemm_16bit(cls, a, weight):
+        """a @ weight.T for 16-bit a and weight, in their dtype."""
+        return F.linear(a, weight)
+
+    @classmethod
     def linear(cls, inp, weight, bias=None):
         """inp @ weight.T + bias in fp32 (bias None: none added): one addmm for fp32 inputs;
-        16-bit inputs add the fp32 bias after the GEMM instead."""
+        16-bit inputs add the fp32 bias after the GEMM (gemm_16bit) instead."""
         if inp.dtype == torch.float32:
             return torch.mm(inp, weight.t()) if bias is None else torch.addmm(bias, inp, weight.t())
-        a = F.linear(inp, weight).float()
+        a = cls.gemm_16bit(inp, weight).float()
         return a if bias is None else a.add_(bias)
 
     @classmethod

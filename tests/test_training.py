@@ -619,6 +619,21 @@ def test_compile_converted_model_fullgraph():
     torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-5)
 
 
+
+def test_compile_fullgraph_under_cpu_fp16_autocast():
+    """The model's fp16 conv route (launchers.cpu_fp32_exact, a global setting) traces without a
+    graph break: dynamo takes the setting as a constant."""
+    torch._dynamo.reset()
+    model = _tiny_fused("cpu")
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, out_eager = compiled(x), model(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, out_eager, rtol=2e-3, atol=2e-3)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
 # ----------------------------------------------------------------------------------------------
 # DistributedDataParallel (gloo, 2 processes)
 # ----------------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ CPU_FP16_IN_FP32 = (platform.machine().lower() in ("x86_64", "amd64") and torch.
                     and not _cpu_has_fp16_gemms())
 
 
+# A global setting, read once when torch.compile traces a caller (dynamo cannot trace the
+# attribute lookups on torch.backends.mkldnn).
+@torch.compiler.assume_constant_result
 def cpu_fp32_exact(op: str = "matmul") -> bool:
     """Whether torch keeps oneDNN's fp32 `op`s ("matmul" or "conv") on the CPU at full precision:
     a setting that lets oneDNN take them in bf16 or tf32 (e.g. set_float32_matmul_precision

@@ -1,4 +1,4 @@
-"""Checkpoint layouts: timm, torchvision and Hugging Face ConvNeXt state dicts to official names.
+"""Checkpoint layouts: timm, torchvision and Hugging Face (ConvNeXt, DINOv3 ConvNeXt) state dicts to official names.
 
 The official (facebookresearch/ConvNeXt) names are the ones ConvNeXtFused and
 reference.ConvNeXt use. Each layout is a list of (pattern, replacement) rules over whole keys;
@@ -15,14 +15,20 @@ import torch
 __all__ = ["convert_state_dict", "detect_layout"]
 
 
+def _block_rules(block: str, names: tuple, stage: str = "s") -> list:
+    """A layout's rules for the block parameters. block: the pattern of a block's key prefix (groups
+    for the stage and b, the block index); names: the layout's names of the official dwconv,
+    norm, pwconv1, pwconv2 and gamma; stage: the template field that holds the official stage."""
+    parts = ("dwconv", "norm", "pwconv1", "pwconv2")
+    rules = [(rf"{block}\.{re.escape(name)}\.(?P<p>weight|bias)", f"stages.{{{stage}}}.{{b}}.{part}.{{p}}")
+             for part, name in zip(parts, names)]
+    return rules + [(rf"{block}\.{re.escape(names[4])}", f"stages.{{{stage}}}.{{b}}.gamma")]
+
+
 _TIMM_RULES = [
     (r"stem\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.0.{i}.{p}"),
     (r"stages\.(?P<s>\d+)\.downsample\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.{s}.{i}.{p}"),
-    (r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.conv_dw\.(?P<p>weight|bias)", "stages.{s}.{b}.dwconv.{p}"),
-    (r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.norm\.(?P<p>weight|bias)", "stages.{s}.{b}.norm.{p}"),
-    (r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.mlp\.fc1\.(?P<p>weight|bias)", "stages.{s}.{b}.pwconv1.{p}"),
-    (r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.mlp\.fc2\.(?P<p>weight|bias)", "stages.{s}.{b}.pwconv2.{p}"),
-    (r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.gamma", "stages.{s}.{b}.gamma"),
+    *_block_rules(r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)", ("conv_dw", "norm", "mlp.fc1", "mlp.fc2", "gamma")),
     (r"head\.norm\.(?P<p>weight|bias)", "norm.{p}"),
     (r"head\.fc\.(?P<p>weight|bias)", "head.{p}"),
 ]
@@ -31,11 +37,8 @@ _TIMM_RULES = [
 _TORCHVISION_RULES = [
     (r"features\.0\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.0.{i}.{p}"),
     (r"features\.(?P<f>[246])\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.{down}.{i}.{p}"),
-    (r"features\.(?P<f>[1357])\.(?P<b>\d+)\.block\.0\.(?P<p>weight|bias)", "stages.{stage}.{b}.dwconv.{p}"),
-    (r"features\.(?P<f>[1357])\.(?P<b>\d+)\.block\.2\.(?P<p>weight|bias)", "stages.{stage}.{b}.norm.{p}"),
-    (r"features\.(?P<f>[1357])\.(?P<b>\d+)\.block\.3\.(?P<p>weight|bias)", "stages.{stage}.{b}.pwconv1.{p}"),
-    (r"features\.(?P<f>[1357])\.(?P<b>\d+)\.block\.5\.(?P<p>weight|bias)", "stages.{stage}.{b}.pwconv2.{p}"),
-    (r"features\.(?P<f>[1357])\.(?P<b>\d+)\.layer_scale", "stages.{stage}.{b}.gamma"),
+    *_block_rules(r"features\.(?P<f>[1357])\.(?P<b>\d+)", ("block.0", "block.2", "block.3", "block.5", "layer_scale"),
+                  stage="stage"),
     (r"classifier\.0\.(?P<p>weight|bias)", "norm.{p}"),
     (r"classifier\.2\.(?P<p>weight|bias)", "head.{p}"),
 ]
@@ -45,13 +48,19 @@ _HF_RULES = [
     (r"convnext\.embeddings\.patch_embeddings\.(?P<p>weight|bias)", "downsample_layers.0.0.{p}"),
     (r"convnext\.embeddings\.layernorm\.(?P<p>weight|bias)", "downsample_layers.0.1.{p}"),
     (_HF + r"\.downsampling_layer\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.{s}.{i}.{p}"),
-    (_HF + r"\.layers\.(?P<b>\d+)\.dwconv\.(?P<p>weight|bias)", "stages.{s}.{b}.dwconv.{p}"),
-    (_HF + r"\.layers\.(?P<b>\d+)\.layernorm\.(?P<p>weight|bias)", "stages.{s}.{b}.norm.{p}"),
-    (_HF + r"\.layers\.(?P<b>\d+)\.pwconv1\.(?P<p>weight|bias)", "stages.{s}.{b}.pwconv1.{p}"),
-    (_HF + r"\.layers\.(?P<b>\d+)\.pwconv2\.(?P<p>weight|bias)", "stages.{s}.{b}.pwconv2.{p}"),
-    (_HF + r"\.layers\.(?P<b>\d+)\.layer_scale_parameter", "stages.{s}.{b}.gamma"),
+    *_block_rules(_HF + r"\.layers\.(?P<b>\d+)", ("dwconv", "layernorm", "pwconv1", "pwconv2", "layer_scale_parameter")),
     (r"convnext\.layernorm\.(?P<p>weight|bias)", "norm.{p}"),
     (r"classifier\.(?P<p>weight|bias)", "head.{p}"),
+]
+
+# transformers' DINOv3ConvNextModel (DINOv3's ConvNeXt backbones): no classifier; its final
+# layer_norm normalises the pooled features as the official head norm does.
+_DINOV3 = r"model\.stages\.(?P<s>\d+)"
+_DINOV3_RULES = [
+    (_DINOV3 + r"\.downsample_layers\.(?P<i>[01])\.(?P<p>weight|bias)", "downsample_layers.{s}.{i}.{p}"),
+    *_block_rules(_DINOV3 + r"\.layers\.(?P<b>\d+)",
+                  ("depthwise_conv", "layer_norm", "pointwise_conv1", "pointwise_conv2", "gamma")),
+    (r"layer_norm\.(?P<p>weight|bias)", "norm.{p}"),
 ]
 
 _OFFICIAL_RULES = [
@@ -62,11 +71,12 @@ _OFFICIAL_RULES = [
 ]
 
 _LAYOUTS = {"official": _OFFICIAL_RULES, "timm": _TIMM_RULES, "torchvision": _TORCHVISION_RULES,
-            "hf": _HF_RULES}
+            "hf": _HF_RULES, "hf_dinov3": _DINOV3_RULES}
 
 # A key that only one layout has, to tell them apart.
 _MARKERS = [
     ("hf", r"convnext\.embeddings\."),
+    ("hf_dinov3", r"model\.stages\.\d+\.downsample_layers\."),
     ("torchvision", r"features\.0\.0\."),
     ("timm", r"stem\.0\."),
     ("official", r"downsample_layers\.0\.0\."),
@@ -93,14 +103,14 @@ def _unwrap(state_dict: Mapping) -> Mapping:
 
 
 def detect_layout(state_dict: Mapping) -> str:
-    """'official', 'timm', 'torchvision' or 'hf', from the keys of a (unwrapped) state dict."""
+    """'official', 'timm', 'torchvision', 'hf' or 'hf_dinov3', from the keys of a (unwrapped) state dict."""
     keys = list(state_dict.keys())
     for layout, marker in _MARKERS:
         if any(re.match(marker, k) for k in keys):
             return layout
     raise ValueError(
         "unrecognised ConvNeXt state dict: expected official (downsample_layers.*), timm (stem.*), "
-        f"torchvision (features.*) or Hugging Face (convnext.*) keys; first keys: {keys[:5]}"
+        f"torchvision (features.*) or Hugging Face (convnext.*, DINOv3 model.stages.*) keys; first keys: {keys[:5]}"
     )
 
 
@@ -114,7 +124,8 @@ def _to_official_tensor(new_key: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def convert_state_dict(state_dict: Mapping) -> dict:
-    """Map an official, timm, torchvision or Hugging Face ConvNeXt state dict to official names.
+    """Map an official, timm, torchvision or Hugging Face (ConvNeXt or DINOv3 ConvNeXt) state dict to
+    official names. DINOv3's have no classifier: load them into ConvNeXtFused(num_classes=0).
 
     Accepts dicts that wrap the weights under "model" or "state_dict" and DDP "module." prefixes.
     Raises ValueError naming every key that belongs to no known ConvNeXt parameter.

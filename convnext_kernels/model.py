@@ -137,6 +137,8 @@ class ConvNeXtFused(nn.Module):
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths and dims need 4 entries each, got {tuple(depths)} and {tuple(dims)}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.num_classes = num_classes
@@ -153,10 +155,12 @@ class ConvNeXtFused(nn.Module):
             ]))
             cur += depths[i]
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
+        # num_classes=0: no classifier (as in timm); forward gives the pooled, normalised features.
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
-        self.head.weight.data.mul_(head_init_scale)
-        self.head.bias.data.mul_(head_init_scale)
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
 
     # --- configuration ----------------------------------------------------------------------
     @property

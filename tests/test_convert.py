@@ -82,6 +82,26 @@ def _to_hf(sd):
     return out
 
 
+def _to_hf_dinov3(sd):
+    """transformers' DINOv3ConvNextModel: no classifier, so the head's keys are dropped."""
+    out = {}
+    for k, v in sd.items():
+        if m := re.fullmatch(r"downsample_layers\.(\d)\.(\d)\.(.+)", k):
+            k = f"model.stages.{m[1]}.downsample_layers.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"stages\.(\d)\.(\d+)\.gamma", k):
+            k = f"model.stages.{m[1]}.layers.{m[2]}.gamma"
+        elif m := re.fullmatch(r"stages\.(\d)\.(\d+)\.(\w+)\.(\w+)", k):
+            part = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
+                    "pwconv2": "pointwise_conv2"}[m[3]]
+            k = f"model.stages.{m[1]}.layers.{m[2]}.{part}.{m[4]}"
+        elif m := re.fullmatch(r"norm\.(.+)", k):
+            k = f"layer_norm.{m[1]}"
+        elif k.startswith("head."):
+            continue
+        out[k] = v
+    return out
+
+
 LAYOUTS = {
     "official": lambda sd: sd,
     "official_wrapped": lambda sd: {"model": sd, "epoch": 300},
@@ -164,3 +184,39 @@ def test_real_hugging_face_model():
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), src(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dinov3_layout_loads_into_a_model_without_classifier():
+    ref = _official().eval()
+    converted = _to_hf_dinov3(ref.state_dict())
+    cfg = {k: v for k, v in CFG.items() if k != "num_classes"}
+    fused = ck.ConvNeXtFused(**cfg, num_classes=0, layer_scale_init_value=0.3, backend="torch").eval()
+    assert not any(k.startswith("head.") for k in fused.state_dict())
+    fused.load_state_dict(converted)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref.forward_features(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(x), fused.forward_features(x), rtol=0, atol=0)
+    sd, expected = ck.convert_state_dict(converted), {k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
+    assert sd.keys() == expected.keys() and all(torch.equal(sd[k], v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        ck.ConvNeXtFused(num_classes=-1)
+
+
+def test_real_hugging_face_dinov3_model():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ConvNextModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no DINOv3 ConvNeXt (4.56 and later do)")
+    torch.manual_seed(0)
+    config = transformers.DINOv3ConvNextConfig(hidden_sizes=list(CFG["dims"]), depths=list(CFG["depths"]),
+                                               layer_scale_init_value=0.3)
+    src = transformers.DINOv3ConvNextModel(config).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = {k: v for k, v in CFG.items() if k != "num_classes"}
+    fused = ck.ConvNeXtFused(**cfg, num_classes=0, layer_scale_init_value=0.3, backend="torch").eval()
+    fused.load_state_dict(src.state_dict())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), src(x).pooler_output, rtol=1e-4, atol=1e-4)

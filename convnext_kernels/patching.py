@@ -30,6 +30,7 @@ mode: one draw for the whole batch), Bernoulli(keep) scaled by 1/keep (unless ti
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -65,11 +66,13 @@ class UnsupportedBlockError(TypeError):
 class ConvertedBlock(nn.Module):
     """Base of the wrappers: NCHW in and out, the two fused ops inside (see the module docstring).
 
-    Subclasses say where the parameters live (``_parts``) and how drop path is drawn
-    (``_drop_scale``). ``grad_checkpointing`` recomputes the block in backward.
+    Subclasses say where the parameters live (``_parts``) and, unless it is the block's DropPath
+    module ``drop_path``, how drop path is drawn (``_drop_scale``). ``grad_checkpointing``
+    recomputes the block in backward.
     """
 
     source = ""  # which library's block this wraps
+    LAYER_SCALE = "gamma"  # the block's name for its layer scale, a Parameter or absent / None
 
     def __init__(self, block: nn.Module, backend: str):
         super().__init__()
@@ -84,13 +87,15 @@ class ConvertedBlock(nn.Module):
         self.original_type = f"{type(block).__module__}.{type(block).__qualname__}"
         self.backend = backend
         self.grad_checkpointing = False
+        if self.LAYER_SCALE not in self._parameters:  # no layer scale: None (or a plain None attribute)
+            setattr(self, self.LAYER_SCALE, None)
 
     def _parts(self):
         """(conv, norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma) with fc weights 2-D."""
         raise NotImplementedError
 
     def _drop_scale(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+        return _drop_path_module_scale(self.drop_path, batch, device)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm, fc1_w, fc1_b, fc2_w, fc2_b, gamma = self._parts()
@@ -132,8 +137,6 @@ class ConvertedOfficialBlock(ConvertedBlock):
         self.has_drop_path_module = "drop_path" in self._modules
         if not self.has_drop_path_module:
             self.drop_prob = float(getattr(block, "drop_prob", 0.0))
-        if "gamma" not in self._parameters:
-            self.gamma = None
 
     def _parts(self):
         return (self.dwconv, self.norm, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight,
@@ -141,7 +144,7 @@ class ConvertedOfficialBlock(ConvertedBlock):
 
     def _drop_scale(self, batch, device):
         if self.has_drop_path_module:
-            return _drop_path_module_scale(self.drop_path, batch, device)
+            return super()._drop_scale(batch, device)
         p = self.drop_prob
         return drop_path_scale(batch, p, device) if p > 0.0 else None
 
@@ -154,8 +157,6 @@ class ConvertedTimmBlock(ConvertedBlock):
     def __init__(self, block: nn.Module, backend: str):
         super().__init__(block, backend)
         self.use_conv_mlp = bool(getattr(block, "use_conv_mlp", False))
-        if "gamma" not in self._parameters:
-            self.gamma = None
 
     def _parts(self):
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
@@ -163,14 +164,12 @@ class ConvertedTimmBlock(ConvertedBlock):
         return (self.conv_dw, self.norm, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
                 self.gamma)
 
-    def _drop_scale(self, batch, device):
-        return _drop_path_module_scale(self.drop_path, batch, device)
-
 
 class ConvertedTorchvisionBlock(ConvertedBlock):
     """torchvision ``CNBlock``."""
 
     source = "torchvision"
+    LAYER_SCALE = "layer_scale"
 
     def _parts(self):
         conv, norm, fc1, fc2 = self.block[0], self.block[2], self.block[3], self.block[5]
@@ -190,29 +189,24 @@ class ConvertedHuggingFaceBlock(ConvertedBlock):
     """Hugging Face transformers ``ConvNextLayer`` (ConvNextModel, ConvNextForImageClassification, ...)."""
 
     source = "hugging_face"
-    # Where the block's pieces live: dwconv, LayerNorm, fc1, activation, fc2, layer scale.
-    NAMES = ("dwconv", "layernorm", "pwconv1", "act", "pwconv2", "layer_scale_parameter")
-
-    def __init__(self, block: nn.Module, backend: str):
-        super().__init__(block, backend)
-        gamma = self.NAMES[5]
-        if gamma not in self._parameters:  # layer_scale_init_value = 0: a plain None attribute
-            setattr(self, gamma, None)
+    # Where the block's pieces live: dwconv, LayerNorm, fc1, activation, fc2; and its layer scale
+    # (None when layer_scale_init_value is 0).
+    NAMES = ("dwconv", "layernorm", "pwconv1", "act", "pwconv2")
+    LAYER_SCALE = "layer_scale_parameter"
 
     def _parts(self):
-        conv, norm, fc1, _, fc2, gamma = (getattr(self, n) for n in self.NAMES)
-        return conv, norm, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma
-
-    def _drop_scale(self, batch, device):
-        # ConvNextDropPath: floor(rand + keep) / keep per sample, in training mode; Identity at rate 0.
-        return _drop_path_module_scale(self.drop_path, batch, device)
+        conv, norm, fc1, _, fc2 = (getattr(self, n) for n in self.NAMES)
+        return conv, norm, fc1.weight, fc1.bias, fc2.weight, fc2.bias, getattr(self, self.LAYER_SCALE)
+    # Drop path: ConvNextDropPath (floor(rand + keep) / keep per sample, in training mode) or
+    # Identity, as the base class draws it.
 
 
 class ConvertedDinov3Block(ConvertedHuggingFaceBlock):
     """Hugging Face transformers ``DINOv3ConvNextLayer`` (DINOv3's ConvNeXt backbones)."""
 
     source = "hugging_face_dinov3"
-    NAMES = ("depthwise_conv", "layer_norm", "pointwise_conv1", "activation_fn", "pointwise_conv2", "gamma")
+    NAMES = ("depthwise_conv", "layer_norm", "pointwise_conv1", "activation_fn", "pointwise_conv2")
+    LAYER_SCALE = "gamma"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +221,7 @@ def _block_kind(m: nn.Module) -> Optional[str]:
     if all(hasattr(m, a) for a in ("dwconv", "norm", "pwconv1", "pwconv2")):
         return "official"
     for kind, wrapper in (("hugging_face", ConvertedHuggingFaceBlock), ("hugging_face_dinov3", ConvertedDinov3Block)):
-        if all(hasattr(m, a) for a in wrapper.NAMES[:5]):
+        if all(hasattr(m, a) for a in wrapper.NAMES):
             return kind
     if all(hasattr(m, a) for a in ("conv_dw", "norm", "mlp")):
         return "timm"
@@ -303,6 +297,10 @@ class _Checker:
         ok = isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0)
         self.require(ok, f"{name} is {m!r}; only Identity or Dropout(p=0) is supported there")
 
+    def drop_path(self, dp) -> None:
+        self.require(isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
+                     f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
+
     def gamma(self, block, name: str, C: int) -> None:
         """The layer scale `name`: a plain Parameter of the block, or None for none. (The wrappers
         adopt the block's parameters, so a parametrized layer scale or a buffer would be lost.)"""
@@ -324,9 +322,8 @@ def _check_official(block: nn.Module, chk: _Checker) -> None:
                 "pwconv1/pwconv2 must be nn.Linear")
     chk.gelu(getattr(block, "act", nn.GELU()))
     chk.gamma(block, "gamma", C)
-    dp = getattr(block, "drop_path", None)
-    chk.require(dp is None or isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
-                f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
+    if getattr(block, "drop_path", None) is not None:  # reference.Block keeps a rate, no module
+        chk.drop_path(block.drop_path)
 
 
 def _check_timm(block: nn.Module, chk: _Checker) -> None:
@@ -345,9 +342,7 @@ def _check_timm(block: nn.Module, chk: _Checker) -> None:
     chk.gamma(block, "gamma", C)
     chk.require(isinstance(getattr(block, "shortcut", nn.Identity()), nn.Identity),
                 "the shortcut is a downsample (in_chs != out_chs or stride > 1), not an identity")
-    dp = getattr(block, "drop_path", nn.Identity())
-    chk.require(isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
-                f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
+    chk.drop_path(getattr(block, "drop_path", nn.Identity()))
 
 
 def _check_torchvision(block: nn.Module, chk: _Checker) -> None:
@@ -369,9 +364,9 @@ def _check_torchvision(block: nn.Module, chk: _Checker) -> None:
                 f"stochastic_depth is {sd!r}, not a StochasticDepth with mode 'row' or 'batch'")
 
 
-def _check_hugging_face(block: nn.Module, chk: _Checker) -> None:
-    names = _WRAPPERS[_block_kind(block)][0].NAMES
-    conv, norm, fc1, act, fc2 = (getattr(block, n) for n in names[:5])
+def _check_hugging_face(block: nn.Module, chk: _Checker, wrapper: type) -> None:
+    """wrapper: the ConvertedHuggingFaceBlock (sub)class whose names the block uses."""
+    conv, norm, fc1, act, fc2 = (getattr(block, n) for n in wrapper.NAMES)
     C = conv.in_channels
     chk.conv(conv, C)
     chk.norm(norm, C)
@@ -379,16 +374,14 @@ def _check_hugging_face(block: nn.Module, chk: _Checker) -> None:
     chk.linear("the second Linear", fc2, 4 * C, C)
     chk.require(isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear), "the MLP layers must be nn.Linear")
     chk.gelu(act)
-    chk.gamma(block, names[5], C)
-    dp = getattr(block, "drop_path", nn.Identity())
-    chk.require(isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob"),
-                f"drop_path is {type(dp).__name__}, neither Identity nor a DropPath with drop_prob")
+    chk.gamma(block, wrapper.LAYER_SCALE, C)
+    chk.drop_path(getattr(block, "drop_path", nn.Identity()))
 
 
 _WRAPPERS = {"official": (ConvertedOfficialBlock, _check_official), "timm": (ConvertedTimmBlock, _check_timm),
              "torchvision": (ConvertedTorchvisionBlock, _check_torchvision),
-             "hugging_face": (ConvertedHuggingFaceBlock, _check_hugging_face),
-             "hugging_face_dinov3": (ConvertedDinov3Block, _check_hugging_face)}
+             "hugging_face": (ConvertedHuggingFaceBlock, partial(_check_hugging_face, wrapper=ConvertedHuggingFaceBlock)),
+             "hugging_face_dinov3": (ConvertedDinov3Block, partial(_check_hugging_face, wrapper=ConvertedDinov3Block))}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 BENCHMARK_MODULES = [f[:-3] for f in os.listdir(BENCHMARKS_DIR) if f.endswith(".py")]
 
 
+def imported_benchmark_script(name: str) -> bool:
+    """Whether sys.modules[name] is the benchmarks/ script of that name (not a package so named)."""
+    path = getattr(sys.modules.get(name), "__file__", None)
+    return isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == BENCHMARKS_DIR
+
+
 @pytest.fixture(autouse=True)
 def _forget_benchmark_modules():
     """Tests import the benchmark scripts as top-level modules (kernels, throughput, common ...).
@@ -83,9 +89,16 @@ def _forget_benchmark_modules():
     benchmarks/kernels.py and failed to import from it. So they are dropped after each test."""
     yield
     for name in BENCHMARK_MODULES:
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == BENCHMARKS_DIR:
+        if imported_benchmark_script(name):
             del sys.modules[name]
+
+
+def transformers_with_dinov3():
+    """transformers, skipping the test where it is missing or has no DINOv3 ConvNeXt (before 4.56)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ConvNextModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no DINOv3 ConvNeXt (4.56 and later do)")
+    return transformers
 
 
 def pytest_configure(config):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BENCHMARK_MODULES, BENCHMARKS_DIR, package_subprocess_env
+from conftest import BENCHMARK_MODULES, BENCHMARKS_DIR, imported_benchmark_script, package_subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -25,7 +25,6 @@ KERNEL_FIELDS = {"op", "pass", "shape", "provider", "backend", "dtype", "ms", "g
                  "tflop_per_s", "pct_matmul_peak", "bound_ms", "pct_roofline", "speedup_vs_eager", "error"}
 
 
-
 @pytest.fixture(autouse=True)
 def _benchmark_scripts_importable(monkeypatch):
     """`import kernels` (and the other scripts) finds benchmarks/ first, even where a package of
@@ -33,9 +32,9 @@ def _benchmark_scripts_importable(monkeypatch):
     package is put back after the test."""
     monkeypatch.syspath_prepend(BENCHMARKS_DIR)
     for name in BENCHMARK_MODULES:
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if name in sys.modules and not (isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == BENCHMARKS_DIR):
+        if name in sys.modules and not imported_benchmark_script(name):
             monkeypatch.delitem(sys.modules, name)
+
 
 def script_env() -> dict:
     """The environment for a benchmark script: conftest.py turns on Triton's interpreter, the

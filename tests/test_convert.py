@@ -8,6 +8,8 @@ import torch
 import convnext_kernels as ck
 from convnext_kernels.reference import ConvNeXt
 
+from conftest import transformers_with_dinov3
+
 CFG = dict(depths=(2, 2, 3, 2), dims=(40, 80, 160, 320), num_classes=10)
 
 
@@ -204,9 +206,7 @@ def test_dinov3_layout_loads_into_a_model_without_classifier():
 
 
 def test_real_hugging_face_dinov3_model():
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "DINOv3ConvNextModel"):
-        pytest.skip(f"transformers {transformers.__version__} has no DINOv3 ConvNeXt (4.56 and later do)")
+    transformers = transformers_with_dinov3()
     torch.manual_seed(0)
     config = transformers.DINOv3ConvNextConfig(hidden_sizes=list(CFG["dims"]), depths=list(CFG["depths"]),
                                                layer_scale_init_value=0.3)

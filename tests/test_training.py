@@ -29,7 +29,7 @@ from convnext_kernels.patching import (
 )
 from convnext_kernels.reference import ConvNeXt, LayerNorm, drop_path_scale
 
-from conftest import assert_pass_rule, package_subprocess_env
+from conftest import assert_pass_rule, package_subprocess_env, transformers_with_dinov3
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["torch", "cpu"]
@@ -394,14 +394,13 @@ HF_DIMS = dict(hidden_sizes=[16, 32, 48, 40], depths=[1, 2, 1, 1])
 def _hf_model(kind, drop_path=0.0, **cfg):
     """A small transformers ConvNeXt ('convnext', 'dinov3') or ConvNeXt V2 ('convnextv2')."""
     transformers = pytest.importorskip("transformers")
-    cfg = dict(HF_DIMS, drop_path_rate=drop_path, **cfg)
+    cfg = {**HF_DIMS, "drop_path_rate": drop_path, **cfg}
     if kind == "convnext":
         return transformers.ConvNextForImageClassification(
-            transformers.ConvNextConfig(**dict(dict(num_labels=5, layer_scale_init_value=0.5), **cfg)))
+            transformers.ConvNextConfig(**{"num_labels": 5, "layer_scale_init_value": 0.5, **cfg}))
     if kind == "dinov3":
-        if not hasattr(transformers, "DINOv3ConvNextModel"):
-            pytest.skip(f"transformers {transformers.__version__} has no DINOv3 ConvNeXt (4.56 and later do)")
-        return transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**dict(layer_scale_init_value=0.5, **cfg)))
+        transformers = transformers_with_dinov3()
+        return transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**{"layer_scale_init_value": 0.5, **cfg}))
     return transformers.ConvNextV2Model(transformers.ConvNextV2Config(**cfg))
 
 

@@ -12,13 +12,13 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
 
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
     CPU_FP16_IN_FP32,
+    ONEDNN_CPU,
     cpu_fp32_exact,
     data_ptr,
     dtype_code,
@@ -72,10 +72,9 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
 
 
 def _find_onednn_linear():
-    """torch's oneDNN linear op (inp @ weight.T + bias, any strides), or None where this torch
-    was built without oneDNN or the CPU is not x86-64 (elsewhere, e.g. on Arm, oneDNN's fp32
-    GEMMs have not been compared with torch's, so torch's are kept)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+    """torch's oneDNN linear op (inp @ weight.T + bias, any strides), or None where the package
+    keeps torch's own GEMMs (not ONEDNN_CPU) or this torch lacks the op."""
+    if not ONEDNN_CPU:
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default
@@ -113,10 +112,16 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         product rounded to fp16 once (FP16_GEMMS_IN_FP32; not under a lowered fp32 precision)."""
         return a.dtype == torch.float16 and FP16_GEMMS_IN_FP32 and _onednn_gemms() and cpu_fp32_exact()
 
+    @staticmethod
+    def _fp16_product_in_fp32(a, weight):
+        """a @ weight.T (fp16 operands) as the fp32 oneDNN GEMM of their exact fp32 values, in fp32:
+        the caller rounds it to fp16 once."""
+        return ONEDNN_LINEAR(a.float(), weight.float(), None, "none", [], "")
+
     @classmethod
     def gemm_16bit(cls, a, weight):
         if cls._fp16_in_fp32(a):
-            return ONEDNN_LINEAR(a.float(), weight.float(), None, "none", [], "").to(torch.float16)
+            return cls._fp16_product_in_fp32(a, weight).to(torch.float16)
         return super().gemm_16bit(a, weight)
 
     @classmethod
@@ -128,7 +133,7 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
     @classmethod
     def matmul(cls, a, weight, out=None):
         if cls._fp16_in_fp32(a):
-            product = ONEDNN_LINEAR(a.float(), weight.float().t(), None, "none", [], "")
+            product = cls._fp16_product_in_fp32(a, weight.t())
             return product.to(torch.float16) if out is None else out.copy_(product)  # one rounding
         if a.dtype != torch.float32 or not _onednn_gemms():
             return super().matmul(a, weight, out)

@@ -95,15 +95,16 @@ def _cpu_has_fp16_gemms() -> bool:
         return False
 
 
-# Where the package runs CPU work on oneDNN: x86-64 with a torch built with it (elsewhere, e.g. on
-# Arm, oneDNN has not been compared with torch's own kernels, so those are kept).
-ONEDNN_CPU = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+def onednn_cpu() -> bool:
+    """Whether the package runs CPU work on oneDNN: on x86-64 with a torch built with it (elsewhere,
+    e.g. on Arm, oneDNN has not been compared with torch's own kernels, so those are kept)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 # Without hardware fp16, torch's CPU fp16 GEMMs and convs run generic loops: 24 GFLOP/s against
 # oneDNN's 126 in fp32 at (1568, 384) x (384, 1536) on the 2-thread AMD EPYC (2026-12-07). Both
 # accumulate fp16 products (exact in fp32) in fp32, so oneDNN's fp32 GEMM of the exactly
 # converted operands, rounded to fp16 once, is the same product up to summation order.
-CPU_FP16_IN_FP32 = ONEDNN_CPU and not _cpu_has_fp16_gemms()
+CPU_FP16_IN_FP32 = onednn_cpu() and not _cpu_has_fp16_gemms()
 
 
 # A global setting, read once when torch.compile traces a caller (dynamo cannot trace the

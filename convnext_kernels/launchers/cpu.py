@@ -18,13 +18,13 @@ import torch
 from convnext_kernels import _C  # type: ignore[attr-defined]
 from convnext_kernels.launchers import (
     CPU_FP16_IN_FP32,
-    ONEDNN_CPU,
     cpu_fp32_exact,
     data_ptr,
     dtype_code,
     dwconv_layernorm_bwd_outputs,
     dwconv_layernorm_fwd_outputs,
     empty_output,
+    onednn_cpu,
 )
 from convnext_kernels.launchers import torch_ops
 
@@ -73,8 +73,8 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
 
 def _find_onednn_linear():
     """torch's oneDNN linear op (inp @ weight.T + bias, any strides), or None where the package
-    keeps torch's own GEMMs (not ONEDNN_CPU) or this torch lacks the op."""
-    if not ONEDNN_CPU:
+    keeps torch's own GEMMs (not onednn_cpu()) or this torch lacks the op."""
+    if not onednn_cpu():
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/dwconv_layernorm.h"
+#include "cpu/gemm_tn_bf16.h"
 #include "cpu/mlp_layerscale.h"
 
 namespace py = pybind11;
@@ -204,6 +205,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
       py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
       "dst (cols, rows) float32 = src (rows, cols) of dtype (DTYPE_* code) transposed.");
+
+  m.def("gemm_tn_bf16_cpu_supported", &convnext_kernels::gemm_tn_bf16_cpu_supported,
+        "Whether gemm_tn_bf16_cpu runs on this CPU (x86-64 with AVX512-BF16).");
+  m.def("gemm_tn_bf16_cpu_workspace_size", &convnext_kernels::gemm_tn_bf16_cpu_workspace_size,
+        py::arg("rows"), py::arg("p"), py::arg("q"),
+        "Float32 elements needed by gemm_tn_bf16_cpu's workspace.");
+  m.def(
+      "gemm_tn_bf16_cpu",
+      [](std::uintptr_t a, int64_t lda, int a_dtype, std::uintptr_t b, int64_t ldb, int b_dtype,
+         std::uintptr_t c, int64_t ldc, int64_t rows, int64_t p, int64_t q, bool accumulate,
+         std::uintptr_t workspace, int64_t workspace_floats, int num_threads) {
+        convnext_kernels::gemm_tn_bf16_cpu(as_ptr<const void>(a), lda, a_dtype,
+                                           as_ptr<const void>(b), ldb, b_dtype, as_ptr<float>(c),
+                                           ldc, rows, p, q, accumulate, as_ptr<float>(workspace),
+                                           workspace_floats, num_threads);
+      },
+      py::arg("a"), py::arg("lda"), py::arg("a_dtype"), py::arg("b"), py::arg("ldb"),
+      py::arg("b_dtype"), py::arg("c"), py::arg("ldc"), py::arg("rows"), py::arg("p"),
+      py::arg("q"), py::arg("accumulate"), py::arg("workspace"), py::arg("workspace_floats"),
+      py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "c (p, q) float32 = [c +] a.T @ b for a (rows, p) and b (rows, q), each float32 "
+      "(rounded to bf16) or bfloat16 (DTYPE_* codes), with AVX512-BF16 dot products summed in "
+      "float32 in a fixed order.");
 
 #ifdef CONVNEXT_KERNELS_WITH_CUDA
   register_cuda_bindings(m);

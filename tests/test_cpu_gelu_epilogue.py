@@ -195,6 +195,30 @@ def test_backward_16_bit_forms(cols, dtype, preact_16, grad_16, hidden_16):
     assert torch.equal(hidden, ref_hidden.to(hidden.dtype)) and torch.equal(bias_grad, ref_sum)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_backward_may_write_da_in_the_activation_dtype_only(dtype):
+    # grad_preact null: da only in its 16-bit copy (the bf16 weight-gradient GEMMs' operand), the
+    # bias gradient still summed from the float32 da; one of the two is required.
+    g = torch.Generator().manual_seed(11)
+    a, dh = (torch.randn(70, 37, generator=g) * 3).to(dtype), torch.randn(70, 37, generator=g).to(dtype)
+    bias = torch.randn(37, generator=g)
+    ref_grad, ref_hidden, ref_sum = dh.float(), torch.empty(70, 37, dtype=dtype), torch.zeros(37)
+    gelu_bwd(a, bias, ref_grad, ref_hidden, ref_sum, dtype=dtype)
+    n = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(70, 37)
+    low, hidden, bias_grad = torch.full((70, 37), math.nan).to(dtype), torch.full((70, 37), math.nan).to(dtype), torch.zeros(37)
+    code, workspace = dtype_code(dtype, "cpu"), torch.full((n,), math.nan)
+
+    def call(low_ptr):
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), bias.data_ptr(), dh.data_ptr(), 0, low_ptr, hidden.data_ptr(),
+                                       bias_grad.data_ptr(), workspace.data_ptr(), n, 70, 37, code, code, code,
+                                       code, 2)
+
+    call(low.data_ptr())
+    assert torch.equal(low, ref_grad.to(dtype)) and torch.equal(hidden, ref_hidden) and torch.equal(bias_grad, ref_sum)
+    with pytest.raises(ValueError, match="null"):
+        call(0)
+
+
 def test_forward_hidden_or_stored_preact_may_overwrite_the_preact():
     a = torch.randn(9, 40) * 2
     bias = torch.randn(40)
@@ -424,13 +448,19 @@ def test_transpose_to_float32_bad_input():
         _C.transpose_to_float32_cpu(0, src.data_ptr(), 4, 8, 0, 1)
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype, bf16_dot", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=("float32", "bfloat16-onednn", "bfloat16-bf16_dot"))
 @pytest.mark.parametrize("p, q", [(40, 160), (160, 40)], ids=("a_transposed", "b_transposed"))
-def test_cpu_parts_weight_gradient_routes(dtype, p, q):
+def test_cpu_parts_weight_gradient_routes(dtype, bf16_dot, p, q, monkeypatch):
     # a.T @ b for the weight gradients, whichever operand is copied transposed, fresh and
-    # accumulated, from 16-bit operands too, and from a non-contiguous one (torch's copy).
+    # accumulated, from 16-bit operands too, and from a non-contiguous one (torch's copy); bf16
+    # ones also from bf16 products where the CPU has AVX512-BF16 (gemm_tn_bf16_cpu).
+    from convnext_kernels.launchers import cpu
     from convnext_kernels.launchers.cpu import CpuMlpParts
 
+    if bf16_dot and not cpu.BF16_DOT_GEMMS:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setattr(cpu, "BF16_DOT_GEMMS", bf16_dot)
     g = torch.Generator().manual_seed(p)
     a, b = torch.randn(64, p, generator=g).to(dtype), torch.randn(64, q, generator=g).to(dtype)
     expected = (a.double().t() @ b.double()).float()

@@ -185,7 +185,8 @@ def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, dtype, monkeypatc
     # of 23 rows, where the first layer's weight gradient (da.T @ x) takes both of its routes:
     # x transposed, the product transposed back (64 rows), and da transposed (23 rows). With
     # bf16 activations only the (fp32) weight-gradient GEMMs are oneDNN's, x converted to fp32
-    # in its transposed copy.
+    # in its transposed copy: on CPUs without AVX512-BF16 (BF16_DOT_GEMMS off here; see
+    # test_mlp_layerscale_cpu_bf16_weight_gradients_from_bf16_products for the others).
     from convnext_kernels.launchers import cpu, torch_ops
 
     if cpu.ONEDNN_LINEAR is None:
@@ -198,6 +199,7 @@ def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, dtype, monkeypatc
 
     real = cpu.ONEDNN_LINEAR
     monkeypatch.setattr(cpu, "ONEDNN_LINEAR", counting)
+    monkeypatch.setattr(cpu, "BF16_DOT_GEMMS", False)
     monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", onednn)
     monkeypatch.setattr(torch_ops, "CPU_ROWS_PER_CHUNK", 64)
     monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, "cpu", {dtype: 1} if store else {})
@@ -207,6 +209,39 @@ def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, dtype, monkeypatc
         assert ((64, 40) in calls) == (dtype == torch.float32)  # fc1 (the 16-bit GEMMs are torch's)
     else:
         assert not calls
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("onednn", ("1", "0"), ids=("package_gemms", "torch_gemm"))
+@pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
+def test_mlp_layerscale_cpu_bf16_weight_gradients_from_bf16_products(store, onednn, dtype, monkeypatch):
+    # On CPUs with AVX512-BF16, bf16 activations' weight gradients come from gemm_tn_bf16_cpu (two
+    # per chunk of rows, here 64-row chunks and a last one of 23), which takes da and the hidden
+    # in bf16 as the backward epilogue writes them; never for other dtypes, nor under
+    # CONVNEXT_KERNELS_CPU_ONEDNN=0. Both routes pass the same checks.
+    from convnext_kernels.launchers import cpu, torch_ops
+
+    if not cpu.BF16_DOT_GEMMS:
+        pytest.skip("this CPU has no AVX512-BF16")
+    calls = []
+
+    def counting(a, lda, a_dtype, b, ldb, b_dtype, c, ldc, rows, p, q, *rest):
+        calls.append((rows, p, q, a_dtype, b_dtype))
+        return real(a, lda, a_dtype, b, ldb, b_dtype, c, ldc, rows, p, q, *rest)
+
+    real = cpu._C.gemm_tn_bf16_cpu
+    monkeypatch.setattr(cpu._C, "gemm_tn_bf16_cpu", counting)
+    monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", onednn)
+    monkeypatch.setattr(torch_ops, "CPU_ROWS_PER_CHUNK", 64)
+    monkeypatch.setitem(ck.backends.MLP_LAYERSCALE_STORE_PREACT_MIN_C, "cpu", {dtype: 1} if store else {})
+    _run_mlp_layerscale("cpu", "cpu", (3, 13, 17, 40), dtype)
+    if dtype != torch.bfloat16 or onednn == "0":
+        assert not calls
+        return
+    fp32, bf16 = cpu._C.DTYPE_FLOAT32, cpu._C.DTYPE_BFLOAT16
+    # G = dys.T @ hidden (dys in fp32: dy times the drop-path scale), dW1 = da.T @ x.
+    assert calls.count((64, 40, 160, fp32, bf16)) == calls.count((64, 160, 40, bf16, bf16)) == 10
+    assert (23, 40, 160, fp32, bf16) in calls and (23, 160, 40, bf16, bf16) in calls
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,6 +1,7 @@
 """The "cpu" backend: dwconv_layernorm runs the fused C++ kernel of the compiled extension;
 mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs) with its fp32 GEMMs run by
-oneDNN and fc1's elementwise epilogue fused in C++ (CpuMlpParts).
+oneDNN, its bf16 weight-gradient GEMMs by the extension where the CPU has AVX512-BF16, and fc1's
+elementwise epilogue fused in C++ (CpuMlpParts).
 
 Launchers follow the contract in convnext_kernels.launchers: inputs arrive validated and
 contiguous, outputs and the backward workspace are allocated here with torch and handed to
@@ -92,16 +93,52 @@ ONEDNN_LINEAR = _find_onednn_linear()
 FP16_GEMMS_IN_FP32 = ONEDNN_LINEAR is not None and CPU_FP16_IN_FP32
 
 
+# Weight gradients of bf16 activations from bf16 products summed in fp32 (gemm_tn_bf16_cpu, AVX512-
+# BF16 dot products): torch has no CPU GEMM that takes bf16 and returns fp32, and its fp32 ones ran
+# at about half its bf16 rate (2-thread AMD EPYC, Zen 5, 2026-12-07: 400-470 GFLOP/s on oneDNN
+# at the ConvNeXt-T stage shapes against 410-890 for gemm_tn_bf16_cpu, without the transposed
+# fp32 copies oneDNN's route makes).
+BF16_DOT_GEMMS = _C.gemm_tn_bf16_cpu_supported()
+
+
+def _package_gemms() -> bool:
+    """False under CONVNEXT_KERNELS_CPU_ONEDNN=0 (read at each call): then the cpu backend's
+    GEMMs are torch's own matmuls, as the torch backend runs them."""
+    return os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
+
+
 def _onednn_gemms() -> bool:
-    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless
-    CONVNEXT_KERNELS_CPU_ONEDNN=0 (read at each call; then torch's own matmuls, as the torch
-    backend runs them)."""
-    return ONEDNN_LINEAR is not None and os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
+    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless _package_gemms()
+    says no."""
+    return ONEDNN_LINEAR is not None and _package_gemms()
+
+
+def _bf16_dot_gemms(dtype: torch.dtype) -> bool:
+    """Whether the weight-gradient GEMMs of dtype activations run on gemm_tn_bf16_cpu, taking bf16
+    operands as they are: bf16, on CPUs with AVX512-BF16 (BF16_DOT_GEMMS), unless
+    _package_gemms() says no."""
+    return dtype == torch.bfloat16 and BF16_DOT_GEMMS and _package_gemms()
+
+
+def _gemm_tn_bf16(acc, a, b):
+    """acc + a.T @ b for (rows, p) and (rows, q) a and b, each bf16 or fp32 (rounded to bf16
+    first), from bf16 products summed in fp32, added into acc (fp32 (p, q)); acc None: a fresh
+    a.T @ b."""
+    a, b = a.contiguous(), b.contiguous()
+    (rows, p), q = a.shape, b.shape[1]
+    out = empty_output((p, q), torch.float32, a.device) if acc is None else acc
+    workspace_floats = _C.gemm_tn_bf16_cpu_workspace_size(rows, p, q)
+    workspace = empty_output((workspace_floats,), torch.float32, a.device)
+    _C.gemm_tn_bf16_cpu(a.data_ptr(), p, dtype_code(a.dtype, "cpu"), b.data_ptr(), q, dtype_code(b.dtype, "cpu"),
+                        out.data_ptr(), q, rows, p, q, acc is not None, workspace.data_ptr(), workspace_floats,
+                        torch.get_num_threads())
+    return out
 
 
 class CpuMlpParts(torch_ops.TorchMlpParts):
     """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (bf16 ones as torch runs
-    them; fp16 ones as fp32 oneDNN GEMMs where the CPU has no fp16 GEMM, see gemm_16bit), fc1's
+    them, except the weight gradients where the CPU has AVX512-BF16, see _bf16_dot_gemms; fp16
+    ones as fp32 oneDNN GEMMs where the CPU has no fp16 GEMM, see gemm_16bit), fc1's
     epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's
     bias copy, GELU, GELU backward and column sum, and fc2's as one C++ pass
     (mlp_layerscale_residual_cpu). torch_ops.TorchMlpParts says what each method returns."""
@@ -142,6 +179,8 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
 
     @classmethod
     def accumulate_tn(cls, acc, a, b):
+        if torch.bfloat16 in (a.dtype, b.dtype) and _bf16_dot_gemms(torch.bfloat16):
+            return _gemm_tn_bf16(acc, a, b)
         if not _onednn_gemms():
             return super().accumulate_tn(acc, a, b)
         # oneDNN wants its input's rows contiguous, so one of a, b is copied transposed: a (the
@@ -185,10 +224,16 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         # The GEMM's output, stored by the forward or made again (the same values), plus the bias.
         a = cls._fc1_product(x2, fc1_weight) if preact is None else preact
         code = dtype_code(x2.dtype, "cpu")
+        hidden_code = _C.DTYPE_FLOAT32
         if x2.dtype == torch.float32:
             # da over dh; the hidden over a fresh pre-activation, never over the stored one.
             da, da_low = dh, None
             h = a if a is not preact else empty_output(a.shape, torch.float32, x2.device)
+        elif _bf16_dot_gemms(x2.dtype):
+            # da and the hidden in bf16 only: the weight-gradient GEMMs take them as they are.
+            da_low = empty_output(dh.shape, x2.dtype, x2.device)
+            da, hidden_code = None, code
+            h = a if a is not preact else empty_output(a.shape, x2.dtype, x2.device)
         else:
             # 16-bit dh read as it is; da in fp32 and in x2's dtype, the hidden (rounded to
             # x2's dtype) in fp32: the weight-gradient GEMMs' operands, with no copies.
@@ -196,11 +241,11 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
             h = empty_output((rows, cols), torch.float32, x2.device)
         workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
         workspace = empty_output((workspace_floats,), torch.float32, x2.device)
-        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), dh.data_ptr(), da.data_ptr(), data_ptr(da_low),
+        _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), dh.data_ptr(), data_ptr(da), data_ptr(da_low),
                                        h.data_ptr(), dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
-                                       rows, cols, code, code, dtype_code(dh.dtype, "cpu"), _C.DTYPE_FLOAT32,
+                                       rows, cols, code, code, dtype_code(dh.dtype, "cpu"), hidden_code,
                                        torch.get_num_threads())
-        return h, da, da_low
+        return h, (da_low if da is None else da), da_low
 
     @classmethod
     def residual(cls, h, fc2_weight, fc2_bias, s, gamma, shortcut, out):

@@ -108,7 +108,8 @@ class TorchMlpParts:
     @classmethod
     def accumulate_tn(cls, acc, a, b):
         """acc + a.T @ b in fp32 for (R, p) and (R, q) a and b, each fp32 or of the activations'
-        dtype (its values taken exactly), added into acc (fp32 (p, q)); acc None (the first
+        dtype (its values taken exactly; where a subclass's GEMM takes bf16 operands, fp32 ones
+        may be rounded to bf16 first), added into acc (fp32 (p, q)); acc None (the first
         chunk): a fresh a.T @ b."""
         a, b = a.float(), b.float()
         return torch.mm(a.t(), b) if acc is None else acc.addmm_(a.t(), b)
@@ -128,7 +129,8 @@ class TorchMlpParts:
     def gelu_backward(cls, x2, fc1_weight, fc1_bias, preact, dh, dfc1_bias):
         """(hidden, da, da_low) from dh = dL/dhidden (fc2's input-gradient GEMM output, in x2's
         dtype; consumed when fp32): the hidden as forward made it (rounded to x2's dtype) in
-        fp32, da = dh * gelu'(a) in fp32 with a the pre-activation (preact, stored by the
+        fp32, da = dh * gelu'(a) in fp32 (both in x2's dtype instead where the subclass's
+        accumulate_tn takes them so) with a the pre-activation (preact, stored by the
         forward without its bias, or recomputed when None), da_low = da in x2's dtype (the dx
         GEMM's operand) or None (then made from da where it is used: the torch backend's
         16-bit copy does not stay alive through the weight-gradient GEMMs), and dfc1_bias

@@ -209,6 +209,15 @@ CNK_INLINE typename VecOf<L>::type load_converted(const T* src) {
   }
 }
 
+// The bf16 bits of each lane of v (in the low 16 bits of its uint32), from_float<BFloat16>'s.
+template <int L>
+CNK_INLINE typename U32VecOf<L>::type bf16_bits(typename VecOf<L>::type v) {
+  using U = typename U32VecOf<L>::type;
+  const U u = float_bits<L>(v);
+  const U is_nan = (U)((u & 0x7fffffffu) > 0x7f800000u);
+  return (is_nan & 0x7fc0u) | (~is_nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+}
+
 // v as L values of T at dst, rounded to nearest even.
 template <typename T, int L>
 CNK_INLINE void store_converted(T* dst, typename VecOf<L>::type v) {
@@ -218,8 +227,7 @@ CNK_INLINE void store_converted(T* dst, typename VecOf<L>::type v) {
   } else {
     U u = float_bits<L>(v), o;
     if constexpr (std::is_same_v<T, BFloat16>) {
-      const U is_nan = (U)((u & 0x7fffffffu) > 0x7f800000u);
-      o = (is_nan & 0x7fc0u) | (~is_nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+      o = bf16_bits<L>(v);
     } else {
       // from_float<Half>, each case computed in every lane and the lane's own one selected.
       const U sign = u & 0x80000000u;

@@ -140,7 +140,7 @@ struct Args {
   void* preact_out;  // forward: receives a copy of preact (without the bias), or null
   void* hidden;
   const void* grad;    // backward: dL/dhidden, float32 or of the hidden's dtype
-  float* grad_preact;  // backward: dL/da (may be grad itself when that is float32)
+  float* grad_preact;  // backward: dL/da (may be grad itself when that is float32), or null
   void* grad_preact_low;  // backward: dL/da rounded to the activation dtype, or null
   float* partials;  // (num_partials, cols)
   int64_t rows, cols, num_partials;
@@ -187,7 +187,7 @@ CNK_INLINE void gelu_bwd_columns(const P* a_row, const float* bias, const G* gra
   CNK_EACH {
     const int64_t ck = c + k * L;
     const V da = load_part<G, L>(grad_row + ck, n) * (cdf[k] + a[k] * pdf[k]);
-    store_part<L>(grad_preact_row + ck, da, n);  // after the last read of grad_row[ck...]
+    if (grad_preact_row) store_part<L>(grad_preact_row + ck, da, n);  // after grad_row's last read
     if (grad_low_row) store_as<T, L>(grad_low_row + ck, da, n);
     // After the last read of a_row[ck...].
     if constexpr (std::is_same_v<H, T>) store_as<T, L>(h_row + ck, a[k] * cdf[k], n);
@@ -229,7 +229,7 @@ CNK_INLINE void gelu_bwd_blocks_impl(const Args& g, int64_t block_begin, int64_t
       const int64_t offset = r * g.cols;
       const P* a_row = static_cast<const P*>(g.preact) + offset;
       const G* grad_row = static_cast<const G*>(g.grad) + offset;
-      float* grad_preact_row = g.grad_preact + offset;
+      float* grad_preact_row = g.grad_preact ? g.grad_preact + offset : nullptr;
       T* grad_low_row = g.grad_preact_low ? static_cast<T*>(g.grad_preact_low) + offset : nullptr;
       H* h_row = static_cast<H*>(g.hidden) + offset;
       int64_t c = 0;
@@ -438,8 +438,9 @@ void mlp_layerscale_gelu_bwd_cpu(void* preact, const float* bias, const void* gr
   require(grad_dtype == kFloat32 || grad_dtype == dtype, "grad_dtype must be 0 (float32) or dtype");
   require(hidden_dtype == kFloat32 || hidden_dtype == dtype,
           "hidden_dtype must be 0 (float32) or dtype");
-  require(preact && grad && grad_preact && hidden && bias_grad && (workspace || rows == 0),
-          "null pointer (only bias and grad_preact_low may be null)");
+  require(preact && grad && (grad_preact || grad_preact_low) && hidden && bias_grad &&
+              (workspace || rows == 0),
+          "null pointer (only bias, and one of grad_preact and grad_preact_low, may be null)");
   require(preact != hidden || hidden_dtype == preact_dtype,
           "hidden may be preact's memory only when hidden_dtype equals preact_dtype");
   require(static_cast<const void*>(grad_preact) != grad || grad_dtype == kFloat32,

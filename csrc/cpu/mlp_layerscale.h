@@ -31,9 +31,10 @@ void mlp_layerscale_gelu_fwd_cpu(const void* preact, const float* bias, void* pr
 int64_t mlp_layerscale_gelu_bwd_cpu_workspace_size(int64_t rows, int64_t cols);
 
 // With a = preact + bias (bias may be null): grad_preact = grad * gelu'(a) (dL/dhidden in,
-// dL/da out, float32), grad_preact_low (null: not written) = the same rounded to dtype (the
-// operand of the 16-bit dx GEMM), hidden = gelu(a) rounded to dtype (for fc2's weight gradient),
-// and bias_grad[c] += sum over rows of grad_preact[:, c], summed in an order fixed by the shape.
+// dL/da out, float32), grad_preact_low = the same rounded to dtype (the operand of the 16-bit dx
+// GEMM; either may be null, not written, but not both), hidden = gelu(a) rounded to dtype (for
+// fc2's weight gradient), and bias_grad[c] += sum over rows of the float32 dL/da[:, c], summed in
+// an order fixed by the shape.
 // grad is float32 or of dtype (grad_dtype); hidden is stored as dtype or as float32
 // (hidden_dtype; float32 holding the dtype-rounded values, for a float32 GEMM). grad_preact may
 // be grad itself when grad is float32 (in place), and hidden may be preact itself when both have

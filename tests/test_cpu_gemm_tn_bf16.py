@@ -115,6 +115,31 @@ def test_zero_rows_give_zero_or_leave_the_accumulator():
     assert torch.equal(gemm(a, b, acc.clone(), accumulate=True), acc)
 
 
+@needs_bf16_dot
+def test_empty_output_is_left_alone():
+    # p == 0 or q == 0: nothing to compute, and nothing read or written.
+    a, b = torch.randn(4, 0, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
+    assert gemm(a, b).shape == (0, 3) and gemm(b, a).shape == (3, 0)
+
+
+@needs_bf16_dot
+def test_cpu_parts_take_any_accumulator_and_check_row_counts(monkeypatch):
+    # CpuMlpParts.accumulate_tn adds into any fp32 (p, q) accumulator, as the fp32 routes do: a
+    # transposed (non-unit column stride) one gets a fresh product added; operands with different
+    # row counts are refused, not read past their end.
+    from convnext_kernels.launchers import cpu
+
+    monkeypatch.setattr(cpu, "BF16_DOT_GEMMS", True)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(70, 40, generator=g).to(torch.bfloat16), torch.randn(70, 48, generator=g).to(torch.bfloat16)
+    for acc in (torch.randn(48, 40, generator=g).t(), torch.randn(40, 96, generator=g)[:, ::2]):
+        before = acc.clone()
+        assert cpu.CpuMlpParts.accumulate_tn(acc, a, b) is acc
+        check(acc, a, b, before)
+    with pytest.raises(ValueError, match="one row count"):
+        cpu.CpuMlpParts.accumulate_tn(None, a, b[:69])
+
+
 def test_bad_input_raises_value_error():
     a, b, c = torch.randn(4, 8), torch.randn(4, 16), torch.empty(8, 16)
     n = _C.gemm_tn_bf16_cpu_workspace_size(4, 8, 16)
@@ -139,6 +164,9 @@ def test_bad_input_raises_value_error():
         call(c_ptr=0)
     with pytest.raises(ValueError, match="rows"):
         _C.gemm_tn_bf16_cpu_workspace_size(-1, 8, 16)
+    for sizes in ((1, 2**63 - 3, 1), (2**63 - 1, 1, 1), (2**40, 2**30, 1)):
+        with pytest.raises(ValueError, match="too large"):
+            _C.gemm_tn_bf16_cpu_workspace_size(*sizes)
 
 
 def test_unsupported_cpu_raises_runtime_error_and_the_backend_keeps_its_fp32_gemms():

@@ -124,14 +124,19 @@ def _gemm_tn_bf16(acc, a, b):
     """acc + a.T @ b for (rows, p) and (rows, q) a and b, each bf16 or fp32 (rounded to bf16
     first), from bf16 products summed in fp32, added into acc (fp32 (p, q)); acc None: a fresh
     a.T @ b."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must be 2-D with one row count, got {tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.contiguous(), b.contiguous()
     (rows, p), q = a.shape, b.shape[1]
+    if acc is not None and (acc.dtype != torch.float32 or acc.shape != (p, q) or acc.stride(1) != 1):
+        # The kernel adds into fp32 rows of unit stride only: any other acc takes a fresh product.
+        return acc.add_(_gemm_tn_bf16(None, a, b))
     out = empty_output((p, q), torch.float32, a.device) if acc is None else acc
     workspace_floats = _C.gemm_tn_bf16_cpu_workspace_size(rows, p, q)
     workspace = empty_output((workspace_floats,), torch.float32, a.device)
     _C.gemm_tn_bf16_cpu(a.data_ptr(), p, dtype_code(a.dtype, "cpu"), b.data_ptr(), q, dtype_code(b.dtype, "cpu"),
-                        out.data_ptr(), q, rows, p, q, acc is not None, workspace.data_ptr(), workspace_floats,
-                        torch.get_num_threads())
+                        out.data_ptr(), max(out.stride(0), q), rows, p, q, acc is not None, workspace.data_ptr(),
+                        workspace_floats, torch.get_num_threads())
     return out
 
 

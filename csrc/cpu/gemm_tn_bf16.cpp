@@ -21,6 +21,7 @@
 // kernel reports itself unsupported and the backend keeps its fp32 GEMMs).
 #if CNK_X86 && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
 #define CNK_AVX512_BF16 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define CNK_AVX512_BF16 0
@@ -168,7 +169,14 @@ void run(const A* a, int64_t lda, const B* b, int64_t ldb, float* c, int64_t ldc
 
 bool gemm_tn_bf16_cpu_supported() {
 #if CNK_AVX512_BF16
-  static const bool supported = detect_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  // AVX512-BF16 is CPUID leaf 7, subleaf 1, EAX bit 5 (read directly: older compilers'
+  // __builtin_cpu_supports does not know it); detect_isa() has checked that the OS keeps the
+  // AVX-512 state.
+  static const bool supported = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return detect_isa() == Isa::kAvx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) &&
+           (eax & (1u << 5)) != 0;
+  }();
   return supported;
 #else
   return false;
@@ -177,6 +185,8 @@ bool gemm_tn_bf16_cpu_supported() {
 
 int64_t gemm_tn_bf16_cpu_workspace_size(int64_t rows, int64_t p, int64_t q) {
   require(rows >= 0 && p >= 0 && q >= 0, "rows, p and q must be >= 0");
+  constexpr int64_t kLimit = int64_t(1) << 60;  // so that the roundings below cannot overflow
+  require(rows < kLimit && p < kLimit && q < kLimit, "operands too large");
   int64_t size = 0;
   require(!__builtin_mul_overflow((rows + 1) / 2, round_up(p, kTileRows) + round_up(q, kTileCols),
                                   &size) && size < (int64_t(1) << 60),

@@ -169,7 +169,7 @@ def test_bad_input_raises_value_error():
             _C.gemm_tn_bf16_cpu_workspace_size(*sizes)
 
 
-def test_unsupported_cpu_raises_runtime_error_and_the_backend_keeps_its_fp32_gemms():
+def test_unsupported_cpu_raises_runtime_error_and_the_backend_keeps_its_fp32_gemms(tmp_path):
     # With the instruction set lowered to AVX2 (as on a CPU without AVX-512), the kernel says what
     # it needs, and the cpu backend's bf16 weight gradients take the fp32 route.
     code = (
@@ -187,5 +187,7 @@ def test_unsupported_cpu_raises_runtime_error_and_the_backend_keeps_its_fp32_gem
         "torch.testing.assert_close(got, (a.bfloat16().double().t() @ a.double()).float())\n"
     )
     env = dict(os.environ, CONVNEXT_KERNELS_CPU_ISA="avx2")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # Run outside the source tree, so the child imports the same (installed) package as this test.
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr

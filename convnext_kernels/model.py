@@ -105,6 +105,11 @@ class _Stem(nn.Sequential):
         super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The stride-4 stem and three 2x2 stride-2 downsamplings need 32 pixels a side (torch's conv
+        # would fail at the last one with a message about kernel sizes).
+        if x.dim() != 4 or x.shape[1] != self[0].in_channels or x.shape[2] < 32 or x.shape[3] < 32:
+            raise ValueError(f"images must be (N, {self[0].in_channels}, H, W) with H, W >= 32, "
+                             f"got shape {tuple(x.shape)}")
         x = _conv(self[0], x.contiguous(memory_format=torch.channels_last))
         return self[1](_nhwc(x))
 

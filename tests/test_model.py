@@ -137,6 +137,16 @@ def test_model_backend_switch_and_errors(monkeypatch):
         ck.ConvNeXtFused(depths=(1, 1, 1))
 
 
+def test_images_of_the_wrong_shape_raise_value_error():
+    # 32 pixels a side is the least the stem (stride 4) and three 2x2 downsamplings take; torch's
+    # conv would fail at the last downsampling with a message about kernel sizes.
+    m = ck.ConvNeXtFused(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=3, backend="torch")
+    assert m(torch.randn(2, 3, 32, 33)).shape == (2, 3)
+    for shape in ((2, 3, 31, 40), (2, 3, 40, 31), (2, 4, 32, 32), (3, 32, 32)):
+        with pytest.raises(ValueError, match=r"images must be \(N, 3, H, W\) with H, W >= 32"):
+            m(torch.randn(shape))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,12 +1,15 @@
 """The cpu backend's bf16 weight-gradient GEMM (convnext_kernels._C.gemm_tn_bf16_cpu): c = [c +]
 a.T @ b from bf16 products summed in fp32 on CPUs with AVX512-BF16, against float64 torch on the
 bf16-rounded operands: odd shapes across its 8 x 48 tiles and 256-row blocks, fp32 operands
-rounded as torch rounds them, row strides, thread counts, zero rows and bad input."""
+rounded as torch rounds them, row strides, thread counts, zero rows and bad input; and, built from
+source with every buffer against an inaccessible page, no read or write outside them."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +194,24 @@ def test_unsupported_cpu_raises_runtime_error_and_the_backend_keeps_its_fp32_gem
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@needs_bf16_dot
+def test_no_access_outside_the_buffers(tmp_path):
+    # tests/gemm_tn_bf16_guard.cpp puts each operand, the output and the workspace flush against
+    # an inaccessible page (after the end, then before the start) over shapes around the tiles,
+    # the packing vectors, odd rows and the row blocks: a masked AVX-512 access one element out,
+    # which AddressSanitizer does not see, faults.
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "guard"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", f"-I{root / 'csrc' / 'cpu'}",
+                            str(root / "csrc" / "cpu" / "gemm_tn_bf16.cpp"), str(root / "tests" / "gemm_tn_bf16_guard.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    if result.returncode == 77:
+        pytest.skip("the source build finds no AVX512-BF16 (an older compiler)")
+    assert result.returncode == 0, f"exit {result.returncode} (-11: an access outside a buffer)\n{result.stdout}"

@@ -67,6 +67,8 @@ py::dict build_info() {
   info["cuda_kernels"] = false;  // CUDA enabled but no csrc/cuda sources were built
 #endif
   info["cpu_isa"] = std::string(convnext_kernels::dwconv_layernorm_cpu_isa());
+  // Whether the bf16 weight-gradient GEMMs run on AVX512-BF16 here (a property of this CPU).
+  info["cpu_bf16_dot"] = convnext_kernels::gemm_tn_bf16_cpu_supported();
   return info;
 }
 
@@ -80,7 +82,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_BFLOAT16") = int(convnext_kernels::kBFloat16);
 
   m.def("build_info", &build_info,
-        "Dict: compiler, openmp, cuda, cuda_version, cuda_archs, cuda_kernels, cpu_isa.");
+        "Dict: compiler, openmp, cuda, cuda_version, cuda_archs, cuda_kernels, cpu_isa, cpu_bf16_dot.");
 
   // The kernels run with the GIL released: they only touch memory that the
   // calling Python frame keeps alive.

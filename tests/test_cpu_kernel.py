@@ -60,6 +60,7 @@ def test_build_info():
     assert info["cuda_version"] is None or isinstance(info["cuda_version"], str)
     assert all(isinstance(a, str) for a in info["cuda_archs"])
     assert info["cuda"] == (info["cuda_version"] is not None)
+    assert info["cpu_bf16_dot"] is _C.gemm_tn_bf16_cpu_supported()
     import convnext_kernels
 
     assert convnext_kernels.build_info()["cuda_emulation"] in (True, False)

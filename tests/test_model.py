@@ -51,6 +51,26 @@ def test_fused_model_matches_reference(backend, train):
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_model_with_16_bit_parameters(dtype):
+    # The whole model in 16 bits, no autocast (README: inference without autocast's weight casts),
+    # forward and every gradient, which come back in the parameters' dtype (in bf16 from the bf16
+    # weight-gradient GEMMs where the CPU has AVX512-BF16). Baseline: the torch backend in dtype.
+    fused = _pair("cpu", depths=(1, 1, 1, 1))[1].to(dtype)
+    baseline = _pair("torch", depths=(1, 1, 1, 1))[1].to(dtype)
+    x = torch.randn(2, 3, 64, 64)
+    ref64 = ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=SMALL["dims"]).double()
+    ref64.load_state_dict(baseline.state_dict())
+    out64, grads64 = _forward_backward(ref64, x.double())
+    out_e, grads_e = _forward_backward(baseline, x.to(dtype))
+    out, grads = _forward_backward(fused, x.to(dtype))
+    assert out.dtype == dtype
+    assert_pass_rule("logits", out, out64, out_e, dtype)
+    for name in grads64:
+        assert grads[name].dtype == dtype, name
+        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
+
+
 @pytest.mark.skipif(bool(TRITON_CPU_MISSING), reason=f"triton on CPU tensors: {TRITON_CPU_MISSING}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_model_matches_reference_through_interpreter(dtype):

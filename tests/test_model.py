@@ -51,12 +51,14 @@ def test_fused_model_matches_reference(backend, train):
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads32[name], torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_cpu_model_with_16_bit_parameters(dtype):
-    # The whole model in 16 bits, no autocast (README: inference without autocast's weight casts),
-    # forward and every gradient, which come back in the parameters' dtype (in bf16 from the bf16
-    # weight-gradient GEMMs where the CPU has AVX512-BF16). Baseline: the torch backend in dtype.
-    fused = _pair("cpu", depths=(1, 1, 1, 1))[1].to(dtype)
+def _assert_model_in_dtype_matches(backend, dtype):
+    """ConvNeXtFused (one block a stage) on `backend` with its parameters in dtype, forward and
+    every gradient, against float64 by the pass rule. The same-dtype baseline is the same model on
+    the torch backend, so that only the two fused ops differ: in 16 bits, torch's own error in the
+    stem / downsample layers depends on their layout (NHWC here, NCHW in the reference) and on the
+    torch version (2.7's CPU bf16 is 10x less accurate than 2.13's on a downsample bias gradient,
+    either backend alike)."""
+    fused = _pair(backend, depths=(1, 1, 1, 1))[1].to(dtype)
     baseline = _pair("torch", depths=(1, 1, 1, 1))[1].to(dtype)
     x = torch.randn(2, 3, 64, 64)
     ref64 = ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=SMALL["dims"]).double()
@@ -71,28 +73,20 @@ def test_cpu_model_with_16_bit_parameters(dtype):
         assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_model_with_16_bit_parameters(dtype):
+    # The whole model in 16 bits, no autocast (README: inference without autocast's weight casts);
+    # the gradients come back in the parameters' dtype (in bf16 from the bf16 weight-gradient
+    # GEMMs where the CPU has AVX512-BF16).
+    _assert_model_in_dtype_matches("cpu", dtype)
+
+
 @pytest.mark.skipif(bool(TRITON_CPU_MISSING), reason=f"triton on CPU tensors: {TRITON_CPU_MISSING}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_model_matches_reference_through_interpreter(dtype):
     # Under the interpreter off a GPU (conftest); bf16 through tests/triton_interpreter_bf16.py.
     skip_triton_bf16_if_unsupported("triton", dtype)
-    fused = _pair("triton", depths=(1, 1, 1, 1))[1]
-    # The same-dtype baseline is the same model with the torch backend, so that only the two
-    # fused ops differ: in bf16, torch's own error in the stem / downsample layers depends on
-    # their layout (NHWC here, NCHW in the reference) and on the torch version (2.7's CPU bf16 is
-    # 10x less accurate than 2.13's on a downsample bias gradient, either backend alike).
-    baseline = _pair("torch", depths=(1, 1, 1, 1))[1].to(dtype)
-    fused = fused.to(dtype)
-    x = torch.randn(2, 3, 64, 64)
-    ref64 = ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=SMALL["dims"]).double()
-    ref64.load_state_dict(baseline.state_dict())
-    out64, grads64 = _forward_backward(ref64, x.double())
-    out_e, grads_e = _forward_backward(baseline, x.to(dtype))
-    out, grads = _forward_backward(fused, x.to(dtype))
-    assert_pass_rule("logits", out, out64, out_e, dtype)
-    for name in grads64:
-        assert_pass_rule(f"grad {name}", grads[name], grads64[name], grads_e[name], dtype)
-
+    _assert_model_in_dtype_matches("triton", dtype)
 
 def test_forward_features_and_intermediates():
     ref, fused = _pair("cpu")

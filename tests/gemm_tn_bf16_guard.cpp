@@ -13,11 +13,14 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernel_utils.h"  // the DTYPE_* codes and the kernels' own bf16 rounding
 #include "gemm_tn_bf16.h"
 
 namespace {
 
-constexpr int kFloat32 = 0, kBFloat16 = 2;  // the DTYPE_* codes
+using convnext_kernels::kBFloat16;
+using convnext_kernels::kFloat32;
+using convnext_kernels::cpu::BFloat16;
 
 // `bytes` of memory with an inaccessible page right after its end (flush_end) or right before its
 // start. Never freed: the process is short.
@@ -32,15 +35,11 @@ void* guarded(size_t bytes, bool flush_end) {
   return flush_end ? base + (pages - 1) * page - bytes : base + page;
 }
 
-float bf16_round(float f) {  // round to nearest even, as torch (no NaN here)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
+float bf16_round(float f) {
+  return convnext_kernels::cpu::to_float(convnext_kernels::cpu::from_float<BFloat16>(f));
 }
 
-// An operand of `count` values of dtype, filled from `values` (bf16: their rounded upper halves).
+// An operand of values.size() values of dtype, filled from `values` (bf16: rounded).
 void* operand(const std::vector<float>& values, int dtype, bool flush_end) {
   const size_t n = values.size();
   if (dtype == kFloat32) {
@@ -48,13 +47,8 @@ void* operand(const std::vector<float>& values, int dtype, bool flush_end) {
     std::memcpy(p, values.data(), n * 4);
     return p;
   }
-  uint16_t* p = static_cast<uint16_t*>(guarded(n * 2, flush_end));
-  for (size_t i = 0; i < n; ++i) {
-    const float r = bf16_round(values[i]);
-    uint32_t u;
-    std::memcpy(&u, &r, 4);
-    p[i] = uint16_t(u >> 16);
-  }
+  BFloat16* p = static_cast<BFloat16*>(guarded(n * 2, flush_end));
+  for (size_t i = 0; i < n; ++i) p[i] = convnext_kernels::cpu::from_float<BFloat16>(values[i]);
   return p;
 }
 

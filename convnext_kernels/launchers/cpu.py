@@ -229,26 +229,23 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
         # The GEMM's output, stored by the forward or made again (the same values), plus the bias.
         a = cls._fc1_product(x2, fc1_weight) if preact is None else preact
         code = dtype_code(x2.dtype, "cpu")
-        hidden_code = _C.DTYPE_FLOAT32
         if x2.dtype == torch.float32:
-            # da over dh; the hidden over a fresh pre-activation, never over the stored one.
-            da, da_low = dh, None
-            h = a if a is not preact else empty_output(a.shape, torch.float32, x2.device)
+            da, da_low, hidden_dtype = dh, None, torch.float32  # da over dh
         elif _bf16_dot_gemms(x2.dtype):
             # da and the hidden in bf16 only: the weight-gradient GEMMs take them as they are.
-            da_low = empty_output(dh.shape, x2.dtype, x2.device)
-            da, hidden_code = None, code
-            h = a if a is not preact else empty_output(a.shape, x2.dtype, x2.device)
+            da, da_low, hidden_dtype = None, empty_output(dh.shape, x2.dtype, x2.device), x2.dtype
         else:
             # 16-bit dh read as it is; da in fp32 and in x2's dtype, the hidden (rounded to
             # x2's dtype) in fp32: the weight-gradient GEMMs' operands, with no copies.
             da, da_low = empty_output((rows, cols), torch.float32, x2.device), empty_output(dh.shape, x2.dtype, x2.device)
-            h = empty_output((rows, cols), torch.float32, x2.device)
+            hidden_dtype = torch.float32
+        # The hidden over a fresh pre-activation of its dtype, never over the stored one.
+        h = a if a is not preact and a.dtype == hidden_dtype else empty_output((rows, cols), hidden_dtype, x2.device)
         workspace_floats = _C.mlp_layerscale_gelu_bwd_cpu_workspace_size(rows, cols)
         workspace = empty_output((workspace_floats,), torch.float32, x2.device)
         _C.mlp_layerscale_gelu_bwd_cpu(a.data_ptr(), fc1_bias.data_ptr(), dh.data_ptr(), data_ptr(da), data_ptr(da_low),
                                        h.data_ptr(), dfc1_bias.data_ptr(), workspace.data_ptr(), workspace_floats,
-                                       rows, cols, code, code, dtype_code(dh.dtype, "cpu"), hidden_code,
+                                       rows, cols, code, code, dtype_code(dh.dtype, "cpu"), dtype_code(h.dtype, "cpu"),
                                        torch.get_num_threads())
         return h, (da_low if da is None else da), da_low
 

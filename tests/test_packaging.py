@@ -1,0 +1,126 @@
+"""The source distribution: `python -m build` and pip installing from PyPI build the wheel from the
+sdist alone, not from the checkout, so the sdist must carry CMakeLists.txt and the C++/CUDA tree
+(MANIFEST.in). One test checks its file list against the tracked files; one builds a CPU-only wheel
+from it through setuptools' PEP 517 hook, as pip does, and runs both ops from that wheel."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Tracked files a user of the sdist has no use for: CI's script and git's own file.
+NOT_IN_SDIST = {".ci/run", ".gitignore"}
+
+
+def _tracked_files() -> list[str]:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: no tracked files to compare the sdist with")
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [name for name in out.split("\0") if name]
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """(path of the sdist built from the tracked files as they are in the working tree, the files
+    it was built from)."""
+    tracked = _tracked_files()
+    src = tmp_path_factory.mktemp("source")
+    for name in tracked:
+        if (REPO / name).is_file():  # (a tracked file deleted in the working tree is not copied)
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    dist = tmp_path_factory.mktemp("dist")
+    hook = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", hook, str(dist)], cwd=src, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"build_sdist failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return dist / proc.stdout.strip().splitlines()[-1], [n for n in tracked if (src / n).is_file()]
+
+
+def test_sdist_carries_every_tracked_file(sdist):
+    path, tracked = sdist
+    with tarfile.open(path) as tar:
+        # Members are "<name>-<version>/<path>".
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name}
+    missing = sorted(set(tracked) - NOT_IN_SDIST - members)
+    assert not missing, f"tracked files missing from the sdist (MANIFEST.in): {missing}"
+    for needed in ("CMakeLists.txt", "csrc/bindings.cpp", "setup.py", "pyproject.toml"):
+        assert needed in members
+    stray = sorted(m for m in members if m.endswith((".so", ".pyc")) or "__pycache__" in m
+                   or m.startswith(("build/", "dist/")))
+    assert not stray, f"build products in the sdist: {stray}"
+
+
+def _build_tools(env: dict) -> str:
+    """Why a wheel cannot be built here ("" when it can): the build requirements of pyproject.toml
+    that must come from this environment (no build isolation, no network)."""
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed"
+    if shutil.which("cmake", path=env["PATH"]) is None:
+        return "no cmake"
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja", path=env["PATH"]) is None:
+            return "no ninja"
+    return ""
+
+
+def test_wheel_builds_from_the_sdist_alone(sdist, tmp_path):
+    path, _ = sdist
+    with tarfile.open(path) as tar:
+        # (The "data" filter where this Python has it: plain files only, nothing outside the folder.)
+        tar.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (root,) = (tmp_path / "unpacked").iterdir()
+    # The venv's scripts (cmake and ninja from the test extras) first, as an activated venv has them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVNEXT_KERNELS_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # CPU kernels only: what every build has; the CUDA sources' presence is the file-list test's.
+    env.update(CONVNEXT_KERNELS_CUDA="0", CONVNEXT_KERNELS_CUDA_EMULATION="0", MAX_JOBS="2")
+    why = _build_tools(env)
+    if why:
+        pytest.skip(f"cannot build a wheel here: {why}")
+    wheels = tmp_path / "wheels"
+    hook = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", hook, str(wheels)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"build_wheel from the sdist failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    wheel = wheels / proc.stdout.strip().splitlines()[-1]
+    site = tmp_path / "site"
+    shutil.unpack_archive(wheel, site, format="zip")
+    # The wheel's package, not the installed one, runs both ops against the float64 reference.
+    check = """
+import sys, torch, convnext_kernels as ck
+from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
+assert ck.__file__.startswith(sys.argv[1]), ck.__file__
+info = ck.build_info()
+assert info["cuda"] is False and info["cuda_emulation"] is False, info
+torch.manual_seed(0)
+N, H, W, C = 3, 13, 17, 40
+x = torch.randn(N, H, W, C)
+cw, cb, nw, nb = torch.randn(C, 1, 7, 7) / 7, torch.randn(C), 1 + torch.randn(C) / 4, torch.randn(C) / 4
+w1, b1 = torch.randn(4 * C, C) / C ** 0.5, torch.randn(4 * C)
+w2, b2, g = torch.randn(C, 4 * C) / (2 * C ** 0.5), torch.randn(C), torch.randn(C)
+d = lambda *ts: [t.double() for t in ts]
+y = ck.dwconv_layernorm(x, cw, cb, nw, nb, 1e-6, backend="cpu")
+y64 = dwconv_layernorm_ref(*d(x, cw, cb, nw, nb), 1e-6)
+out = ck.mlp_layerscale(y, x, w1, b1, w2, b2, g, backend="cpu")
+out64 = mlp_layerscale_ref(*d(y, x, w1, b1, w2, b2, g))
+for a, b in ((y, y64), (out, out64)):
+    err = (a.double() - b).abs().max().item()
+    assert err <= 1e-5 * b.abs().max().item(), err
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.run([sys.executable, "-c", check, str(site)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), \
+        f"the wheel built from the sdist does not work:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

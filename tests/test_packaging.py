@@ -3,10 +3,12 @@ sdist alone, not from the checkout, so the sdist must carry CMakeLists.txt and t
 (MANIFEST.in). One test checks its file list against the tracked files; one builds a CPU-only wheel
 from it through setuptools' PEP 517 hook, as pip does, and runs both ops from that wheel."""
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -124,3 +126,39 @@ print("ok")
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), \
         f"the wheel built from the sdist does not work:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+# Compilers other than the one that builds the installed extension, where this machine has them
+# (.ci/run installs them where it can): the CPU kernels must build everywhere, with any GCC or
+# Clang and on other architectures (aarch64 hosts such as NVIDIA Grace take the portable vector
+# code). Each compiles the sources CMake gives _C, with its language and warning flags (at -O1, to
+# be quick), to objects that are dropped.
+OTHER_COMPILERS = ["clang++", "aarch64-linux-gnu-g++"]
+
+
+@pytest.mark.parametrize("compiler", OTHER_COMPILERS)
+def test_cpu_sources_compile_with(compiler, tmp_path):
+    cxx = shutil.which(compiler)
+    if cxx is None:
+        pytest.skip(f"{compiler} is not installed")
+    try:
+        import pybind11
+    except ImportError:
+        pytest.skip("pybind11 is not installed")
+    # OpenMP where the compiler has it (clang needs libomp's headers), as CMake's find_package does.
+    probe = subprocess.run([cxx, "-fopenmp", "-x", "c++", "-c", "-", "-o", os.devnull],
+                           input="#include <omp.h>\nint f() { return omp_get_max_threads(); }\n",
+                           capture_output=True, text=True)
+    openmp = ["-fopenmp"] if probe.returncode == 0 else []
+    flags = ["-std=c++17", "-O1", "-ffp-contract=fast", "-Wall", "-Wno-psabi", "-fPIC", *openmp,
+             f"-I{REPO / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    sources = sorted((REPO / "csrc" / "cpu").glob("*.cpp")) + [REPO / "csrc" / "bindings.cpp"]
+
+    def compile_one(src):
+        proc = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")],
+                              capture_output=True, text=True, timeout=600)
+        return "" if proc.returncode == 0 else f"{src.relative_to(REPO)}:\n{proc.stderr[-3000:]}"
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: CI has two cores
+        failures = [f for f in pool.map(compile_one, sources) if f]
+    assert not failures, f"{compiler} {' '.join(openmp)} fails to compile:\n" + "\n".join(failures)

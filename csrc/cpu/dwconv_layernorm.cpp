@@ -483,7 +483,6 @@ struct Variant {
 
 #define CNK_DEFINE_VARIANT(NS, TARGET, L, WB, U)                                         \
   namespace NS {                                                                         \
-  constexpr int kLanes = L;                                                              \
   template <typename T>                                                                  \
   TARGET void fwd_rows(const Problem& p, int64_t b, int64_t e) {                         \
     fwd_rows_impl<T, L, WB>(p, b, e);                                                    \

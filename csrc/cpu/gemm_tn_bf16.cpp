@@ -50,9 +50,13 @@ void require(bool ok, const char* what) {
 
 using U16 = U32VecOf<16>::type;
 
+// The packing is written without a target attribute and inlined into pack_pairs's AVX512-BF16
+// body, as the other kernels' *_impl functions are: clang refuses a call that passes 512-bit
+// vectors between functions of different targets (cpu_kernel_utils.h's helpers have none).
+
 // The bf16 bits of src[0, n) (n <= 16; zero beyond), one per uint32 lane.
 template <typename T>
-CNK_TARGET_AVX512_BF16 CNK_INLINE U16 load_bf16_bits(const T* src, int64_t n) {
+CNK_INLINE U16 load_bf16_bits(const T* src, int64_t n) {
   // Whole vectors by fixed-size copies (one vector load each); a row's tail through a buffer.
   if constexpr (std::is_same_v<T, BFloat16>) {
     LanesOf<uint16_t, 16>::type h = {};
@@ -70,9 +74,8 @@ CNK_TARGET_AVX512_BF16 CNK_INLINE U16 load_bf16_bits(const T* src, int64_t n) {
 // Packs row pairs [pair_begin, pair_end) of src (rows, cols; row stride ld) into panels of Width
 // columns: panel j at dst + j * pairs * Width, pair k of it at + k * Width (see the top).
 template <int Width, typename T>
-CNK_TARGET_AVX512_BF16 void pack_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols,
-                                       int64_t pairs, int64_t pair_begin, int64_t pair_end,
-                                       uint32_t* dst) {
+CNK_INLINE void pack_pairs_impl(const T* src, int64_t ld, int64_t rows, int64_t cols, int64_t pairs,
+                                int64_t pair_begin, int64_t pair_end, uint32_t* dst) {
   constexpr int kSegment = Width < 16 ? Width : 16;  // lanes of one vector in one panel
   static_assert(Width % kSegment == 0 && 16 % kSegment == 0, "panels of 8, 16, 32, 48 ... columns");
   const int64_t padded = round_up(cols, Width);
@@ -97,6 +100,13 @@ CNK_TARGET_AVX512_BF16 void pack_pairs(const T* src, int64_t ld, int64_t rows, i
       }
     }
   }
+}
+
+template <int Width, typename T>
+CNK_TARGET_AVX512_BF16 void pack_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols,
+                                       int64_t pairs, int64_t pair_begin, int64_t pair_end,
+                                       uint32_t* dst) {
+  pack_pairs_impl<Width, T>(src, ld, rows, cols, pairs, pair_begin, pair_end, dst);
 }
 
 // c[0, rows) x [0, cols) (rows <= kTileRows, cols <= kTileCols) = [c +] the sum over `pairs`

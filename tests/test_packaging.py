@@ -1,7 +1,8 @@
-"""The source distribution: `python -m build` and pip installing from PyPI build the wheel from the
-sdist alone, not from the checkout, so the sdist must carry CMakeLists.txt and the C++/CUDA tree
-(MANIFEST.in). One test checks its file list against the tracked files; one builds a CPU-only wheel
-from it through setuptools' PEP 517 hook, as pip does, and runs both ops from that wheel."""
+"""Building the package elsewhere. `python -m build` and pip installing from PyPI build the wheel from
+the sdist alone, not from the checkout, so the sdist must carry CMakeLists.txt and the C++/CUDA tree
+(MANIFEST.in): one test checks its file list against the tracked files, one builds a CPU-only wheel
+from it through setuptools' PEP 517 hook, as pip does, and runs both ops from that wheel. And the
+CPU sources compile with other compilers (Clang, GCC for aarch64) where they are installed."""
 
 import concurrent.futures
 import os

@@ -2,7 +2,8 @@
 the sdist alone, not from the checkout, so the sdist must carry CMakeLists.txt and the C++/CUDA tree
 (MANIFEST.in): one test checks its file list against the tracked files, one builds a CPU-only wheel
 from it through setuptools' PEP 517 hook, as pip does, and runs both ops from that wheel. And the
-CPU sources compile with other compilers (Clang, GCC for aarch64) where they are installed."""
+CPU sources compile with other compilers (Clang, GCC for aarch64) where they are installed, and the
+CPU kernels built for aarch64 compute under qemu what the native build's portable code computes."""
 
 import concurrent.futures
 import os
@@ -163,3 +164,58 @@ def test_cpu_sources_compile_with(compiler, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: CI has two cores
         failures = [f for f in pool.map(compile_one, sources) if f]
     assert not failures, f"{compiler} {' '.join(openmp)} fails to compile:\n" + "\n".join(failures)
+
+
+def _read_records(path: Path) -> list:
+    """tests/cpu_kernels_cross.cpp's output: (storage dtype code, float32 values) per record."""
+    import numpy as np
+
+    data, records, at = path.read_bytes(), [], 0
+    while at < len(data):
+        code, count = np.frombuffer(data, np.uint32, 2, at)
+        at += 8
+        records.append((int(code), np.frombuffer(data, np.float32, int(count), at)))
+        at += 4 * int(count)
+    return records
+
+
+def test_cpu_kernels_compute_the_same_on_aarch64(tmp_path):
+    """Every CPU kernel, built for aarch64 and run under qemu-aarch64, against the native build's
+    portable code path (CONVNEXT_KERNELS_CPU_ISA=generic) on the same inputs: equal up to the
+    rounding that FMA contraction moves (aarch64 contracts a * b + c where x86's baseline cannot),
+    which may flip a 16-bit output by one unit in the last place."""
+    import numpy as np
+
+    cross, qemu, native = (shutil.which(c) for c in ("aarch64-linux-gnu-g++", "qemu-aarch64", "g++"))
+    if cross is None or qemu is None or native is None:
+        pytest.skip("needs aarch64-linux-gnu-g++, qemu-aarch64 and g++")
+    sources = [str(REPO / "csrc" / "cpu" / "dwconv_layernorm.cpp"), str(REPO / "csrc" / "cpu" / "mlp_layerscale.cpp"),
+               str(REPO / "tests" / "cpu_kernels_cross.cpp")]
+    flags = ["-std=c++17", "-O2", "-ffp-contract=fast", "-Wno-psabi", "-fopenmp",
+             f"-I{REPO / 'csrc'}", f"-I{REPO / 'csrc' / 'cpu'}"]
+    builds = {"native": [native, *flags, *sources, "-o", str(tmp_path / "native")],
+              # Static: qemu-aarch64 then needs no aarch64 sysroot.
+              "aarch64": [cross, *flags, "-static", *sources, "-o", str(tmp_path / "aarch64")]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        procs = dict(zip(builds, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True,
+                                                                        timeout=600), builds.values())))
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name} build failed:\n{proc.stderr[-3000:]}"
+    env = dict(os.environ, CONVNEXT_KERNELS_CPU_ISA="generic", OMP_NUM_THREADS="2")
+    for name, cmd in (("native", [str(tmp_path / "native")]), ("aarch64", [qemu, str(tmp_path / "aarch64")])):
+        proc = subprocess.run([*cmd, str(tmp_path / f"{name}.bin")], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{name} run failed:\n{proc.stderr[-3000:]}"
+    native_records, foreign_records = _read_records(tmp_path / "native.bin"), _read_records(tmp_path / "aarch64.bin")
+    # Per dtype: two dwconv_layernorm cases of 8 records, two epilogue cases of 7 (8 in 16 bits).
+    assert len(native_records) == len(foreign_records) == 3 * 2 * 8 + 2 * 7 + 2 * 2 * 8, len(native_records)
+    # One unit in the last place of the storage dtype, relative to each value; 1e-5 of the record's
+    # largest value for float32 sums whose order of rounding differs.
+    ulp = {0: 0.0, 1: 2.0 ** -10, 2: 2.0 ** -7}
+    for i, ((code, a), (code_b, b)) in enumerate(zip(native_records, foreign_records)):
+        assert code == code_b and a.shape == b.shape, f"record {i}: layouts differ"
+        assert np.isfinite(a).all() and np.isfinite(b).all(), f"record {i}: non-finite values"
+        bound = ulp[code] * np.abs(a) + 1e-5 * np.abs(a).max()
+        worst = int(np.argmax(np.abs(a - b) - bound))
+        assert np.abs(a - b)[worst] <= bound[worst], \
+            f"record {i} (dtype code {code}): aarch64 {b[worst]} vs native {a[worst]} at {worst}"

@@ -6,6 +6,7 @@ CPU sources compile with other compilers (Clang, GCC for aarch64) where they are
 CPU kernels built for aarch64 compute under qemu what the native build's portable code computes."""
 
 import concurrent.futures
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -67,6 +68,9 @@ def _build_tools(env: dict) -> str:
         import pybind11  # noqa: F401
     except ImportError:
         return "pybind11 is not installed"
+    # setuptools builds wheels by itself from 70.1 on; before, with the wheel package.
+    if importlib.util.find_spec("setuptools.command.bdist_wheel") is None and importlib.util.find_spec("wheel") is None:
+        return "setuptools < 70.1 without the wheel package"
     if shutil.which("cmake", path=env["PATH"]) is None:
         return "no cmake"
     try:

@@ -1,8 +1,10 @@
 """Shared test set-up: Triton's interpreter on CPU-only machines, the CUDA emulator for CPU
 tensors, poisoned outputs, the pass rule."""
 
+import concurrent.futures
 import contextlib
 import os
+import subprocess
 import sys
 
 import torch
@@ -160,6 +162,14 @@ def package_subprocess_env(drop=(), **overrides) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(overrides)
     return env
+
+
+def run_commands(commands, jobs: int = 2, timeout: int = 600) -> list:
+    """subprocess.run of each command (output captured as text), `jobs` at a time (CI has two
+    cores): the CompletedProcess of each, in the commands' order. For the tests that compile."""
+    with concurrent.futures.ThreadPoolExecutor(max(jobs, 1)) as pool:
+        return list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=timeout),
+                             commands))
 
 
 def skip_triton_bf16_if_unsupported(backend: str, dtype: torch.dtype) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_commands
 from convnext_kernels.backends import emulated_cuda_extension
 
 emu, _why_missing = emulated_cuda_extension()
@@ -377,15 +378,9 @@ def _build_asan_emulator(cxx: str, pybind11_include: str, out_dir: Path) -> Path
              "-DCNK_CUDA_EMULATION", "-w", f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
              f"-I{pybind11_include}"]
     objects = [out_dir / f"{src.name}.o" for src in sources]
-    jobs = max(os.cpu_count() or 1, 1)
-    running = []
-    for src, obj in zip(sources, objects):
-        running.append(subprocess.Popen([cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)],
-                                        stderr=subprocess.PIPE, text=True))
-        while len(running) >= jobs or (running and src == sources[-1]):
-            proc = running.pop(0)
-            _, err = proc.communicate()
-            assert proc.returncode == 0, err
+    for proc in run_commands([[cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)]
+                              for src, obj in zip(sources, objects)], jobs=os.cpu_count() or 1, timeout=1200):
+        assert proc.returncode == 0, proc.stderr
     module = out_dir / "convnext_kernels" / f"_cuda_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
     link = subprocess.run([cxx, "-shared", SANITIZE[0], "-o", str(module), *map(str, objects)],
                           capture_output=True, text=True)

@@ -5,7 +5,6 @@ from it through setuptools' PEP 517 hook, as pip does, and runs both ops from th
 CPU sources compile with other compilers (Clang, GCC for aarch64) where they are installed, and the
 CPU kernels built for aarch64 compute under qemu what the native build's portable code computes."""
 
-import concurrent.futures
 import importlib.util
 import os
 import shutil
@@ -16,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import run_commands
 
 REPO = Path(__file__).resolve().parents[1]
 # Tracked files a user of the sdist has no use for: CI's script and git's own file.
@@ -140,6 +140,8 @@ print("ok")
 # code). Each compiles the sources CMake gives _C, with its language and warning flags (at -O1, to
 # be quick), to objects that are dropped.
 OTHER_COMPILERS = ["clang++", "aarch64-linux-gnu-g++"]
+# CMakeLists.txt's language and warning flags for _C (and its include directory).
+CMAKE_CXX_FLAGS = ["-std=c++17", "-ffp-contract=fast", "-Wall", "-Wno-psabi", f"-I{REPO / 'csrc'}"]
 
 
 @pytest.mark.parametrize("compiler", OTHER_COMPILERS)
@@ -156,17 +158,12 @@ def test_cpu_sources_compile_with(compiler, tmp_path):
                            input="#include <omp.h>\nint f() { return omp_get_max_threads(); }\n",
                            capture_output=True, text=True)
     openmp = ["-fopenmp"] if probe.returncode == 0 else []
-    flags = ["-std=c++17", "-O1", "-ffp-contract=fast", "-Wall", "-Wno-psabi", "-fPIC", *openmp,
-             f"-I{REPO / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    flags = [*CMAKE_CXX_FLAGS, "-O1", "-fPIC", *openmp, f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
     sources = sorted((REPO / "csrc" / "cpu").glob("*.cpp")) + [REPO / "csrc" / "bindings.cpp"]
-
-    def compile_one(src):
-        proc = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")],
-                              capture_output=True, text=True, timeout=600)
-        return "" if proc.returncode == 0 else f"{src.relative_to(REPO)}:\n{proc.stderr[-3000:]}"
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: CI has two cores
-        failures = [f for f in pool.map(compile_one, sources) if f]
+    procs = run_commands([[cxx, *flags, "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")] for src in sources])
+    failures = [f"{src.relative_to(REPO)}:\n{proc.stderr[-3000:]}" for src, proc in zip(sources, procs)
+                if proc.returncode != 0]
     assert not failures, f"{compiler} {' '.join(openmp)} fails to compile:\n" + "\n".join(failures)
 
 
@@ -195,15 +192,11 @@ def test_cpu_kernels_compute_the_same_on_aarch64(tmp_path):
         pytest.skip("needs aarch64-linux-gnu-g++, qemu-aarch64 and g++")
     sources = [str(REPO / "csrc" / "cpu" / "dwconv_layernorm.cpp"), str(REPO / "csrc" / "cpu" / "mlp_layerscale.cpp"),
                str(REPO / "tests" / "cpu_kernels_cross.cpp")]
-    flags = ["-std=c++17", "-O2", "-ffp-contract=fast", "-Wno-psabi", "-fopenmp",
-             f"-I{REPO / 'csrc'}", f"-I{REPO / 'csrc' / 'cpu'}"]
+    flags = [*CMAKE_CXX_FLAGS, "-O2", "-fopenmp", f"-I{REPO / 'csrc' / 'cpu'}"]
     builds = {"native": [native, *flags, *sources, "-o", str(tmp_path / "native")],
               # Static: qemu-aarch64 then needs no aarch64 sysroot.
               "aarch64": [cross, *flags, "-static", *sources, "-o", str(tmp_path / "aarch64")]}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        procs = dict(zip(builds, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True,
-                                                                        timeout=600), builds.values())))
-    for name, proc in procs.items():
+    for name, proc in zip(builds, run_commands(builds.values())):
         assert proc.returncode == 0, f"{name} build failed:\n{proc.stderr[-3000:]}"
     env = dict(os.environ, CONVNEXT_KERNELS_CPU_ISA="generic", OMP_NUM_THREADS="2")
     for name, cmd in (("native", [str(tmp_path / "native")]), ("aarch64", [qemu, str(tmp_path / "aarch64")])):

@@ -60,7 +60,7 @@ def _dwconv_layernorm_inputs(shape, device, bias=True, seed=0):
     return inputs, rand(N, H, W, C)
 
 
-def _mlp_layerscale_inputs(shape, device, gamma=True, drop=True, seed=0):
+def _mlp_layerscale_inputs(shape, device, gamma=True, drop=True, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     N, H, W, C = shape
 
@@ -74,6 +74,8 @@ def _mlp_layerscale_inputs(shape, device, gamma=True, drop=True, seed=0):
     inputs = [rand(N, H, W, C), rand(N, H, W, C), rand(4 * C, C, scale=C ** -0.5), rand(4 * C, scale=0.5),
               rand(C, 4 * C, scale=(4 * C) ** -0.5), rand(C, scale=0.5),
               rand(C, scale=0.5) if gamma else None, drop_scale]
+    if not bias:  # Linear(bias=False) layers
+        inputs[3] = inputs[5] = None
     return inputs, rand(N, H, W, C)
 
 
@@ -90,9 +92,9 @@ def _run_dwconv_layernorm(backend, device, shape, dtype, bias=True):
     _compare(f"dwconv_layernorm[{backend},{shape},{dtype}]", fused, ref, inputs, dy, dtype)
 
 
-def _run_mlp_layerscale(backend, device, shape, dtype, gamma=True, drop=True):
+def _run_mlp_layerscale(backend, device, shape, dtype, gamma=True, drop=True, bias=True):
     skip_triton_bf16_if_unsupported(backend, dtype)
-    inputs, dy = _mlp_layerscale_inputs(shape, device, gamma, drop)
+    inputs, dy = _mlp_layerscale_inputs(shape, device, gamma, drop, bias=bias)
     drop_scale = inputs.pop()
 
     def fused(x, s, w1, b1, w2, b2, gm):
@@ -248,6 +250,11 @@ def test_mlp_layerscale_cpu_bf16_weight_gradients_from_bf16_products(store, oned
 @pytest.mark.parametrize("gamma,drop", [(False, False), (True, False), (False, True)])
 def test_mlp_layerscale_optional_args_cpu(backend, gamma, drop):
     _run_mlp_layerscale(backend, "cpu", (2, 3, 5, 40), torch.float32, gamma, drop)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mlp_layerscale_no_bias_cpu(backend):
+    _run_mlp_layerscale(backend, "cpu", (2, 3, 5, 40), torch.float32, bias=False)
 
 
 def test_drop_scale_zero_drops_the_branch():
@@ -533,6 +540,9 @@ BAD_DWCONV_LAYERNORM = [
     ("x float64", lambda a: _replace(a, 0, a[0].double()), TypeError, "float32, float16 or bfloat16"),
     ("x not a tensor", lambda a: _replace(a, 0, a[0].tolist()), TypeError, "torch.Tensor"),
     ("empty batch", lambda a: _replace(a, 0, a[0][:0]), ValueError, "empty batch"),
+    ("zero width", lambda a: _replace(a, 0, a[0][:, :, :0]), ValueError, "H, W and C must be at least 1"),
+    ("eps zero", lambda a: a + [0.0], ValueError, "eps must be a positive number"),
+    ("eps a tensor", lambda a: a + [torch.tensor(1e-6)], ValueError, "eps must be a positive number"),
     ("conv weight 3x3", lambda a: _replace(a, 1, a[1][..., :3, :3]), ValueError, "conv_weight"),
     ("conv weight channels", lambda a: _replace(a, 1, a[1][:8]), ValueError, "conv_weight"),
     ("conv bias channels", lambda a: _replace(a, 2, a[2][:8]), ValueError, "conv_bias"),
@@ -560,6 +570,8 @@ BAD_MLP_LAYERSCALE = [
     ("drop_scale", lambda a: _replace(a, 7, a[7][:1]), ValueError, "drop_scale"),
     ("fc1 int", lambda a: _replace(a, 2, a[2].int()), TypeError, "dtype"),
     ("empty batch", lambda a: _replace(_replace(a, 0, a[0][:0]), 1, a[1][:0]), ValueError, "empty batch"),
+    ("zero height", lambda a: _replace(_replace(a, 0, a[0][:, :0]), 1, a[1][:, :0]), ValueError,
+     "H, W and C must be at least 1"),
     ("mixed devices", lambda a: _replace(a, 2, a[2].to("meta")), ValueError, "one device"),
 ]
 

@@ -359,10 +359,18 @@ def test_convert_model_rejects_convnext_v2(make, type_name):
     (lambda: TimmConvNeXt(act=lambda: nn.GELU(approximate="tanh")), "exact"),
     (lambda: TimmConvNeXt(mlp_ratio=3), "ratio 4"),
     (lambda: nn.Linear(3, 3), "no ConvNeXt blocks"),
+    (lambda: OfficialBlock(16), "OfficialBlock is a block itself"),
 ])
 def test_convert_model_rejects_what_it_cannot_fuse(make, why):
     with pytest.raises((UnsupportedBlockError, ValueError), match=why):
         ck.convert_model(make())
+
+
+def test_convert_model_takes_modules_and_fused_blocks():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got OrderedDict"):
+        ck.convert_model(TimmConvNeXt().state_dict())
+    block = ck.FusedBlock(16)  # already fused: only its backend changes
+    assert ck.convert_model(block, backend="cpu") is block and block.backend == "cpu"
 
 
 def test_convert_model_refuses_a_layer_scale_it_would_lose():

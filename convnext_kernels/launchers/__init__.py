@@ -138,7 +138,8 @@ def dwconv_layernorm_bwd_outputs(x: torch.Tensor):
 
 def dtype_code(dtype: torch.dtype, backend: str) -> int:
     """The compiled extension's code for an activation dtype (shared by its CPU and CUDA kernels)."""
-    from convnext_kernels import _C  # type: ignore[attr-defined]  (only the cpu/cuda launchers call this)
+    # Only the cpu/cuda launchers call this, so only they need the compiled extension.
+    from convnext_kernels import _C  # type: ignore[attr-defined]
 
     codes = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16,
              torch.bfloat16: _C.DTYPE_BFLOAT16}

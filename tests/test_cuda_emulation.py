@@ -82,6 +82,23 @@ def schedule():
 
 
 @needs_emulator
+def test_emulated_device_can_be_another_gpu():
+    """set_device changes what the kernels' host code reads of the device (tests/test_cuda_kernels.py
+    runs the kernels as an A100 and as a 99 KB GPU with it); bad values are refused."""
+    assert emu.mlp_layerscale_cuda_wgmma_supported()  # the default: an H100
+    previous = emu.set_device(8, 9, 101376)
+    try:
+        assert previous == (9, 0, 232448)
+        assert not emu.mlp_layerscale_cuda_wgmma_supported()
+        with pytest.raises(ValueError, match="48 KiB"):
+            emu.set_device(8, 9, 1024)
+        assert emu.set_device(8, 9, 101376) == (8, 9, 101376)  # the refused call changed nothing
+    finally:
+        emu.set_device(*previous)
+    assert emu.mlp_layerscale_cuda_wgmma_supported()
+
+
+@needs_emulator
 def test_divergent_warp_collective_is_reported():
     with pytest.raises(RuntimeError, match="deadlock.*__shfl_xor_sync"):
         _selftest("divergent_collective")

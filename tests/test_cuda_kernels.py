@@ -672,6 +672,68 @@ def test_mlp_layerscale_fwd_workspace_size(target, shape, dtype, expect_fused, m
     target.sync()
 
 
+# ------------------------------------------------------------------------------------------------
+# Other GPUs, emulated: an A100, and the GPUs with 99 KB of shared memory a block
+# ------------------------------------------------------------------------------------------------
+# (compute capability major, minor, opt-in shared memory a block in bytes), as cudaDeviceGetAttribute
+# reports them. 8.6, 8.9 and 12.0 (RTX 3090, A10, RTX 4090, L4, L40S, RTX 5090; the default build's
+# sm_80 cubin runs on the first two, its compute_80 PTX is JIT-compiled for 12.0) all allow 101376
+# bytes, and the host code looks only at whether the capability is 9.0 (wgmma) and at the shared
+# memory. The emulator refuses a launch or an opt-in past the device's shared memory.
+OTHER_GPUS = {"a100": (8, 0, 166912), "sm89_99kb": (8, 9, 101376)}
+# Every ConvNeXt width, atto (40) to XL (2048), and scalar-path widths (C % 8 != 0) near the ring
+# kernels' limit (384) and, on a 99 KB GPU, the tile kernels' (2044).
+CONVNEXT_WIDTHS = (40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536, 2048)
+
+
+@pytest.fixture(params=list(OTHER_GPUS))
+def other_gpu(request):
+    emu, why = emulated_cuda_extension()
+    if emu is None:
+        pytest.skip(why)
+    previous = emu.set_device(*OTHER_GPUS[request.param])
+    try:
+        yield _Target("emulated"), request.param
+    finally:
+        emu.set_device(*previous)
+
+
+def _launches_fit(emu, gpu):
+    launches = emu.launches(True)
+    assert launches and max(r["dynamic_smem"] for r in launches) <= OTHER_GPUS[gpu][2]
+
+
+@pytest.mark.parametrize("C", CONVNEXT_WIDTHS + (380, 2044))
+def test_dwconv_layernorm_on_other_gpus(other_gpu, C):
+    """56 pixels a row: there the ring kernels stack the most segments (shared memory) in a block."""
+    target, gpu = other_gpu
+    target.module.launches(True)
+    test_dwconv_layernorm(target, (1, 2, 56, C), torch.bfloat16)
+    _launches_fit(target.module, gpu)
+
+
+# The largest C whose fused forward fits the device's shared memory (FusedCfg*::kSmemBytes in
+# mlp_layerscale_fused_fwd.cuh); wider C (up to 384) take the two-GEMM path there.
+FUSED_FWD_MAX_C = {"a100": 384, "sm89_99kb": 128}
+
+
+@pytest.mark.parametrize("C", (40, 96, 128, 160, 192, 256, 384))
+def test_mlp_layerscale_on_other_gpus(other_gpu, C):
+    """mma.sync GEMMs (wgmma runs on 9.0 only); the fused forward where its shared memory fits."""
+    target, gpu = other_gpu
+    emu = target.module
+    assert not emu.mlp_layerscale_cuda_wgmma_supported()
+    shape, dtype = (1, 3, 5, C), torch.bfloat16
+    x, sc, w1, b1, w2, b2, gamma, s, _ = _mlp_inputs(target, shape, dtype)
+    _, workspace = _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
+    assert (workspace == 0xA5).all().item() == (C <= FUSED_FWD_MAX_C[gpu]), "the fused forward ran: untouched"
+    emu.stats(True)
+    emu.launches(True)
+    _check_mlp(target, shape, dtype)
+    assert emu.stats(True)["wgmma"] == 0
+    _launches_fit(emu, gpu)
+
+
 def _misaligned_copy(t):
     """A contiguous copy of t that starts one element past a 16-byte boundary."""
     buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)

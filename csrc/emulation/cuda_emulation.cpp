@@ -11,6 +11,7 @@
 #include <map>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ namespace {
 struct RuntimeState {
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
+  DeviceProps device;
   std::map<const void*, int> max_dynamic_smem;  // per kernel, set by cudaFuncSetAttribute
   Schedule schedule = Schedule::kForward;
   std::uint64_t seed = 0;
@@ -619,8 +621,19 @@ void set_schedule(Schedule schedule, std::uint64_t seed) {
 
 void set_cp_async_eager(bool eager) { runtime().cp_async_eager = eager; }
 
+const DeviceProps& device_props() { return runtime().device; }
+
+void set_device(const DeviceProps& props) {
+  if (props.major < 1 || props.minor < 0 || props.max_dynamic_smem_optin < kDefaultDynamicSmem) {
+    throw std::invalid_argument("set_device: compute capability must be at least 1.0 and the opt-in shared memory at "
+                                "least 48 KiB");
+  }
+  runtime().device = props;
+  runtime().max_dynamic_smem.clear();
+}
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kMaxDynamicSmemOptin) {
+  if (bytes < 0 || bytes > runtime().device.max_dynamic_smem_optin) {
     record_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more dynamic shared memory than the device has");
     return cudaErrorInvalidValue;
   }
@@ -803,9 +816,11 @@ cudaError_t cudaGetDevice(int* device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
-    case cudaDevAttrComputeCapabilityMajor: *value = cnk_emu::kComputeCapabilityMajor; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = cnk_emu::kComputeCapabilityMinor; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = cnk_emu::kMaxDynamicSmemOptin; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = cnk_emu::device_props().major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = cnk_emu::device_props().minor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = cnk_emu::device_props().max_dynamic_smem_optin;
+      return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }

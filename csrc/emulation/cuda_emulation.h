@@ -179,14 +179,24 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 
 namespace cnk_emu {
 
-// The emulated device: an H100 (compute capability 9.0) and its limits.
-constexpr int kComputeCapabilityMajor = 9;
-constexpr int kComputeCapabilityMinor = 0;
+// Limits every device the kernels target shares.
 constexpr int kWarpSize = 32;
 constexpr int kWarpgroupSize = 128;
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kDefaultDynamicSmem = 48 * 1024;
-constexpr int kMaxDynamicSmemOptin = 232448;  // 227 KiB
+
+// What the host code asks of the device (cudaDeviceGetAttribute): its compute capability, which
+// picks the GEMM instructions, and its opt-in shared memory per block, which bounds the tiles.
+// The default is an H100; set_device switches to another GPU's (an A100: 8.0, 166912 bytes; an
+// RTX 3090 / A10 / RTX 4090 / L4 / L40S / RTX 5090: 8.6, 8.9 or 12.0, 101376 bytes) and forgets
+// the kernels' cudaFuncSetAttribute opt-ins, as a new device would.
+struct DeviceProps {
+  int major = 9;
+  int minor = 0;
+  int max_dynamic_smem_optin = 232448;  // 227 KiB
+};
+const DeviceProps& device_props();
+void set_device(const DeviceProps& props);
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 

@@ -151,6 +151,18 @@ PYBIND11_MODULE(_cuda_emulated, m) {
         "cp.async.wait_group that retires them (the latest). Correct kernels give the same results.");
 
   m.def(
+      "set_device",
+      [](int major, int minor, int max_dynamic_smem_optin) {
+        const cnk_emu::DeviceProps old = cnk_emu::device_props();
+        cnk_emu::set_device(cnk_emu::DeviceProps{major, minor, max_dynamic_smem_optin});
+        return py::make_tuple(old.major, old.minor, old.max_dynamic_smem_optin);
+      },
+      py::arg("major"), py::arg("minor"), py::arg("max_dynamic_smem_optin"),
+      "Emulate another GPU: its compute capability and opt-in shared memory per block (bytes), as "
+      "cudaDeviceGetAttribute reports them. Returns the previous (major, minor, bytes); the default is "
+      "an H100's (9, 0, 232448).");
+
+  m.def(
       "stats",
       [](bool reset) {
         const cnk_emu::Stats st = cnk_emu::stats();

@@ -692,6 +692,7 @@ def other_gpu(request):
     if emu is None:
         pytest.skip(why)
     previous = emu.set_device(*OTHER_GPUS[request.param])
+    emu.launches(True)  # _launches_fit checks the test's own
     try:
         yield _Target("emulated"), request.param
     finally:
@@ -707,7 +708,6 @@ def _launches_fit(emu, gpu):
 def test_dwconv_layernorm_on_other_gpus(other_gpu, C):
     """56 pixels a row: there the ring kernels stack the most segments (shared memory) in a block."""
     target, gpu = other_gpu
-    target.module.launches(True)
     test_dwconv_layernorm(target, (1, 2, 56, C), torch.bfloat16)
     _launches_fit(target.module, gpu)
 
@@ -728,7 +728,6 @@ def test_mlp_layerscale_on_other_gpus(other_gpu, C):
     _, workspace = _raw_mlp_fwd(target, x, sc, w1, b1, w2, b2, gamma, s, True, 0xA5)
     assert (workspace == 0xA5).all().item() == (C <= FUSED_FWD_MAX_C[gpu]), "the fused forward ran: untouched"
     emu.stats(True)
-    emu.launches(True)
     _check_mlp(target, shape, dtype)
     assert emu.stats(True)["wgmma"] == 0
     _launches_fit(emu, gpu)

@@ -130,6 +130,15 @@ def _spill(r):
     return max(r["spill_stores"], r["spill_loads"])
 
 
+def _rows_by_launch(rows):
+    """{launch: the rows (one per autotune config) that serve it} (a row can serve several launches)."""
+    by_launch = {}
+    for r in rows:
+        for launch in r["launches"]:
+            by_launch.setdefault(launch, []).append(r)
+    return by_launch
+
+
 def _spill_rows(rows):
     """The rows that compiled; skips when this triton prints no ptxas -v log."""
     ok = [r for r in rows if r["ok"]]
@@ -147,11 +156,7 @@ def test_launches_cover_every_kernel(arch, request):
     assert cases == set(SPILL_BOUND)
     # Some launches are autotuned over several configs (else the sm_80 rule below, "one clean
     # config per launch", would be the same as sm_90's "every config").
-    per_launch = {}
-    for r in rows:
-        for launch in r["launches"]:
-            per_launch[launch] = per_launch.get(launch, 0) + 1
-    assert max(per_launch.values()) > 1
+    assert max(len(configs) for configs in _rows_by_launch(rows).values()) > 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -193,13 +198,8 @@ def test_sass_report_reads_the_cubins(aot, monkeypatch):
 
 
 def test_every_launch_has_a_clean_config_for_sm80(aot_sm80):
-    rows = _spill_rows(aot_sm80)
-    by_launch = {}
-    for r in rows:
-        for launch in r["launches"]:
-            by_launch.setdefault(launch, []).append(r)
     bad = []
-    for launch, cands in sorted(by_launch.items()):
+    for launch, cands in sorted(_rows_by_launch(_spill_rows(aot_sm80)).items()):
         case = [launch.split("#")[0]]  # the launch's own bound, not that of a case sharing its rows
         if not any(_spill(r) <= _spill_bound(r, case) for r in cands):
             worst = "; ".join(f"[{r['config']}] {_spill(r)} B > {_spill_bound(r, case)} B" for r in cands)
@@ -210,11 +210,7 @@ def test_every_launch_has_a_clean_config_for_sm80(aot_sm80):
 def test_every_launch_has_a_config_for_99kb_gpus(aot_sm80):
     """On a GPU with 99 KB of shared memory a block the autotuner skips the configs that do not
     fit (OutOfResources); each launch must keep at least one."""
-    by_launch = {}
-    for r in aot_sm80:
-        if r["ok"]:
-            for launch in r["launches"]:
-                by_launch.setdefault(launch, []).append(r)
+    by_launch = _rows_by_launch([r for r in aot_sm80 if r["ok"]])
     bad = [f"{cands[0]['kernel']} ({launch}): " + ", ".join(f"[{r['config']}] {r['smem']} B" for r in cands)
            for launch, cands in sorted(by_launch.items()) if min(r["smem"] for r in cands) > SMEM_OPTIN_99KB]
     assert by_launch and not bad, f"launches with no config within {SMEM_OPTIN_99KB} bytes:\n" + "\n".join(bad)

@@ -673,14 +673,16 @@ def test_mlp_layerscale_fwd_workspace_size(target, shape, dtype, expect_fused, m
 
 
 # ------------------------------------------------------------------------------------------------
-# Other GPUs, emulated: an A100, and the GPUs with 99 KB of shared memory a block
+# Other GPUs, emulated: an A100, the GPUs with 99 KB of shared memory a block, and a B200
 # ------------------------------------------------------------------------------------------------
 # (compute capability major, minor, opt-in shared memory a block in bytes), as cudaDeviceGetAttribute
 # reports them. 8.6, 8.9 and 12.0 (RTX 3090, A10, RTX 4090, L4, L40S, RTX 5090; the default build's
 # sm_80 cubin runs on the first two, its compute_80 PTX is JIT-compiled for 12.0) all allow 101376
 # bytes, and the host code looks only at whether the capability is 9.0 (wgmma) and at the shared
-# memory. The emulator refuses a launch or an opt-in past the device's shared memory.
-OTHER_GPUS = {"a100": (8, 0, 166912), "sm89_99kb": (8, 9, 101376)}
+# memory. A B200 (10.0) runs the JIT-compiled compute_80 PTX too, with the H100's 232448 bytes: the
+# mma.sync kernels at the largest shared memory. The emulator refuses a launch or an opt-in past
+# the device's shared memory.
+OTHER_GPUS = {"a100": (8, 0, 166912), "sm89_99kb": (8, 9, 101376), "b200": (10, 0, 232448)}
 # Every ConvNeXt width, atto (40) to XL (2048), and scalar-path widths (C % 8 != 0) near the ring
 # kernels' limit (384) and, on a 99 KB GPU, the tile kernels' (2044).
 CONVNEXT_WIDTHS = (40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536, 2048)
@@ -704,6 +706,8 @@ def _launches_fit(emu, gpu):
     assert launches and max(r["dynamic_smem"] for r in launches) <= OTHER_GPUS[gpu][2]
 
 
+# dwconv_layernorm's host code reads only the shared memory, where a B200 is an H100.
+@pytest.mark.parametrize("other_gpu", ["a100", "sm89_99kb"], indirect=True)
 @pytest.mark.parametrize("C", CONVNEXT_WIDTHS + (380, 2044))
 def test_dwconv_layernorm_on_other_gpus(other_gpu, C):
     """56 pixels a row: there the ring kernels stack the most segments (shared memory) in a block."""
@@ -714,12 +718,13 @@ def test_dwconv_layernorm_on_other_gpus(other_gpu, C):
 
 # The largest C whose fused forward fits the device's shared memory (FusedCfg*::kSmemBytes in
 # mlp_layerscale_fused_fwd.cuh); wider C (up to 384) take the two-GEMM path there.
-FUSED_FWD_MAX_C = {"a100": 384, "sm89_99kb": 128}
+FUSED_FWD_MAX_C = {"a100": 384, "sm89_99kb": 128, "b200": 384}
 
 
 @pytest.mark.parametrize("C", (40, 96, 128, 160, 192, 256, 384))
 def test_mlp_layerscale_on_other_gpus(other_gpu, C):
-    """mma.sync GEMMs (wgmma runs on 9.0 only); the fused forward where its shared memory fits."""
+    """mma.sync GEMMs (wgmma runs on 9.0 only: the sm_90a cubin; a B200 JIT-compiles the compute_80
+    PTX); the fused forward where its shared memory fits."""
     target, gpu = other_gpu
     emu = target.module
     assert not emu.mlp_layerscale_cuda_wgmma_supported()

@@ -1,4 +1,5 @@
-"""The Triton kernels still compile for an H100 (sm_90) and an A100 (sm_80), checked without a GPU.
+"""The Triton kernels still compile for an H100 (sm_90), an A100 (sm_80) and a B200 (sm_100),
+checked without a GPU.
 
 tests/triton_aot.py records the launches the four Triton launchers make (meta tensors) and
 compiles each kernel x GPU autotune config ahead of time for the given arch. It runs in a child
@@ -12,10 +13,11 @@ Cases (one per autotune list): bf16 C=96 (N=2, 56x56), bf16 C=192 (28x28), bf16 
 bf16 C=96 at batch 128 and fp16 C=768 at batch 87, where the backward conv kernel's programs take
 half an image and 2 images.
 
-sm_90, the target: every config within its spill bound. sm_80: every config compiles and fits
-the A100's shared memory, and every launch has at least one config within the bound (there
-mma.sync holds both operands in registers, and some configs tuned for sm_90's wgmma spill; the
-autotuner times them all and keeps the fastest).
+sm_90, the target: every config within its spill bound. sm_80 and sm_100: every config compiles
+and fits the GPU's shared memory, and every launch has at least one config within the bound (on
+sm_80 mma.sync holds both operands in registers, and some configs tuned for sm_90's wgmma spill;
+sm_100 is Triton's Blackwell lowering, tcgen05 MMAs into tensor memory, where a few configs spill
+too; the autotuner times them all and keeps the fastest).
 """
 import json
 import os
@@ -27,8 +29,8 @@ import pytest
 
 from conftest import package_subprocess_env
 
-# Bytes of shared memory per block (cudaFuncAttributeMaxDynamicSharedMemorySize): H100, A100.
-SMEM_OPTIN = {90: 232448, 80: 166912}
+# Bytes of shared memory per block (cudaFuncAttributeMaxDynamicSharedMemorySize): H100, A100, B200.
+SMEM_OPTIN = {90: 232448, 80: 166912, 100: 232448}
 # The GPUs of compute capability 8.6, 8.9 and 12.0 (RTX 3090, A10, RTX 4090, L4, L40S, RTX 5090)
 # allow 101376 bytes. Triton generates the same code for them as for sm_80 (mma.sync, cp.async):
 # compiled for sm_89 and sm_120, all 170 of this test's compiles gave sm_80's shared memory,
@@ -106,11 +108,16 @@ def aot_sm80(tmp_path_factory):
     return _compile_all(tmp_path_factory, 80)
 
 
-ARCHS = (90, 80)
+@pytest.fixture(scope="module")
+def aot_sm100(tmp_path_factory):
+    return _compile_all(tmp_path_factory, 100)
+
+
+ARCHS = (90, 80, 100)
 
 
 def _compiled(arch, request):
-    return request.getfixturevalue("aot" if arch == 90 else "aot_sm80")
+    return request.getfixturevalue("aot" if arch == 90 else f"aot_sm{arch}")
 
 
 def _where(r):
@@ -197,14 +204,30 @@ def test_sass_report_reads_the_cubins(aot, monkeypatch):
     assert max(loop["ffma"] for loop in kernel["loops"]) > 0
 
 
-def test_every_launch_has_a_clean_config_for_sm80(aot_sm80):
+def test_sm100_compiles_are_blackwells_own(aot_sm100, monkeypatch):
+    """The sm_100 compile checks Triton's Blackwell lowering, not sm_80's code: the bf16 MLP
+    kernels' dots are tcgen05 MMAs (SASS UTC*MMA, accumulating in tensor memory)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sass_report
+
+    if sass_report.find_tool("nvdisasm") is None:
+        pytest.skip("needs nvdisasm")
+    rows = [r for r in aot_sm100 if r["ok"] and r["kernel"] == "_mlp_layerscale_fwd_kernel" and "bf16:96" in r["cases"]]
+    assert rows
+    (lines,) = sass_report.disassemble(Path(rows[0]["cubin"])).values()
+    opcodes = {sass_report.opcode(text) for _, text in sass_report.parse(lines)[0]}
+    assert any(op.startswith("UTC") and op.endswith("MMA") for op in opcodes), sorted(opcodes)
+
+
+@pytest.mark.parametrize("arch", (80, 100))
+def test_every_launch_has_a_clean_config(arch, request):
     bad = []
-    for launch, cands in sorted(_rows_by_launch(_spill_rows(aot_sm80)).items()):
+    for launch, cands in sorted(_rows_by_launch(_spill_rows(_compiled(arch, request))).items()):
         case = [launch.split("#")[0]]  # the launch's own bound, not that of a case sharing its rows
         if not any(_spill(r) <= _spill_bound(r, case) for r in cands):
             worst = "; ".join(f"[{r['config']}] {_spill(r)} B > {_spill_bound(r, case)} B" for r in cands)
             bad.append(f"{cands[0]['kernel']} ({launch}): {worst}")
-    assert not bad, "launches whose every sm_80 config spills past the bound:\n" + "\n".join(bad)
+    assert not bad, f"launches whose every sm_{arch} config spills past the bound:\n" + "\n".join(bad)
 
 
 def test_every_launch_has_a_config_for_99kb_gpus(aot_sm80):

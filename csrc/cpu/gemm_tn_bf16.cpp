@@ -40,6 +40,10 @@ constexpr int64_t kPackPairs = 16;     // row pairs packed together: 32 rows' so
 
 CNK_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Micro-tiles of c down its p rows and across its q columns.
+CNK_INLINE int64_t row_tile_count(int64_t p) { return round_up(p, kTileRows) / kTileRows; }
+CNK_INLINE int64_t col_tile_count(int64_t q) { return round_up(q, kTileCols) / kTileCols; }
+
 void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(std::string("gemm_tn_bf16 (cpu): ") + what);
 }
@@ -149,8 +153,7 @@ void run(const A* a, int64_t lda, const B* b, int64_t ldb, float* c, int64_t ldc
   const int64_t pairs = (rows + 1) / 2;
   uint32_t* a_packed = workspace;
   uint32_t* b_packed = workspace + pairs * round_up(p, kTileRows);
-  const int64_t row_tiles = round_up(p, kTileRows) / kTileRows;
-  const int64_t col_tiles = round_up(q, kTileCols) / kTileCols;
+  const int64_t row_tiles = row_tile_count(p), col_tiles = col_tile_count(q);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = thread_index(), nt = thread_count();
@@ -223,8 +226,7 @@ void gemm_tn_bf16_cpu(const void* a, int64_t lda, int a_dtype, const void* b, in
     return;
   }
 #if CNK_AVX512_BF16
-  const int64_t tiles = (round_up(p, kTileRows) / kTileRows) * (round_up(q, kTileCols) / kTileCols);
-  const int nthreads = resolve_threads(num_threads, std::min(tiles, (rows + 1) / 2));
+  const int nthreads = resolve_threads(num_threads, std::min(row_tile_count(p) * col_tile_count(q), (rows + 1) / 2));
   auto with_a = [&](auto a_tag) {
     using A = decltype(a_tag);
     auto with_b = [&](auto b_tag) {

@@ -22,7 +22,12 @@ os.environ.setdefault("CONVNEXT_KERNELS_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 
 import convnext_kernels  # noqa: E402,F401  (registers the ops once, under the settings above)
+from convnext_kernels import backends  # noqa: E402
 from convnext_kernels.backends import unavailable_reason  # noqa: E402
+
+# Empty where the installed triton can run the Triton kernels on some device, else why not: not
+# installed, or older than they support (torch 2.6 pins triton 3.2), when their modules fail to import.
+TRITON_UNUSABLE = backends._find_triton()
 
 # Triton takes CPU tensors only through its interpreter, which this file turns on only where there
 # is no GPU (on a GPU machine the compiled kernels must run, in the same process). So there the

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from conftest import TRITON_INTERPRETER_BF16_MISSING, tf32_matmul  # noqa: E402
+from conftest import TRITON_INTERPRETER_BF16_MISSING, TRITON_UNUSABLE, tf32_matmul  # noqa: E402
+
+if TRITON_UNUSABLE:
+    pytest.skip(TRITON_UNUSABLE, allow_module_level=True)
+
 from convnext_kernels.backends import triton_interpreted  # noqa: E402
 from convnext_kernels.triton.dwconv_layernorm import (  # noqa: E402
     dwconv_layernorm_bwd,

@@ -226,7 +226,8 @@ void gemm_tn_bf16_cpu(const void* a, int64_t lda, int a_dtype, const void* b, in
     return;
   }
 #if CNK_AVX512_BF16
-  const int nthreads = resolve_threads(num_threads, std::min(row_tile_count(p) * col_tile_count(q), (rows + 1) / 2));
+  const int64_t tiles = row_tile_count(p) * col_tile_count(q);
+  const int nthreads = resolve_threads(num_threads, std::min(tiles, (rows + 1) / 2));
   auto with_a = [&](auto a_tag) {
     using A = decltype(a_tag);
     auto with_b = [&](auto b_tag) {

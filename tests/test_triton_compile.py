@@ -190,31 +190,33 @@ def test_no_register_spills_sm90(aot):
     assert not bad, "register spills for sm_90:\n" + "\n".join(bad)
 
 
-def test_sass_report_reads_the_cubins(aot, monkeypatch):
-    """benchmarks/sass_report.py on a Triton cubin (tests/triton_aot.py --cubin-dir): the forward's
-    row loops, FMAs among them."""
+@pytest.fixture
+def sass_report(monkeypatch):
+    """benchmarks/sass_report.py, to read the compiles' cubins (tests/triton_aot.py --cubin-dir)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sass_report
 
     if sass_report.find_tool("nvdisasm") is None:
         pytest.skip("needs nvdisasm")
-    row = next(r for r in aot if r["ok"] and r["kernel"] == "_dwconv_layernorm_fwd_kernel" and "bf16:96" in r["cases"])
-    (kernel,) = sass_report.report(Path(row["cubin"]), "90a", None, False)
+    return sass_report
+
+
+def _cubin(rows, kernel, case):
+    """The cubin of the first config that compiled `kernel` for `case`."""
+    return Path(next(r for r in rows if r["ok"] and r["kernel"] == kernel and case in r["cases"])["cubin"])
+
+
+def test_sass_report_reads_the_cubins(aot, sass_report):
+    """benchmarks/sass_report.py on a Triton cubin: the forward's row loops, FMAs among them."""
+    (kernel,) = sass_report.report(_cubin(aot, "_dwconv_layernorm_fwd_kernel", "bf16:96"), "90a", None, False)
     assert kernel["kernel"] == "_dwconv_layernorm_fwd_kernel" and kernel["instructions"] > 0
     assert max(loop["ffma"] for loop in kernel["loops"]) > 0
 
 
-def test_sm100_compiles_are_blackwells_own(aot_sm100, monkeypatch):
+def test_sm100_compiles_are_blackwells_own(aot_sm100, sass_report):
     """The sm_100 compile checks Triton's Blackwell lowering, not sm_80's code: the bf16 MLP
     kernels' dots are tcgen05 MMAs (SASS UTC*MMA, accumulating in tensor memory)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import sass_report
-
-    if sass_report.find_tool("nvdisasm") is None:
-        pytest.skip("needs nvdisasm")
-    rows = [r for r in aot_sm100 if r["ok"] and r["kernel"] == "_mlp_layerscale_fwd_kernel" and "bf16:96" in r["cases"]]
-    assert rows
-    (lines,) = sass_report.disassemble(Path(rows[0]["cubin"])).values()
+    (lines,) = sass_report.disassemble(_cubin(aot_sm100, "_mlp_layerscale_fwd_kernel", "bf16:96")).values()
     opcodes = {sass_report.opcode(text) for _, text in sass_report.parse(lines)[0]}
     assert any(op.startswith("UTC") and op.endswith("MMA") for op in opcodes), sorted(opcodes)
 

@@ -44,7 +44,24 @@ def _nchw(x_nhwc: torch.Tensor) -> torch.Tensor:
     return x_nhwc.permute(0, 3, 1, 2)
 
 
-class FusedBlock(nn.Module):
+class RecomputableBlock(nn.Module):
+    """A block whose forward is ``_fused_forward``, recomputed in backward when
+    ``grad_checkpointing`` is set. The checkpoint sits inside the block's own forward, so hooks on
+    the block and on the modules around it (FSDP2's all-gathers among them) run as they do without
+    it. Non-reentrant checkpoint restores the RNG state: a drop-path draw repeats exactly."""
+
+    grad_checkpointing = False
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._fused_forward, x, use_reentrant=False)
+        return self._fused_forward(x)
+
+
+class FusedBlock(RecomputableBlock):
     """A ConvNeXt block as dwconv_layernorm + mlp_layerscale on (N, H, W, C) activations."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
@@ -61,7 +78,7 @@ class FusedBlock(nn.Module):
         self.drop_prob = drop_path
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = dwconv_layernorm(x, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias,
                              self.norm.eps, backend=self.backend)
         scale = None
@@ -182,15 +199,13 @@ class ConvNeXtFused(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations (saves memory)."""
         self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, FusedBlock):
+                m.grad_checkpointing = enable
 
     # --- forward ----------------------------------------------------------------------------
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.stages[i]:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.stages[i](x)
+        return self.stages[i](self.downsample_layers[i](x))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs, each an (N, C, H, W) tensor in channels_last memory."""

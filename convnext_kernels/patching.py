@@ -36,10 +36,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .backends import BACKENDS
-from .model import FusedBlock
+from .model import FusedBlock, RecomputableBlock
 from .ops import KERNEL_SIZE, dwconv_layernorm, mlp_layerscale
 from .reference import drop_path_scale
 
@@ -63,7 +62,7 @@ class UnsupportedBlockError(TypeError):
 # ----------------------------------------------------------------------------------------------
 # Wrappers
 # ----------------------------------------------------------------------------------------------
-class ConvertedBlock(nn.Module):
+class ConvertedBlock(RecomputableBlock):
     """Base of the wrappers: NCHW in and out, the two fused ops inside (see the module docstring).
 
     Subclasses say where the parameters live (``_parts``) and, unless it is the block's DropPath
@@ -86,7 +85,6 @@ class ConvertedBlock(nn.Module):
         self.train(block.training)
         self.original_type = f"{type(block).__module__}.{type(block).__qualname__}"
         self.backend = backend
-        self.grad_checkpointing = False
         if self.LAYER_SCALE not in self._parameters:  # no layer scale: None (or a plain None attribute)
             setattr(self, self.LAYER_SCALE, None)
 
@@ -104,12 +102,6 @@ class ConvertedBlock(nn.Module):
         scale = self._drop_scale(x.shape[0], x.device) if self.training else None
         out = mlp_layerscale(y, x_nhwc, fc1_w, fc1_b, fc2_w, fc2_b, gamma, scale, backend=self.backend)
         return out.permute(0, 3, 1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant checkpoint restores the RNG state, so the drop-path draw repeats exactly.
-            return checkpoint(self._fused_forward, x, use_reentrant=False)
-        return self._fused_forward(x)
 
     def extra_repr(self) -> str:
         return f"source={self.source}, backend={self.backend!r}"

@@ -207,6 +207,47 @@ def test_inference_mode_and_export_gpu(backend):
     _export_check(backend, "cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_training_step_in_a_cuda_graph_gpu(backend, dtype, monkeypatch):
+    """Forward and backward captured in a CUDA graph (by hand, as torch.compile's "reduce-overhead"
+    mode does) replay as they run eagerly, for new inputs: every launch is on the current stream,
+    nothing synchronises with the host, workspaces come from torch's allocator, and no value is
+    fixed at capture time. Eager and replay run the same kernels (deterministic cuDNN for the stem
+    and downsampling convs); the tolerance allows a rounding, not a stale or unwritten buffer."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    _, fused = _pair(backend)
+    fused = fused.cuda().to(dtype)
+    params = list(fused.parameters())
+    static_x = torch.empty(4, 3, 64, 96, device="cuda", dtype=dtype)
+
+    def step():
+        out = fused(static_x)
+        return [out] + list(torch.autograd.grad(out.float().square().sum(), params))
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    static_x.copy_(torch.randn(static_x.shape, device="cuda", generator=gen))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream: autotuning, lazy set-up
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        static_x.copy_(torch.randn(static_x.shape, device="cuda", generator=gen))
+        graph.replay()
+        replayed = [t.clone() for t in captured]
+        eager = step()
+        for i, (got, want) in enumerate(zip(replayed, eager)):
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item(),
+                                       msg=lambda m: f"output {i} (0: logits, then {len(params)} gradients): {m}")
+
+
 def test_double_backward_is_refused():
     # The backward ops have no autograd formula: a second derivative must raise, not come out zero.
     x = torch.randn(1, 5, 6, 40, requires_grad=True)

@@ -313,6 +313,21 @@ def test_autocast_stops_at_the_ops(backend, op_name):
             assert a.dtype == b.dtype and torch.equal(a, b), (inside, i)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
+def test_outputs_and_gradients_are_not_views(backend, op_name):
+    """Each op returns tensors of its own, not views of a buffer it hides: FSDP2 warns about a
+    wrapped module whose output is a view (one warning per block or stage), since an in-place op
+    on it would bypass its hooks. The torch and cpu backends' MLP returned y.view(x.shape)."""
+    args = _op_args(op_name, (2, 3, 5, 40))
+    y = getattr(ck, op_name)(*args, backend=backend)
+    assert not y._is_view()
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert [i for i, g in enumerate(grads) if g._is_view()] == []
+
+
 def test_non_contiguous_input_is_copied():
     inputs, _ = _dwconv_layernorm_inputs((2, 5, 6, 40), "cpu")
     x, w, b, nw, nb = [t.float() for t in inputs]

@@ -174,11 +174,14 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     C = x.shape[-1]
     x2, shortcut2 = x.reshape(-1, C), shortcut.reshape(-1, C)
     s = _row_scale(drop_scale, x)
-    y = torch.empty_like(x2)
+    # Allocated in x's shape and written through a 2-D view: the op returns the base tensor, not a
+    # view of a hidden one (FSDP2 warns about a wrapped module whose output is a view).
+    y = x.new_empty(x.shape)
+    y2 = y.view(-1, C)
     for rows in _row_chunks(x2.shape[0], x.device):
         h = parts.gelu_forward(x2[rows], fc1_weight, fc1_bias, None if preact_out is None else preact_out[rows])
-        parts.residual(h, fc2_weight, fc2_bias, None if s is None else s[rows], gamma, shortcut2[rows], y[rows])
-    return y.view(x.shape)
+        parts.residual(h, fc2_weight, fc2_bias, None if s is None else s[rows], gamma, shortcut2[rows], y2[rows])
+    return y
 
 
 def _rowwise_dot(a, b):
@@ -206,7 +209,8 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
     # G and dW1 are written by the first chunk's GEMM and accumulated into by the others (no
     # zero fill of two (4C, C) buffers).
     g = dfc1_weight = None
-    dx = torch.empty_like(x2)
+    dx = x.new_empty(x.shape)  # returned as it is, not as a view (as y in the forward)
+    dx2 = dx.view(-1, C)
     # Chunks are visited in a fixed order, so the weight-gradient sums are deterministic.
     for rows in _row_chunks(x2.shape[0], x.device):
         dys = dy2[rows].float()  # dy itself for fp32 (it is also dshortcut): never written below
@@ -219,10 +223,10 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                                             None if preact is None else preact[rows], dh, dfc1_bias)
         g = parts.accumulate_tn(g, dys, h)
         dfc1_weight = parts.accumulate_tn(dfc1_weight, da, x2[rows])
-        parts.matmul(da.to(x.dtype) if da_low is None else da_low, fc1_weight, out=dx[rows])
+        parts.matmul(da.to(x.dtype) if da_low is None else da_low, fc1_weight, out=dx2[rows])
     if g is None:  # no rows
         g, dfc1_weight = torch.zeros(fc2_weight.shape, **f32), torch.zeros(fc1_weight.shape, **f32)
     dgamma = _rowwise_dot(g, fc2_weight.float()).add_(fc2_bias * dys_sum)
     if gamma is None:
-        return dx.view(x.shape), dfc1_weight, dfc1_bias, g, dys_sum, dgamma
-    return dx.view(x.shape), dfc1_weight, dfc1_bias, g.mul_(gamma[:, None]), dys_sum.mul_(gamma), dgamma
+        return dx, dfc1_weight, dfc1_bias, g, dys_sum, dgamma
+    return dx, dfc1_weight, dfc1_bias, g.mul_(gamma[:, None]), dys_sum.mul_(gamma), dgamma

@@ -164,7 +164,6 @@ class ConvNeXtFused(nn.Module):
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.num_classes = num_classes
-        self.grad_checkpointing = False
         self.downsample_layers = nn.ModuleList(
             [_Stem(in_chans, dims[0])] + [_Downsample(dims[i], dims[i + 1]) for i in range(3)]
         )
@@ -196,12 +195,20 @@ class ConvNeXtFused(nn.Module):
                 m.backend = backend
         return self
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether the blocks are recomputed in backward; setting it sets every block's switch."""
+        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, RecomputableBlock))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, RecomputableBlock):
+                m.grad_checkpointing = bool(enable)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations (saves memory)."""
         self.grad_checkpointing = enable
-        for m in self.modules():
-            if isinstance(m, FusedBlock):
-                m.grad_checkpointing = enable
 
     # --- forward ----------------------------------------------------------------------------
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -438,11 +438,11 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Recompute each fused block in backward: ConvNeXtFused's own switch, or every converted block."""
-    if hasattr(model, "set_grad_checkpointing") and not any(isinstance(m, ConvertedBlock) for m in model.modules()):
+    """Recompute each fused block in backward (converted blocks and ConvNeXtFused's, wherever they
+    sit in `model`); a model without fused blocks gets its own ``set_grad_checkpointing``."""
+    blocks = [m for m in model.modules() if isinstance(m, RecomputableBlock)]
+    if not blocks and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(enable)
-        return model
-    for m in model.modules():
-        if isinstance(m, ConvertedBlock):
-            m.grad_checkpointing = enable
+    for m in blocks:
+        m.grad_checkpointing = enable
     return model

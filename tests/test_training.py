@@ -575,6 +575,19 @@ def test_grad_checkpointing_with_drop_path(kind, monkeypatch):
     assert len(calls) == blocks
 
 
+def test_grad_checkpointing_switches_reach_every_block():
+    """The method, the attribute and patching.set_grad_checkpointing on a module holding a
+    ConvNeXtFused each switch every block."""
+    model = ck.ConvNeXtFused(num_classes=5, backend="cpu", **TINY)
+    blocks = [m for m in model.modules() if isinstance(m, ck.FusedBlock)]
+    model.grad_checkpointing = True
+    assert model.grad_checkpointing and all(b.grad_checkpointing for b in blocks)
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing and not any(b.grad_checkpointing for b in blocks)
+    set_grad_checkpointing(nn.ModuleDict({"backbone": model}), True)
+    assert all(b.grad_checkpointing for b in blocks)
+
+
 def test_grad_checkpointing_keeps_the_stage_hooks():
     """With checkpointing on, ConvNeXtFused still calls each stage module, so hooks on the stages
     run, FSDP2's among them (its all-gather of a stage's parameters is a forward pre-hook: run
@@ -753,13 +766,15 @@ def _run_two_ranks(worker, *args):
 
 
 def _mismatch(state, single):
-    """The first parameter where a two-rank state differs from the one-process model, or None.
+    """How a two-rank state differs from the one-process model (the first parameter), or None.
     Three steps at lr 0.5 move weights by O(1); the two summation orders of the gradient then
     differ by ~1e-6 (up to 2.7e-6 under torch 2.6), far below any averaging mistake."""
     assert state.keys() == single.state_dict().keys()
     for name, value in single.state_dict().items():
-        if not torch.allclose(state[name], value, rtol=1e-4, atol=1e-5):
-            return f"{name}: largest difference {(state[name] - value).abs().max().item():.3g}"
+        try:
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)
+        except AssertionError as e:
+            return f"{name}: {e}"
     return None
 
 
@@ -828,14 +843,18 @@ def test_fsdp2_gloo_two_processes_match_single_process(tmp_path, checkpointing):
     _run_two_ranks(_fsdp_worker, str(tmp_path), checkpointing)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     if "reference_error" in rank0:
-        pytest.skip(f"FSDP2 on CPU fails under torch {torch.__version__} with torch's own layers too: "
-                    f"{rank0['reference_error']}")
-    single_reference = _dist_reference()
-    _dist_train(single_reference)
-    wrong = _mismatch(rank0["reference"], single_reference)
-    if wrong is not None:
-        pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} does not match one process with torch's "
-                    f"own layers either ({wrong})")
+        control = f"fails with torch's own layers too: {rank0['reference_error']}"
+    else:
+        single_reference = _dist_reference()
+        _dist_train(single_reference)
+        wrong = _mismatch(rank0["reference"], single_reference)
+        control = None if wrong is None else f"does not match one process with torch's own layers either ({wrong})"
+    if control is not None:
+        # Seen under torch 2.6 (an error) and 2.7 (gradients summed over the ranks); later
+        # versions must pass the control, or the set-up here is wrong.
+        if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+            pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+        pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
     # FSDP2 warns about a wrapped module whose output is a view; the stages return the ops' outputs.
     assert rank0["view_warnings"] == [] and rank1["view_warnings"] == []
     _assert_ranks_match_single_process(rank0["fused"], rank1["fused"])

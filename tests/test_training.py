@@ -726,11 +726,12 @@ def _init_rank(rank, world_size, port):
     return dist
 
 
-def _ddp_worker(rank, world_size, port, out_dir):
+def _ddp_worker(rank, world_size, port, out_dir, compile_backend):
     dist = _init_rank(rank, world_size, port)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_dist_model())
-        _dist_train(model, rank)
+        # torch.compile of the DDP module, as users write it (dynamo's DDPOptimizer takes the graph)
+        _dist_train(model if compile_backend is None else torch.compile(model, backend=compile_backend), rank)
         torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
         # DDP's reducer must not hold the last reference to the process group: the reducer's
         # destructor keeps the GIL while ProcessGroupGloo's joins its worker threads, and a worker
@@ -788,8 +789,9 @@ def _assert_ranks_match_single_process(rank0, rank1):
     assert any(not torch.equal(initial[n], v) for n, v in rank0.items()), "training changed nothing"
 
 
-def test_ddp_gloo_two_processes_match_single_process(tmp_path):
-    _run_two_ranks(_ddp_worker, str(tmp_path))
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_ddp_gloo_two_processes_match_single_process(tmp_path, compile_backend):
+    _run_two_ranks(_ddp_worker, str(tmp_path), compile_backend)
     _assert_ranks_match_single_process(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
 
 

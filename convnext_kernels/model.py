@@ -36,6 +36,14 @@ __all__ = [
 ]
 
 
+def _check_images(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """x, checked: the stride-4 stem and three 2x2 stride-2 downsamplings need 32 pixels a side
+    (torch's conv would fail at the last one with a message about kernel sizes)."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] < 32 or x.shape[3] < 32:
+        raise ValueError(f"images must be (N, {in_chans}, H, W) with H, W >= 32, got shape {tuple(x.shape)}")
+    return x
+
+
 def _nhwc(x_nchw: torch.Tensor) -> torch.Tensor:
     return x_nchw.permute(0, 2, 3, 1)
 
@@ -115,6 +123,16 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch.float16)
 
 
+# torch.fx's symbolic tracing (torchvision's create_feature_extractor, FX graph-mode quantization)
+# records these as calls, run as they are when the traced module runs, instead of tracing into
+# their checks and branches, which need real tensors.
+torch.fx.wrap("dwconv_layernorm")
+torch.fx.wrap("mlp_layerscale")
+torch.fx.wrap("drop_path_scale")  # torch 2.6 and 2.7 cannot trace torch.rand of a traced size
+torch.fx.wrap("_check_images")
+torch.fx.wrap("_conv")
+
+
 class _Stem(nn.Sequential):
     """4x4 stride-4 patchify conv + LayerNorm; NCHW image in, NHWC activations out."""
 
@@ -122,11 +140,7 @@ class _Stem(nn.Sequential):
         super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The stride-4 stem and three 2x2 stride-2 downsamplings need 32 pixels a side (torch's conv
-        # would fail at the last one with a message about kernel sizes).
-        if x.dim() != 4 or x.shape[1] != self[0].in_channels or x.shape[2] < 32 or x.shape[3] < 32:
-            raise ValueError(f"images must be (N, {self[0].in_channels}, H, W) with H, W >= 32, "
-                             f"got shape {tuple(x.shape)}")
+        x = _check_images(x, self[0].in_channels)
         x = _conv(self[0], x.contiguous(memory_format=torch.channels_last))
         return self[1](_nhwc(x))
 

@@ -55,6 +55,12 @@ __all__ = [
 ]
 
 
+# Recorded as calls by torch.fx's symbolic tracing, as in convnext_kernels.model.
+torch.fx.wrap("dwconv_layernorm")
+torch.fx.wrap("mlp_layerscale")
+torch.fx.wrap("drop_path_scale")
+
+
 class UnsupportedBlockError(TypeError):
     """A ConvNeXt block that the fused ops cannot compute exactly (the message names its type)."""
 

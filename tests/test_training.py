@@ -602,6 +602,73 @@ def test_grad_checkpointing_keeps_the_stage_hooks():
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.fx symbolic tracing (torchvision's create_feature_extractor, FX graph-mode quantization)
+# ----------------------------------------------------------------------------------------------
+def _assert_traces(model, x):
+    """torch.fx.symbolic_trace(model) records the fused ops as calls and computes what the model
+    does, in eval and in training mode (the same drop-path draws), gradients included."""
+    for train in (False, True):
+        model.train(train)
+        traced = torch.fx.symbolic_trace(model)
+        called = {getattr(n.target, "__name__", "") for n in traced.graph.nodes if n.op == "call_function"}
+        assert {"dwconv_layernorm", "mlp_layerscale"} <= called
+        # The traced module holds the model's Parameter objects, under the same names.
+        params = dict(traced.named_parameters())
+        assert params.keys() == dict(model.named_parameters()).keys()
+        assert all(params[n] is p for n, p in model.named_parameters())
+        want, want_grads = _loss_and_grads(model, x, seed=5)
+        got, got_grads = _loss_and_grads(traced, x, seed=5)  # gradients in the traced module's order
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got_grads = dict(zip(params, got_grads))
+        for (name, _), w in zip(model.named_parameters(), want_grads):
+            torch.testing.assert_close(got_grads[name], w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["fused"] + list(STAND_INS))
+def test_fx_symbolic_trace(kind):
+    """Converting a torchvision model used to break its FX tracing ("x must be a torch.Tensor, got
+    Proxy": the ops' checks ran on proxies), and ConvNeXtFused never traced."""
+    torch.manual_seed(0)
+    if kind == "fused":
+        model, x = ck.ConvNeXtFused(num_classes=5, drop_path_rate=0.3, backend="cpu", **TINY), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = ck.convert_model(_randomise(STAND_INS[kind](drop_path=0.3)), backend="cpu"), _input(kind, n=2)
+    _assert_traces(model, x)
+
+
+def _torchvision_feature_extractor_check(backend, device):
+    """torchvision's create_feature_extractor over a converted convnext_tiny gives the unconverted
+    model's stage outputs, and gradients through it reach the model's parameters."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    original = _randomise(tv.models.convnext_tiny(num_classes=10)).to(device).eval()
+    model = ck.convert_model(copy.deepcopy(original), backend=backend)
+    nodes = {"features.1": "stage1", "features.3": "stage2", "features.5": "stage3", "features.7": "stage4"}
+    x = torch.randn(2, 3, 96, 128, device=device)
+    tf32 = torch.backends.cudnn.allow_tf32  # the stem and downsampling convs in true fp32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            want = create_feature_extractor(original, nodes)(x)
+            got = create_feature_extractor(model, nodes)(x)
+        for name in nodes.values():
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4 * want[name].abs().max().item())
+        features = create_feature_extractor(model.train(), nodes)(x)
+        sum(f.square().mean() for f in features.values()).backward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    # Every parameter but the classifier's (after the last stage) gets a gradient.
+    assert [n for n, p in model.named_parameters() if p.grad is None] == [
+        "classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias"]
+
+
+def test_torchvision_feature_extractor_of_converted_model():
+    _torchvision_feature_extractor_check("cpu", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------
 def _train_steps(model, steps, seed=0, batch=4, size=32, compile_backend=None):
@@ -973,6 +1040,12 @@ def test_convert_real_models_gpu(library, backend):
     assert_pass_rule("output", out, out64, out32, torch.float32)
     for (name, _), g, g64, g32 in zip(model.named_parameters(), grads, grads64, grads32):
         assert_pass_rule(f"grad {name}", g, g64, g32, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torchvision_feature_extractor_of_converted_model_gpu(backend):
+    _torchvision_feature_extractor_check(backend, "cuda")
 
 
 @pytest.mark.cuda

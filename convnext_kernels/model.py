@@ -7,8 +7,6 @@ the stem to the head: the stem and downsampling convs run on the NCHW view of th
 (channels_last), so no permute copies anything.
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch
@@ -64,9 +62,16 @@ class RecomputableBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._fused_forward, x, use_reentrant=False)
+        if self.grad_checkpointing:
+            return _recompute(self, x)
         return self._fused_forward(x)
+
+
+def _recompute(block: RecomputableBlock, x: torch.Tensor) -> torch.Tensor:
+    """block's forward, recomputed in backward (checkpointed) where autograd records it."""
+    if torch.is_grad_enabled():
+        return checkpoint(block._fused_forward, x, use_reentrant=False)
+    return block._fused_forward(x)
 
 
 class FusedBlock(RecomputableBlock):
@@ -123,12 +128,13 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch.float16)
 
 
-# torch.fx's symbolic tracing (torchvision's create_feature_extractor, FX graph-mode quantization)
-# records these as calls, run as they are when the traced module runs, instead of tracing into
-# their checks and branches, which need real tensors.
+# torch.fx's symbolic tracing (torchvision's create_feature_extractor) records these as calls, run
+# as they are when the traced module runs, instead of tracing into their checks and branches,
+# which need real tensors (and _recompute: traced into, a checkpoint would be dropped).
 torch.fx.wrap("dwconv_layernorm")
 torch.fx.wrap("mlp_layerscale")
 torch.fx.wrap("drop_path_scale")  # torch 2.6 and 2.7 cannot trace torch.rand of a traced size
+torch.fx.wrap("_recompute")
 torch.fx.wrap("_check_images")
 torch.fx.wrap("_conv")
 

@@ -6,9 +6,7 @@ compute in float64 and return float64 (the yardstick every kernel is measured ag
 otherwise they compute in the input dtype exactly as eager PyTorch would.
 """
 
-from __future__ import annotations
-
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -80,7 +78,7 @@ def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[float]
 
 
 def drop_path_scale(
-    batch: int, drop_prob: float, device: torch.device | str | None = None,
+    batch: int, drop_prob: float, device: Union[torch.device, str, None] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Per-sample stochastic-depth factors, (batch,) float32: Bernoulli(keep) / keep.

@@ -8,6 +8,7 @@ Hugging Face transformers installs on CPU (a test dependency), so its models are
 """
 
 import copy
+import io
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convnext_kernels as ck
+from convnext_kernels.model import RecomputableBlock
 from convnext_kernels.patching import (
     ConvertedBlock,
     UnsupportedBlockError,
@@ -604,28 +606,43 @@ def test_grad_checkpointing_keeps_the_stage_hooks():
 # ----------------------------------------------------------------------------------------------
 # torch.fx symbolic tracing (torchvision's create_feature_extractor, FX graph-mode quantization)
 # ----------------------------------------------------------------------------------------------
-def _assert_traces(model, x):
-    """torch.fx.symbolic_trace(model) records the fused ops as calls and computes what the model
-    does, in eval and in training mode (the same drop-path draws), gradients included."""
-    for train in (False, True):
+def _assert_traces(model, x, monkeypatch):
+    """torch.fx.symbolic_trace(model) records the fused ops as calls (or, with gradient
+    checkpointing, each block's recomputation) and computes what the model does, in eval and in
+    training mode (the same drop-path draws), gradients included; and the traced module pickles."""
+    blocks = sum(isinstance(m, RecomputableBlock) for m in model.modules())
+    for train, checkpointing in ((False, False), (True, False), (True, True)):
         model.train(train)
+        set_grad_checkpointing(model, checkpointing)
         traced = torch.fx.symbolic_trace(model)
         called = {getattr(n.target, "__name__", "") for n in traced.graph.nodes if n.op == "call_function"}
-        assert {"dwconv_layernorm", "mlp_layerscale"} <= called
+        assert ({"_recompute"} if checkpointing else {"dwconv_layernorm", "mlp_layerscale"}) <= called
+        buffer = io.BytesIO()
+        torch.save(traced, buffer)
+        buffer.seek(0)
+        torch.manual_seed(5)
+        reloaded = torch.load(buffer, weights_only=False)(x)
         # The traced module holds the model's Parameter objects, under the same names.
         params = dict(traced.named_parameters())
         assert params.keys() == dict(model.named_parameters()).keys()
         assert all(params[n] is p for n, p in model.named_parameters())
         want, want_grads = _loss_and_grads(model, x, seed=5)
-        got, got_grads = _loss_and_grads(traced, x, seed=5)  # gradients in the traced module's order
+        with monkeypatch.context() as patch:  # count the blocks' runs (graph calls hold the originals)
+            calls = []
+            for module in (ck.model, ck.patching):
+                op = module.dwconv_layernorm
+                patch.setattr(module, "dwconv_layernorm", lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+            got, got_grads = _loss_and_grads(traced, x, seed=5)  # gradients in the traced module's order
+        assert len(calls) == (2 * blocks if checkpointing else 0), "traced checkpointing recomputes each block"
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded, want, rtol=0, atol=0)
         got_grads = dict(zip(params, got_grads))
         for (name, _), w in zip(model.named_parameters(), want_grads):
             torch.testing.assert_close(got_grads[name], w, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["fused"] + list(STAND_INS))
-def test_fx_symbolic_trace(kind):
+def test_fx_symbolic_trace(kind, monkeypatch):
     """Converting a torchvision model used to break its FX tracing ("x must be a torch.Tensor, got
     Proxy": the ops' checks ran on proxies), and ConvNeXtFused never traced."""
     torch.manual_seed(0)
@@ -633,12 +650,12 @@ def test_fx_symbolic_trace(kind):
         model, x = ck.ConvNeXtFused(num_classes=5, drop_path_rate=0.3, backend="cpu", **TINY), torch.randn(2, 3, 32, 32)
     else:
         model, x = ck.convert_model(_randomise(STAND_INS[kind](drop_path=0.3)), backend="cpu"), _input(kind, n=2)
-    _assert_traces(model, x)
+    _assert_traces(model, x, monkeypatch)
 
 
 def _torchvision_feature_extractor_check(backend, device):
     """torchvision's create_feature_extractor over a converted convnext_tiny gives the unconverted
-    model's stage outputs, and gradients through it reach the model's parameters."""
+    model's stage outputs and parameter gradients (eval mode: no drop-path draws)."""
     tv = pytest.importorskip("torchvision")
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -647,21 +664,24 @@ def _torchvision_feature_extractor_check(backend, device):
     model = ck.convert_model(copy.deepcopy(original), backend=backend)
     nodes = {"features.1": "stage1", "features.3": "stage2", "features.5": "stage3", "features.7": "stage4"}
     x = torch.randn(2, 3, 96, 128, device=device)
+
+    def features_and_grads(net):
+        features = create_feature_extractor(net, nodes)(x)
+        # Every parameter but the classifier's (after the last stage) is reached.
+        params = [(n, p) for n, p in net.named_parameters() if not n.startswith("classifier.")]
+        grads = torch.autograd.grad(sum(f.square().mean() for f in features.values()), [p for _, p in params])
+        return features, dict(zip([n for n, _ in params], grads))
+
     tf32 = torch.backends.cudnn.allow_tf32  # the stem and downsampling convs in true fp32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.no_grad():
-            want = create_feature_extractor(original, nodes)(x)
-            got = create_feature_extractor(model, nodes)(x)
-        for name in nodes.values():
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4 * want[name].abs().max().item())
-        features = create_feature_extractor(model.train(), nodes)(x)
-        sum(f.square().mean() for f in features.values()).backward()
+        want, want_grads = features_and_grads(original)
+        got, got_grads = features_and_grads(model)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    # Every parameter but the classifier's (after the last stage) gets a gradient.
-    assert [n for n, p in model.named_parameters() if p.grad is None] == [
-        "classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias"]
+    for ours, theirs in ((got, want), (got_grads, want_grads)):
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-4 * value.abs().max().item(), msg=name)
 
 
 def test_torchvision_feature_extractor_of_converted_model():
@@ -794,12 +814,15 @@ def _init_rank(rank, world_size, port):
 
 
 def _ddp_worker(rank, world_size, port, out_dir, compile_backend):
+    from torch._dynamo.utils import counters
+
     dist = _init_rank(rank, world_size, port)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_dist_model())
-        # torch.compile of the DDP module, as users write it (dynamo's DDPOptimizer takes the graph)
+        # torch.compile of the DDP module, as users write it
         _dist_train(model if compile_backend is None else torch.compile(model, backend=compile_backend), rank)
-        torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"state": model.module.state_dict(), "graphs": counters["stats"]["unique_graphs"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         # DDP's reducer must not hold the last reference to the process group: the reducer's
         # destructor keeps the GIL while ProcessGroupGloo's joins its worker threads, and a worker
         # still releasing a finished allreduce waits for the GIL (a deadlock seen under torch
@@ -859,7 +882,9 @@ def _assert_ranks_match_single_process(rank0, rank1):
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager"], ids=["eager", "compiled"])
 def test_ddp_gloo_two_processes_match_single_process(tmp_path, compile_backend):
     _run_two_ranks(_ddp_worker, str(tmp_path), compile_backend)
-    _assert_ranks_match_single_process(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (rank0["graphs"] > 0) == (compile_backend is not None), "compiled: dynamo made graphs"
+    _assert_ranks_match_single_process(rank0["state"], rank1["state"])
 
 
 def _fsdp_worker(rank, world_size, port, out_dir, checkpointing):

@@ -130,9 +130,8 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 # torch.fx's symbolic tracing (torchvision's create_feature_extractor) records these as calls, run
 # as they are when the traced module runs, instead of tracing into their checks and branches,
-# which need real tensors (and _recompute: traced into, a checkpoint would be dropped).
-torch.fx.wrap("dwconv_layernorm")
-torch.fx.wrap("mlp_layerscale")
+# which need real tensors (and _recompute: traced into, a checkpoint would be dropped). The two
+# ops record themselves (ops._fx_traced_call).
 torch.fx.wrap("drop_path_scale")  # torch 2.6 and 2.7 cannot trace torch.rand of a traced size
 torch.fx.wrap("_recompute")
 torch.fx.wrap("_check_images")

@@ -226,6 +226,16 @@ for _backend in BACKENDS:
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
+def _fx_traced_call(op, args, kwargs):
+    """Under torch.fx symbolic tracing (an argument is a Proxy): op's call, recorded as one graph
+    node that runs op when the traced module runs (op's checks need real tensors); else None.
+    Any caller traces so, without a torch.fx.wrap of its own."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.fx.Proxy):
+            return a.tracer.create_proxy("call_function", op, args, kwargs)
+    return None
+
+
 def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6, *, backend="auto"):
     """LayerNorm over C of the zero-padded 7x7 depthwise conv (+ bias) of x.
 
@@ -233,6 +243,10 @@ def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6
     norm_weight, norm_bias (C,). Returns (N, H, W, C) in x's dtype (the autocast dtype under
     autocast). Differentiable in x and every parameter.
     """
+    traced = _fx_traced_call(dwconv_layernorm, (x, conv_weight, conv_bias, norm_weight, norm_bias, eps),
+                             {"backend": backend})
+    if traced is not None:
+        return traced
     _check_tensor("x", x)
     _check_tensor("conv_weight", conv_weight)
     _check_tensor("conv_bias", conv_bias, optional=True)
@@ -268,6 +282,10 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     factors or None. Returns (N, H, W, C) in x's dtype (the autocast dtype under autocast);
     shortcut is cast to it. Differentiable in x, shortcut and every parameter (not drop_scale).
     """
+    traced = _fx_traced_call(mlp_layerscale, (x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                              drop_scale), {"backend": backend})
+    if traced is not None:
+        return traced
     _check_tensor("x", x)
     _check_tensor("shortcut", shortcut)
     _check_tensor("fc1_weight", fc1_weight)

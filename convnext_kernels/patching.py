@@ -55,9 +55,7 @@ __all__ = [
 ]
 
 
-# Recorded as calls by torch.fx's symbolic tracing, as in convnext_kernels.model.
-torch.fx.wrap("dwconv_layernorm")
-torch.fx.wrap("mlp_layerscale")
+# Recorded as a call by torch.fx's symbolic tracing, as in convnext_kernels.model.
 torch.fx.wrap("drop_path_scale")
 
 

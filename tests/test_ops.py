@@ -328,6 +328,33 @@ def test_outputs_and_gradients_are_not_views(backend, op_name):
     assert [i for i, g in enumerate(grads) if g._is_view()] == []
 
 
+class _UserBlock(torch.nn.Module):
+    """User code calling the public ops, with no torch.fx.wrap of its own."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(C, C, 7, padding=3, groups=C)
+        self.norm = torch.nn.LayerNorm(C)
+        self.fc1, self.fc2 = torch.nn.Linear(C, 4 * C), torch.nn.Linear(4 * C, C)
+        self.gamma = torch.nn.Parameter(torch.full((C,), 0.5))
+
+    def forward(self, x):
+        y = ck.dwconv_layernorm(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias, backend="cpu")
+        return ck.mlp_layerscale(y, x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.gamma,
+                                 backend="cpu")
+
+
+def test_ops_trace_with_torch_fx():
+    """Under torch.fx symbolic tracing each op records itself as one call (its checks would
+    refuse a Proxy with a TypeError), and the traced module computes what the module does."""
+    block = _UserBlock(40)
+    traced = torch.fx.symbolic_trace(block)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [ck.dwconv_layernorm,
+                                                                                    ck.mlp_layerscale]
+    x = torch.randn(2, 5, 6, 40, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(traced(x), block(x), rtol=0, atol=0)
+
+
 def test_non_contiguous_input_is_copied():
     inputs, _ = _dwconv_layernorm_inputs((2, 5, 6, 40), "cpu")
     x, w, b, nw, nb = [t.float() for t in inputs]

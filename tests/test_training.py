@@ -545,6 +545,16 @@ def test_drop_path_semantics(source, mode):
 # ----------------------------------------------------------------------------------------------
 # Gradient checkpointing
 # ----------------------------------------------------------------------------------------------
+def _count_block_runs(patch):
+    """A list that grows by one at each block run (each calls dwconv_layernorm once, from
+    model.py or patching.py) while `patch` (monkeypatch or one of its contexts) is active."""
+    calls = []
+    for module in (ck.model, ck.patching):
+        op = module.dwconv_layernorm
+        patch.setattr(module, "dwconv_layernorm", lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["fused", "timm", "torchvision"])
 def test_grad_checkpointing_with_drop_path(kind, monkeypatch):
     """Recomputation in backward replays the same drop-path draw: identical outputs and gradients.
@@ -556,11 +566,8 @@ def test_grad_checkpointing_with_drop_path(kind, monkeypatch):
     else:
         model = ck.convert_model(_randomise(STAND_INS[kind](drop_path=0.5)), backend="cpu")
         x = _input(kind, n=4)
-    blocks = sum(isinstance(m, (ck.FusedBlock, ConvertedBlock)) for m in model.modules())
-    calls = []
-    for module in (ck.model, ck.patching):
-        op = module.dwconv_layernorm
-        monkeypatch.setattr(module, "dwconv_layernorm", lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+    blocks = sum(isinstance(m, RecomputableBlock) for m in model.modules())
+    calls = _count_block_runs(monkeypatch)
     model.train()
     out, grads = _loss_and_grads(model, x, seed=7)
     assert len(calls) == blocks
@@ -627,11 +634,8 @@ def _assert_traces(model, x, monkeypatch):
         assert params.keys() == dict(model.named_parameters()).keys()
         assert all(params[n] is p for n, p in model.named_parameters())
         want, want_grads = _loss_and_grads(model, x, seed=5)
-        with monkeypatch.context() as patch:  # count the blocks' runs (graph calls hold the originals)
-            calls = []
-            for module in (ck.model, ck.patching):
-                op = module.dwconv_layernorm
-                patch.setattr(module, "dwconv_layernorm", lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+        with monkeypatch.context() as patch:  # graph calls hold the originals: only recomputation counts
+            calls = _count_block_runs(patch)
             got, got_grads = _loss_and_grads(traced, x, seed=5)  # gradients in the traced module's order
         assert len(calls) == (2 * blocks if checkpointing else 0), "traced checkpointing recomputes each block"
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -797,7 +801,8 @@ def _dist_train(model, rank=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     for x, y in _dist_data():
         if rank is not None:
-            x, y = x[rank * DIST_BATCH:(rank + 1) * DIST_BATCH], y[rank * DIST_BATCH:(rank + 1) * DIST_BATCH]
+            shard = slice(rank * DIST_BATCH, (rank + 1) * DIST_BATCH)
+            x, y = x[shard], y[shard]
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()  # DDP and FSDP2 average the gradients over the ranks
@@ -874,7 +879,8 @@ def _assert_ranks_match_single_process(rank0, rank1):
     _dist_train(single)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
-    assert _mismatch(rank0, single) is None, f"2 ranks vs 1 process: {_mismatch(rank0, single)}"
+    wrong = _mismatch(rank0, single)
+    assert wrong is None, f"2 ranks vs 1 process: {wrong}"
     initial = _dist_model().state_dict()
     assert any(not torch.equal(initial[n], v) for n, v in rank0.items()), "training changed nothing"
 
@@ -946,7 +952,7 @@ def test_fsdp2_gloo_two_processes_match_single_process(tmp_path, checkpointing):
     if control is not None:
         # Seen under torch 2.6 (an error) and 2.7 (gradients summed over the ranks); later
         # versions must pass the control, or the set-up here is wrong.
-        if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+        if torch.__version__ < (2, 8):  # TorchVersion compares as a version
             pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
         pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
     # FSDP2 warns about a wrapped module whose output is a view; the stages return the ops' outputs.

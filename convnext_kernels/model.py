@@ -146,7 +146,8 @@ class _Stem(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_images(x, self[0].in_channels)
-        x = _conv(self[0], x.contiguous(memory_format=torch.channels_last))
+        # channels_last memory by permute + contiguous: torch.func's vmap cannot take a memory format
+        x = _conv(self[0], _nchw(_nhwc(x).contiguous()))
         return self[1](_nhwc(x))
 
 
@@ -157,7 +158,7 @@ class _Downsample(nn.Sequential):
         super().__init__(nn.LayerNorm(dim, eps=1e-6), nn.Conv2d(dim, out_dim, kernel_size=2, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _nchw(self[0](x)).contiguous(memory_format=torch.channels_last)
+        x = _nchw(self[0](x).contiguous())
         return _nhwc(_conv(self[1], x))
 
 

@@ -4,7 +4,9 @@ Each backend gets a forward op and a backward op per fused op, named
 ``convnext_kernels::{dwconv_layernorm,mlp_layerscale}_{fwd,bwd}_{backend}``. Triton ops are
 ``torch.library.triton_op`` (torch.compile traces into the kernels); the others are
 ``torch.library.custom_op`` with a fake impl. Autograd is registered on the forward op and calls
-the backward op, so compiled backward graphs see the kernels too.
+the backward op, so compiled backward graphs see the kernels too. Under torch.func transforms
+and forward-mode AD the ops run through autograd.Functions of their own instead; while
+torch.onnx.export runs, the public functions compute with the reference functions (both below).
 
 Inputs: activations are NHWC (N, H, W, C); non-contiguous inputs are copied to contiguous
 (documented, not an error). Parameters may be fp32, fp16 or bf16: the conv/norm parameters,
@@ -19,9 +21,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.onnx
 
 from .backends import _TRITON_MISSING, BACKENDS, MLP_LAYERSCALE_STORE_PREACT_MIN_C, launchers, resolve_backend
 from .launchers import empty_output
+from .reference import dwconv_layernorm_ref, mlp_layerscale_ref
 
 __all__ = ["dwconv_layernorm", "mlp_layerscale"]
 
@@ -82,6 +86,67 @@ def _dense(*tensors: Optional[torch.Tensor]) -> tuple:
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.func transforms
+# ----------------------------------------------------------------------------------------------
+# torch.library's autograd registration cannot run under a torch.func transform (grad, vjp,
+# jacrev, vmap of grad, ...): the autograd.Function it generates has no setup_context
+# (pytorch/pytorch#168393, #179652); and under forward-mode AD it drops the tangent (the output
+# comes out with none, silently). There, each op runs through an autograd.Function of our own with
+# the same forward, setup_context and backward, and a jvp that raises. Under vmap the ops loop
+# over the vmapped dim (what torch's fallback would do, without its warning asking for a
+# batching rule).
+_OWN_FUNCTIONS = {}  # op -> its autograd.Function
+
+
+def _own_function_needed() -> bool:
+    # Constant under torch.compile, which traces torch.func transforms its own way.
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                  or torch.autograd.forward_ad._current_level >= 0)
+
+
+def _run(op, *args):
+    """op(*args), through op's own autograd.Function under torch.func or forward-mode AD."""
+    if _own_function_needed():
+        return _OWN_FUNCTIONS[op].apply(*args)
+    return op(*args)
+
+
+def _support_torch_func(op, name: str, setup_context, backward) -> None:
+    """op's autograd.Function (for _run) and vmap rule. op returns a tuple of tensors."""
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"convnext_kernels::{name} has no forward-mode derivative: the fused ops do not "
+                                  "support torch.func.jvp, jacfwd or torch.autograd.forward_ad")
+
+    _OWN_FUNCTIONS[op] = type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(lambda *args: op(*args)),
+        setup_context=staticmethod(setup_context),
+        backward=staticmethod(backward),
+        jvp=staticmethod(jvp),
+        generate_vmap_rule=True,  # vmaps the forward, which calls op: op's rule below
+    ))
+
+    def vmap_rule(info, in_dims, *args):
+        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+    torch.library.register_vmap(op, vmap_rule)
+
+
+def _support_torch_func_in_backward(op, name: str) -> None:
+    """_support_torch_func for a backward op: a second derivative raises (as the op's own autograd
+    does), rather than coming out zero."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"Trying to backward through convnext_kernels::{name} but no autograd formula was "
+                           "registered: the fused ops do not support double backward (second derivatives)")
+
+    _support_torch_func(op, name, setup_context, backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +221,14 @@ def _register_dwconv_layernorm(backend: str):
         if dy is None:
             return None, None, None, None, None, None
         x, conv_weight, conv_bias, norm_weight, mean, rstd = ctx.saved_tensors
-        dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = bwd_op(
-            dy.to(x.dtype), x, conv_weight, conv_bias, norm_weight, mean, rstd
+        dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = _run(
+            bwd_op, dy.to(x.dtype), x, conv_weight, conv_bias, norm_weight, mean, rstd
         )
         return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    _support_torch_func(fwd_op, f"dwconv_layernorm_fwd_{backend}", setup_context, backward)
+    _support_torch_func_in_backward(bwd_op, f"dwconv_layernorm_bwd_{backend}")
     return fwd_op, bwd_op
 
 
@@ -203,13 +270,15 @@ def _register_mlp_layerscale(backend: str):
             return (None,) * 9
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact = ctx.saved_tensors
         dy = dy.to(x.dtype)
-        dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = bwd_op(
-            dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact
+        dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = _run(
+            bwd_op, dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact
         )
         return (dx, dy, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias,
                 None if gamma is None else dgamma, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    _support_torch_func(fwd_op, f"mlp_layerscale_fwd_{backend}", setup_context, backward)
+    _support_torch_func_in_backward(bwd_op, f"mlp_layerscale_bwd_{backend}")
     return fwd_op, bwd_op
 
 
@@ -226,6 +295,10 @@ for _backend in BACKENDS:
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
+# ONNX export: an ONNX graph cannot hold our custom ops, so while torch.onnx.export runs (either
+# exporter: TorchScript, or torch.export's non-strict capture) both functions compute with the
+# reference functions in the same dtype, plain torch ops that ONNX has translations for. An
+# exported model runs on any ONNX runtime, without this package or its kernels.
 def _fx_traced_call(op, args, kwargs):
     """Under torch.fx symbolic tracing (an argument is a Proxy): op's call, recorded as one graph
     node that runs op when the traced module runs (op's checks need real tensors); else None.
@@ -267,9 +340,13 @@ def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     device = _check_devices(dict(x=x, conv_weight=conv_weight, conv_bias=conv_bias,
                                  norm_weight=norm_weight, norm_bias=norm_bias))
+    x = x.to(_compute_dtype(x))
+    if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
+        return dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
     fwd_op, _ = DWCONV_LAYERNORM_OPS[resolve_backend(backend, device)]
-    x = x.to(_compute_dtype(x)).contiguous()
-    y, _, _ = fwd_op(x, _fp32(conv_weight), _fp32(conv_bias), _fp32(norm_weight), _fp32(norm_bias), float(eps))
+    x = x.contiguous()
+    y, _, _ = _run(fwd_op, x, _fp32(conv_weight), _fp32(conv_bias), _fp32(norm_weight), _fp32(norm_bias),
+                   float(eps))
     return y
 
 
@@ -309,9 +386,12 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     _check_shape("drop_scale", drop_scale, (N,))
     device = _check_devices(dict(x=x, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                                  fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma, drop_scale=drop_scale))
+    dtype = _compute_dtype(x)
+    if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
+        return mlp_layerscale_ref(x.to(dtype), shortcut.to(dtype), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                                  drop_scale)
     resolved = resolve_backend(backend, device)
     fwd_op, _ = MLP_LAYERSCALE_OPS[resolved]
-    dtype = _compute_dtype(x)
     x = x.to(dtype).contiguous()
     shortcut = shortcut.to(dtype).contiguous()
     if fc1_bias is None:
@@ -333,6 +413,6 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     # The Linear weights enter the op in their own dtype and are cast to the activations' inside
     # it (forward and backward): cast before the op, an fp32 weight's gradient would be rounded to
     # the 16-bit dtype at the op's boundary (autograd casts a gradient to its input's dtype).
-    y, _ = fwd_op(x, shortcut, fc1_weight.contiguous(), _fp32(fc1_bias), fc2_weight.contiguous(),
-                  _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
+    y, _ = _run(fwd_op, x, shortcut, fc1_weight.contiguous(), _fp32(fc1_bias), fc2_weight.contiguous(),
+                _fp32(fc2_bias), _fp32(gamma), drop_scale, store_preact)
     return y

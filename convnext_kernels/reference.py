@@ -37,11 +37,13 @@ def dwconv_layernorm_ref(
 ) -> torch.Tensor:
     """LayerNorm over C of the zero-padded 7x7 depthwise conv of x (N, H, W, C)."""
     dtype = torch.float64 if upcast else x.dtype
-    C = x.shape[-1]
-    k = conv_weight.shape[-1]
+    # Sizes from the weights, not from x: the ONNX exporter (torch.onnx.export) traces x's sizes
+    # as values where its batch is dynamic, and conv and LayerNorm need constants. padding as a
+    # pair: torch 2.6 and 2.7's exporter turns a single traced k // 2 into an empty list.
+    C, _, k, _ = conv_weight.shape
     x_nchw = x.to(dtype).permute(0, 3, 1, 2)
     bias = None if conv_bias is None else conv_bias.to(dtype)
-    z = F.conv2d(x_nchw, conv_weight.to(dtype), bias, padding=k // 2, groups=C)
+    z = F.conv2d(x_nchw, conv_weight.to(dtype), bias, padding=(k // 2, k // 2), groups=C)
     z = z.permute(0, 2, 3, 1)
     return F.layer_norm(z, (C,), norm_weight.to(dtype), norm_bias.to(dtype), eps)
 

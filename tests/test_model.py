@@ -207,6 +207,37 @@ def test_inference_mode_and_export_gpu(backend):
     _export_check(backend, "cuda")
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+@pytest.mark.parametrize("model", ["fused_torch", "fused_cpu", "converted_reference"])
+def test_onnx_export(model, dynamo, tmp_path):
+    """torch.onnx.export of a ConvNeXtFused or a converted model gives a plain ONNX graph (the ops
+    compute with the reference functions while it exports) that onnxruntime runs, at another
+    batch size too, giving what the model gives."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        if torch.__version__ < (2, 8):
+            pytest.skip("torch.onnx.is_in_onnx_export() is set by the dynamo exporter from torch 2.8 on")
+    ref, fused = _pair(model.removeprefix("fused_") if model.startswith("fused_") else "cpu", layer_scale=0.5)
+    net = (fused if model.startswith("fused_") else ck.convert_model(ref, backend="cpu")).eval()
+    path = str(tmp_path / "model.onnx")
+    x = torch.randn(2, 3, 64, 96)
+    if dynamo:
+        torch.onnx.export(net, (x,), path, dynamo=True, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(net, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    graph = onnx.load(path).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, {n.domain for n in graph.node}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in (2, 3):
+        images = torch.randn(batch, 3, 64, 96)
+        (got,) = session.run(None, {"x": images.numpy()})
+        with torch.no_grad():
+            expected = net(images)
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -246,6 +277,65 @@ def test_training_step_in_a_cuda_graph_gpu(backend, dtype, monkeypatch):
         for i, (got, want) in enumerate(zip(replayed, eager)):
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item(),
                                        msg=lambda m: f"output {i} (0: logits, then {len(params)} gradients): {m}")
+
+
+def _torch_func_check(backend, device):
+    """Functional training and analysis of a whole ConvNeXtFused with torch.func: grad_and_value of
+    functional_call (training mode, drop path) equals autograd; an ensemble of two models vmapped
+    over their stacked parameters, and per-sample gradients (vmap of grad) equal loops over the
+    models and the samples. vmap also needs the stem's channels_last copy made without a memory
+    format argument (vmap has none)."""
+    import copy
+
+    _, fused = _pair(backend, depths=(1, 1, 1, 1), drop_path_rate=0.3)
+    fused = fused.to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    params = {n: p.detach() for n, p in fused.named_parameters()}
+
+    def loss(params, x):
+        return torch.func.functional_call(fused, params, (x,)).square().sum()
+
+    torch.manual_seed(1)
+    grads, value = torch.func.grad_and_value(loss)(params, x)
+    out, expected = _forward_backward(fused, x, seed=1)
+    assert torch.equal(value, out.square().sum())
+    for name, want in expected.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-6, atol=1e-6 * want.abs().max().item(),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+    fused.eval()  # no drop path: vmap refuses random draws unless told how to batch them
+    other = _pair(backend, depths=(1, 1, 1, 1))[1].to(device).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    stacked, buffers = torch.func.stack_module_state([fused, other])
+    skeleton = copy.deepcopy(fused).to("meta")
+    ensemble = torch.func.vmap(lambda p, b, x: torch.func.functional_call(skeleton, (p, b), (x,)),
+                               in_dims=(0, 0, None))(stacked, buffers, x)
+    for k, model in enumerate((fused, other)):
+        with torch.no_grad():
+            torch.testing.assert_close(ensemble[k], model(x), rtol=1e-5, atol=1e-5, msg=lambda m: f"model {k}: {m}")
+
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
+    for n in range(x.shape[0]):
+        _, want = _forward_backward(fused, x[n:n + 1])
+        for name in want:
+            torch.testing.assert_close(per_sample[name][n], want[name], rtol=1e-5,
+                                       atol=1e-5 * want[name].abs().max().item(),
+                                       msg=lambda m: f"sample {n}, grad {name}: {m}")
+
+
+# Triton's interpreter takes over a minute here: test_ops.py's test_torch_func_transforms covers
+# the Triton ops under torch.func on CPU tensors.
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
+def test_torch_func_transforms_on_the_model(backend):
+    _torch_func_check(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torch_func_transforms_on_the_model_gpu(backend):
+    _torch_func_check(backend, "cuda")
 
 
 def test_double_backward_is_refused():

@@ -328,6 +328,66 @@ def test_outputs_and_gradients_are_not_views(backend, op_name):
     assert [i for i, g in enumerate(grads) if g._is_view()] == []
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
+def test_torch_func_transforms(backend, op_name, recwarn):
+    """torch.func.grad gives what autograd gives (torch.library's own autograd registration raises
+    under it: pytorch/pytorch#168393); vmap of the op and per-sample gradients (vmap of grad) give
+    what a loop over the samples gives, without torch's warning about a missing batching rule; a
+    second derivative through torch.func raises instead of coming out zero, and so does forward-mode
+    AD instead of giving no tangent."""
+    fn = getattr(ck, op_name)
+    args = _op_args(op_name, (3, 5, 6, 40))
+    x, params = args[0].detach(), [a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    n_leaves = sum(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def loss(x, *params, dy=dy):
+        return (fn(x, *params, backend=backend) * dy).sum()
+
+    got = torch.func.grad(loss, argnums=tuple(range(n_leaves)))(x, *params)
+    expected = torch.autograd.grad(loss(*args), [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad])
+    assert len(got) == len(expected) == n_leaves
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=lambda m: f"grad {i}: {m}")
+
+    # The arguments with a batch dim: x (and shortcut and drop_scale for the MLP).
+    batched = (0, 1, 7) if op_name == "mlp_layerscale" else (0,)
+    full = [x] + params
+
+    # vmap over a new leading dim of the batched arguments: one call of the op per slice.
+    stacked = [torch.stack([a, 2.0 * a]) if i in batched else a for i, a in enumerate(full)]
+    in_dims = tuple(0 if i in batched else None for i in range(len(full)))
+    ys = torch.func.vmap(lambda *a: fn(*a, backend=backend), in_dims=in_dims)(*stacked)
+    for k in range(2):
+        want = fn(*(a[k] if i in batched else a for i, a in enumerate(stacked)), backend=backend)
+        torch.testing.assert_close(ys[k], want, rtol=0, atol=0)
+
+    # Per-sample gradients of the conv weight (fc1's weight for the MLP).
+    p = 2 if op_name == "mlp_layerscale" else 1
+
+    def sample_loss(dy_n, *a):
+        return loss(*(t[None] if i in batched else t for i, t in enumerate(a)), dy=dy_n[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss, argnums=1 + p), in_dims=(0,) + in_dims)(dy, *full)
+    for n in range(x.shape[0]):
+        leaf = full[p].clone().requires_grad_()
+        a = [leaf if i == p else t[n:n + 1] if i in batched else t for i, t in enumerate(full)]
+        (want,) = torch.autograd.grad(loss(*a, dy=dy[n:n + 1]), leaf)
+        torch.testing.assert_close(per_sample[n], want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                   msg=lambda m: f"sample {n}: {m}")
+    assert [str(w.message) for w in recwarn if "batching rule" in str(w.message)] == []
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(lambda x: torch.func.grad(loss)(x, *params).square().sum())(x)
+    # Forward-mode AD raises: torch.library's registration would drop the tangent, silently.
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda x: fn(x, *params, backend=backend), (x,), (dy,))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        fn(torch.autograd.forward_ad.make_dual(x, dy), *params, backend=backend)
+
+
 class _UserBlock(torch.nn.Module):
     """User code calling the public ops, with no torch.fx.wrap of its own."""
 

@@ -102,7 +102,9 @@ _OWN_FUNCTIONS = {}  # op -> its autograd.Function
 
 
 def _own_function_needed() -> bool:
-    # Constant under torch.compile, which traces torch.func transforms its own way.
+    # Never under torch.compile: while dynamo traces, both flags read as set, in any function
+    # (torch 2.13). torch.func transforms inside a compiled function are not supported (there
+    # the ops behave as any torch.library custom op: grad raises, jvp's tangents come out zero).
     return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
                                                   or torch.autograd.forward_ad._current_level >= 0)
 
@@ -114,8 +116,9 @@ def _run(op, *args):
     return op(*args)
 
 
-def _support_torch_func(op, name: str, setup_context, backward) -> None:
-    """op's autograd.Function (for _run) and vmap rule. op returns a tuple of tensors."""
+def _support_torch_func(op, name: str, fake, setup_context, backward) -> None:
+    """op's autograd.Function (for _run) and vmap rule. op returns a tuple of tensors; fake is its
+    fake impl."""
     def jvp(ctx, *tangents):
         raise NotImplementedError(f"convnext_kernels::{name} has no forward-mode derivative: the fused ops do not "
                                   "support torch.func.jvp, jacfwd or torch.autograd.forward_ad")
@@ -129,6 +132,18 @@ def _support_torch_func(op, name: str, setup_context, backward) -> None:
     ))
 
     def vmap_rule(info, in_dims, *args):
+        if info.batch_size == 0:  # no slice to run: empty outputs of a slice's output shapes
+            def slice_on_meta(a, d):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                shape = list(a.shape)
+                if d is not None:
+                    del shape[d]
+                return torch.empty(shape, dtype=a.dtype, device="meta")
+
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            outs = fake(*(slice_on_meta(a, d) for a, d in zip(args, in_dims)))
+            return tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs), (0,) * len(outs)
         outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
                 for i in range(info.batch_size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
@@ -136,7 +151,7 @@ def _support_torch_func(op, name: str, setup_context, backward) -> None:
     torch.library.register_vmap(op, vmap_rule)
 
 
-def _support_torch_func_in_backward(op, name: str) -> None:
+def _support_torch_func_in_backward(op, name: str, fake) -> None:
     """_support_torch_func for a backward op: a second derivative raises (as the op's own autograd
     does), rather than coming out zero."""
     def setup_context(ctx, inputs, output):
@@ -146,7 +161,7 @@ def _support_torch_func_in_backward(op, name: str) -> None:
         raise RuntimeError(f"Trying to backward through convnext_kernels::{name} but no autograd formula was "
                            "registered: the fused ops do not support double backward (second derivatives)")
 
-    _support_torch_func(op, name, setup_context, backward)
+    _support_torch_func(op, name, fake, setup_context, backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +242,9 @@ def _register_dwconv_layernorm(backend: str):
         return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    _support_torch_func(fwd_op, f"dwconv_layernorm_fwd_{backend}", setup_context, backward)
-    _support_torch_func_in_backward(bwd_op, f"dwconv_layernorm_bwd_{backend}")
+    _support_torch_func(fwd_op, f"dwconv_layernorm_fwd_{backend}", _dwconv_layernorm_fake_fwd, setup_context,
+                        backward)
+    _support_torch_func_in_backward(bwd_op, f"dwconv_layernorm_bwd_{backend}", _dwconv_layernorm_fake_bwd)
     return fwd_op, bwd_op
 
 
@@ -277,8 +293,9 @@ def _register_mlp_layerscale(backend: str):
                 None if gamma is None else dgamma, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    _support_torch_func(fwd_op, f"mlp_layerscale_fwd_{backend}", setup_context, backward)
-    _support_torch_func_in_backward(bwd_op, f"mlp_layerscale_bwd_{backend}")
+    _support_torch_func(fwd_op, f"mlp_layerscale_fwd_{backend}", _mlp_layerscale_fake_fwd, setup_context,
+                        backward)
+    _support_torch_func_in_backward(bwd_op, f"mlp_layerscale_bwd_{backend}", _mlp_layerscale_fake_bwd)
     return fwd_op, bwd_op
 
 
@@ -340,10 +357,10 @@ def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     device = _check_devices(dict(x=x, conv_weight=conv_weight, conv_bias=conv_bias,
                                  norm_weight=norm_weight, norm_bias=norm_bias))
+    fwd_op, _ = DWCONV_LAYERNORM_OPS[resolve_backend(backend, device)]
     x = x.to(_compute_dtype(x))
     if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
         return dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
-    fwd_op, _ = DWCONV_LAYERNORM_OPS[resolve_backend(backend, device)]
     x = x.contiguous()
     y, _, _ = _run(fwd_op, x, _fp32(conv_weight), _fp32(conv_bias), _fp32(norm_weight), _fp32(norm_bias),
                    float(eps))
@@ -386,12 +403,12 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     _check_shape("drop_scale", drop_scale, (N,))
     device = _check_devices(dict(x=x, shortcut=shortcut, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                                  fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma, drop_scale=drop_scale))
+    resolved = resolve_backend(backend, device)
+    fwd_op, _ = MLP_LAYERSCALE_OPS[resolved]
     dtype = _compute_dtype(x)
     if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
         return mlp_layerscale_ref(x.to(dtype), shortcut.to(dtype), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                                   drop_scale)
-    resolved = resolve_backend(backend, device)
-    fwd_op, _ = MLP_LAYERSCALE_OPS[resolved]
     x = x.to(dtype).contiguous()
     shortcut = shortcut.to(dtype).contiguous()
     if fc1_bias is None:

@@ -334,7 +334,8 @@ def test_outputs_and_gradients_are_not_views(backend, op_name):
 def test_torch_func_transforms(backend, op_name, recwarn):
     """torch.func.grad gives what autograd gives (torch.library's own autograd registration raises
     under it: pytorch/pytorch#168393); vmap of the op and per-sample gradients (vmap of grad) give
-    what a loop over the samples gives, without torch's warning about a missing batching rule; a
+    what a loop over the samples gives (nothing for no samples), without torch's warning about a
+    missing batching rule; a
     second derivative through torch.func raises instead of coming out zero, and so does forward-mode
     AD instead of giving no tangent."""
     fn = getattr(ck, op_name)
@@ -363,6 +364,10 @@ def test_torch_func_transforms(backend, op_name, recwarn):
     for k in range(2):
         want = fn(*(a[k] if i in batched else a for i, a in enumerate(stacked)), backend=backend)
         torch.testing.assert_close(ys[k], want, rtol=0, atol=0)
+    # ... and over an empty one: empty outputs.
+    empty = torch.func.vmap(lambda *a: fn(*a, backend=backend), in_dims=in_dims)(
+        *(a[:0] if i in batched else a for i, a in enumerate(stacked)))
+    assert empty.shape == (0, *ys.shape[1:]) and empty.dtype == ys.dtype
 
     # Per-sample gradients of the conv weight (fc1's weight for the MLP).
     p = 2 if op_name == "mlp_layerscale" else 1
@@ -377,6 +382,9 @@ def test_torch_func_transforms(backend, op_name, recwarn):
         (want,) = torch.autograd.grad(loss(*a, dy=dy[n:n + 1]), leaf)
         torch.testing.assert_close(per_sample[n], want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
                                    msg=lambda m: f"sample {n}: {m}")
+    no_samples = torch.func.vmap(torch.func.grad(sample_loss, argnums=1 + p), in_dims=(0,) + in_dims)(
+        dy[:0], *(a[:0] if i in batched else a for i, a in enumerate(full)))
+    assert no_samples.shape == (0, *full[p].shape)
     assert [str(w.message) for w in recwarn if "batching rule" in str(w.message)] == []
 
     with pytest.raises(RuntimeError, match="double backward"):

@@ -219,7 +219,7 @@ def test_onnx_export(model, dynamo, tmp_path):
         pytest.importorskip("onnxscript")
         if torch.__version__ < (2, 8):
             pytest.skip("torch.onnx.is_in_onnx_export() is set by the dynamo exporter from torch 2.8 on")
-    ref, fused = _pair(model.removeprefix("fused_") if model.startswith("fused_") else "cpu", layer_scale=0.5)
+    ref, fused = _pair(model.removeprefix("fused_") if model.startswith("fused_") else "cpu")
     net = (fused if model.startswith("fused_") else ck.convert_model(ref, backend="cpu")).eval()
     path = str(tmp_path / "model.onnx")
     x = torch.randn(2, 3, 64, 96)
@@ -237,6 +237,7 @@ def test_onnx_export(model, dynamo, tmp_path):
         with torch.no_grad():
             expected = net(images)
         torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -334,7 +335,11 @@ def test_torch_func_transforms_on_the_model(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_torch_func_transforms_on_the_model_gpu(backend):
+def test_torch_func_transforms_on_the_model_gpu(backend, monkeypatch):
+    # vmap runs the stem and downsampling convs as other cuDNN calls (grouped over the models,
+    # batched differently) than the loops compared with: deterministic algorithms there (and
+    # fp32, not TF32, as conftest sets for every test).
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     _torch_func_check(backend, "cuda")
 
 

@@ -328,16 +328,14 @@ def test_outputs_and_gradients_are_not_views(backend, op_name):
     assert [i for i, g in enumerate(grads) if g._is_view()] == []
 
 
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
 def test_torch_func_transforms(backend, op_name, recwarn):
     """torch.func.grad gives what autograd gives (torch.library's own autograd registration raises
     under it: pytorch/pytorch#168393); vmap of the op and per-sample gradients (vmap of grad) give
     what a loop over the samples gives (nothing for no samples), without torch's warning about a
-    missing batching rule; a
-    second derivative through torch.func raises instead of coming out zero, and so does forward-mode
-    AD instead of giving no tangent."""
+    missing batching rule; a second derivative through torch.func raises instead of coming out
+    zero, and so does forward-mode AD instead of giving no tangent."""
     fn = getattr(ck, op_name)
     args = _op_args(op_name, (3, 5, 6, 40))
     x, params = args[0].detach(), [a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]]

@@ -116,6 +116,16 @@ def _run(op, *args):
     return op(*args)
 
 
+def _meta_slice(a, d: Optional[int]):
+    """A meta tensor shaped as one slice of a along its vmapped dim d (a itself if no tensor)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    shape = list(a.shape)
+    if d is not None:
+        del shape[d]
+    return torch.empty(shape, dtype=a.dtype, device="meta")
+
+
 def _support_torch_func(op, name: str, fake, setup_context, backward) -> None:
     """op's autograd.Function (for _run) and vmap rule. op returns a tuple of tensors; fake is its
     fake impl."""
@@ -133,16 +143,8 @@ def _support_torch_func(op, name: str, fake, setup_context, backward) -> None:
 
     def vmap_rule(info, in_dims, *args):
         if info.batch_size == 0:  # no slice to run: empty outputs of a slice's output shapes
-            def slice_on_meta(a, d):
-                if not isinstance(a, torch.Tensor):
-                    return a
-                shape = list(a.shape)
-                if d is not None:
-                    del shape[d]
-                return torch.empty(shape, dtype=a.dtype, device="meta")
-
             device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            outs = fake(*(slice_on_meta(a, d) for a, d in zip(args, in_dims)))
+            outs = fake(*(_meta_slice(a, d) for a, d in zip(args, in_dims)))
             return tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs), (0,) * len(outs)
         outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
                 for i in range(info.batch_size)]

@@ -960,6 +960,85 @@ def test_fsdp2_gloo_two_processes_match_single_process(tmp_path, checkpointing):
     _assert_ranks_match_single_process(rank0["fused"], rank1["fused"])
 
 
+def _mp_batch():
+    """One batch for the FSDP2 mixed-precision test: 64x64 images, so that the stem's LayerNorm
+    sums its weight gradient over 4 x 16 x 16 pixels a rank (torch's CPU bf16 layer_norm rounds
+    such sums to bf16, which ConvNeXtFused avoids: model._layer_norm)."""
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(2 * DIST_BATCH, 3, 64, 64, generator=gen), torch.randint(0, 5, (2 * DIST_BATCH,), generator=gen)
+
+
+def _fsdp_mixed_precision_worker(rank, world_size, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist = _init_rank(rank, world_size, port)
+    result = {}
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        # bf16 compute, fp32 parameters and gradient reduction: the usual FSDP2 training set-up
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        x, y = _mp_batch()
+        shard = slice(rank * DIST_BATCH, (rank + 1) * DIST_BATCH)
+        # the reference (torch's own layers) is the control and the same-dtype baseline
+        for name, model in (("reference", _dist_reference()), ("fused", _dist_model())):
+            for stage in model.stages:
+                fully_shard(stage, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            try:
+                out = model(x[shard])
+                F.cross_entropy(out.float(), y[shard]).backward()
+                result[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+                result[name + "_out_dtype"] = out.dtype
+            except Exception as e:  # noqa: BLE001  (reported by the test, with torch's message)
+                result[name + "_error"] = f"{type(e).__name__}: {e}"
+                break
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_bf16_mixed_precision_gloo(tmp_path):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on two gloo processes:
+    the fused model computes in bf16 and every fp32 gradient is within twice the reference
+    model's own error under the same policy (against one float64 process on the combined
+    batch). Norms per parameter (not maxima): a bf16 error that a loose elementwise atol hides,
+    such as torch's CPU bf16 layer_norm weight gradients (2-3x the reference's), fails."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no FSDP2 MixedPrecisionPolicy in torch {torch.__version__}: {e}")
+    _run_two_ranks(_fsdp_mixed_precision_worker, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert "fused_error" not in rank0, rank0.get("fused_error")
+    ref64 = _dist_reference().double()
+    x, y = _mp_batch()
+    F.cross_entropy(ref64(x.double()), y).backward()
+    grads64 = {n: p.grad for n, p in ref64.named_parameters()}
+
+    def rel_err(grads, name):
+        return ((grads[name].double() - grads64[name]).norm() / grads64[name].norm()).item()
+
+    if "reference_error" in rank0:
+        control = f"fails with torch's own layers too: {rank0['reference_error']}"
+    else:
+        worst = max(grads64, key=lambda n: rel_err(rank0["reference"], n))
+        control = None if rel_err(rank0["reference"], worst) < 0.05 else (
+            f"does not match one process with torch's own layers either ({worst}: relative error "
+            f"{rel_err(rank0['reference'], worst):.3f})")
+    if control is not None:
+        if torch.__version__ < (2, 8):  # as in test_fsdp2_gloo_two_processes_match_single_process
+            pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+        pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+    assert rank0["fused_out_dtype"] == rank0["reference_out_dtype"] == torch.bfloat16
+    assert rank0["fused"].keys() == grads64.keys()
+    for name, grad in rank0["fused"].items():
+        assert grad.dtype == torch.float32, f"{name}: gradient in {grad.dtype}"
+        assert torch.equal(grad, rank1["fused"][name]), f"{name} differs between ranks"
+        err, err_ref = rel_err(rank0["fused"], name), rel_err(rank0["reference"], name)
+        assert err <= 2 * err_ref + 1e-3, f"{name}: relative error {err:.2e} > 2 x the reference's {err_ref:.2e} + 1e-3"
+
+
 # ----------------------------------------------------------------------------------------------
 # Convergence: fused vs reference
 # ----------------------------------------------------------------------------------------------

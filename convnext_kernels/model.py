@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .convert import convert_state_dict
 from .launchers import CPU_FP16_IN_FP32, cpu_fp32_exact
 from .ops import dwconv_layernorm, mlp_layerscale
-from .reference import drop_path_rates, drop_path_scale, init_weights
+from .reference import drop_path_rates, drop_path_scale, init_weights, layer_norm
 
 __all__ = [
     "ConvNeXtFused",
@@ -128,23 +128,6 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch.float16)
 
 
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x). On the CPU in fp16 / bf16, in fp32 and rounded to x's dtype once: torch's CPU
-    layer_norm sums the weight and bias gradients of 16-bit inputs with 16-bit roundings, an
-    error that grows with the rows (ConvNeXt-T's stem at batch 8, 25088 rows of 96: 14% relative
-    error in bf16, 1.8% in fp16; 0.3% and 0.03% this way). Gradients reach x and the parameters
-    in their own dtypes; CUDA's layer_norm sums in fp32 already."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-    def fp32(t):
-        return None if t is None else t.float()
-
-    with torch.autocast("cpu", enabled=False):  # autocast runs layer_norm in x's dtype anyway
-        y = F.layer_norm(x.float(), norm.normalized_shape, fp32(norm.weight), fp32(norm.bias), norm.eps)
-    return y.to(x.dtype)
-
-
 # torch.fx's symbolic tracing (torchvision's create_feature_extractor) records these as calls, run
 # as they are when the traced module runs, instead of tracing into their checks and branches,
 # which need real tensors (and _recompute: traced into, a checkpoint would be dropped). The two
@@ -153,14 +136,15 @@ torch.fx.wrap("drop_path_scale")  # torch 2.6 and 2.7 cannot trace torch.rand of
 torch.fx.wrap("_recompute")
 torch.fx.wrap("_check_images")
 torch.fx.wrap("_conv")
-torch.fx.wrap("_layer_norm")
+torch.fx.wrap("layer_norm")
 
 
 class _LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state_dict keys) through _layer_norm."""
+    """nn.LayerNorm (the same parameters and state_dict keys) whose 16-bit CPU inputs compute in
+    fp32 (reference.layer_norm: torch's own sums their parameter gradients in 16 bits)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _layer_norm(self, x)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class _Stem(nn.Sequential):

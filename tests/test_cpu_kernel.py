@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 _C = pytest.importorskip("convnext_kernels._C", reason="compiled extension not built")
 from convnext_kernels.launchers import cpu as cpu_launchers  # noqa: E402
+from convnext_kernels.reference import dwconv_layernorm_ref  # noqa: E402
 
 SHAPES = [(3, 13, 17, 40), (2, 1, 1, 24), (1, 5, 7, 96)]  # (N, H, W, C): odd sizes, 1x1, C % 16 == 0
 EPS = 1e-6
@@ -31,13 +32,10 @@ def make_inputs(shape, dtype, bias=True, seed=0):
 
 
 def torch_forward_backward(x, conv_weight, conv_bias, norm_weight, norm_bias, dy, dtype):
-    """Plain torch in `dtype` (parameters cast too): F.conv2d(groups=C) + F.layer_norm, autograd."""
-    C = x.shape[-1]
+    """Plain torch in `dtype` (parameters cast too): the reference (F.conv2d(groups=C) + LayerNorm)."""
     leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
               for t in (x, conv_weight, conv_bias, norm_weight, norm_bias)]
-    xl, cw, cb, nw, nb = leaves
-    z = F.conv2d(xl.permute(0, 3, 1, 2), cw, cb, padding=3, groups=C).permute(0, 2, 3, 1)
-    y = F.layer_norm(z, (C,), nw, nb, EPS)
+    y = dwconv_layernorm_ref(*leaves, EPS)
     y.backward(dy.to(dtype))
     grads = [t.grad if t is not None else None for t in leaves]
     return y.detach(), grads  # grads: dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias

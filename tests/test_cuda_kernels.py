@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from convnext_kernels.backends import emulated_cuda_extension
+from convnext_kernels.reference import dwconv_layernorm_ref
 
 from conftest import package_subprocess_env, tf32_matmul
 
@@ -150,12 +151,6 @@ def _check(name, fused, ref64, eager, dtype):
 # ------------------------------------------------------------------------------------------------
 # dwconv_layernorm
 # ------------------------------------------------------------------------------------------------
-def _dwconv_layernorm_torch(x, w, b, nw, nb, eps):
-    C = x.shape[-1]
-    z = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=3, groups=C).permute(0, 2, 3, 1)
-    return F.layer_norm(z, (C,), nw, nb, eps)
-
-
 def _dwconv_inputs(target, shape, dtype, with_bias=True, seed=0):
     N, H, W, C = shape
     g = torch.Generator().manual_seed(seed)
@@ -171,7 +166,7 @@ def _dwconv_inputs(target, shape, dtype, with_bias=True, seed=0):
 def _run_dwconv_reference(x, w, b, nw, nb, dy, eps, to_dtype):
     """Forward + backward of the torch composition with inputs cast to to_dtype."""
     params = [t.detach().to(to_dtype).requires_grad_(True) if t is not None else None for t in (x, w, b, nw, nb)]
-    y = _dwconv_layernorm_torch(*params, eps)
+    y = dwconv_layernorm_ref(*params, eps)
     y.backward(dy.to(to_dtype))
     return y.detach(), [p.grad if p is not None else None for p in params]
 

@@ -22,6 +22,7 @@ if TRITON_UNUSABLE:
     pytest.skip(TRITON_UNUSABLE, allow_module_level=True)
 
 from convnext_kernels.backends import triton_interpreted  # noqa: E402
+from convnext_kernels.reference import dwconv_layernorm_ref  # noqa: E402
 from convnext_kernels.triton.dwconv_layernorm import (  # noqa: E402
     dwconv_layernorm_bwd,
     dwconv_layernorm_fwd,
@@ -86,8 +87,7 @@ def _check(name, fused, ref64, eager, dtype):
 
 
 def _dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias):
-    z = F.conv2d(x.permute(0, 3, 1, 2), conv_weight, conv_bias, padding=3, groups=x.shape[-1])
-    return F.layer_norm(z.permute(0, 2, 3, 1), (x.shape[-1],), norm_weight, norm_bias, EPS)
+    return dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias, EPS)
 
 
 def _dwconv_layernorm_case(N, H, W, C, has_bias, dtype, seed=0):

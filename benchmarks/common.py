@@ -217,17 +217,19 @@ def cpu_torch_gemm_unavailable() -> str:
     """Why cpu_torch_gemm would only time fused_cpu again, or "" (it differs: oneDNN is in use)."""
     if cpu_onednn_linear() is not None:
         return ""
-    return "fused_cpu runs torch's GEMMs here already (no oneDNN in this torch, or not an x86-64 CPU)"
+    return ("fused_cpu runs torch's GEMMs here already (no oneDNN in this torch, not an x86-64 CPU, or "
+            "not an AMD one, where torch's are the default: CONVNEXT_KERNELS_CPU_ONEDNN=1 takes oneDNN's)")
 
 
 def cpu_onednn_linear():
-    """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None (none found by
-    convnext_kernels.launchers.cpu, or no compiled extension)."""
+    """The oneDNN op the cpu backend runs its fp32 GEMMs with, or None where it runs torch's: none
+    found by convnext_kernels.launchers.cpu, not its choice on this CPU (see
+    PACKAGE_GEMMS_BY_DEFAULT there), or no compiled extension."""
     try:
         from convnext_kernels.launchers import cpu
     except ImportError:
         return None
-    return cpu.ONEDNN_LINEAR
+    return cpu.ONEDNN_LINEAR if cpu._onednn_gemms() else None
 
 
 def synchronize(device) -> None:

@@ -220,7 +220,7 @@ def _square_matmul_tflops(n: int, device: torch.device, dtype: torch.dtype) -> f
     products = [lambda: torch.mm(a, b)]
     onednn_linear = common.cpu_onednn_linear() if device.type == "cpu" and dtype == torch.float32 else None
     if onednn_linear is not None:
-        # The fused cpu backend's fp32 GEMMs run on oneDNN, faster than torch.mm (MKL) on AMD.
+        # The fused cpu backend's fp32 GEMMs run on oneDNN (on AMD CPUs: faster than torch.mm's MKL).
         b_t = b.t()
         products.append(lambda: onednn_linear(a, b_t, None, "none", [], ""))
     ms = min(common.kernel_ms(product, device, cpu_iters=5) for product in products)

@@ -38,6 +38,19 @@ void register_cuda_bindings(pybind11::module_& m);
 
 namespace {
 
+// The CPU's vendor: "amd", "intel" or "other" on x86, "" elsewhere. The cpu backend picks the
+// library of its fp32 GEMMs by it (convnext_kernels/launchers/cpu.py).
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("amd")) return "amd";
+  if (__builtin_cpu_is("intel")) return "intel";
+  return "other";
+#else
+  return "";
+#endif
+}
+
 template <typename T>
 T* as_ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
@@ -69,6 +82,7 @@ py::dict build_info() {
   info["cpu_isa"] = std::string(convnext_kernels::dwconv_layernorm_cpu_isa());
   // Whether the bf16 weight-gradient GEMMs run on AVX512-BF16 here (a property of this CPU).
   info["cpu_bf16_dot"] = convnext_kernels::gemm_tn_bf16_cpu_supported();
+  info["cpu_vendor"] = cpu_vendor();
   return info;
 }
 
@@ -82,7 +96,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_BFLOAT16") = int(convnext_kernels::kBFloat16);
 
   m.def("build_info", &build_info,
-        "Dict: compiler, openmp, cuda, cuda_version, cuda_archs, cuda_kernels, cpu_isa, cpu_bf16_dot.");
+        "Dict: compiler, openmp, cuda, cuda_version, cuda_archs, cuda_kernels, cpu_isa, cpu_bf16_dot, "
+        "cpu_vendor.");
 
   // The kernels run with the GIL released: they only touch memory that the
   // calling Python frame keeps alive.

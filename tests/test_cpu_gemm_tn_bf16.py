@@ -133,6 +133,7 @@ def test_cpu_parts_take_any_accumulator_and_check_row_counts(monkeypatch):
     from convnext_kernels.launchers import cpu
 
     monkeypatch.setattr(cpu, "BF16_DOT_GEMMS", True)
+    monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", "1")  # the package's routes on any CPU
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(70, 40, generator=g).to(torch.bfloat16), torch.randn(70, 48, generator=g).to(torch.bfloat16)
     for acc in (torch.randn(48, 40, generator=g).t(), torch.randn(40, 96, generator=g)[:, ::2]):

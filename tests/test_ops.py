@@ -5,6 +5,8 @@ kernels in the host emulator, CONVNEXT_KERNELS_CUDA_EMULATE=1 from conftest); GP
 `cuda`) cover "torch", "triton" and "cuda" at the ConvNeXt-T stage shapes.
 """
 
+import platform
+
 import pytest
 import torch
 
@@ -177,6 +179,28 @@ def test_cpu_onednn_gemms_only_on_x86(monkeypatch):
     assert cpu._find_onednn_linear() is None
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert (cpu._find_onednn_linear() is None) == (not torch.backends.mkldnn.is_available())
+
+
+def test_cpu_gemm_library_follows_the_cpu_vendor_unless_told(monkeypatch):
+    # Unset, CONVNEXT_KERNELS_CPU_ONEDNN leaves the choice to the CPU's maker: the package's GEMM
+    # routes (oneDNN fp32, gemm_tn_bf16_cpu) on AMD CPUs, torch's matmuls (MKL) elsewhere; 1 and 0
+    # choose. The fp16 GEMMs' fp32 route (CPUs without fp16 GEMMs) is off under 0 only.
+    from convnext_kernels.launchers import cpu
+
+    vendor = cpu._C.build_info()["cpu_vendor"]
+    assert vendor in (("amd", "intel", "other") if platform.machine().lower() in ("x86_64", "amd64") else ("",))
+    assert cpu.PACKAGE_GEMMS_BY_DEFAULT == (vendor == "amd")
+    name = "CONVNEXT_KERNELS_CPU_ONEDNN"
+    for default in (True, False):
+        monkeypatch.setattr(cpu, "PACKAGE_GEMMS_BY_DEFAULT", default)
+        for setting, package, fp16_route in ((None, default, True), ("1", True, True), ("0", False, False)):
+            if setting is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, setting)
+            assert cpu._package_gemms() == package and cpu._torch_gemms_not_forced() == fp16_route
+            assert cpu._onednn_gemms() == (package and cpu.ONEDNN_LINEAR is not None)
+            assert cpu._bf16_dot_gemms(torch.bfloat16) == (package and cpu.BF16_DOT_GEMMS)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

@@ -84,10 +84,7 @@ def _find_onednn_linear():
 
 
 # torch runs fp32 matmuls through MKL, and through oneDNN only where it may lower their precision.
-# oneDNN at full fp32 precision was twice as fast on a 2-thread AMD EPYC (Zen 5, AVX-512;
-# 2026-12-06): 300-500 GFLOP/s at the ConvNeXt-T stage shapes against MKL's 130-220, about
-# what two cores reach with 256-bit vectors. Not measured on Intel. Both accumulate in fp32,
-# and both follow torch's setting for the CPU's fp32 matmul precision.
+# Both accumulate in fp32, and both follow torch's setting for the CPU's fp32 matmul precision.
 ONEDNN_LINEAR = _find_onednn_linear()
 # fp16 GEMMs as fp32 oneDNN GEMMs where the CPU has none of its own (see CPU_FP16_IN_FP32).
 FP16_GEMMS_IN_FP32 = ONEDNN_LINEAR is not None and CPU_FP16_IN_FP32
@@ -100,17 +97,39 @@ FP16_GEMMS_IN_FP32 = ONEDNN_LINEAR is not None and CPU_FP16_IN_FP32
 # fp32 copies oneDNN's route makes).
 BF16_DOT_GEMMS = _C.gemm_tn_bf16_cpu_supported()
 
+# Whose GEMMs are faster depends on the CPU's maker. At the ConvNeXt-T stage GEMMs (batch 8), on
+# 2 threads:
+# - AMD EPYC (Zen 5, AVX-512; 2026-12-06/07): oneDNN 300-500 GFLOP/s in fp32 against MKL's
+#   130-220 (MKL takes slower code paths on AMD CPUs: pytorch/builder#504); bf16 weight
+#   gradients as above.
+# - Intel Xeon (AVX-512, AVX512-BF16, AMX; 2026-12-07, two runs): MKL at 0.98-2.1x oneDNN's
+#   rate over the fp32 forward, input-gradient and weight-gradient GEMMs (weight gradients
+#   197-324 GFLOP/s against 156-239 through oneDNN's transposed copies); for bf16 operands'
+#   weight gradients, MKL's fp32 GEMM of the converted operands at 114-267 against
+#   gemm_tn_bf16_cpu's 65-169. The training step ran 1.16x (fp32) and 1.18x (bf16 autocast)
+#   faster on MKL.
+# So the package's GEMM routes (oneDNN fp32, gemm_tn_bf16_cpu) are the default on AMD CPUs, and
+# torch's own matmuls elsewhere; CONVNEXT_KERNELS_CPU_ONEDNN=1 or 0 says otherwise.
+PACKAGE_GEMMS_BY_DEFAULT = _C.build_info().get("cpu_vendor") == "amd"
+
 
 def _package_gemms() -> bool:
-    """False under CONVNEXT_KERNELS_CPU_ONEDNN=0 (read at each call): then the cpu backend's
-    GEMMs are torch's own matmuls, as the torch backend runs them."""
-    return os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "1").strip() != "0"
+    """Whether the cpu backend takes its own GEMM routes (read at each call):
+    CONVNEXT_KERNELS_CPU_ONEDNN=1 takes them, =0 keeps torch's own matmuls, as the torch backend
+    runs them; unset, PACKAGE_GEMMS_BY_DEFAULT decides."""
+    setting = os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "").strip()
+    return PACKAGE_GEMMS_BY_DEFAULT if setting == "" else setting != "0"
 
 
 def _onednn_gemms() -> bool:
-    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, unless _package_gemms()
-    says no."""
+    """Whether the fp32 GEMMs run on oneDNN: where ONEDNN_LINEAR exists, if _package_gemms()."""
     return ONEDNN_LINEAR is not None and _package_gemms()
+
+
+def _torch_gemms_not_forced() -> bool:
+    """False under CONVNEXT_KERNELS_CPU_ONEDNN=0 only: the fp16 GEMMs' fp32 route (on CPUs
+    without fp16 GEMMs, where torch's own are generic loops) does not depend on the CPU's maker."""
+    return os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "").strip() != "0"
 
 
 def _bf16_dot_gemms(dtype: torch.dtype) -> bool:
@@ -141,8 +160,8 @@ def _gemm_tn_bf16(acc, a, b):
 
 
 class CpuMlpParts(torch_ops.TorchMlpParts):
-    """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN (bf16 ones as torch runs
-    them, except the weight gradients where the CPU has AVX512-BF16, see _bf16_dot_gemms; fp16
+    """mlp_layerscale's pieces on the CPU: fp32 GEMMs through oneDNN where _onednn_gemms() (bf16
+    ones as torch runs them, except the weight gradients where _bf16_dot_gemms(); fp16
     ones as fp32 oneDNN GEMMs where the CPU has no fp16 GEMM, see gemm_16bit), fc1's
     epilogue as one C++ pass each way (mlp_layerscale_gelu_{fwd,bwd}_cpu) in place of torch's
     bias copy, GELU, GELU backward and column sum, and fc2's as one C++ pass
@@ -152,7 +171,8 @@ class CpuMlpParts(torch_ops.TorchMlpParts):
     def _fp16_in_fp32(a) -> bool:
         """Whether a's fp16 GEMM runs as the fp32 oneDNN GEMM of its converted operands, its
         product rounded to fp16 once (FP16_GEMMS_IN_FP32; not under a lowered fp32 precision)."""
-        return a.dtype == torch.float16 and FP16_GEMMS_IN_FP32 and _onednn_gemms() and cpu_fp32_exact()
+        return (a.dtype == torch.float16 and FP16_GEMMS_IN_FP32 and _torch_gemms_not_forced()
+                and cpu_fp32_exact())
 
     @staticmethod
     def _fp16_product_in_fp32(a, weight):

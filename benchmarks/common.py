@@ -60,9 +60,11 @@ def device_name(device) -> str:
 
 
 def device_slug(device) -> str:
-    """A short file-name-safe name for the device kind: 'cpu', 'h100-80gb-hbm3', ..."""
+    """A short file-name-safe name for the device kind: 'cpu-amd', 'cpu-intel', 'h100-80gb-hbm3', ...
+    (the CPU's maker: two CPUs' runs of a day get two files, not one overwritten)."""
     if device.type != "cuda":
-        return "cpu"
+        words = re.findall(r"[a-z0-9]+", re.sub(r"\((r|tm)\)", "", cpu_name().lower()))
+        return f"cpu-{words[0]}" if words else "cpu"
     name = device_name(device).lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 

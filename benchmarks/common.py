@@ -50,6 +50,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vendor() -> str:
+    """The CPU's maker as the compiled extension reads it ("amd", "intel", "other"; "" off x86 or
+    without the extension)."""
+    try:
+        from convnext_kernels import _C
+    except ImportError:
+        return ""
+    return _C.build_info().get("cpu_vendor", "")
+
+
 def device_name(device) -> str:
     """The GPU's name, or the CPU's name with the thread count torch uses."""
     import torch
@@ -61,10 +71,10 @@ def device_name(device) -> str:
 
 def device_slug(device) -> str:
     """A short file-name-safe name for the device kind: 'cpu-amd', 'cpu-intel', 'h100-80gb-hbm3', ...
-    (the CPU's maker: two CPUs' runs of a day get two files, not one overwritten)."""
+    (the CPU's maker: an AMD and an Intel machine's runs of one day get two files, not one)."""
     if device.type != "cuda":
-        words = re.findall(r"[a-z0-9]+", re.sub(r"\((r|tm)\)", "", cpu_name().lower()))
-        return f"cpu-{words[0]}" if words else "cpu"
+        vendor = cpu_vendor()
+        return f"cpu-{vendor}" if vendor else "cpu"
     name = device_name(device).lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
@@ -148,6 +158,8 @@ def environment(device, kind: str, config: dict) -> dict:
         "host": {
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
+            # Which GEMMs the cpu backend runs here (its choice follows the CPU's maker).
+            "cpu_backend_gemms": "onednn" if cpu_onednn_linear() is not None else "torch",
             "torch_threads": torch.get_num_threads(),
             # CPU runs may share their machine; other processes' load slows every OpenMP barrier.
             "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -19,7 +19,7 @@ Providers:
   resnet50             torchvision's ResNet-50, eager channels_last (a familiar reference point)
   cpu_torch_gemm       CPU: fused_cpu with its fp32 GEMMs on torch's own matmuls (MKL) instead of
                        oneDNN (CONVNEXT_KERNELS_CPU_ONEDNN=0): what the fusion gives without the
-                       faster GEMM library (default where torch has oneDNN)
+                       GEMM library it picks on AMD CPUs (default where fused_cpu runs oneDNN)
 
 Figures: images/s from the median of the timed iterations (CUDA events on GPU, each provider
 alone; perf_counter on CPU, providers taking turns iteration by iteration so that load from

@@ -202,7 +202,8 @@ _LAUNCHER_MODULES = {
 # pre-activation x @ fc1_weight.T + fc1_bias (in the activation dtype) for backward, when one can
 # follow, instead of backward recomputing it; absent: never. Storing trades 4C values per pixel
 # of memory traffic (and, on the CPU, the page faults of a fresh buffer of that size) for one
-# GEMM less, whose cost per stored value grows with C. cpu, fp32, since its GEMMs run on oneDNN
+# GEMM less, whose cost per stored value grows with C. cpu, fp32, measured with its GEMMs on oneDNN,
+# as they run on AMD CPUs (not re-measured with MKL, the default on Intel's)
 # (fwd+bwd at batch 8, 2-thread AMD EPYC, 2026-12-06, medians of 15 interleaved): C = 192 at
 # 28x28 32.6 ms stored against 37.0 recomputed, C = 96 at 56x56 44.6-44.7 against 42.3-42.5
 # (the GEMM is cheap there and the faults are not); at C = 80 and 96 on 28x28 storing won by

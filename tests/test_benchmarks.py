@@ -88,6 +88,22 @@ def test_throughput_quick_cpu(tmp_path):
     assert not failed, failed
 
 
+def test_cpu_result_files_name_the_cpu_maker(monkeypatch):
+    """CPU result files carry the maker (an AMD and an Intel machine's runs of one day must not
+    overwrite each other) and record whose GEMMs the cpu backend ran."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    cpu = torch.device("cpu")
+    for vendor, slug in (("amd", "cpu-amd"), ("intel", "cpu-intel"), ("", "cpu")):
+        monkeypatch.setattr(common, "cpu_vendor", lambda v=vendor: v)
+        assert common.device_slug(cpu) == slug
+        assert common.result_stem("throughput", cpu, ["tiny"], False).startswith(f"throughput_{slug}_tiny_")
+    for linear, gemms in ((None, "torch"), (object(), "onednn")):
+        monkeypatch.setattr(common, "cpu_onednn_linear", lambda v=linear: v)
+        assert common.environment(cpu, "throughput", {})["host"]["cpu_backend_gemms"] == gemms
+
+
 def test_throughput_default_providers(monkeypatch):
     """The CPU default leaves fused_compile out (it is what keeps the default CPU run within three
     minutes); a GPU default has it, and every compile provider is out under --quick."""
@@ -98,7 +114,7 @@ def test_throughput_default_providers(monkeypatch):
                         else ["triton", "cuda"])
     monkeypatch.setattr(throughput, "torchvision_missing", lambda: "")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    # With oneDNN in torch, fused_cpu is also timed on torch's own GEMMs.
+    # Where fused_cpu runs oneDNN's GEMMs, it is also timed on torch's own.
     monkeypatch.setattr(throughput.common, "cpu_onednn_linear", lambda: None)
     assert throughput.default_providers(cpu, quick=False) == ["eager", "eager_channels_last", "compile", "fused_cpu"]
     monkeypatch.setattr(throughput.common, "cpu_onednn_linear", lambda: object())
@@ -312,7 +328,7 @@ def test_cpu_torch_gemm_steps_run_with_the_switch_off(monkeypatch):
         step, _ = kernels.prepare(record, args)
         step()
     assert seen == [None, None, "0", "0"]
-    # Without oneDNN in torch the variant would time fused_cpu again: it is marked unavailable.
+    # Where fused_cpu runs torch's GEMMs already, the variant would time it again: unavailable.
     monkeypatch.setattr(kernels.common, "cpu_onednn_linear", lambda: None)
     record = kernels.new_record("mlp_layerscale", "fwd", 4, "cpu_torch_gemm", args, ceilings)
     assert kernels.prepare(record, args) is None and record["error"].startswith("unavailable")

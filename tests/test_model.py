@@ -83,6 +83,16 @@ def test_cpu_model_with_16_bit_parameters(dtype):
     _assert_model_in_dtype_matches("cpu", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gemms", ["1", "0"], ids=["package_gemms", "torch_gemms"])
+def test_cpu_model_on_either_gemm_library(gemms, dtype, monkeypatch):
+    # The cpu backend's GEMM library follows the CPU's maker (oneDNN and gemm_tn_bf16_cpu on AMD,
+    # torch's matmuls elsewhere: launchers/cpu.py); the model passes on either, so a machine of
+    # one maker checks the other's route too.
+    monkeypatch.setenv("CONVNEXT_KERNELS_CPU_ONEDNN", gemms)
+    _assert_model_in_dtype_matches("cpu", dtype)
+
+
 @pytest.mark.parametrize("case", ["bfloat16", "float16", "bf16_autocast"])
 def test_cpu_16_bit_layer_norms_sum_in_fp32(case):
     """ConvNeXtFused's own LayerNorms (stem, downsampling, head) on 16-bit CPU tensors: output,

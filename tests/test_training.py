@@ -963,7 +963,7 @@ def test_fsdp2_gloo_two_processes_match_single_process(tmp_path, checkpointing):
 def _mp_batch():
     """One batch for the FSDP2 mixed-precision test: 64x64 images, so that the stem's LayerNorm
     sums its weight gradient over 4 x 16 x 16 pixels a rank (torch's CPU bf16 layer_norm rounds
-    such sums to bf16, which ConvNeXtFused avoids: model._layer_norm)."""
+    such sums to bf16, which ConvNeXtFused avoids: reference.layer_norm)."""
     gen = torch.Generator().manual_seed(7)
     return torch.randn(2 * DIST_BATCH, 3, 64, 64, generator=gen), torch.randint(0, 5, (2 * DIST_BATCH,), generator=gen)
 

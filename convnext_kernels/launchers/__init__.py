@@ -96,8 +96,10 @@ def _cpu_has_fp16_gemms() -> bool:
 
 
 def onednn_cpu() -> bool:
-    """Whether the package runs CPU work on oneDNN: on x86-64 with a torch built with it (elsewhere,
-    e.g. on Arm, oneDNN has not been compared with torch's own kernels, so those are kept)."""
+    """Whether the package may run CPU work on oneDNN: on x86-64 with a torch built with it
+    (elsewhere, e.g. on Arm, oneDNN has not been compared with torch's own kernels, so those are
+    kept). Whether the cpu backend's fp32 GEMMs do also depends on the CPU's maker
+    (launchers/cpu.py: PACKAGE_GEMMS_BY_DEFAULT)."""
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 # Without hardware fp16, torch's CPU fp16 GEMMs and convs run generic loops: 24 GFLOP/s against

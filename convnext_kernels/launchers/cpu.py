@@ -1,7 +1,8 @@
 """The "cpu" backend: dwconv_layernorm runs the fused C++ kernel of the compiled extension;
-mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs) with its fp32 GEMMs run by
-oneDNN, its bf16 weight-gradient GEMMs by the extension where the CPU has AVX512-BF16, and fc1's
-elementwise epilogue fused in C++ (CpuMlpParts).
+mlp_layerscale is the torch backend's algorithm (its cost is the GEMMs) with, on AMD CPUs, its fp32
+GEMMs run by oneDNN and its bf16 weight-gradient GEMMs by the extension where the CPU has
+AVX512-BF16 (torch's own matmuls elsewhere: PACKAGE_GEMMS_BY_DEFAULT), and fc1's elementwise
+epilogue fused in C++ (CpuMlpParts).
 
 Launchers follow the contract in convnext_kernels.launchers: inputs arrive validated and
 contiguous, outputs and the backward workspace are allocated here with torch and handed to

@@ -1,5 +1,5 @@
 // The elementwise passes of the CPU mlp_layerscale (Linear -> GELU -> Linear -> layer scale ->
-// residual), between and after the GEMMs that torch runs (oneDNN where torch has it, else MKL). In eager PyTorch
+// residual), between and after the GEMMs that torch runs (oneDNN or MKL: see launchers/cpu.py). In eager PyTorch
 // the fc1 epilogue is three or four passes over the (rows, 4C) hidden: the bias copy of addmm,
 // GELU, and in backward GELU again, its derivative and the bias-gradient sum. Here it is one
 // pass each way, with the exact-erf GELU evaluated once per element.

@@ -314,10 +314,6 @@ for _backend in BACKENDS:
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
-# ONNX export: an ONNX graph cannot hold our custom ops, so while torch.onnx.export runs (either
-# exporter: TorchScript, or torch.export's non-strict capture) both functions compute with the
-# reference functions in the same dtype, plain torch ops that ONNX has translations for. An
-# exported model runs on any ONNX runtime, without this package or its kernels.
 def _fx_traced_call(op, args, kwargs):
     """Under torch.fx symbolic tracing (an argument is a Proxy): op's call, recorded as one graph
     node that runs op when the traced module runs (op's checks need real tensors); else None.
@@ -328,6 +324,10 @@ def _fx_traced_call(op, args, kwargs):
     return None
 
 
+# ONNX export: an ONNX graph cannot hold our custom ops, so while torch.onnx.export runs (either
+# exporter: TorchScript, or torch.export's non-strict capture) both functions compute with the
+# reference functions in the same dtype, plain torch ops that ONNX has translations for. An
+# exported model runs on any ONNX runtime, without this package or its kernels.
 def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6, *, backend="auto"):
     """LayerNorm over C of the zero-padded 7x7 depthwise conv (+ bias) of x.
 

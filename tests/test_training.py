@@ -893,6 +893,27 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path, compile_backend):
     _assert_ranks_match_single_process(rank0["state"], rank1["state"])
 
 
+def _fully_shard_per_stage(model, mesh, **kwargs):
+    """fully_shard each stage (its parameters gathered around its forward and backward), then the
+    root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stage in model.stages:
+        fully_shard(stage, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+
+
+def _skip_or_fail_on_fsdp2_control(control):
+    """control: how torch's own layers failed under FSDP2 on CPU, or None. Seen under torch 2.6 (an
+    error) and 2.7 (gradients summed over the ranks), where the test skips; later versions must
+    pass the control, or the set-up here is wrong."""
+    if control is None:
+        return
+    if torch.__version__ < (2, 8):  # TorchVersion compares as a version
+        pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+    pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+
+
 def _fsdp_worker(rank, world_size, port, out_dir, checkpointing):
     import warnings
 
@@ -917,9 +938,7 @@ def _fsdp_worker(rank, world_size, port, out_dir, checkpointing):
             result["reference"] = get_model_state_dict(reference, options=full)
             model = _dist_model()
             model.set_grad_checkpointing(checkpointing)
-            for stage in model.stages:  # each stage's parameters gathered around its forward and backward
-                fully_shard(stage, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            _fully_shard_per_stage(model, mesh)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 _dist_train(model, rank)
@@ -949,12 +968,7 @@ def test_fsdp2_gloo_two_processes_match_single_process(tmp_path, checkpointing):
         _dist_train(single_reference)
         wrong = _mismatch(rank0["reference"], single_reference)
         control = None if wrong is None else f"does not match one process with torch's own layers either ({wrong})"
-    if control is not None:
-        # Seen under torch 2.6 (an error) and 2.7 (gradients summed over the ranks); later
-        # versions must pass the control, or the set-up here is wrong.
-        if torch.__version__ < (2, 8):  # TorchVersion compares as a version
-            pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
-        pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+    _skip_or_fail_on_fsdp2_control(control)
     # FSDP2 warns about a wrapped module whose output is a view; the stages return the ops' outputs.
     assert rank0["view_warnings"] == [] and rank1["view_warnings"] == []
     _assert_ranks_match_single_process(rank0["fused"], rank1["fused"])
@@ -970,7 +984,7 @@ def _mp_batch():
 
 def _fsdp_mixed_precision_worker(rank, world_size, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dist = _init_rank(rank, world_size, port)
     result = {}
@@ -982,9 +996,7 @@ def _fsdp_mixed_precision_worker(rank, world_size, port, out_dir):
         shard = slice(rank * DIST_BATCH, (rank + 1) * DIST_BATCH)
         # the reference (torch's own layers) is the control and the same-dtype baseline
         for name, model in (("reference", _dist_reference()), ("fused", _dist_model())):
-            for stage in model.stages:
-                fully_shard(stage, mesh=mesh, mp_policy=policy)
-            fully_shard(model, mesh=mesh, mp_policy=policy)
+            _fully_shard_per_stage(model, mesh, mp_policy=policy)
             try:
                 out = model(x[shard])
                 F.cross_entropy(out.float(), y[shard]).backward()
@@ -1026,10 +1038,7 @@ def test_fsdp2_bf16_mixed_precision_gloo(tmp_path):
         control = None if rel_err(rank0["reference"], worst) < 0.05 else (
             f"does not match one process with torch's own layers either ({worst}: relative error "
             f"{rel_err(rank0['reference'], worst):.3f})")
-    if control is not None:
-        if torch.__version__ < (2, 8):  # as in test_fsdp2_gloo_two_processes_match_single_process
-            pytest.skip(f"FSDP2 on CPU under torch {torch.__version__} {control}")
-        pytest.fail(f"FSDP2 on CPU under torch {torch.__version__} {control}")
+    _skip_or_fail_on_fsdp2_control(control)
     assert rank0["fused_out_dtype"] == rank0["reference_out_dtype"] == torch.bfloat16
     assert rank0["fused"].keys() == grads64.keys()
     for name, grad in rank0["fused"].items():

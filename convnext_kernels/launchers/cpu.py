@@ -114,11 +114,16 @@ BF16_DOT_GEMMS = _C.gemm_tn_bf16_cpu_supported()
 PACKAGE_GEMMS_BY_DEFAULT = _C.build_info().get("cpu_vendor") == "amd"
 
 
+def _gemm_setting() -> str:
+    """CONVNEXT_KERNELS_CPU_ONEDNN, read at each call: "1", "0" or "" (unset)."""
+    return os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "").strip()
+
+
 def _package_gemms() -> bool:
-    """Whether the cpu backend takes its own GEMM routes (read at each call):
-    CONVNEXT_KERNELS_CPU_ONEDNN=1 takes them, =0 keeps torch's own matmuls, as the torch backend
-    runs them; unset, PACKAGE_GEMMS_BY_DEFAULT decides."""
-    setting = os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "").strip()
+    """Whether the cpu backend takes its own GEMM routes: CONVNEXT_KERNELS_CPU_ONEDNN=1 takes them,
+    =0 keeps torch's own matmuls, as the torch backend runs them; unset, PACKAGE_GEMMS_BY_DEFAULT
+    decides."""
+    setting = _gemm_setting()
     return PACKAGE_GEMMS_BY_DEFAULT if setting == "" else setting != "0"
 
 
@@ -130,7 +135,7 @@ def _onednn_gemms() -> bool:
 def _torch_gemms_not_forced() -> bool:
     """False under CONVNEXT_KERNELS_CPU_ONEDNN=0 only: the fp16 GEMMs' fp32 route (on CPUs
     without fp16 GEMMs, where torch's own are generic loops) does not depend on the CPU's maker."""
-    return os.environ.get("CONVNEXT_KERNELS_CPU_ONEDNN", "").strip() != "0"
+    return _gemm_setting() != "0"
 
 
 def _bf16_dot_gemms(dtype: torch.dtype) -> bool:

@@ -202,19 +202,21 @@ _LAUNCHER_MODULES = {
 # pre-activation x @ fc1_weight.T + fc1_bias (in the activation dtype) for backward, when one can
 # follow, instead of backward recomputing it; absent: never. Storing trades 4C values per pixel
 # of memory traffic (and, on the CPU, the page faults of a fresh buffer of that size) for one
-# GEMM less, whose cost per stored value grows with C. cpu, fp32, measured with its GEMMs on oneDNN,
-# as they run on AMD CPUs (not re-measured with MKL, the default on Intel's)
-# (fwd+bwd at batch 8, 2-thread AMD EPYC, 2026-12-06, medians of 15 interleaved): C = 192 at
+# GEMM less, whose cost per stored value grows with C. cpu, fp32 (fwd+bwd at batch 8, medians of
+# 15 interleaved): on a 2-thread AMD EPYC with its GEMMs on oneDNN (2026-12-06), C = 192 at
 # 28x28 32.6 ms stored against 37.0 recomputed, C = 96 at 56x56 44.6-44.7 against 42.3-42.5
 # (the GEMM is cheap there and the faults are not); at C = 80 and 96 on 28x28 storing won by
-# 0.4-1 ms, at C = 40 it lost by 0.5. cpu, 16-bit: always stored (2 bytes a value against a
-# 16-bit GEMM): ConvNeXt-T bf16-autocast training step at batch 8, same machine, 548 ms stored
-# against 590 recomputed (medians of 7; fp16, whose CPU GEMMs are slow here: 25.8 s against
-# 26.7 s); it stores the 16-bit GEMM's own output, without the bias, so backward differentiates
-# at the very pre-activation the forward used, and the forward does not depend on whether a
-# backward follows. GPU backends
-# recompute: triton has both forms, timed against each other by benchmarks/kernels.py (the GPU
-# figures will set its entry); cuda has only this one; torch runs the GPU algorithm.
+# 0.4-1 ms, at C = 40 it lost by 0.5. On a 2-thread Intel Xeon with MKL's GEMMs (2026-12-07, two
+# runs), the same crossing: storing 1.10-1.13x faster at C = 128 to 768 (28x28 to 7x7), 0.88-0.90x
+# at C = 96 on 56x56, 0.97-0.98x at C = 40 on 56x56, 1.07-1.08x at C = 80 and 96 on 28x28.
+# cpu, 16-bit: always stored (2 bytes a value against a 16-bit GEMM): ConvNeXt-T bf16-autocast
+# training step at batch 8, on the AMD EPYC, 548 ms stored against 590 recomputed (medians of 7;
+# fp16, whose CPU GEMMs are slow there: 25.8 s against 26.7 s); on the Intel Xeon, the op in bf16
+# at the shapes above, 0.99-1.06x. It stores the 16-bit GEMM's own output, without the bias, so
+# backward differentiates at the very pre-activation the forward used, and the forward does not
+# depend on whether a backward follows. GPU backends recompute: triton has both forms, timed
+# against each other by benchmarks/kernels.py (the GPU figures will set its entry); cuda has only
+# this one; torch runs the GPU algorithm.
 # A plain table, not a launcher attribute: torch.compile traces the lookup.
 MLP_LAYERSCALE_STORE_PREACT_MIN_C = {"cpu": {torch.float32: 128, torch.bfloat16: 0, torch.float16: 0}}
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convnext_kernels as ck
+import convnext_kernels.launchers as launchers
 from convnext_kernels.reference import dwconv_layernorm_ref, mlp_layerscale_ref
 
 from conftest import (DTYPES, TRITON_CPU_MISSING, TRITON_UNUSABLE, assert_pass_rule, cpu_backend_params,
@@ -350,6 +351,34 @@ def test_outputs_and_gradients_are_not_views(backend, op_name):
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
     grads = torch.autograd.grad(y, leaves, dy)
     assert [i for i, g in enumerate(grads) if g._is_view()] == []
+
+
+def _ops_outputs_and_grads(backend, device, shape=(2, 5, 6, 40)):
+    """Both ops' outputs and all their gradients (forward and backward) on `device`."""
+    got = []
+    for op_name in ("dwconv_layernorm", "mlp_layerscale"):
+        args = [a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                for a in _op_args(op_name, shape)]
+        y = getattr(ck, op_name)(*args, backend=backend)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device)
+        got += [y, *torch.autograd.grad(y, leaves, dy)]
+    return got
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params(("triton", "cuda")))
+def test_gpu_launchers_enter_their_tensors_device_guard(backend, monkeypatch):
+    """Triton and the compiled kernels launch on torch's current CUDA device and its stream, so
+    each GPU launcher (both ops, forward and backward) first makes its tensors' device current
+    (launchers.device_guard; the Triton ones had no guard). Here on CPU tensors, whose guard is a
+    null context; with two GPUs, test_ops_on_a_gpu_that_is_not_current runs the kernels so."""
+    entered = []
+    guard = launchers.device_guard
+    monkeypatch.setattr(launchers, "device_guard", lambda device: entered.append(device) or guard(device))
+    _ops_outputs_and_grads(backend, "cpu")
+    assert entered == [torch.device("cpu")] * 4
+    second_gpu = guard(torch.device("cuda", 1))  # built without touching CUDA
+    assert isinstance(second_gpu, torch.cuda.device) and second_gpu.idx == 1
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -814,6 +843,24 @@ def test_opcheck_gpu(backend, op_name, extra):
     args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in _op_args(op_name, (2, 5, 6, 40)) + extra]
     torch.library.opcheck(table[backend][0], args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+def test_ops_on_a_gpu_that_is_not_current(backend):
+    """Tensors on the last GPU while the first is current (a model moved to cuda:1 without
+    torch.cuda.set_device): the kernels run on the tensors' GPU and its stream, and give bit for
+    bit what they give with that GPU current; the current device is left as it was."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    with torch.cuda.device(0):
+        got = _ops_outputs_and_grads(backend, other)
+        assert torch.cuda.current_device() == 0
+    with torch.cuda.device(other):
+        expected = _ops_outputs_and_grads(backend, other)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.device == other and torch.equal(a, b), i
 
 
 @pytest.mark.parametrize("setup, expected", [

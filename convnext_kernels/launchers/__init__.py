@@ -47,8 +47,13 @@ mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, dro
     when that is passed as preact.
 
 All statistics and accumulations are float32; GELU is the exact erf form.
+
+The GPU launchers (triton, cuda) run under ``on_tensors_device``: their kernels launch on the
+tensors' device and on that device's current stream, whichever device is current.
 """
 
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -66,6 +71,27 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if POISON_OUTPUTS:
         out.fill_(math.nan)
     return out
+
+
+def device_guard(device: torch.device):
+    """The device guard for a launch on tensors of `device` (a null context off CUDA: the Triton
+    interpreter, the CUDA emulator, meta tensors). Triton and the compiled kernels launch on
+    torch's current CUDA device and its current stream: with tensors on cuda:1 while cuda:0 is
+    current, they would run on cuda:0, reach into cuda:1's memory (an illegal address) and order
+    nothing with cuda:1's stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensors_device(launcher):
+    """A launcher run under device_guard of its first argument's device (every tensor argument
+    is on that device: the op layer checks)."""
+
+    @functools.wraps(launcher)
+    def guarded(t, *args, **kwargs):
+        with device_guard(t.device):
+            return launcher(t, *args, **kwargs)
+
+    return guarded
 
 
 def data_ptr(t) -> int:

@@ -21,7 +21,6 @@ functions as ``_C``'s CUDA part and ignores the stream.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -34,6 +33,7 @@ from convnext_kernels.launchers import (
     dwconv_layernorm_bwd_outputs,
     dwconv_layernorm_fwd_outputs,
     empty_output,
+    on_tensors_device,
     tf32_matmul_allowed,
 )
 
@@ -52,11 +52,6 @@ def _kernels(device: torch.device):
 
         return _cuda_emulated
     return _C
-
-
-def _on_device(device: torch.device):
-    """The device guard for the launch (none for the emulation)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _stream(device: torch.device) -> int:
@@ -101,6 +96,7 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     return ws
 
 
+@on_tensors_device
 def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
     N, H, W, C = x.shape
     code = dtype_code(x.dtype, "cuda")
@@ -108,18 +104,18 @@ def dwconv_layernorm_fwd(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
     if x.numel() == 0:
         return y, mean, rstd
     kernels = _kernels(x.device)
-    with _on_device(x.device):
-        nbytes = kernels.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
-        workspace = _workspace(nbytes, x.device)
-        kernels.dwconv_layernorm_fwd_cuda(
-            x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
-            norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-            workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
-            _dwconv_ring_channels(),
-        )
+    nbytes = kernels.dwconv_layernorm_fwd_cuda_workspace_bytes(N, H, W, C)
+    workspace = _workspace(nbytes, x.device)
+    kernels.dwconv_layernorm_fwd_cuda(
+        x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias), norm_weight.data_ptr(),
+        norm_bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        workspace.data_ptr(), workspace.numel(), N, H, W, C, float(eps), code, _stream(x.device),
+        _dwconv_ring_channels(),
+    )
     return y, mean, rstd
 
 
+@on_tensors_device
 def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd):
     N, H, W, C = x.shape
     code = dtype_code(x.dtype, "cuda")
@@ -129,16 +125,15 @@ def dwconv_layernorm_bwd(dy, x, conv_weight, conv_bias, norm_weight, mean, rstd)
             t.zero_()
         return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
     kernels = _kernels(x.device)
-    with _on_device(x.device):
-        nbytes = kernels.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
-        workspace = _workspace(nbytes, x.device)
-        kernels.dwconv_layernorm_bwd_cuda(
-            dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias),
-            norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-            dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
-            dnorm_bias.data_ptr(), workspace.data_ptr(), workspace.numel(),
-            N, H, W, C, code, _stream(x.device), _dwconv_ring_channels(),
-        )
+    nbytes = kernels.dwconv_layernorm_bwd_cuda_workspace_bytes(N, H, W, C)
+    workspace = _workspace(nbytes, x.device)
+    kernels.dwconv_layernorm_bwd_cuda(
+        dy.data_ptr(), x.data_ptr(), conv_weight.data_ptr(), data_ptr(conv_bias),
+        norm_weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+        dconv_weight.data_ptr(), dconv_bias.data_ptr(), dnorm_weight.data_ptr(),
+        dnorm_bias.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        N, H, W, C, code, _stream(x.device), _dwconv_ring_channels(),
+    )
     return dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias
 
 
@@ -148,6 +143,7 @@ def _no_preact(preact):
                          "it takes no preact_out / preact tensor")
 
 
+@on_tensors_device
 def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale,
                        preact_out=None):
     _no_preact(preact_out)
@@ -163,18 +159,18 @@ def mlp_layerscale_fwd(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
         fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), y.data_ptr(),
     )
     kernels = _kernels(x.device)
-    with _on_device(x.device):
-        # Same tensors, allow_fused and device as the forward: 0 bytes when the fused kernel runs
-        # (no rows x 4C hidden is allocated), the two-GEMM hidden otherwise.
-        nbytes = kernels.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, allow_fused)
-        workspace = _workspace(nbytes, x.device)
-        kernels.mlp_layerscale_fwd_cuda(
-            *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, allow_fused,
-            _mlp_wgmma_allowed(), _stream(x.device),
-        )
+    # Same tensors, allow_fused and device as the forward: 0 bytes when the fused kernel runs
+    # (no rows x 4C hidden is allocated), the two-GEMM hidden otherwise.
+    nbytes = kernels.mlp_layerscale_fwd_cuda_workspace_bytes(*ptrs, N, H, W, C, code, allow_fused)
+    workspace = _workspace(nbytes, x.device)
+    kernels.mlp_layerscale_fwd_cuda(
+        *ptrs, workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32, allow_fused,
+        _mlp_wgmma_allowed(), _stream(x.device),
+    )
     return y
 
 
+@on_tensors_device
 def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact=None):
     _no_preact(preact)
     N, H, W, C = x.shape
@@ -191,14 +187,13 @@ def mlp_layerscale_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
         return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma
     allow_tf32 = tf32_matmul_allowed()
     kernels = _kernels(x.device)
-    with _on_device(x.device):
-        nbytes = kernels.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)
-        workspace = _workspace(nbytes, x.device)
-        kernels.mlp_layerscale_bwd_cuda(
-            dy.data_ptr(), x.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
-            fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), dx.data_ptr(),
-            dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),
-            dgamma.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32,
-            _mlp_wgmma_allowed(), _stream(x.device),
-        )
+    nbytes = kernels.mlp_layerscale_bwd_cuda_workspace_bytes(N, H, W, C, code)
+    workspace = _workspace(nbytes, x.device)
+    kernels.mlp_layerscale_bwd_cuda(
+        dy.data_ptr(), x.data_ptr(), fc1_weight.data_ptr(), fc1_bias.data_ptr(),
+        fc2_weight.data_ptr(), fc2_bias.data_ptr(), data_ptr(gamma), data_ptr(drop_scale), dx.data_ptr(),
+        dfc1_weight.data_ptr(), dfc1_bias.data_ptr(), dfc2_weight.data_ptr(), dfc2_bias.data_ptr(),
+        dgamma.data_ptr(), workspace.data_ptr(), workspace.numel(), N, H, W, C, code, allow_tf32,
+        _mlp_wgmma_allowed(), _stream(x.device),
+    )
     return dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma

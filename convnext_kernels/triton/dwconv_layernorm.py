@@ -35,7 +35,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ..launchers import dwconv_layernorm_fwd_outputs, empty_output
+from ..launchers import dwconv_layernorm_fwd_outputs, empty_output, on_tensors_device
 from ._compat import wrap_triton
 
 KERNEL_SIZE = 7
@@ -768,6 +768,7 @@ def _taps(conv_weight, width=None):
     return taps.contiguous() if width is None or width == C else F.pad(taps, (0, width - C))
 
 
+@on_tensors_device
 def dwconv_layernorm_fwd(
     x: Tensor,
     conv_weight: Tensor,
@@ -813,6 +814,7 @@ def _conv_bwd_tiling(N, H, W, C):
     return samples, rows, block_w, block_c, num_warps
 
 
+@on_tensors_device
 def dwconv_layernorm_bwd(
     dy: Tensor,
     x: Tensor,

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from ..launchers import empty_output, tf32_matmul_allowed
+from ..launchers import empty_output, on_tensors_device, tf32_matmul_allowed
 from ._compat import autotune, wrap_triton
 from ._tiling import split_width
 
@@ -557,6 +557,7 @@ def _launch_matmul(a, b, out, M, N, K, stride_am, stride_ak, stride_bk, stride_b
     )
 
 
+@on_tensors_device
 def mlp_layerscale_fwd(
     x: Tensor,
     shortcut: Tensor,
@@ -621,6 +622,7 @@ def _split_k(rows, cols, K):
     return triton.cdiv(K, k_per_split), k_per_split
 
 
+@on_tensors_device
 def mlp_layerscale_bwd(
     dy: Tensor,
     x: Tensor,

@@ -102,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    profile = PROFILES["quick" if args.quick else ("gpu" if args.device.type == "cuda" else "cpu")]
+    profile = dict(PROFILES["quick" if args.quick else ("gpu" if args.device.type == "cuda" else "cpu")])
+    if args.quick and args.device.type == "cuda":
+        profile["dtype"] = PROFILES["gpu"]["dtype"]  # smoke-test the GPU path as it is benchmarked
     args.batch_size = args.batch_size or profile["batch_size"]
     args.dtype = args.dtype or profile["dtype"]
     args.cpu_iters = profile["cpu_iters"]
@@ -382,10 +384,13 @@ def finish(record: dict, ms: float, ceilings: dict) -> None:
                   pct_roofline=100 * record["bound_ms"] / ms)
 
 
-def run_case(op: str, pass_: str, stage: int, args, ceilings: dict) -> list[dict]:
+def run_case(op: str, pass_: str, stage: int, args, ceilings: dict, results: list[dict]) -> None:
     """Every provider on one (op, pass, shape): on GPU one after the other (CUDA graph replays); on CPU
-    taking turns call by call (common.time_interleaved), as the load of a shared machine drifts."""
+    taking turns call by call (common.time_interleaved), as the load of a shared machine drifts.
+    The case's records join `results` before any is measured, so a run cut short mid-case keeps
+    the providers it measured (the others are marked interrupted)."""
     records = [new_record(op, pass_, stage, p, args, ceilings) for p in providers_for(op, pass_, args.providers)]
+    results.extend(records)
     by_provider = {r["provider"]: r for r in records}
     prepared = {}
     for record in records:
@@ -417,7 +422,6 @@ def run_case(op: str, pass_: str, stage: int, args, ceilings: dict) -> list[dict
             finish(by_provider[provider], 1e3 * common.median(t), ceilings)
     prepared.clear()
     torch._dynamo.reset()  # this case's compiled graphs are not needed again
-    return records
 
 
 def case_order(ops, passes, stages) -> list[tuple]:
@@ -508,7 +512,7 @@ def main(argv=None) -> int:
     with common.keep_results_on_interrupt(payload, records), common.Progress(len(cases), "kernels") as bar:
         for op, pass_, stage in cases:
             bar.set(f"{op} {pass_} stage {stage}")
-            records += run_case(op, pass_, stage, args, ceilings)
+            run_case(op, pass_, stage, args, ceilings, records)
             bar.advance()
     add_speedups(records)
     # Reported op by op (stable: each case's providers keep their order).

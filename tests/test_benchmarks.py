@@ -164,6 +164,18 @@ def test_kernels_quick_cpu(tmp_path):
             assert r["error"] is None and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0
 
 
+def test_quick_gpu_runs_smoke_the_benchmarked_dtype(monkeypatch):
+    """--quick on a GPU runs bf16, the dtype the GPU runs are benchmarked in (kernels.py took the
+    quick profile's float32, and so smoke-tested the fp32 kernels instead); on CPU, float32."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels
+    import throughput
+
+    for script in (kernels, throughput):
+        assert script.parse_args(["--quick", "--device", "cuda"]).dtype == "bfloat16", script.__name__
+        assert script.parse_args(["--quick", "--device", "cpu"]).dtype == "float32", script.__name__
+
+
 def test_kernels_bound_uses_each_ops_compute_ceiling(monkeypatch):
     """dwconv_layernorm's conv is CUDA-core fp32 FMA work: its FLOP bound divides by the fp32 FMA
     rate; mlp_layerscale's by the matmul peak. At H100-like ceilings, stage 1 bf16 at batch 128,
@@ -216,6 +228,10 @@ sys.exit(script.main(sys.argv[1:]))
 
 @pytest.mark.parametrize("module, hook, args", [
     ("kernels", "run_case", ["--stages", "1,4", "--passes", "fwd", "--ops", "dwconv_layernorm"]),
+    # Cut inside a case, after its first provider was measured (on a GPU providers are measured
+    # one by one, each taking its time to compile and tune).
+    ("kernels", "finish", ["--stages", "1", "--passes", "fwd", "--ops", "dwconv_layernorm",
+                           "--providers", "eager,fused_cpu"]),
     ("throughput", "prepare", ["--bench", "infer", "--providers", "eager,eager_channels_last,fused_torch"]),
 ])
 def test_interrupted_benchmark_writes_what_it_measured(tmp_path, module, hook, args):
@@ -231,8 +247,12 @@ def test_interrupted_benchmark_writes_what_it_measured(tmp_path, module, hook, a
     assert payload["interrupted"] is True
     assert "**interrupted**" in json_path.with_suffix(".md").read_text()
     records = payload["results"]
-    if module == "kernels":  # the first case measured, the second never finished
+    if hook == "run_case":  # the first case measured, the second never started
         assert {r["stage"] for r in records} == {1} and all(r["ms"] for r in records)
+    elif hook == "finish":  # the case's first provider measured, its second cut short
+        assert [r["provider"] for r in records] == ["eager", "fused_cpu"]
+        assert records[0]["ms"] > 0 and records[0]["error"] is None
+        assert records[1]["ms"] is None and records[1]["error"] == "interrupted"
     else:  # CPU: providers are timed together, after all are set up, so none was timed
         assert [r["provider"] for r in records] == ["eager", "eager_channels_last", "fused_torch"]
         assert all(r["error"] == "interrupted" and r["img_per_s"] is None for r in records)

@@ -209,8 +209,9 @@ def test_cpu_gemm_library_follows_the_cpu_vendor_unless_told(monkeypatch):
 @pytest.mark.parametrize("store", (True, False), ids=("store_preact", "recompute"))
 def test_mlp_layerscale_cpu_gemm_library_switch(onednn, store, dtype, monkeypatch):
     # The cpu backend's fp32 GEMMs run on oneDNN with CONVNEXT_KERNELS_CPU_ONEDNN=1 (where torch
-    # has it; the default on AMD CPUs), on torch's own matmuls with =0; both pass the same checks, over 64-row chunks and a last one
-    # of 23 rows, where the first layer's weight gradient (da.T @ x) takes both of its routes:
+    # has it; the default on AMD CPUs), on torch's own matmuls with =0; both pass the same
+    # checks, over 64-row chunks and a last one of 23 rows, where the first layer's weight
+    # gradient (da.T @ x) takes both of its routes:
     # x transposed, the product transposed back (64 rows), and da transposed (23 rows). With
     # bf16 activations only the (fp32) weight-gradient GEMMs are oneDNN's, x converted to fp32
     # in its transposed copy: on CPUs without AVX512-BF16 (BF16_DOT_GEMMS off here; see

@@ -197,6 +197,15 @@ def exit_status(payload: dict) -> int:
     return 130 if payload.get("interrupted") else 0
 
 
+def comma_subset(parser, text: str, allowed: Sequence[str], flag: str) -> list[str]:
+    """The items of a comma-separated option value; a parser error names any not in `allowed`."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        parser.error(f"{flag}: {bad or 'empty'}; choose from {', '.join(allowed)}")
+    return items
+
+
 def fused_backends(ck, device) -> list[str]:
     """The fused backends worth timing on device: all that run there except the plain-torch one,
     and except Triton on CPU (its interpreter, TRITON_INTERPRET=1, checks results, not speed)."""

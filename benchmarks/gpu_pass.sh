@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_pass.sh sanitize memcheck      # compute-sanitizer on the CUDA tests (one tool
 #   bash benchmarks/gpu_pass.sh sanitize racecheck     #   per call)
 #   bash benchmarks/gpu_pass.sh train                  # examples/train.py parity, triton and cuda
+#   bash benchmarks/gpu_pass.sh host                   # host_overhead.py: host time per call (a minute)
 #
 # Logs and result files are packed into $OUT/gpu_pass_<step>.tar.gz (the device tool brings back
 # at most 8 files) when the step ends, however it ends: each command runs under a time limit that
@@ -26,7 +27,7 @@
 # `bench --bench train`. A second call on the warm machine rebuilds little: pip builds in the
 # source tree's build/ (ignored, so it stays between calls) and ninja recompiles nothing.
 set -uo pipefail
-step=${1:?usage: gpu_pass.sh all|tests|bench|kernels|sanitize|train [arguments]}
+step=${1:?usage: gpu_pass.sh all|tests|bench|kernels|sanitize|train|host [arguments]}
 shift
 out=${OUT:-/tmp/gpu_pass_out}
 work=$(mktemp -d)
@@ -128,6 +129,8 @@ case "$step" in
       run "train_$backend" python examples/train.py --backend "$backend" --compare-reference \
         --out "$results/train_$backend" --no-progress
     done ;;
+  host)
+    run host_overhead python benchmarks/host_overhead.py --out "$results" "$@" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
 echo "step $step finished with rc=$rc"

@@ -108,17 +108,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or profile["batch_size"]
     args.dtype = args.dtype or profile["dtype"]
     args.cpu_iters = profile["cpu_iters"]
-    args.ops = _subset(p, args.ops, OPS, "--ops")
-    args.passes = _subset(p, args.passes, PASSES, "--passes")
-    args.stages = [int(s) for s in _subset(p, args.stages, ("1", "2", "3", "4"), "--stages")]
+    args.ops = common.comma_subset(p, args.ops, OPS, "--ops")
+    args.passes = common.comma_subset(p, args.passes, PASSES, "--passes")
+    args.stages = [int(s) for s in common.comma_subset(p, args.stages, ("1", "2", "3", "4"), "--stages")]
     fused = [f"fused_{b}" for b in common.fused_backends(ck, args.device)]
     if args.providers:
-        args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
         known = (["eager", "compile"] + [f"fused_{b}" for b in ck.BACKENDS] + list(PREACT_PROVIDERS)
                  + list(GEMM_PROVIDERS) + list(CUDA_RING_PROVIDERS) + list(RING_PROVIDERS))
-        unknown = [s for s in args.providers if s not in known]
-        if unknown:
-            p.error(f"unknown providers {unknown}; choose from {', '.join(known)}")
+        args.providers = common.comma_subset(p, args.providers, known, "--providers")
     else:
         args.providers = ["eager"] + ([] if args.quick else ["compile"]) + fused
         if "fused_triton" in fused and not args.quick:
@@ -177,14 +174,6 @@ def with_ring_setting(step, name: str, value: int):
         finally:
             setattr(module, name, old)
     return wrapped
-
-
-def _subset(parser, text: str, allowed, flag: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        parser.error(f"{flag}: {bad or 'empty'}; choose from {', '.join(allowed)}")
-    return items
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,10 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.infer_batch = args.batch_size or profile["infer_batch"]
     args.train_batch = args.batch_size or profile["train_batch"]
     if args.providers:
-        args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
-        unknown = [s for s in args.providers if s not in ALL_PROVIDERS]
-        if unknown:
-            p.error(f"unknown providers {unknown}; choose from {', '.join(ALL_PROVIDERS)}")
+        args.providers = common.comma_subset(p, args.providers, ALL_PROVIDERS, "--providers")
     else:
         args.providers = default_providers(args.device, args.quick)
     if args.iters < 1 or args.warmup < 0:

@@ -5,8 +5,10 @@ Each backend gets a forward op and a backward op per fused op, named
 ``torch.library.triton_op`` (torch.compile traces into the kernels); the others are
 ``torch.library.custom_op`` with a fake impl. Autograd is registered on the forward op and calls
 the backward op, so compiled backward graphs see the kernels too. Under torch.func transforms
-and forward-mode AD the ops run through autograd.Functions of their own instead; while
-torch.onnx.export runs, the public functions compute with the reference functions (both below).
+and forward-mode AD the ops run through autograd.Functions of their own instead; plain eager code
+runs their implementations past torch's dispatcher, which costs more host time than it brings
+there; while torch.onnx.export runs, the public functions compute with the reference functions
+(all below).
 
 Inputs: activations are NHWC (N, H, W, C); non-contiguous inputs are copied to contiguous
 (documented, not an error). Parameters may be fp32, fp16 or bf16: the conv/norm parameters,
@@ -42,6 +44,8 @@ def _check_tensor(name: str, t, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; expected a dense (torch.strided) tensor")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
 
@@ -84,8 +88,13 @@ def _dense(*tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The dtype test first: a .to() that changes nothing still costs most of a microsecond.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(torch.float32).contiguous()
+    return None if t is None else _to_dtype(t, torch.float32).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +119,53 @@ def _own_function_needed() -> bool:
 
 
 def _run(op, *args):
-    """op(*args), through op's own autograd.Function under torch.func or forward-mode AD."""
+    """op(*args), through op's own autograd.Function under torch.func or forward-mode AD, and past
+    torch's dispatcher in plain eager code (see "Eager calls" below)."""
     if _own_function_needed():
         return _OWN_FUNCTIONS[op].apply(*args)
-    return op(*args)
+    if _dispatcher_needed(args):
+        return op(*args)
+    impl, function = _EAGER_IMPLS[op]
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if function is None:  # a backward op under create_graph: the op raises as it should
+            return op(*args)
+        return function.apply(*args)
+    return impl(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager calls
+# ----------------------------------------------------------------------------------------------
+# A call through torch's dispatcher costs a custom op about 17 us of host time with autograd off
+# and 40 us with it on (torch 2.13, the ops' whole check-to-launch path being 12-30 us), per op
+# and direction: at small batches on a GPU the host, not the GPU, sets the pace. Plain eager code
+# on plain tensors needs nothing the dispatcher adds, so there each op runs its implementation
+# directly (autograd off), or through an autograd.Function with the op's own setup_context and
+# backward. Everything that must see the op itself still does: torch.compile and torch.export,
+# torch.jit tracing, dispatch and torch-function modes (FakeTensorMode, make_fx, FlopCounterMode,
+# selective checkpointing, `with torch.device(...)`), the profiler (which names the op), tensor
+# subclasses (DTensor ...) and devices other than cpu and cuda (meta).
+_EAGER_IMPLS = {}  # op -> (its implementation, its eager autograd.Function or None)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dispatcher_needed(args) -> bool:
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
+        return True
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or not (a.is_cuda or a.is_cpu)):
+            return True
+    return False
+
+
+def _support_eager_calls(op, name: str, impl, setup_context=None, backward=None) -> None:
+    """op's entry for _run: impl, and (for a forward op) an autograd.Function calling it."""
+    function = None
+    if backward is not None:
+        function = type(f"{name}_eager", (torch.autograd.Function,), dict(
+            forward=staticmethod(impl), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))
+    _EAGER_IMPLS[op] = (impl, function)
 
 
 def _meta_slice(a, d: Optional[int]):
@@ -239,11 +291,13 @@ def _register_dwconv_layernorm(backend: str):
             return None, None, None, None, None, None
         x, conv_weight, conv_bias, norm_weight, mean, rstd = ctx.saved_tensors
         dx, dconv_weight, dconv_bias, dnorm_weight, dnorm_bias = _run(
-            bwd_op, dy.to(x.dtype), x, conv_weight, conv_bias, norm_weight, mean, rstd
+            bwd_op, _to_dtype(dy, x.dtype), x, conv_weight, conv_bias, norm_weight, mean, rstd
         )
         return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    _support_eager_calls(fwd_op, f"dwconv_layernorm_fwd_{backend}", fwd, setup_context, backward)
+    _support_eager_calls(bwd_op, f"dwconv_layernorm_bwd_{backend}", bwd)
     _support_torch_func(fwd_op, f"dwconv_layernorm_fwd_{backend}", _dwconv_layernorm_fake_fwd, setup_context,
                         backward)
     _support_torch_func_in_backward(bwd_op, f"dwconv_layernorm_bwd_{backend}", _dwconv_layernorm_fake_bwd)
@@ -258,9 +312,9 @@ def _register_mlp_layerscale(backend: str):
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
             drop_scale: Optional[torch.Tensor], store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         preact = empty_output(_preact_shape(x, store_preact), x.dtype, x.device)
+        fc1_weight, fc2_weight = _to_dtype(fc1_weight, x.dtype), _to_dtype(fc2_weight, x.dtype)
         y = launchers(backend).mlp_layerscale_fwd(
-            *_dense(x, shortcut, fc1_weight.to(x.dtype), fc1_bias, fc2_weight.to(x.dtype), fc2_bias, gamma,
-                    drop_scale),
+            *_dense(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
             preact_out=preact if store_preact else None)
         return y, preact
 
@@ -268,8 +322,9 @@ def _register_mlp_layerscale(backend: str):
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, gamma: Optional[torch.Tensor],
             drop_scale: Optional[torch.Tensor], preact: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        fc1_weight, fc2_weight = _to_dtype(fc1_weight, x.dtype), _to_dtype(fc2_weight, x.dtype)
         return launchers(backend).mlp_layerscale_bwd(
-            *_dense(dy, x, fc1_weight.to(x.dtype), fc1_bias, fc2_weight.to(x.dtype), fc2_bias, gamma, drop_scale),
+            *_dense(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale),
             preact=preact.contiguous() if preact.numel() else None)
 
     fwd_op = _define("mlp_layerscale_fwd", backend, fwd, _mlp_layerscale_fake_fwd)
@@ -287,7 +342,7 @@ def _register_mlp_layerscale(backend: str):
         if dy is None:
             return (None,) * 9
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact = ctx.saved_tensors
-        dy = dy.to(x.dtype)
+        dy = _to_dtype(dy, x.dtype)
         dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma = _run(
             bwd_op, dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, drop_scale, preact
         )
@@ -295,6 +350,8 @@ def _register_mlp_layerscale(backend: str):
                 None if gamma is None else dgamma, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    _support_eager_calls(fwd_op, f"mlp_layerscale_fwd_{backend}", fwd, setup_context, backward)
+    _support_eager_calls(bwd_op, f"mlp_layerscale_bwd_{backend}", bwd)
     _support_torch_func(fwd_op, f"mlp_layerscale_fwd_{backend}", _mlp_layerscale_fake_fwd, setup_context,
                         backward)
     _support_torch_func_in_backward(bwd_op, f"mlp_layerscale_bwd_{backend}", _mlp_layerscale_fake_bwd)
@@ -360,7 +417,7 @@ def dwconv_layernorm(x, conv_weight, conv_bias, norm_weight, norm_bias, eps=1e-6
     device = _check_devices(dict(x=x, conv_weight=conv_weight, conv_bias=conv_bias,
                                  norm_weight=norm_weight, norm_bias=norm_bias))
     fwd_op, _ = DWCONV_LAYERNORM_OPS[resolve_backend(backend, device)]
-    x = x.to(_compute_dtype(x))
+    x = _to_dtype(x, _compute_dtype(x))
     if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
         return dwconv_layernorm_ref(x, conv_weight, conv_bias, norm_weight, norm_bias, eps)
     x = x.contiguous()
@@ -411,8 +468,8 @@ def mlp_layerscale(x, shortcut, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     if torch.onnx.is_in_onnx_export():  # see "ONNX export" above
         return mlp_layerscale_ref(x.to(dtype), shortcut.to(dtype), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                                   drop_scale)
-    x = x.to(dtype).contiguous()
-    shortcut = shortcut.to(dtype).contiguous()
+    x = _to_dtype(x, dtype).contiguous()
+    shortcut = _to_dtype(shortcut, dtype).contiguous()
     if fc1_bias is None:
         fc1_bias = x.new_zeros((4 * C,), dtype=torch.float32)
     if fc2_bias is None:

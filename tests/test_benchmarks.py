@@ -394,6 +394,34 @@ def test_kernels_ring_variant_providers(monkeypatch):
     assert ring._ring_tiling(56, 56, 96) == (14, 8, (32, 32, 32), 2)
 
 
+def test_host_overhead_quick_cpu(tmp_path):
+    run_script("host_overhead.py", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    records = single_result(tmp_path, "host-overhead")["results"]
+    assert {(r["case"], r["bench"]) for r in records} == {
+        (case, bench) for case in ("dwconv_layernorm", "mlp_layerscale", "model") for bench in ("infer", "train")}
+    for r in records:
+        assert "error" not in r, r
+        assert r["dispatcher_us"] > 0 and r["direct_us"] > 0, r
+
+
+def test_host_overhead_times_both_paths():
+    """host_overhead.py's dispatcher path sends the ops through torch's dispatcher, and only inside
+    it (were it to set nothing the package reads, both paths would time the same calls)."""
+    import host_overhead
+
+    args = [t.requires_grad_() for t in (torch.randn(1, 3, 3, 8), torch.randn(8, 1, 7, 7), torch.randn(8),
+                                         torch.randn(8), torch.randn(8))]
+
+    def grad_fn_name():
+        return type(host_overhead.ck.dwconv_layernorm(*args, backend="cpu").grad_fn).__name__
+
+    with host_overhead.dispatcher_path(True):
+        assert not grad_fn_name().endswith("_eagerBackward")
+    assert grad_fn_name() == "dwconv_layernorm_fwd_cpu_eagerBackward"
+    with host_overhead.dispatcher_path(False):
+        assert grad_fn_name() == "dwconv_layernorm_fwd_cpu_eagerBackward"
+
+
 @pytest.mark.cuda
 def test_throughput_quick_gpu(tmp_path):
     run_script("throughput.py", "--quick", "--device", "cuda", "--providers", "eager_channels_last,fused_triton",

@@ -9,6 +9,8 @@ import platform
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import convnext_kernels as ck
 import convnext_kernels.launchers as launchers
@@ -382,6 +384,106 @@ def test_gpu_launchers_enter_their_tensors_device_guard(backend, monkeypatch):
     assert isinstance(second_gpu, torch.cuda.device) and second_gpu.idx == 1
 
 
+OP_NAMES = ("dwconv_layernorm", "mlp_layerscale")
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Records the names of the package's ops that reach torch's dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func.name().split("::")
+        if namespace == "convnext_kernels":
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _spy_on_eager_calls(backend, monkeypatch):
+    """The names of the op implementations that plain eager calls run (past the dispatcher)."""
+    calls = []
+    for op_name, table in zip(OP_NAMES, (ck.ops.DWCONV_LAYERNORM_OPS, ck.ops.MLP_LAYERSCALE_OPS)):
+        for op, direction in zip(table[backend], ("fwd", "bwd")):
+            impl, function = ck.ops._EAGER_IMPLS[op]
+
+            def spy(*args, _impl=impl, _name=f"{op_name}_{direction}"):
+                calls.append(_name)
+                return _impl(*args)
+            monkeypatch.setitem(ck.ops._EAGER_IMPLS, op, (spy, function))
+    return calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_calls_skip_the_dispatcher_and_compute_what_it_computes(backend, monkeypatch):
+    """Plain eager calls run each op's implementation directly (without autograd) or through an
+    autograd.Function of their own, not through torch's dispatcher, whose ~17-40 us of host time a
+    call would set the pace at small batches on a GPU. They give, bit for bit, what the ops give
+    through the dispatcher (taken here under a dispatch mode), outputs and every gradient."""
+    with _DispatchedOps() as seen:
+        dispatched = _ops_outputs_and_grads(backend, "cpu")
+    assert seen.ops == [f"{op_name}_{d}_{backend}" for op_name in OP_NAMES for d in ("fwd", "bwd")]
+
+    calls = _spy_on_eager_calls(backend, monkeypatch)
+    eager = _ops_outputs_and_grads(backend, "cpu")
+    # With autograd: the forwards through the autograd.Functions (no spy), the backwards directly.
+    assert calls == ["dwconv_layernorm_bwd", "mlp_layerscale_bwd"]
+    assert [type(y.grad_fn).__name__ for y in (eager[0], eager[6])] == [
+        f"{op_name}_fwd_{backend}_eagerBackward" for op_name in OP_NAMES]
+    assert len(eager) == len(dispatched) == 6 + 8
+    for i, (a, b) in enumerate(zip(eager, dispatched)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"output/gradient {i}: {m}")
+    calls.clear()
+    with torch.no_grad():
+        for op_name in OP_NAMES:
+            getattr(ck, op_name)(*_op_args(op_name, (2, 5, 6, 40)), backend=backend)
+    assert calls == ["dwconv_layernorm_fwd", "mlp_layerscale_fwd"]
+
+
+class _PlainSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("context", ["profiler", "jit_trace", "torch_device", "subclass", "fake_tensors"])
+def test_eager_calls_keep_the_dispatcher_where_it_is_needed(context, monkeypatch):
+    """What must see the ops themselves still does: the profiler names them, torch.jit.trace
+    records them, torch-function modes (`with torch.device(...)`) and dispatch modes see them,
+    tensor subclasses and fake tensors reach their own handling (a fake tensor has no memory for a
+    kernel to read)."""
+    calls = _spy_on_eager_calls("cpu", monkeypatch)
+    # Nothing requires grad: a plain eager call would run the spied implementation directly.
+    x, *params = (a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args("dwconv_layernorm", (2, 5, 6, 40)))
+
+    def fn(x):
+        return ck.dwconv_layernorm(x, *params, backend="cpu")
+    want = fn(x)
+    assert calls == ["dwconv_layernorm_fwd"]
+    calls.clear()
+    if context == "profiler":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = fn(x)
+        assert "convnext_kernels::dwconv_layernorm_fwd_cpu" in {e.name for e in prof.events()}
+    elif context == "jit_trace":
+        traced = torch.jit.trace(fn, x, check_trace=False)
+        assert "convnext_kernels::dwconv_layernorm_fwd_cpu" in str(traced.graph)
+        got = traced(x)
+    elif context == "torch_device":
+        with torch.device("cpu"):
+            got = fn(x)
+    elif context == "subclass":
+        got = fn(x.as_subclass(_PlainSubclass))
+        assert type(got) is _PlainSubclass
+    else:
+        with FakeTensorMode() as mode:
+            fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in (x, *params)]
+            got = ck.dwconv_layernorm(*fakes, backend="cpu")
+        assert isinstance(got, FakeTensor) and got.shape == want.shape and got.dtype == want.dtype
+        got = want
+    assert calls == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("op_name", ["dwconv_layernorm", "mlp_layerscale"])
 def test_torch_func_transforms(backend, op_name, recwarn):
@@ -702,6 +804,7 @@ BAD_DWCONV_LAYERNORM = [
     ("x int", lambda a: _replace(a, 0, a[0].long()), TypeError, "dtype"),
     ("x float64", lambda a: _replace(a, 0, a[0].double()), TypeError, "float32, float16 or bfloat16"),
     ("x not a tensor", lambda a: _replace(a, 0, a[0].tolist()), TypeError, "torch.Tensor"),
+    ("x sparse", lambda a: _replace(a, 0, a[0].to_sparse()), TypeError, "layout torch.sparse_coo; expected a dense"),
     ("empty batch", lambda a: _replace(a, 0, a[0][:0]), ValueError, "empty batch"),
     ("zero width", lambda a: _replace(a, 0, a[0][:, :, :0]), ValueError, "H, W and C must be at least 1"),
     ("eps zero", lambda a: a + [0.0], ValueError, "eps must be a positive number"),
@@ -732,6 +835,7 @@ BAD_MLP_LAYERSCALE = [
     ("gamma", lambda a: _replace(a, 6, a[6][:3]), ValueError, "gamma"),
     ("drop_scale", lambda a: _replace(a, 7, a[7][:1]), ValueError, "drop_scale"),
     ("fc1 int", lambda a: _replace(a, 2, a[2].int()), TypeError, "dtype"),
+    ("fc2 sparse", lambda a: _replace(a, 4, a[4].to_sparse_csr()), TypeError, "layout torch.sparse_csr"),
     ("empty batch", lambda a: _replace(_replace(a, 0, a[0][:0]), 1, a[1][:0]), ValueError, "empty batch"),
     ("zero height", lambda a: _replace(_replace(a, 0, a[0][:, :0]), 1, a[1][:, :0]), ValueError,
      "H, W and C must be at least 1"),

@@ -126,7 +126,9 @@ def _run(op, *args):
     if _dispatcher_needed(args):
         return op(*args)
     impl, function = _EAGER_IMPLS[op]
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    # Inference mode records no autograd graph even with grad mode on (enable_grad inside it).
+    if (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         if function is None:  # a backward op under create_graph: the op raises as it should
             return op(*args)
         return function.apply(*args)
@@ -144,9 +146,24 @@ def _run(op, *args):
 # backward. Everything that must see the op itself still does: torch.compile and torch.export,
 # torch.jit tracing, dispatch and torch-function modes (FakeTensorMode, make_fx, FlopCounterMode,
 # selective checkpointing, `with torch.device(...)`), the profiler (which names the op), tensor
-# subclasses (DTensor ...) and devices other than cpu and cuda (meta).
+# subclasses (DTensor ...), and tensors whose dispatch keys say they are more than memory on the
+# CPU or a CUDA GPU: torch's older vmap (autograd.grad(is_grads_batched=True),
+# autograd.functional.jacobian(vectorize=True)) passes batched tensors with no storage of their
+# own, and negative-bit views and zero tensors would reach the kernels unresolved; fake and meta
+# tensors too.
 _EAGER_IMPLS = {}  # op -> (its implementation, its eager autograd.Function or None)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_dispatch_keys() -> int:
+    """The raw dispatch key set of every dense CPU or CUDA tensor, with or without autograd."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    for key in ("CUDA", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA", "AutocastCPU", "AutocastCUDA"):
+        keys = keys | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    return keys.raw_repr()
+
+
+_PLAIN_DISPATCH_KEYS = _plain_dispatch_keys()
 
 
 def _dispatcher_needed(args) -> bool:
@@ -154,7 +171,9 @@ def _dispatcher_needed(args) -> bool:
             or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
         return True
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or not (a.is_cuda or a.is_cpu)):
+        if isinstance(a, torch.Tensor) and (
+                type(a) not in _PLAIN_TENSOR_TYPES
+                or torch._C._dispatch_keys(a).raw_repr() | _PLAIN_DISPATCH_KEYS != _PLAIN_DISPATCH_KEYS):
             return True
     return False
 

@@ -441,16 +441,46 @@ def test_eager_calls_skip_the_dispatcher_and_compute_what_it_computes(backend, m
     assert calls == ["dwconv_layernorm_fwd", "mlp_layerscale_fwd"]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_eager_calls_skip_the_dispatcher_gpu(backend):
+    """CUDA tensors take the direct path too (their dispatch keys are among the plain ones the
+    path checks for; were one missing, every GPU call would silently keep the dispatcher), with
+    the bits the dispatched ops give."""
+    with _DispatchedOps() as seen:
+        dispatched = _ops_outputs_and_grads(backend, "cuda")
+    assert len(seen.ops) == 4
+    eager = _ops_outputs_and_grads(backend, "cuda")
+    assert [type(y.grad_fn).__name__ for y in (eager[0], eager[6])] == [
+        f"{op_name}_fwd_{backend}_eagerBackward" for op_name in OP_NAMES]
+    for i, (a, b) in enumerate(zip(eager, dispatched)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"output/gradient {i}: {m}")
+
+
+def test_eager_calls_in_inference_mode_record_no_graph():
+    """Inference mode records no autograd graph, with grad mode on too (enable_grad inside it); the
+    direct path's autograd.Function would have tried to save inference tensors for backward."""
+    args = _op_args("mlp_layerscale", (2, 3, 4, 40))
+    want = ck.mlp_layerscale(*args, backend="cpu").detach()
+    with torch.inference_mode(), torch.enable_grad():
+        got = ck.mlp_layerscale(*args, backend="cpu")
+    assert not got.requires_grad and got.grad_fn is None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class _PlainSubclass(torch.Tensor):
     pass
 
 
-@pytest.mark.parametrize("context", ["profiler", "jit_trace", "torch_device", "subclass", "fake_tensors"])
+@pytest.mark.parametrize("context", ["profiler", "jit_trace", "torch_device", "subclass", "fake_tensors",
+                                     "batched_grads", "negative_view"])
 def test_eager_calls_keep_the_dispatcher_where_it_is_needed(context, monkeypatch):
     """What must see the ops themselves still does: the profiler names them, torch.jit.trace
     records them, torch-function modes (`with torch.device(...)`) and dispatch modes see them,
     tensor subclasses and fake tensors reach their own handling (a fake tensor has no memory for a
-    kernel to read)."""
+    kernel to read), and so do tensors that are more than memory: the batched gradients of
+    torch's older vmap (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)) have no
+    storage, a negative-bit view holds its values negated (both reached the kernels as they were)."""
     calls = _spy_on_eager_calls("cpu", monkeypatch)
     # Nothing requires grad: a plain eager call would run the spied implementation directly.
     x, *params = (a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args("dwconv_layernorm", (2, 5, 6, 40)))
@@ -474,6 +504,18 @@ def test_eager_calls_keep_the_dispatcher_where_it_is_needed(context, monkeypatch
     elif context == "subclass":
         got = fn(x.as_subclass(_PlainSubclass))
         assert type(got) is _PlainSubclass
+    elif context == "negative_view":
+        got = fn(torch._neg_view(-x))  # x's values, stored negated
+    elif context == "batched_grads":  # the backward op gets the batched gradients
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        dys = torch.randn((2, *y.shape), generator=torch.Generator().manual_seed(3))
+        batched = torch.autograd.grad(y, xg, dys, is_grads_batched=True, retain_graph=True)[0]
+        assert calls == []
+        looped = torch.stack([torch.autograd.grad(y, xg, dy, retain_graph=True)[0] for dy in dys])
+        torch.testing.assert_close(batched, looped, rtol=0, atol=0)
+        calls.clear()
+        got = y
     else:
         with FakeTensorMode() as mode:
             fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in (x, *params)]

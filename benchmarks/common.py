@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,10 @@ def keep_results_on_interrupt(payload: dict, records: list[dict]):
     """Ends a measuring loop on Ctrl-C or SIGINT (gpu_pass.sh's time limit sends SIGINT) so the
     caller still writes what was measured: records not finished get error "interrupted", and the
     payload says the run was cut short."""
+    # A shell without job control starts background commands with SIGINT ignored, and Python then
+    # leaves it ignored: the time limit's SIGINT would do nothing, and its SIGKILL lose every record.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:

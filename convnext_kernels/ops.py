@@ -178,6 +178,21 @@ def _dispatcher_needed(args) -> bool:
     return False
 
 
+def _eager_impl(backend: str, fn):
+    """fn as the dispatcher runs it. A triton_op's implementation runs with torch's wrap_triton
+    off (triton_op turns it off around it), so wrap_triton(kernel)[grid] launches the kernel as it
+    is; left on, each launch would go through torch's tracing path in eager code too: a
+    higher-order op, and an entry in torch's kernel side table that is never freed."""
+    if backend != "triton":
+        return fn
+    from torch._library.triton import set_wrap_triton_enabled
+
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            return fn(*args)
+    return run
+
+
 def _support_eager_calls(op, name: str, impl, setup_context=None, backward=None) -> None:
     """op's entry for _run: impl, and (for a forward op) an autograd.Function calling it."""
     function = None
@@ -315,8 +330,8 @@ def _register_dwconv_layernorm(backend: str):
         return dx, dconv_weight, (None if conv_bias is None else dconv_bias), dnorm_weight, dnorm_bias, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    _support_eager_calls(fwd_op, f"dwconv_layernorm_fwd_{backend}", fwd, setup_context, backward)
-    _support_eager_calls(bwd_op, f"dwconv_layernorm_bwd_{backend}", bwd)
+    _support_eager_calls(fwd_op, f"dwconv_layernorm_fwd_{backend}", _eager_impl(backend, fwd), setup_context, backward)
+    _support_eager_calls(bwd_op, f"dwconv_layernorm_bwd_{backend}", _eager_impl(backend, bwd))
     _support_torch_func(fwd_op, f"dwconv_layernorm_fwd_{backend}", _dwconv_layernorm_fake_fwd, setup_context,
                         backward)
     _support_torch_func_in_backward(bwd_op, f"dwconv_layernorm_bwd_{backend}", _dwconv_layernorm_fake_bwd)
@@ -369,8 +384,8 @@ def _register_mlp_layerscale(backend: str):
                 None if gamma is None else dgamma, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    _support_eager_calls(fwd_op, f"mlp_layerscale_fwd_{backend}", fwd, setup_context, backward)
-    _support_eager_calls(bwd_op, f"mlp_layerscale_bwd_{backend}", bwd)
+    _support_eager_calls(fwd_op, f"mlp_layerscale_fwd_{backend}", _eager_impl(backend, fwd), setup_context, backward)
+    _support_eager_calls(bwd_op, f"mlp_layerscale_bwd_{backend}", _eager_impl(backend, bwd))
     _support_torch_func(fwd_op, f"mlp_layerscale_fwd_{backend}", _mlp_layerscale_fake_fwd, setup_context,
                         backward)
     _support_torch_func_in_backward(bwd_op, f"mlp_layerscale_bwd_{backend}", _mlp_layerscale_fake_bwd)

@@ -441,6 +441,38 @@ def test_eager_calls_skip_the_dispatcher_and_compute_what_it_computes(backend, m
     assert calls == ["dwconv_layernorm_fwd", "mlp_layerscale_fwd"]
 
 
+@pytest.mark.parametrize("backend", cpu_backend_params(("triton",)))
+def test_eager_calls_launch_triton_kernels_as_the_dispatcher_does(backend, monkeypatch):
+    """The direct path runs the Triton launchers with torch's wrap_triton off, as triton_op does
+    around them: left on (its default), every eager launch on a GPU went through torch's tracing
+    path, a higher-order op plus a kernel side-table entry never freed. (Under the interpreter
+    the package's wrap_triton bypasses torch's, so the flag is what can be checked here.)"""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    import convnext_kernels.triton.dwconv_layernorm as dwconv_module
+    import convnext_kernels.triton.mlp_layerscale as mlp_module
+    seen = []
+    for module in (dwconv_module, mlp_module):
+        wrap = module.wrap_triton
+        monkeypatch.setattr(module, "wrap_triton", lambda kernel, wrap=wrap: seen.append(is_wrap_triton_enabled())
+                            or wrap(kernel))
+    _ops_outputs_and_grads(backend, "cpu")
+    assert len(seen) >= 4 and not any(seen), seen
+
+
+@pytest.mark.cuda
+def test_eager_triton_launches_leave_no_side_table_entries():
+    """Eager calls of the Triton ops on a GPU add nothing to torch's Triton kernel side table
+    (each launch through torch's tracing path added an entry, never freed)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    _ops_outputs_and_grads("triton", "cuda")
+    before = len(kernel_side_table.constant_args)
+    for _ in range(3):
+        _ops_outputs_and_grads("triton", "cuda")
+    assert len(kernel_side_table.constant_args) == before
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_eager_calls_skip_the_dispatcher_gpu(backend):
